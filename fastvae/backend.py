@@ -1,0 +1,170 @@
+"""Which implementation runs an op: one explicit choice, never a silent fallback.
+
+Backends
+--------
+``triton``  fused Triton kernels; CUDA tensors, or CPU tensors when the
+            environment sets ``TRITON_INTERPRET=1`` (how CI tests them).
+``native``  C++ CPU kernels from ``kernels/``, built by CMake; CPU tensors.
+``torch``   the pure-PyTorch reference (`fastvae.reference`); any device.
+
+``auto`` (the default) picks triton on CUDA and native on CPU. When the
+native library is missing on CPU, auto uses torch and warns once, naming the
+reason; asking for a backend by name that cannot run raises
+:class:`BackendUnavailableError` with the reason and the fix.
+
+Choose with ``FASTVAE_BACKEND=auto|triton|native|torch`` or, for a block of
+code, ``with fastvae.use_backend("torch"): ...`` (the context manager wins).
+
+Backend contract
+----------------
+A backend is a module with the four functions below. Every tensor argument is
+a 2-D row view ``[B, N]`` with ``B >= 1`` and ``N >= 1`` whose last dim has
+stride 1; rows may be strided (``mu, logvar = h.chunk(2, dim=1)`` needs no
+copy). Inputs may mix float dtypes. Outputs are new contiguous tensors: losses
+in float32 (float64 when any input is float64), gradients in the dtype of the
+input they belong to. ``seed`` is an int in ``[0, 2**62)`` that keys the
+Philox stream described in `fastvae.reference`; it is ignored when eps is given.
+
+    reparameterize_kl_forward(mu, logvar, eps | None, seed)
+        -> z [B, L] (mu's dtype), kl [B]
+    reparameterize_kl_backward(grad_z [B, L] | None, grad_kl [B] | None, mu, logvar, eps | None, seed)
+        -> grad_mu [B, L], grad_logvar [B, L]
+    gaussian_kl_forward(mu, logvar, elementwise, compute_grad)
+        -> kl ([B, L] if elementwise else [B]), dkl/dmu | None, dkl/dlogvar | None
+    bernoulli_log_likelihood_forward(logits, target, elementwise, compute_grad)
+        -> log p ([B, D] if elementwise else [B]), dlogp/dlogits | None
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+import warnings
+from types import ModuleType
+from typing import Iterator
+
+import torch
+
+BACKENDS = ("triton", "native", "torch")
+CHOICES = ("auto",) + BACKENDS
+ENV_VAR = "FASTVAE_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """The backend asked for cannot run these tensors here; the message says why and how to fix it."""
+
+
+_override = threading.local()
+_warned_auto_fallback = False
+
+
+def _check_name(name: str) -> str:
+    if name not in CHOICES:
+        raise ValueError(f"unknown fastvae backend {name!r}; choose one of {', '.join(CHOICES)}")
+    return name
+
+
+def requested_backend() -> str:
+    """The backend the user asked for: use_backend() if active, else $FASTVAE_BACKEND, else auto."""
+    override = getattr(_override, "name", None)
+    if override is not None:
+        return override
+    env = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if env not in CHOICES:
+        raise ValueError(f"{ENV_VAR}={env!r} is not a fastvae backend; set it to one of {', '.join(CHOICES)}")
+    return env
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the fastvae ops in this block on backend `name` (auto, triton, native or torch)."""
+    _check_name(name)
+    previous = getattr(_override, "name", None)
+    _override.name = name
+    try:
+        yield
+    finally:
+        _override.name = previous
+
+
+def _triton_reason(device: torch.device | None) -> str | None:
+    """Why triton cannot run on `device` (None: any device it could), or None if it can."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as error:
+        return f"triton is not installed ({error}); install it with `pip install triton` (Linux)"
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if device is None:
+        if torch.cuda.is_available() or interpret:
+            return None
+        return "no CUDA device, and TRITON_INTERPRET=1 is not set (it runs the kernels on CPU, slowly)"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and interpret:
+        return None
+    return (f"triton runs on CUDA tensors, not {device.type}; move the tensors to CUDA, or set "
+            f"TRITON_INTERPRET=1 before importing fastvae to interpret the kernels on CPU")
+
+
+def _native_reason(device: torch.device | None) -> str | None:
+    from fastvae import native
+
+    reason = native.load_error()
+    if reason is not None:
+        return reason
+    if device is not None and device.type != "cpu":
+        return f"native kernels run on CPU tensors, not {device.type}; use backend triton or torch there"
+    return None
+
+
+def unavailable_reason(name: str, device: torch.device | None = None) -> str | None:
+    """Why backend `name` cannot run on `device` (any device when None), or None if it can."""
+    _check_name(name)
+    if name == "triton":
+        return _triton_reason(device)
+    if name == "native":
+        return _native_reason(device)
+    return None
+
+
+def available_backends() -> dict[str, str | None]:
+    """Each backend mapped to None if it can run here, or to the reason it cannot."""
+    return {name: unavailable_reason(name) for name in BACKENDS}
+
+
+def resolve_backend_name(device: torch.device) -> str:
+    """The backend that runs ops on `device` now; raises if the requested one cannot."""
+    global _warned_auto_fallback
+    name = requested_backend()
+    if name == "auto":
+        if device.type == "cuda":
+            name = "triton"
+        elif device.type == "cpu":
+            reason = _native_reason(device)
+            if reason is None:
+                return "native"
+            if not _warned_auto_fallback:
+                _warned_auto_fallback = True
+                warnings.warn(f"fastvae: native CPU kernels unavailable ({reason}); using the torch "
+                              f"reference backend. Set {ENV_VAR}=torch to silence this.", stacklevel=3)
+            return "torch"
+        else:
+            return "torch"
+    reason = unavailable_reason(name, device)
+    if reason is not None:
+        raise BackendUnavailableError(f"fastvae backend {name!r} cannot run on {device}: {reason}")
+    return name
+
+
+_MODULES = {"triton": "fastvae.triton", "native": "fastvae.native", "torch": "fastvae.reference"}
+
+
+def backend_module(name: str) -> ModuleType:
+    """The module implementing backend `name` (the contract above)."""
+    return importlib.import_module(_MODULES[name])
+
+
+def backend_for(device: torch.device) -> ModuleType:
+    return backend_module(resolve_backend_name(device))
