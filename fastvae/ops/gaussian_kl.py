@@ -1,0 +1,63 @@
+"""fastvae::gaussian_kl — KL(N(mu, exp(logvar)) || N(0, I)), gradient computed in the forward pass.
+
+kl = 0.5 * (mu^2 + exp(logvar) - logvar - 1);  dkl/dmu = mu,  dkl/dlogvar = 0.5 * (exp(logvar) - 1).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastvae.backend import backend_for
+from fastvae.ops.common import as_rows, loss_dtype, no_grad_placeholder, scale_saved_grad
+
+
+def _kl_shape(mu: Tensor, elementwise: bool) -> tuple[int, ...]:
+    return tuple(mu.shape) if elementwise else tuple(mu.shape[:1])
+
+
+@torch.library.custom_op("fastvae::gaussian_kl", mutates_args=())
+def gaussian_kl_op(mu: Tensor, logvar: Tensor, elementwise: bool,
+                   compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """mu, logvar [B, ...] -> kl (mu's shape if elementwise else [B]), dkl/dmu, dkl/dlogvar.
+
+    The two gradients are empty tensors unless compute_grad."""
+    dtype = loss_dtype(mu, logvar)
+    if mu.numel() == 0:
+        kl = mu.new_zeros(_kl_shape(mu, elementwise), dtype=dtype)
+        grads = (torch.zeros_like(mu), torch.zeros_like(logvar)) if compute_grad else (
+            no_grad_placeholder(mu), no_grad_placeholder(logvar))
+        return (kl, *grads)
+    backend = backend_for(mu.device)
+    kl, dmu, dlogvar = backend.gaussian_kl_forward(as_rows(mu), as_rows(logvar), elementwise, compute_grad)
+    kl = kl.view(_kl_shape(mu, elementwise))
+    if not compute_grad:
+        return kl, no_grad_placeholder(mu), no_grad_placeholder(logvar)
+    return kl, dmu.view(mu.shape), dlogvar.view(logvar.shape)
+
+
+@gaussian_kl_op.register_fake
+def _(mu: Tensor, logvar: Tensor, elementwise: bool, compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    kl = mu.new_empty(_kl_shape(mu, elementwise), dtype=loss_dtype(mu, logvar))
+    if not compute_grad:
+        return kl, no_grad_placeholder(mu), no_grad_placeholder(logvar)
+    return kl, torch.empty_like(mu, memory_format=torch.contiguous_format), torch.empty_like(
+        logvar, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _, _, _, compute_grad = inputs
+    _, dmu, dlogvar = output
+    ctx.compute_grad = compute_grad
+    ctx.save_for_backward(dmu, dlogvar)
+
+
+def _backward(ctx, grad_kl: Tensor, _grad_dmu: Tensor, _grad_dlogvar: Tensor):
+    if not ctx.compute_grad:
+        raise RuntimeError("fastvae::gaussian_kl was called with compute_grad=False but is being "
+                           "differentiated; call it through fastvae.gaussian_kl, which sets the flag")
+    dmu, dlogvar = ctx.saved_tensors
+    return scale_saved_grad(dmu, grad_kl), scale_saved_grad(dlogvar, grad_kl), None, None
+
+
+gaussian_kl_op.register_autograd(_backward, setup_context=_setup_context)
