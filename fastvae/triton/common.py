@@ -1,0 +1,71 @@
+"""Pieces every Triton kernel shares: Philox noise, stable log1p, tiling, dtype mapping."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Philox4x32-10 constants; the stream is specified in fastvae.reference.
+PHILOX_MUL_A: tl.constexpr = tl.constexpr(0xD2511F53)
+PHILOX_MUL_B: tl.constexpr = tl.constexpr(0xCD9E8D57)
+PHILOX_KEY_A: tl.constexpr = tl.constexpr(0x9E3779B9)
+PHILOX_KEY_B: tl.constexpr = tl.constexpr(0xBB67AE85)
+
+# One tile holds about this many elements: large enough to keep a GPU's memory
+# pipeline busy (and the interpreter's numpy calls few), small enough for registers.
+TILE_ELEMENTS = 4096
+MAX_BLOCK_N = 1024
+
+
+@triton.jit
+def philox_normal(seed, counter, COMPUTE: tl.constexpr):
+    """Standard normals for an int64 `counter` block (any shape) from an int64 `seed`.
+
+    Philox4x32-10 at counter (lo32, hi32, 0, 0) with key (seed lo32, seed hi32),
+    then Box-Muller on the first two words: the stream of reference.philox_normal."""
+    seed = seed.to(tl.int64)
+    c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
+    c1 = ((counter >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c2 = tl.zeros_like(c0)
+    c3 = tl.zeros_like(c0)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    for _ in tl.static_range(10):
+        prev_c0 = c0
+        prev_c2 = c2
+        c0 = tl.umulhi(PHILOX_MUL_B, prev_c2) ^ c1 ^ k0
+        c2 = tl.umulhi(PHILOX_MUL_A, prev_c0) ^ c3 ^ k1
+        c1 = tl.mul(PHILOX_MUL_B, prev_c2, sanitize_overflow=False)
+        c3 = tl.mul(PHILOX_MUL_A, prev_c0, sanitize_overflow=False)
+        k0 = tl.add(k0, PHILOX_KEY_A, sanitize_overflow=False)
+        k1 = tl.add(k1, PHILOX_KEY_B, sanitize_overflow=False)
+    # 24 bits fill a float32 mantissa exactly; +0.5 keeps u1 > 0 so log(u1) is finite.
+    u1 = ((c0 >> 8).to(COMPUTE) + 0.5) * 5.9604644775390625e-08  # 2^-24
+    u2 = ((c1 >> 8).to(COMPUTE) + 0.5) * 5.9604644775390625e-08
+    return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2)
+
+
+@triton.jit
+def log1p_small(e):
+    """log(1 + e) for e >= 0, accurate when 1 + e rounds to 1 (Goldberg's correction)."""
+    u = 1.0 + e
+    # The divisor is patched where u == 1 only so the unused branch never divides by zero.
+    return tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
+
+
+def compute_dtype(*tensors: torch.Tensor):
+    """The kernels compute in float32, or float64 when any input is float64."""
+    return tl.float64 if any(t.dtype == torch.float64 for t in tensors) else tl.float32
+
+
+def loss_torch_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def tile(rows: int, cols: int) -> tuple[int, int]:
+    """(BLOCK_B, BLOCK_N) for a [rows, cols] problem: wide rows get a loop over N, narrow rows
+    share a tile so a latent of 32 still fills it."""
+    block_n = min(triton.next_power_of_2(max(cols, 1)), MAX_BLOCK_N)
+    block_b = max(1, min(triton.next_power_of_2(max(rows, 1)), TILE_ELEMENTS // block_n))
+    return block_b, block_n
