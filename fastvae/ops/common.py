@@ -35,4 +35,8 @@ def scale_saved_grad(saved: Tensor, grad_output: Tensor) -> Tensor:
     Terminal losses compute d(loss)/d(input) in the forward pass; backward only
     applies the chain rule with the upstream gradient, one elementwise multiply."""
     g = grad_output.reshape(grad_output.shape + (1,) * (saved.dim() - grad_output.dim()))
+    if saved.dtype in (torch.float16, torch.bfloat16):
+        # Multiply in float32 and round once: a "mean" over many elements makes g tiny,
+        # and rounding g to half precision first would lose digits twice.
+        return (saved.float() * g.float()).to(saved.dtype)
     return saved * g.to(saved.dtype)
