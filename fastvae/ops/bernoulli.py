@@ -46,21 +46,20 @@ def _(logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool) -> 
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    logits, target, _, compute_grad = inputs
-    ctx.compute_grad = compute_grad
+    logits, target, elementwise, compute_grad = inputs
+    ctx.compute_grad, ctx.elementwise = compute_grad, elementwise
     ctx.target_dtype = target.dtype
-    # logits are kept only for dlogp/dtarget, which a VAE rarely needs; saving costs no memory.
-    ctx.save_for_backward(output[1], logits)
+    # logits serve dlogp/dtarget (rare in a VAE) and, with target, recomputing dlogp/dlogits
+    # when the op was called with compute_grad=False; saving inputs costs no memory.
+    ctx.save_for_backward(output[1], logits, target)
 
 
 def _backward(ctx, grad_logp: Tensor, _grad_dlogits: Tensor):
-    dlogits, logits = ctx.saved_tensors
+    dlogits, logits, target = ctx.saved_tensors
     grad_logits = grad_target = None
     if ctx.needs_input_grad[0]:
-        if not ctx.compute_grad:
-            raise RuntimeError("fastvae::bernoulli_log_likelihood was called with compute_grad=False "
-                               "but is being differentiated; call it through "
-                               "fastvae.bernoulli_log_likelihood, which sets the flag")
+        if not ctx.compute_grad:  # called directly with compute_grad=False, then differentiated
+            _, dlogits = bernoulli_log_likelihood_op(logits, target, ctx.elementwise, True)
         grad_logits = scale_saved_grad(dlogits, grad_logp)
     if ctx.needs_input_grad[1]:
         grad_target = scale_saved_grad(logits, grad_logp).to(ctx.target_dtype)

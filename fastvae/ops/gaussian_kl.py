@@ -46,17 +46,17 @@ def _(mu: Tensor, logvar: Tensor, elementwise: bool, compute_grad: bool) -> tupl
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    _, _, _, compute_grad = inputs
+    mu, logvar, elementwise, compute_grad = inputs
     _, dmu, dlogvar = output
-    ctx.compute_grad = compute_grad
-    ctx.save_for_backward(dmu, dlogvar)
+    ctx.compute_grad, ctx.elementwise = compute_grad, elementwise
+    # Without forward-pass gradients, keep the inputs so backward can compute them.
+    ctx.save_for_backward(*((dmu, dlogvar) if compute_grad else (mu, logvar)))
 
 
 def _backward(ctx, grad_kl: Tensor, _grad_dmu: Tensor, _grad_dlogvar: Tensor):
-    if not ctx.compute_grad:
-        raise RuntimeError("fastvae::gaussian_kl was called with compute_grad=False but is being "
-                           "differentiated; call it through fastvae.gaussian_kl, which sets the flag")
     dmu, dlogvar = ctx.saved_tensors
+    if not ctx.compute_grad:  # called directly with compute_grad=False, then differentiated
+        _, dmu, dlogvar = gaussian_kl_op(dmu, dlogvar, ctx.elementwise, True)
     return scale_saved_grad(dmu, grad_kl), scale_saved_grad(dlogvar, grad_kl), None, None
 
 

@@ -1,0 +1,105 @@
+"""Empty batches, strided and transposed inputs, extreme values, and proof that every output is written."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastvae
+from fastvae.backend import backend_module
+from helpers import BACKENDS, DEVICE, assert_close_to, leaf, oracle_kl, oracle_logp, oracle_z, rows_sum
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean", "batchmean"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch_gives_zeros_of_the_right_shape(backend, reduction):
+    logits, target = leaf(torch.randn(0, 12, device=DEVICE)), torch.rand(0, 12, device=DEVICE)
+    mu, logvar = leaf(torch.randn(0, 4, device=DEVICE)), leaf(torch.randn(0, 4, device=DEVICE))
+    with fastvae.use_backend(backend):
+        z, kl = fastvae.reparameterize_kl(mu, logvar)
+        loss = fastvae.elbo_loss(logits, target, mu, logvar, reduction=reduction)
+        logp = fastvae.bernoulli_log_likelihood(logits, target, reduction=reduction)
+        kl_none = fastvae.gaussian_kl(mu, logvar, reduction=reduction)
+        (loss.sum() + logp.sum() + kl_none.sum() + z.sum() + kl.sum()).backward()
+    assert z.shape == (0, 4) and kl.shape == (0,)
+    if reduction == "none":
+        assert loss.shape == (0,) and logp.shape == (0, 12) and kl_none.shape == (0, 4)
+    else:
+        for value in (loss, logp, kl_none):
+            assert value.shape == () and value.item() == 0.0
+    assert logits.grad.shape == (0, 12) and mu.grad.shape == (0, 4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_and_transposed_inputs(backend):
+    """mu, logvar as halves of one encoder output (strided rows); logits transposed (copied)."""
+    h = leaf(torch.randn(7, 2 * 13, device=DEVICE))
+    mu, logvar = h.chunk(2, dim=1)
+    logits_t = leaf(torch.randn(29, 7, device=DEVICE))
+    logits = logits_t.t()
+    target = torch.rand(29, 7, device=DEVICE).t()
+    eps = torch.randn(13, 7, device=DEVICE).t()
+    with fastvae.use_backend(backend):
+        z, kl = fastvae.reparameterize_kl(mu, logvar, eps)
+        loss = fastvae.elbo_loss(logits, target, mu, logvar, reduction="sum") + (z * 0.3).sum() + kl.sum()
+        loss.backward()
+    h64, logits64 = leaf(h.double()), leaf(logits_t.double())
+    mu64, logvar64 = h64.chunk(2, dim=1)
+    z64 = oracle_z(mu64, logvar64, eps)
+    kl64 = rows_sum(oracle_kl(mu64, logvar64))
+    loss64 = (-oracle_logp(logits64.t(), target).sum() + kl64.sum() + (z64 * 0.3).sum() + kl64.sum())
+    loss64.backward()
+    assert_close_to(z, z64, "z")
+    assert_close_to(loss, loss64, "loss")
+    assert_close_to(h.grad, h64.grad, "grad_h")
+    assert_close_to(logits_t.grad, logits64.grad, "grad_logits")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_inputs_stay_finite_and_exact(backend):
+    logits = leaf(torch.tensor([[-100.0, -30.0, -1e-3, 0.0, 1e-3, 30.0, 100.0]] * 2, device=DEVICE))
+    target = torch.tensor([[0.0, 1.0, 0.5, 1.0, 0.0, 1.0, 0.0], [1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0]],
+                          device=DEVICE)
+    mu = leaf(torch.tensor([[-20.0, 0.0, 20.0, 1e-4], [3.0, -3.0, 0.0, 0.0]], device=DEVICE))
+    logvar = leaf(torch.tensor([[-30.0, 30.0, 0.0, 1e-6], [30.0, -30.0, -1e-6, 10.0]], device=DEVICE))
+    with fastvae.use_backend(backend):
+        logp = fastvae.bernoulli_log_likelihood(logits, target, reduction="none")
+        kl = fastvae.gaussian_kl(mu, logvar, reduction="none")
+        z, kl_rows = fastvae.reparameterize_kl(mu, logvar)
+        (logp.sum() + kl.sum() + z.sum() + kl_rows.sum()).backward()
+    assert_close_to(logp, oracle_logp(logits, target), "logp")
+    assert_close_to(kl, oracle_kl(mu, logvar), "kl")
+    assert_close_to(kl_rows, rows_sum(oracle_kl(mu, logvar)), "kl_rows")
+    for name, t in {"z": z, "grad_logits": logits.grad, "grad_mu": mu.grad, "grad_logvar": logvar.grad}.items():
+        assert torch.isfinite(t).all(), f"{name} is not finite"
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Make every torch.empty / empty_like float output start as NaN, so an unwritten element shows."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 37), (37, 1100)], ids=["1x1", "5x37", "37x1100"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_output_element_is_written(backend, shape, poisoned_outputs):
+    impl = backend_module(backend)
+    a = torch.randn(shape, device=DEVICE)
+    b = torch.rand(shape, device=DEVICE)
+    outputs = [
+        *impl.reparameterize_kl_forward(a, b, None, 1234),
+        *impl.reparameterize_kl_backward(a, b[:, 0].contiguous(), a, b, None, 1234),
+        *impl.gaussian_kl_forward(a, b, True, True),
+        *impl.gaussian_kl_forward(a, b, False, True),
+        *impl.bernoulli_log_likelihood_forward(a, b, True, True),
+        *impl.bernoulli_log_likelihood_forward(a, b, False, True),
+    ]
+    assert torch.isnan(torch.empty(3)).all(), "the poison fixture is not active"
+    for i, out in enumerate(outputs):
+        assert not torch.isnan(out).any(), f"output {i} has unwritten (NaN) elements"

@@ -1,0 +1,67 @@
+"""Every mistake a caller can make gets an error that names the argument and says how to fix it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastvae
+
+B, D, L = 4, 10, 3
+
+
+def _args(**override):
+    args = {"logits": torch.randn(B, D), "target": torch.rand(B, D), "mu": torch.randn(B, L),
+            "logvar": torch.randn(B, L)}
+    args.update(override)
+    return args
+
+
+@pytest.mark.parametrize("override, error, message", [
+    ({"target": torch.rand(B, D - 1)}, ValueError, r"logits \[4, 10\] and target \[4, 9\] must have the same shape"),
+    ({"logvar": torch.randn(B, L + 1)}, ValueError, r"mu \[4, 3\] and logvar \[4, 4\] must have the same shape"),
+    ({"mu": torch.randn(B + 1, L), "logvar": torch.randn(B + 1, L)}, ValueError, "same batch size"),
+    ({"target": torch.ones(B, D, dtype=torch.long)}, TypeError, r"target must be a floating-point tensor.*int64"),
+    ({"logits": torch.ones(B, D, dtype=torch.bool)}, TypeError, "logits must be a floating-point tensor"),
+    ({"mu": [[0.0] * L] * B}, TypeError, "mu must be a torch.Tensor, got list"),
+    ({"logits": torch.tensor(1.0), "target": torch.tensor(1.0)}, ValueError, "batch dimension"),
+    ({"target": torch.rand(B, D, device="meta")}, ValueError, "one device.*logits on cpu, target on meta"),
+])
+def test_elbo_loss_rejects_bad_inputs(override, error, message):
+    with pytest.raises(error, match=message):
+        fastvae.elbo_loss(**_args(**override))
+
+
+def test_unknown_reduction_and_negative_beta():
+    with pytest.raises(ValueError, match=r"unknown reduction 'avg'.*'batchmean'"):
+        fastvae.gaussian_kl(torch.randn(2, 3), torch.randn(2, 3), reduction="avg")
+    with pytest.raises(ValueError, match="unknown reduction"):
+        fastvae.ELBOLoss(reduction="elementwise")
+    with pytest.raises(ValueError, match="beta must be >= 0"):
+        fastvae.elbo_loss(**_args(), beta=-1.0)
+    with pytest.raises(ValueError, match="beta must be >= 0"):
+        fastvae.ELBOLoss(beta=-0.5)
+
+
+def test_reparameterize_rejects_bad_inputs():
+    mu, logvar = torch.randn(B, L), torch.randn(B, L)
+    with pytest.raises(ValueError, match=r"eps \[4, 2\] and mu \[4, 3\] must have the same shape"):
+        fastvae.reparameterize(mu, logvar, torch.randn(B, 2))
+    with pytest.raises(TypeError, match="eps must be a floating-point tensor"):
+        fastvae.reparameterize_kl(mu, logvar, torch.zeros(B, L, dtype=torch.int32))
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        fastvae.reparameterize(mu, logvar, generator=42)
+    with pytest.raises(TypeError, match="logvar must be a floating-point tensor"):
+        fastvae.reparameterize(mu, logvar.long())
+
+
+def test_unknown_backend_names():
+    with pytest.raises(ValueError, match="unknown fastvae backend 'cuda'.*auto, triton, native, torch"):
+        with fastvae.use_backend("cuda"):
+            pass
+
+
+def test_bad_environment_backend(monkeypatch):
+    monkeypatch.setenv("FASTVAE_BACKEND", "fast")
+    with pytest.raises(ValueError, match="FASTVAE_BACKEND='fast' is not a fastvae backend"):
+        fastvae.gaussian_kl(torch.randn(2, 3), torch.randn(2, 3))
