@@ -1,0 +1,212 @@
+// Diagonal Gaussian posterior kernels: reparameterized sample + KL to N(0, I)
+// (forward and backward) and the KL alone.
+//   z   = mu + exp(0.5 lv) * eps
+//   kl  = 0.5 * (mu^2 + exp(lv) - lv - 1), written 0.5 * (mu^2 + (expm1(lv) - lv))
+//         so that lv near 0 loses no digits
+//   dz/dmu = 1, dz/dlv = 0.5 exp(0.5 lv) eps, dkl/dmu = mu, dkl/dlv = 0.5 expm1(lv)
+#include "fastvae_native.h"
+#include "numerics.h"
+#include "rows.h"
+
+namespace fastvae {
+namespace {
+
+struct GaussianArgs {
+    int64_t cols;
+    const void* mu;       // [rows, cols], row stride mu_stride
+    int64_t mu_stride;
+    const void* logvar;   // [rows, cols], row stride logvar_stride
+    int64_t logvar_stride;
+    const void* eps;      // [rows, cols] or NULL: Philox noise from seed
+    int64_t eps_stride;
+    const void* grad_z;   // [rows, cols] or NULL (backward)
+    int64_t grad_z_stride;
+    const void* grad_kl;  // [rows] compute type or NULL (backward)
+    uint64_t seed;
+    int elementwise;      // gaussian_kl: kl [rows, cols] instead of [rows]
+    void* out0;           // z | grad_mu | kl
+    void* out1;           // kl | grad_logvar | grad_mu (or NULL)
+    void* out2;           // - | - | grad_logvar (or NULL)
+};
+
+template <class T>
+FV_INLINE const T* row_of(const void* base, int64_t stride, int64_t b) {
+    return static_cast<const T*>(base) + b * stride;
+}
+
+// The noise for element j of a row whose flat index starts at `first`.
+template <class T, bool NOISE>
+FV_INLINE typename Compute<T>::type noise_at(const T* __restrict eps, uint64_t seed, uint64_t first,
+                                             int64_t j) {
+    using C = typename Compute<T>::type;
+    if constexpr (NOISE) return philox_normal_c(C(), seed, first + uint64_t(j));
+    else return widen(eps[j]);
+}
+
+template <class T, bool NOISE>
+FV_INLINE void reparameterize_kl_forward_rows(const GaussianArgs& a, int64_t b0, int64_t b1) {
+    using C = typename Compute<T>::type;
+    alignas(64) C terms[CHUNK];
+    for (int64_t b = b0; b < b1; ++b) {
+        const T* __restrict mu = row_of<T>(a.mu, a.mu_stride, b);
+        const T* __restrict lv = row_of<T>(a.logvar, a.logvar_stride, b);
+        const T* __restrict eps = NOISE ? nullptr : row_of<T>(a.eps, a.eps_stride, b);
+        T* __restrict z = static_cast<T*>(a.out0) + b * a.cols;
+        const uint64_t first = uint64_t(b) * uint64_t(a.cols);
+        double kl = 0.0;
+        for (int64_t j0 = 0; j0 < a.cols; j0 += CHUNK) {
+            const int64_t m = std::min(CHUNK, a.cols - j0);
+            for (int64_t j = 0; j < m; ++j) {
+                const C mv = widen(mu[j0 + j]), v = widen(lv[j0 + j]);
+                const C e = noise_at<T, NOISE>(eps + (NOISE ? 0 : j0), a.seed, first + j0, j);
+                z[j0 + j] = narrow<T>(mv + exp_c(C(0.5) * v) * e);
+                terms[j] = C(0.5) * (mv * mv + (expm1_c(v) - v));
+            }
+            kl += chunk_sum(terms, m);
+        }
+        static_cast<C*>(a.out1)[b] = C(kl);
+    }
+}
+
+template <class T, bool GRAD_Z, bool GRAD_KL, bool NOISE>
+FV_INLINE void reparameterize_kl_backward_rows(const GaussianArgs& a, int64_t b0, int64_t b1) {
+    using C = typename Compute<T>::type;
+    for (int64_t b = b0; b < b1; ++b) {
+        const T* __restrict mu = row_of<T>(a.mu, a.mu_stride, b);
+        const T* __restrict lv = row_of<T>(a.logvar, a.logvar_stride, b);
+        const T* __restrict eps = NOISE || !GRAD_Z ? nullptr : row_of<T>(a.eps, a.eps_stride, b);
+        const T* __restrict gz = GRAD_Z ? row_of<T>(a.grad_z, a.grad_z_stride, b) : nullptr;
+        const C gkl = GRAD_KL ? static_cast<const C*>(a.grad_kl)[b] : C(0);
+        T* __restrict grad_mu = static_cast<T*>(a.out0) + b * a.cols;
+        T* __restrict grad_lv = static_cast<T*>(a.out1) + b * a.cols;
+        const uint64_t first = uint64_t(b) * uint64_t(a.cols);
+        for (int64_t j = 0; j < a.cols; ++j) {
+            const C mv = widen(mu[j]), v = widen(lv[j]);
+            C gm = C(0), gv = C(0);
+            if constexpr (GRAD_Z) {
+                const C g = widen(gz[j]);
+                gm = g;
+                gv = g * C(0.5) * exp_c(C(0.5) * v) * noise_at<T, NOISE>(eps, a.seed, first, j);
+            }
+            // Added only when grad_kl exists: 0 * expm1(lv) is NaN for lv = +inf.
+            if constexpr (GRAD_KL) {
+                gm += gkl * mv;
+                gv += gkl * C(0.5) * expm1_c(v);
+            }
+            grad_mu[j] = narrow<T>(gm);
+            grad_lv[j] = narrow<T>(gv);
+        }
+    }
+}
+
+template <class T, bool ELEMENTWISE, bool GRAD>
+FV_INLINE void gaussian_kl_rows(const GaussianArgs& a, int64_t b0, int64_t b1) {
+    using C = typename Compute<T>::type;
+    alignas(64) C terms[CHUNK];
+    for (int64_t b = b0; b < b1; ++b) {
+        const T* __restrict mu = row_of<T>(a.mu, a.mu_stride, b);
+        const T* __restrict lv = row_of<T>(a.logvar, a.logvar_stride, b);
+        C* __restrict kl_el = static_cast<C*>(a.out0) + b * a.cols;
+        T* __restrict grad_mu = GRAD ? static_cast<T*>(a.out1) + b * a.cols : nullptr;
+        T* __restrict grad_lv = GRAD ? static_cast<T*>(a.out2) + b * a.cols : nullptr;
+        double kl = 0.0;
+        for (int64_t j0 = 0; j0 < a.cols; j0 += CHUNK) {
+            const int64_t m = std::min(CHUNK, a.cols - j0);
+            C* __restrict out = ELEMENTWISE ? kl_el + j0 : terms;
+            for (int64_t j = 0; j < m; ++j) {
+                const C mv = widen(mu[j0 + j]), v = widen(lv[j0 + j]);
+                const C em1 = expm1_c(v);
+                out[j] = C(0.5) * (mv * mv + (em1 - v));
+                if constexpr (GRAD) {
+                    grad_mu[j0 + j] = mu[j0 + j];  // dkl/dmu = mu, bit for bit
+                    grad_lv[j0 + j] = narrow<T>(C(0.5) * em1);
+                }
+            }
+            if constexpr (!ELEMENTWISE) kl += chunk_sum(terms, m);
+        }
+        if constexpr (!ELEMENTWISE) static_cast<C*>(a.out0)[b] = C(kl);
+    }
+}
+
+// One entry per storage type, compiled per CPU-feature clone; runtime flags pick
+// the template instance inside, so each clone holds every variant.
+#define FV_GAUSSIAN_ENTRIES(T, SUFFIX)                                                              \
+    FV_CLONES void forward_##SUFFIX(const GaussianArgs& a, int64_t b0, int64_t b1) {                \
+        if (a.eps == nullptr) reparameterize_kl_forward_rows<T, true>(a, b0, b1);                   \
+        else reparameterize_kl_forward_rows<T, false>(a, b0, b1);                                   \
+    }                                                                                               \
+    FV_CLONES void backward_##SUFFIX(const GaussianArgs& a, int64_t b0, int64_t b1) {               \
+        const bool gz = a.grad_z != nullptr, gkl = a.grad_kl != nullptr, noise = a.eps == nullptr;  \
+        if (gz && gkl && noise) reparameterize_kl_backward_rows<T, true, true, true>(a, b0, b1);    \
+        else if (gz && gkl) reparameterize_kl_backward_rows<T, true, true, false>(a, b0, b1);       \
+        else if (gz && noise) reparameterize_kl_backward_rows<T, true, false, true>(a, b0, b1);     \
+        else if (gz) reparameterize_kl_backward_rows<T, true, false, false>(a, b0, b1);             \
+        else if (gkl) reparameterize_kl_backward_rows<T, false, true, false>(a, b0, b1);            \
+        else reparameterize_kl_backward_rows<T, false, false, false>(a, b0, b1); /* zeros */        \
+    }                                                                                               \
+    FV_CLONES void kl_##SUFFIX(const GaussianArgs& a, int64_t b0, int64_t b1) {                     \
+        const bool grad = a.out1 != nullptr && a.out2 != nullptr;                                   \
+        if (a.elementwise && grad) gaussian_kl_rows<T, true, true>(a, b0, b1);                      \
+        else if (a.elementwise) gaussian_kl_rows<T, true, false>(a, b0, b1);                        \
+        else if (grad) gaussian_kl_rows<T, false, true>(a, b0, b1);                                 \
+        else gaussian_kl_rows<T, false, false>(a, b0, b1);                                          \
+    }
+
+FV_GAUSSIAN_ENTRIES(float, f32)
+FV_GAUSSIAN_ENTRIES(double, f64)
+FV_GAUSSIAN_ENTRIES(bf16_t, bf16)
+FV_GAUSSIAN_ENTRIES(f16_t, f16)
+
+using RowsFn = void (*)(const GaussianArgs&, int64_t, int64_t);
+
+struct GaussianEntries { RowsFn forward, backward, kl; };
+
+// The entries for a dtype code, or all null for an unknown code.
+GaussianEntries entries_for(int dtype) {
+    switch (dtype) {
+        case FASTVAE_F32: return {forward_f32, backward_f32, kl_f32};
+        case FASTVAE_F64: return {forward_f64, backward_f64, kl_f64};
+        case FASTVAE_BF16: return {forward_bf16, backward_bf16, kl_bf16};
+        case FASTVAE_F16: return {forward_f16, backward_f16, kl_f16};
+        default: return {nullptr, nullptr, nullptr};
+    }
+}
+
+int run(RowsFn fn, const GaussianArgs& a, int64_t rows, int num_threads) {
+    if (fn == nullptr) return FASTVAE_ERR_DTYPE;
+    parallel_rows(rows, a.cols, num_threads, [&](int64_t b0, int64_t b1) { fn(a, b0, b1); });
+    return FASTVAE_OK;
+}
+
+}  // namespace
+}  // namespace fastvae
+
+using fastvae::GaussianArgs;
+
+extern "C" int fastvae_reparameterize_kl_forward(
+    int dtype, int64_t rows, int64_t cols, const void* mu, int64_t mu_stride, const void* logvar,
+    int64_t logvar_stride, const void* eps, int64_t eps_stride, uint64_t seed, void* z, void* kl,
+    int num_threads) {
+    const GaussianArgs a{cols, mu, mu_stride, logvar, logvar_stride, eps, eps_stride,
+                         nullptr, 0, nullptr, seed, 0, z, kl, nullptr};
+    return fastvae::run(fastvae::entries_for(dtype).forward, a, rows, num_threads);
+}
+
+extern "C" int fastvae_reparameterize_kl_backward(
+    int dtype, int64_t rows, int64_t cols, const void* grad_z, int64_t grad_z_stride,
+    const void* grad_kl, const void* mu, int64_t mu_stride, const void* logvar, int64_t logvar_stride,
+    const void* eps, int64_t eps_stride, uint64_t seed, void* grad_mu, void* grad_logvar,
+    int num_threads) {
+    const GaussianArgs a{cols, mu, mu_stride, logvar, logvar_stride, eps, eps_stride,
+                         grad_z, grad_z_stride, grad_kl, seed, 0, grad_mu, grad_logvar, nullptr};
+    return fastvae::run(fastvae::entries_for(dtype).backward, a, rows, num_threads);
+}
+
+extern "C" int fastvae_gaussian_kl_forward(
+    int dtype, int64_t rows, int64_t cols, const void* mu, int64_t mu_stride, const void* logvar,
+    int64_t logvar_stride, int elementwise, void* kl, void* grad_mu, void* grad_logvar,
+    int num_threads) {
+    const GaussianArgs a{cols, mu, mu_stride, logvar, logvar_stride, nullptr, 0,
+                         nullptr, 0, nullptr, 0, elementwise, kl, grad_mu, grad_logvar};
+    return fastvae::run(fastvae::entries_for(dtype).kl, a, rows, num_threads);
+}

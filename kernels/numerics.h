@@ -1,0 +1,238 @@
+// Scalar building blocks of the fastvae CPU kernels, written so that GCC and
+// Clang vectorize the loops that call them (-O3, no -ffast-math):
+//   - storage types: bf16 and fp16 are converted with integer bit tricks
+//     (round to nearest even, NaN kept NaN) instead of libcalls;
+//   - float math: exp, expm1, log1p on [0, 1], log, cos(2*pi*u) as branch-free
+//     polynomials (selects, not branches), accurate to a few float ulps; libm's
+//     scalar calls would stop vectorization and make the kernels compute-bound;
+//   - double math uses libm (std::exp, ...): float64 is the accuracy path;
+//   - Philox4x32-10, the noise stream documented in fastvae/reference.py.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__GNUC__)
+#define FV_INLINE inline __attribute__((always_inline))
+#else
+#define FV_INLINE inline
+#endif
+
+namespace fastvae {
+
+// 16-bit storage types: only the bits; all math happens in float.
+struct bf16_t { uint16_t bits; };
+struct f16_t { uint16_t bits; };
+
+// The type math runs in for a storage type: double for double, float otherwise.
+template <class T> struct Compute { using type = float; };
+template <> struct Compute<double> { using type = double; };
+
+FV_INLINE float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+FV_INLINE uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+
+// ---------------------------------------------------------------- conversions
+FV_INLINE float widen(float v) { return v; }
+FV_INLINE double widen(double v) { return v; }
+FV_INLINE float widen(bf16_t v) { return bits_to_float(uint32_t(v.bits) << 16); }
+
+// fp16 -> fp32, exact. Normal halves rebias the exponent (15 -> 127);
+// subnormals are m * 2^-24 computed through an exact int -> float conversion
+// (no float subnormal arithmetic, so a denormals-are-zero FPU mode is harmless).
+FV_INLINE float widen(f16_t v) {
+    const uint32_t h = v.bits;
+    const uint32_t sign = (h & 0x8000u) << 16;
+    const uint32_t em = h & 0x7fffu;  // exponent and mantissa
+    const uint32_t normal = (em << 13) + (112u << 23);
+    const uint32_t special = (em << 13) | 0x7f800000u;  // inf, nan
+    const uint32_t subnormal = float_to_bits(float(int32_t(em)) * 0x1p-24f);
+    const uint32_t mag = em >= 0x7c00u ? special : (em >= 0x0400u ? normal : subnormal);
+    return bits_to_float(sign | mag);
+}
+
+template <class T> FV_INLINE T narrow(typename Compute<T>::type v);
+template <> FV_INLINE float narrow<float>(float v) { return v; }
+template <> FV_INLINE double narrow<double>(double v) { return v; }
+
+// fp32 -> bf16, round to nearest even; NaN -> the quiet NaN torch writes.
+template <> FV_INLINE bf16_t narrow<bf16_t>(float v) {
+    const uint32_t u = float_to_bits(v);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+    return bf16_t{uint16_t(nan ? 0x7fc0u : rounded)};
+}
+
+// fp32 -> fp16, round to nearest even, overflow to inf, NaN -> quiet NaN.
+// Half normals: drop 13 mantissa bits with a rounding add whose carry may
+// ripple into the exponent (that is the correct result). Half subnormals: adding
+// 0.5f makes the FPU round |v| to a multiple of 2^-24 (the ulp of floats in
+// [0.5, 1)), and the integer m of that multiple is the subnormal encoding
+// (m = 1024 is the smallest normal, also correct).
+template <> FV_INLINE f16_t narrow<f16_t>(float v) {
+    const uint32_t u = float_to_bits(v);
+    const uint32_t sign = (u >> 16) & 0x8000u;
+    const uint32_t a = u & 0x7fffffffu;
+    const uint32_t rebased = a - (112u << 23);
+    const uint32_t normal = (rebased + 0x0fffu + ((rebased >> 13) & 1u)) >> 13;
+    const uint32_t subnormal = float_to_bits(std::fabs(v) + 0.5f) - 0x3f000000u;
+    uint32_t mag = a >= 0x38800000u ? normal : subnormal;  // 2^-14: smallest half normal
+    mag = a >= 0x477ff000u ? 0x7c00u : mag;                // >= 65520 rounds to inf
+    mag = a > 0x7f800000u ? 0x7e00u : mag;
+    return f16_t{uint16_t(sign | mag)};
+}
+
+// ---------------------------------------------------------------- float math
+// exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln2 / 2 (Cody-Waite split
+// of ln 2 so that n * LN2_HI is exact). Returns q = exp(r) - 1 and half = 2^(n-1);
+// the callers scale by half and then by 2 so that n = 128 (x near 88.7) does not
+// overflow the exponent field. Valid for x in [EXP_LO, EXP_HI]; callers select
+// the results outside.
+constexpr float EXP_LO = -86.6f;  // 2^(n-1) >= 2^-126: stays a normal float
+constexpr float EXP_HI = 88.72283f;  // ln(FLT_MAX)
+constexpr float LOG2E = 1.44269504088896341f;
+constexpr float LN2_HI = 0.693145751953125f;
+constexpr float LN2_LO = 1.42860682030941723212e-6f;
+
+FV_INLINE float exp_core(float x, float& half) {
+    const float shifter = 0x1.8p23f;  // adding it rounds to an integer held in the low mantissa bits
+    const float xc = (x >= EXP_LO) ? ((x <= EXP_HI) ? x : EXP_HI) : EXP_LO;  // NaN -> EXP_LO
+    const float t = xc * LOG2E + shifter;
+    const float n = t - shifter;
+    const float r = (xc - n * LN2_HI) - n * LN2_LO;
+    const uint32_t n_int = float_to_bits(t) - float_to_bits(shifter);  // two's complement n
+    half = bits_to_float((n_int + 126u) << 23);
+    // Taylor series of exp(r) - 1 to r^7: truncation < 6e-9 on |r| <= 0.347.
+    return r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120
+           + r * (1.0f / 720 + r * (1.0f / 5040)))))));
+}
+
+FV_INLINE float fv_exp(float x) {
+    float half;
+    const float q = exp_core(x, half);
+    float e = 2.0f * (half * q + half);
+    e = x > EXP_HI ? INFINITY : e;
+    e = x < EXP_LO ? 0.0f : e;  // true value < 2.4e-38: below anything the losses resolve
+    return x != x ? x : e;
+}
+
+// expm1 without the cancellation of exp(x) - 1 near 0 (where half = 0.5, the result is q).
+FV_INLINE float fv_expm1(float x) {
+    float half;
+    const float q = exp_core(x, half);
+    float e = 2.0f * (half * q + (half - 0.5f));
+    e = x > EXP_HI ? INFINITY : e;
+    e = x < EXP_LO ? -1.0f : e;
+    return x != x ? x : e;
+}
+
+// 2 * atanh(s) / (2 s) - 1 = s^2/3 + s^4/5 + ...: log1p(f) = 2 atanh(f / (2 + f)).
+// Truncated after s^12/13; the error is below 2e-9 relative for |s| <= 1/3.
+FV_INLINE float atanh_tail(float s2) {
+    return s2 * (1.0f / 3 + s2 * (1.0f / 5 + s2 * (1.0f / 7 + s2 * (1.0f / 9
+           + s2 * (1.0f / 11 + s2 * (1.0f / 13))))));
+}
+
+// log1p(y) for y in [0, 1] (the softplus tail log1p(exp(-|l|))), relative
+// accuracy kept down to y -> 0 since 2s carries the leading term exactly.
+FV_INLINE float fv_log1p_unit(float y) {
+    const float s = y / (2.0f + y);  // in [0, 1/3]
+    const float two_s = 2.0f * s;
+    return two_s + two_s * atanh_tail(s * s);
+}
+
+// ln(u) for a positive normal float u: u = 2^k * m with m in [sqrt(1/2), sqrt(2)),
+// found by subtracting the bits of sqrt(1/2); ln(m) = log1p(m - 1), m - 1 exact.
+FV_INLINE float fv_log(float u) {
+    const uint32_t bits = float_to_bits(u);
+    const int32_t k = int32_t(bits - 0x3f3504f3u) >> 23;
+    const float m = bits_to_float(bits - (uint32_t(k) << 23));
+    const float f = m - 1.0f;
+    const float s = f / (2.0f + f);  // |s| <= 0.172
+    const float two_s = 2.0f * s;
+    const float kf = float(k);
+    return kf * LN2_HI + (kf * LN2_LO + (two_s + two_s * atanh_tail(s * s)));
+}
+
+// sin(2*pi*b) for |b| <= 1/4, Taylor series in b to b^15 (coefficients in double,
+// rounded once): truncation < 1e-10.
+FV_INLINE float sin_2pi(float b) {
+    constexpr double w = 6.283185307179586476925;
+    constexpr float c1 = float(w);
+    constexpr float c3 = float(-w * w * w / 6);
+    constexpr float c5 = float(w * w * w * w * w / 120);
+    constexpr float c7 = float(-w * w * w * w * w * w * w / 5040);
+    constexpr float c9 = float(w * w * w * w * w * w * w * w * w / 362880);
+    constexpr float c11 = float(-w * w * w * w * w * w * w * w * w * w * w / 39916800);
+    constexpr float c13 = float(w * w * w * w * w * w * w * w * w * w * w * w * w / 6227020800.0);
+    constexpr float c15 = float(-w * w * w * w * w * w * w * w * w * w * w * w * w * w * w
+                                / 1307674368000.0);
+    const float b2 = b * b;
+    return b * (c1 + b2 * (c3 + b2 * (c5 + b2 * (c7 + b2 * (c9 + b2 * (c11 + b2 * (c13 + b2 * c15)))))));
+}
+
+// cos(2*pi*u) for u in [0, 1]: cos is even and 1-periodic in u, so with
+// v = min(u, 1 - u) in [0, 1/2], cos(2 pi v) = sin(2 pi (1/4 - v)); both steps
+// are exact in float for the u the noise produces (multiples of 2^-25).
+FV_INLINE float fv_cos_2pi_unit(float u) {
+    const float v = u < 1.0f - u ? u : 1.0f - u;
+    return sin_2pi(0.25f - v);
+}
+
+// ---------------------------------------------------------------- math by compute type
+FV_INLINE float exp_c(float x) { return fv_exp(x); }
+FV_INLINE double exp_c(double x) { return std::exp(x); }
+FV_INLINE float expm1_c(float x) { return fv_expm1(x); }
+FV_INLINE double expm1_c(double x) { return std::expm1(x); }
+FV_INLINE float log1p_unit_c(float y) { return fv_log1p_unit(y); }
+FV_INLINE double log1p_unit_c(double y) { return std::log1p(y); }
+
+// ---------------------------------------------------------------- Philox noise
+constexpr uint32_t PHILOX_MUL_A = 0xD2511F53u;
+constexpr uint32_t PHILOX_MUL_B = 0xCD9E8D57u;
+constexpr uint32_t PHILOX_KEY_A = 0x9E3779B9u;
+constexpr uint32_t PHILOX_KEY_B = 0xBB67AE85u;
+
+// Words 0 and 1 of Philox4x32-10 at counter (i lo, i hi, 0, 0), key (seed lo, seed hi).
+FV_INLINE void philox_2x32(uint64_t seed, uint64_t i, uint32_t& out0, uint32_t& out1) {
+    uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
+    uint32_t c0 = uint32_t(i), c1 = uint32_t(i >> 32), c2 = 0, c3 = 0;
+    for (int round = 0; round < 10; ++round) {
+        const uint64_t pa = uint64_t(PHILOX_MUL_A) * c0;
+        const uint64_t pb = uint64_t(PHILOX_MUL_B) * c2;
+        const uint32_t n0 = uint32_t(pb >> 32) ^ c1 ^ k0;
+        const uint32_t n2 = uint32_t(pa >> 32) ^ c3 ^ k1;
+        c1 = uint32_t(pb);
+        c3 = uint32_t(pa);
+        c0 = n0;
+        c2 = n2;
+        k0 += PHILOX_KEY_A;
+        k1 += PHILOX_KEY_B;
+    }
+    out0 = c0;
+    out1 = c1;
+}
+
+// The standard normal at flat index i (Box-Muller on the top 24 bits of two
+// words). u = ((c >> 8) + 0.5) * 2^-24 is rounded exactly as the reference
+// rounds it in the compute type, so both see the same u1, u2.
+FV_INLINE float philox_normal_f32(uint64_t seed, uint64_t i) {
+    uint32_t w0, w1;
+    philox_2x32(seed, i, w0, w1);
+    const float u1 = (float(int32_t(w0 >> 8)) + 0.5f) * 0x1p-24f;
+    const float u2 = (float(int32_t(w1 >> 8)) + 0.5f) * 0x1p-24f;
+    return std::sqrt(-2.0f * fv_log(u1)) * fv_cos_2pi_unit(u2);
+}
+
+FV_INLINE double philox_normal_f64(uint64_t seed, uint64_t i) {
+    uint32_t w0, w1;
+    philox_2x32(seed, i, w0, w1);
+    const double u1 = (double(w0 >> 8) + 0.5) * 0x1p-24;
+    const double u2 = (double(w1 >> 8) + 0.5) * 0x1p-24;
+    return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586476925 * u2);
+}
+
+FV_INLINE float philox_normal_c(float, uint64_t seed, uint64_t i) { return philox_normal_f32(seed, i); }
+FV_INLINE double philox_normal_c(double, uint64_t seed, uint64_t i) { return philox_normal_f64(seed, i); }
+
+}  // namespace fastvae

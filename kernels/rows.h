@@ -1,0 +1,80 @@
+// Row machinery shared by the kernels: the fixed-order row sum, the OpenMP
+// split of rows across threads, CPU-feature clones, and dtype dispatch.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "fastvae_native.h"
+#include "numerics.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+// Each kernel body is compiled twice, for baseline x86-64 (SSE2) and for
+// x86-64-v3 (AVX2 + FMA), and the loader picks one at run time: the shipped
+// library stays portable without -march=native. flatten inlines the row
+// templates and math helpers into each clone so they get the clone's ISA.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FV_CLONES __attribute__((target_clones("arch=x86-64-v3", "default"), flatten))
+#elif defined(__GNUC__)
+#define FV_CLONES __attribute__((flatten))
+#else
+#define FV_CLONES
+#endif
+
+namespace fastvae {
+
+// Loss terms of a row are produced CHUNK at a time into a stack buffer and
+// summed in LANES interleaved partial sums: the order is fixed by the row alone
+// (not by threads or vector width), and the lanes let the sum vectorize
+// without -ffast-math. Chunk totals add up in double, so long rows lose nothing.
+constexpr int64_t CHUNK = 256;
+constexpr int64_t LANES = 8;
+
+template <class C>
+FV_INLINE double chunk_sum(C* terms, int64_t m) {
+    const int64_t padded = (m + LANES - 1) / LANES * LANES;  // terms has CHUNK >= padded slots
+    for (int64_t j = m; j < padded; ++j) terms[j] = C(0);
+    C lane[LANES] = {};
+    for (int64_t j = 0; j < padded; j += LANES)
+        for (int64_t k = 0; k < LANES; ++k) lane[k] += terms[j + k];
+    return double(((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7])));
+}
+
+// Below this many elements a call runs on the calling thread: waking the pool
+// costs more than it saves. Results are identical either way.
+constexpr int64_t MIN_PARALLEL_ELEMENTS = 1 << 15;
+
+// Calls rows_fn(b0, b1) on contiguous row blocks, one per thread.
+template <class RowsFn>
+void parallel_rows(int64_t rows, int64_t cols, int num_threads, RowsFn rows_fn) {
+    int64_t threads = std::min<int64_t>(std::max(num_threads, 1), rows);
+    if (rows * cols < MIN_PARALLEL_ELEMENTS) threads = 1;
+#ifdef _OPENMP
+    if (threads > 1) {
+#pragma omp parallel num_threads(int(threads))
+        {
+            const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
+            rows_fn(rows * t / n, rows * (t + 1) / n);
+        }
+        return;
+    }
+#endif
+    rows_fn(int64_t(0), rows);
+}
+
+// Calls fn(T{}) with T the storage type of a dtype code; false if unknown.
+template <class Fn>
+bool with_dtype(int dtype, Fn fn) {
+    switch (dtype) {
+        case FASTVAE_F32: fn(float{}); return true;
+        case FASTVAE_F64: fn(double{}); return true;
+        case FASTVAE_BF16: fn(bf16_t{}); return true;
+        case FASTVAE_F16: fn(f16_t{}); return true;
+        default: return false;
+    }
+}
+
+}  // namespace fastvae
