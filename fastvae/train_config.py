@@ -1,0 +1,190 @@
+"""The fastvae-train configuration: one dataclass, the argparse flags that fill it, and checks.
+
+The parser is built only inside `build_parser()` (called from main()), never at import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from fastvae.data import BINARIZE_CHOICES, KNOWN_DATASETS
+from fastvae.evaluate import DEFAULT_EVAL_BATCH_SIZE, DEFAULT_IW_BATCH_SIZE, DEFAULT_IW_SAMPLES
+from fastvae.models import ARCHS, VAEConfig, parse_widths
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+BACKEND_CHOICES = ("auto", "triton", "native", "torch")
+# Flags that fix parameter shapes: a resumed run may not change them.
+MODEL_FIELDS = ("arch", "latent_dim", "hidden_dims", "conv_channels")
+
+
+@dataclass
+class TrainConfig:
+    # data
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    binarize: str = "dynamic"
+    val_size: int = 5000
+    # model
+    arch: str = "mlp"
+    latent_dim: int = 32
+    hidden_dims: str = "512,256"
+    conv_channels: str = "32,64"
+    # optimization
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    beta: float = 1.0
+    kl_warmup: int = 0
+    free_bits: float = 0.0
+    max_steps: int = 0
+    # execution
+    amp: bool = False
+    amp_dtype: str = "bf16"
+    compile: bool = False
+    device: str = "auto"
+    backend: str = "auto"
+    # outputs and evaluation
+    out: str | None = None
+    resume: str | None = None
+    iw_samples: int = DEFAULT_IW_SAMPLES
+    iw_examples: int = 1000
+    iw_batch_size: int = DEFAULT_IW_BATCH_SIZE
+    eval_batch_size: int = DEFAULT_EVAL_BATCH_SIZE
+    log_every: int = 20
+    plots: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in known})
+
+    def model_config(self, image_shape: tuple[int, int, int]) -> VAEConfig:
+        return VAEConfig(arch=self.arch, image_shape=image_shape, latent_dim=self.latent_dim,
+                         hidden_dims=parse_widths(self.hidden_dims, "--hidden-dims"),
+                         conv_channels=parse_widths(self.conv_channels, "--conv-channels"))
+
+    def validate(self) -> None:
+        """Raise ValueError with the fix for any flag combination that cannot run."""
+        positive = {"--epochs": self.epochs, "--batch-size": self.batch_size, "--latent-dim": self.latent_dim,
+                    "--val-size": self.val_size, "--iw-batch-size": self.iw_batch_size,
+                    "--eval-batch-size": self.eval_batch_size, "--log-every": self.log_every}
+        for flag, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        non_negative = {"--max-steps": self.max_steps, "--kl-warmup": self.kl_warmup,
+                        "--iw-samples": self.iw_samples, "--iw-examples": self.iw_examples,
+                        "--beta": self.beta, "--free-bits": self.free_bits}
+        for flag, value in non_negative.items():
+            if value < 0:
+                raise ValueError(f"{flag} must be >= 0, got {value}")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        parse_widths(self.hidden_dims, "--hidden-dims")
+        parse_widths(self.conv_channels, "--conv-channels")
+
+    def amp_dtype_for(self, device: torch.device) -> torch.dtype | None:
+        """The autocast dtype, or None without --amp; fp16 needs CUDA (GradScaler has no CPU path here)."""
+        if not self.amp:
+            return None
+        if self.amp_dtype == "fp16" and device.type != "cuda":
+            raise ValueError("--amp-dtype fp16 needs a CUDA device (fp16 autocast with a GradScaler); on "
+                             f"{device.type} use the default --amp-dtype bf16")
+        return AMP_DTYPES[self.amp_dtype]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
+    if name not in DEVICE_CHOICES:
+        raise ValueError(f"unknown --device {name!r}; choose one of {', '.join(DEVICE_CHOICES)}")
+    return torch.device(name)
+
+
+def default_run_dir() -> Path:
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="fastvae-train", description="Train a VAE on MNIST-style images with "
+                                "the fused fastvae ops, then report test -ELBO and importance-sampled NLL.")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=d.dataset, help=f"{' | '.join(KNOWN_DATASETS)} | a folder holding "
+                   f"the four IDX files (default: {d.dataset})")
+    g.add_argument("--data-dir", default=d.data_dir, help="folder to look in first, then $FASTVAE_DATA, then "
+                   "the system copy, then a torchvision download (default: none)")
+    g.add_argument("--binarize", choices=BINARIZE_CHOICES, default=d.binarize,
+                   help=f"dynamic: resampled each epoch; static: once; none: grey levels (default: {d.binarize})")
+    g.add_argument("--val-size", type=int, default=d.val_size,
+                   help=f"training images held out for validation (default: {d.val_size})")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", choices=ARCHS, default=d.arch, help=f"encoder/decoder type (default: {d.arch})")
+    g.add_argument("--latent-dim", type=int, default=d.latent_dim, help=f"latent size (default: {d.latent_dim})")
+    g.add_argument("--hidden-dims", default=d.hidden_dims,
+                   help=f"comma-separated dense widths (default: {d.hidden_dims})")
+    g.add_argument("--conv-channels", default=d.conv_channels,
+                   help=f"comma-separated channels of the stride-2 convs, conv arch only (default: {d.conv_channels})")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the data (default: {d.epochs})")
+    g.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"images per step per process (default: {d.batch_size})")
+    g.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default: {d.lr})")
+    g.add_argument("--seed", type=int, default=d.seed, help=f"seed of everything random (default: {d.seed})")
+    g.add_argument("--beta", type=float, default=d.beta, help=f"KL weight, beta-VAE (default: {d.beta})")
+    g.add_argument("--kl-warmup", type=int, default=d.kl_warmup, metavar="STEPS",
+                   help=f"anneal the KL weight linearly from 0 to beta over STEPS steps (default: {d.kl_warmup})")
+    g.add_argument("--free-bits", type=float, default=d.free_bits, metavar="NATS",
+                   help=f"floor of each latent dimension's batch-mean KL in the loss (default: {d.free_bits})")
+    g.add_argument("--max-steps", type=int, default=d.max_steps,
+                   help=f"stop after this many steps in all, e.g. for a smoke test; 0: no limit (default: {d.max_steps})")
+    g = p.add_argument_group("execution")
+    g.add_argument("--amp", action="store_true", help="autocast the step (default: off)")
+    g.add_argument("--amp-dtype", choices=tuple(AMP_DTYPES), default=d.amp_dtype,
+                   help=f"bf16 on CPU or CUDA; fp16 (CUDA only) adds a GradScaler (default: {d.amp_dtype})")
+    g.add_argument("--compile", action="store_true", help="torch.compile the training step (default: off)")
+    g.add_argument("--device", choices=DEVICE_CHOICES, default=d.device,
+                   help=f"auto picks cuda when available (default: {d.device})")
+    g.add_argument("--backend", choices=BACKEND_CHOICES, default=d.backend,
+                   help=f"fastvae backend; torch trains with the reference; auto defers to $FASTVAE_BACKEND (default: {d.backend})")
+    g = p.add_argument_group("outputs and evaluation")
+    g.add_argument("--out", default=d.out, help="run folder (default: runs/<timestamp>)")
+    g.add_argument("--resume", default=d.resume, metavar="RUN_OR_CHECKPOINT",
+                   help="continue a run folder (its last.pt) or a checkpoint; its config fills unset flags (default: none)")
+    g.add_argument("--iw-samples", type=int, default=d.iw_samples,
+                   help=f"importance samples per test image for the NLL; 0 skips it (default: {d.iw_samples})")
+    g.add_argument("--iw-examples", type=int, default=d.iw_examples,
+                   help=f"test images that get the NLL; 0 means all (default: {d.iw_examples})")
+    g.add_argument("--iw-batch-size", type=int, default=d.iw_batch_size,
+                   help=f"(image, sample) pairs per decoder call in the NLL; bounds memory (default: {d.iw_batch_size})")
+    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size,
+                   help=f"images per evaluation batch (default: {d.eval_batch_size})")
+    g.add_argument("--log-every", type=int, default=d.log_every,
+                   help=f"steps between progress-bar updates (each one syncs) (default: {d.log_every})")
+    g.add_argument("--no-plots", dest="plots", action="store_false", help="skip the pictures (default: draw them)")
+    return p
+
+
+def parse_config(argv: list[str] | None) -> TrainConfig:
+    """Flags -> TrainConfig. With --resume, the saved run's config is the default for every flag not given."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resume:
+        from fastvae.checkpoint import load_checkpoint
+
+        saved = load_checkpoint(args.resume)["config"]
+        keep = {key: value for key, value in saved.items() if key not in ("resume",)}
+        parser.set_defaults(**keep)
+        args = parser.parse_args(argv)
+    return TrainConfig(**vars(args))
