@@ -1,0 +1,335 @@
+"""The native C++ CPU backend (fastvae.native): loading, every contract function
+against the float64 reference on fresh random inputs, the Philox stream,
+dtype conversions, thread-count independence and the errors a user can cause.
+
+The public ops on the native backend are covered by the op suite (test_ops.py);
+this file checks the backend functions directly, including what the ops cannot
+reach (strided rows, mixed dtypes, bit-exact conversions)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastvae import native, reference
+from fastvae.backend import BackendUnavailableError
+
+needs_library = pytest.mark.skipif(native.load_error() is not None,
+                                   reason=f"native library not built: {native.load_error()}")
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+# (rtol, atol) for values stored in the dtype; losses are computed in float32
+# (float64 for float64) and held to that dtype's tolerance.
+TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-10, 1e-10),
+             torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
+SHAPES = [(3, 7), (41, 401), (1, 64), (6, 513)]
+SEED = 2**61 + 12345
+
+
+def _id(value) -> str:
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    return "x".join(map(str, value))
+
+
+def _close(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _posterior(shape: tuple[int, int], dtype: torch.dtype, strided: bool = False):
+    """mu, logvar [B, L] in dtype; strided: two chunks of one wider encoder output."""
+    rows, cols = shape
+    if strided:
+        h = torch.randn(rows, 2 * cols + 5).to(dtype)
+        return h[:, 1:cols + 1], h[:, cols + 3:2 * cols + 3]
+    return torch.randn(shape).to(dtype), (0.5 * torch.randn(shape)).to(dtype)
+
+
+def _noise_oracle(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """The reference Philox eps the kernel draws in its compute dtype, as float64."""
+    return reference.philox_normal(SEED, shape, _loss_dtype(dtype)).double()
+
+
+# ---------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------
+@needs_library
+def test_library_loads_with_openmp():
+    assert native.load_error() is None
+    assert native.library_path().is_file()
+    assert native.has_openmp()
+
+
+def _probe_in_subprocess(lib_path: str) -> dict:
+    """Import fastvae with FASTVAE_NATIVE_LIB=lib_path in a fresh interpreter and report."""
+    script = (
+        "import json, torch, fastvae, fastvae.native as n\n"
+        "from fastvae.backend import BackendUnavailableError\n"
+        "out = {'load_error': n.load_error(), 'available': fastvae.available_backends()['native']}\n"
+        "try:\n"
+        "    n.gaussian_kl_forward(torch.randn(2, 3), torch.randn(2, 3), False, False)\n"
+        "    out['raised'] = None\n"
+        "except BackendUnavailableError as error:\n"
+        "    out['raised'] = str(error)\n"
+        "print(json.dumps(out))\n")
+    env = dict(os.environ, FASTVAE_NATIVE_LIB=lib_path)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("kind", ["missing", "not_a_library"])
+def test_bad_library_path_gives_a_clear_error_and_fastvae_still_imports(kind, tmp_path):
+    path = tmp_path / "_native_cpu.so"
+    if kind == "not_a_library":
+        path.write_text("not an ELF file")
+    report = _probe_in_subprocess(str(path))
+    reason = report["load_error"]
+    assert reason is not None and str(path) in reason
+    assert "pip install -e ." in reason and "cmake -S . -B build" in reason
+    assert report["available"] == reason
+    assert report["raised"] is not None and "native" in report["raised"] and str(path) in report["raised"]
+
+
+# ---------------------------------------------------------------------------
+# reparameterize_kl forward / backward
+# ---------------------------------------------------------------------------
+@needs_library
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+@pytest.mark.parametrize("with_eps", [False, True], ids=["philox", "eps"])
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+def test_reparameterize_kl_forward_matches_float64(dtype, shape, with_eps, strided):
+    mu, logvar = _posterior(shape, dtype, strided)
+    eps = torch.randn(shape).to(dtype) if with_eps else None
+    z, kl = native.reparameterize_kl_forward(mu, logvar, eps, SEED)
+    assert z.dtype == dtype and z.shape == shape and kl.dtype == _loss_dtype(dtype) and kl.shape == shape[:1]
+    eps64 = eps.double() if with_eps else _noise_oracle(shape, dtype)
+    z64, kl64 = reference.reparameterize_kl_forward(mu.double(), logvar.double(), eps64, 0)
+    _close("z", z, z64, dtype)
+    _close("kl", kl, kl64, _loss_dtype(dtype))
+
+
+@needs_library
+@pytest.mark.parametrize("grads", ["z+kl", "z", "kl", "none"])
+@pytest.mark.parametrize("with_eps", [False, True], ids=["philox", "eps"])
+@pytest.mark.parametrize("shape", [(3, 7), (41, 401)], ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+def test_reparameterize_kl_backward_matches_float64(dtype, shape, with_eps, grads):
+    mu, logvar = _posterior(shape, dtype, strided=True)
+    eps = torch.randn(shape).to(dtype) if with_eps else None
+    grad_z = torch.randn(shape).to(dtype) if "z" in grads else None
+    grad_kl = (torch.rand(shape[0]) + 0.5) if "kl" in grads else None  # [B] float32, an upstream scale != 1
+    grad_mu, grad_logvar = native.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, eps, SEED)
+    assert grad_mu.dtype == dtype and grad_logvar.dtype == dtype and grad_mu.shape == shape
+    eps64 = eps.double() if with_eps else _noise_oracle(shape, dtype)
+    expected = reference.reparameterize_kl_backward(
+        None if grad_z is None else grad_z.double(), None if grad_kl is None else grad_kl.double(),
+        mu.double(), logvar.double(), eps64, 0)
+    _close("grad_mu", grad_mu, expected[0], dtype)
+    _close("grad_logvar", grad_logvar, expected[1], dtype)
+
+
+@needs_library
+def test_backward_regenerates_the_forward_noise():
+    """dz/dlogvar = 0.5 * (z - mu): with grad_z = 1 the regenerated eps must be the forward one."""
+    mu, logvar = _posterior((17, 301), torch.float32)
+    z, _ = native.reparameterize_kl_forward(mu, logvar, None, SEED)
+    _, grad_logvar = native.reparameterize_kl_backward(torch.ones_like(mu), None, mu, logvar, None, SEED)
+    torch.testing.assert_close(grad_logvar, 0.5 * (z - mu), rtol=1e-5, atol=1e-5)
+
+
+@needs_library
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=_id)
+def test_philox_noise_equals_the_reference_stream(dtype):
+    shape = (64, 1000)
+    zeros = torch.zeros(shape, dtype=dtype)
+    eps, _ = native.reparameterize_kl_forward(zeros, zeros, None, SEED)  # z = eps when mu = logvar = 0
+    expected = reference.philox_normal(SEED, shape, dtype)
+    # float32: the kernel's log/cos differ from torch's by ulps, amplified by sqrt(-2 ln u) <= 5.8.
+    torch.testing.assert_close(eps, expected, rtol=0, atol=5e-6 if dtype == torch.float32 else 1e-12)
+    assert abs(eps.mean().item()) < 0.02 and abs(eps.std().item() - 1) < 0.02
+    other, _ = native.reparameterize_kl_forward(zeros, zeros, None, SEED + 1)
+    assert (other != eps).float().mean() > 0.99
+
+
+# ---------------------------------------------------------------------------
+# gaussian_kl, bernoulli_log_likelihood
+# ---------------------------------------------------------------------------
+@needs_library
+@pytest.mark.parametrize("compute_grad", [False, True], ids=["loss", "loss+grad"])
+@pytest.mark.parametrize("elementwise", [False, True], ids=["rows", "elementwise"])
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+def test_gaussian_kl_matches_float64(dtype, shape, elementwise, compute_grad):
+    mu, logvar = _posterior(shape, dtype, strided=True)
+    kl, grad_mu, grad_logvar = native.gaussian_kl_forward(mu, logvar, elementwise, compute_grad)
+    kl64, grad_mu64, grad_logvar64 = reference.gaussian_kl_forward(mu.double(), logvar.double(), elementwise, True)
+    assert kl.dtype == _loss_dtype(dtype) and kl.shape == kl64.shape
+    _close("kl", kl, kl64, _loss_dtype(dtype))
+    if not compute_grad:
+        assert grad_mu is None and grad_logvar is None
+        return
+    assert torch.equal(grad_mu, mu)
+    _close("grad_logvar", grad_logvar, grad_logvar64, dtype)
+
+
+@needs_library
+@pytest.mark.parametrize("compute_grad", [False, True], ids=["loss", "loss+grad"])
+@pytest.mark.parametrize("elementwise", [False, True], ids=["rows", "elementwise"])
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+def test_bernoulli_log_likelihood_matches_float64(dtype, shape, elementwise, compute_grad):
+    wide = (4 * torch.randn(shape[0], shape[1] + 9)).to(dtype)
+    logits = wide[:, 4:4 + shape[1]]  # strided rows
+    target = torch.rand(shape).to(dtype)
+    logp, grad = native.bernoulli_log_likelihood_forward(logits, target, elementwise, compute_grad)
+    logp64, grad64 = reference.bernoulli_log_likelihood_forward(logits.double(), target.double(), elementwise, True)
+    assert logp.dtype == _loss_dtype(dtype) and logp.shape == logp64.shape
+    _close("logp", logp, logp64, _loss_dtype(dtype))
+    if compute_grad:
+        assert grad.dtype == dtype
+        _close("grad_logits", grad, grad64, dtype)
+    else:
+        assert grad is None
+
+
+MIXED = [(torch.bfloat16, torch.float32), (torch.float32, torch.float16), (torch.float16, torch.bfloat16),
+         (torch.float32, torch.float64), (torch.bfloat16, torch.float64)]
+
+
+@needs_library
+@pytest.mark.parametrize("first, second", MIXED, ids=[f"{_id(a)}-{_id(b)}" for a, b in MIXED])
+def test_mixed_dtypes_follow_the_contract(first, second):
+    loss_dtype = _loss_dtype(second) if second == torch.float64 else torch.float32
+    logits, target = (4 * torch.randn(9, 301)).to(first), torch.rand(9, 301).round().to(second)
+    logp, grad = native.bernoulli_log_likelihood_forward(logits, target, False, True)
+    logp64, grad64 = reference.bernoulli_log_likelihood_forward(logits.double(), target.double(), False, True)
+    assert logp.dtype == loss_dtype and grad.dtype == first
+    _close("logp", logp, logp64, loss_dtype)
+    _close("grad_logits", grad, grad64, first)
+
+    mu, logvar = torch.randn(9, 33).to(first), torch.randn(9, 33).to(second)
+    z, kl = native.reparameterize_kl_forward(mu, logvar, None, SEED)
+    assert z.dtype == first and kl.dtype == loss_dtype
+    z64, kl64 = reference.reparameterize_kl_forward(mu.double(), logvar.double(), _noise_oracle((9, 33), loss_dtype), 0)
+    _close("z", z, z64, first)
+    _close("kl", kl, kl64, loss_dtype)
+    grad_mu, grad_logvar = native.reparameterize_kl_backward(torch.randn(9, 33).to(second), None, mu, logvar,
+                                                              None, SEED)
+    assert grad_mu.dtype == first and grad_logvar.dtype == second
+
+
+# ---------------------------------------------------------------------------
+# Extreme inputs, conversions, threads
+# ---------------------------------------------------------------------------
+@needs_library
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=_id)
+def test_extreme_inputs_stay_finite_and_accurate(dtype):
+    logits = torch.tensor([[-100.0, 100.0, -30.0, 30.0, 0.0, -88.0, 88.5, -1e-6]]).repeat(3, 1).to(dtype)
+    target = torch.tensor([[0.0, 1.0, 1.0, 0.0, 0.5, 1.0, 0.0, 0.3]]).repeat(3, 1).to(dtype)
+    logp, grad = native.bernoulli_log_likelihood_forward(logits, target, True, True)
+    logp64, grad64 = reference.bernoulli_log_likelihood_forward(logits.double(), target.double(), True, True)
+    assert torch.isfinite(logp).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(logp.double(), logp64, rtol=1e-6 if dtype != torch.float64 else 1e-12, atol=1e-6)
+    _close("grad_logits", grad, grad64, dtype)
+
+    mu = torch.tensor([[0.5, -2.0, 3.0, 0.0, 1e-3, -1e-3]]).repeat(2, 1).to(dtype)
+    logvar = torch.tensor([[-30.0, 30.0, 1e-6, -1e-6, 20.0, -20.0]]).repeat(2, 1).to(dtype)
+    kl, _, grad_logvar = native.gaussian_kl_forward(mu, logvar, True, True)
+    kl64, _, grad_logvar64 = reference.gaussian_kl_forward(mu.double(), logvar.double(), True, True)
+    assert torch.isfinite(kl).all() and torch.isfinite(grad_logvar).all()
+    torch.testing.assert_close(kl.double(), kl64, rtol=1e-6 if dtype != torch.float64 else 1e-12, atol=1e-9)
+    _close("grad_logvar", grad_logvar, grad_logvar64, dtype)
+    z, kl_rows = native.reparameterize_kl_forward(mu, logvar, None, SEED)
+    grads = native.reparameterize_kl_backward(torch.ones_like(mu), torch.ones(2), mu, logvar, None, SEED)
+    assert all(torch.isfinite(t).all() for t in (z, kl_rows, *grads))
+
+
+def _assert_same_bits(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Bitwise equal, except that any NaN matches any NaN and -0 matches +0 (gradients
+    are sums that start from +0, in the reference too)."""
+    nan = torch.isnan(expected)
+    assert torch.isnan(actual[nan]).all()
+    actual, expected = actual[~nan] + 0, expected[~nan] + 0
+    assert torch.equal(actual.view(torch.int16), expected.view(torch.int16))
+
+
+@needs_library
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_id)
+def test_half_conversions_are_exact(dtype):
+    """Every 16-bit pattern survives load -> store, and fp32 -> half rounds like torch (nearest even)."""
+    patterns = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype).reshape(-1, 1)
+    grad_mu, _ = native.reparameterize_kl_backward(None, torch.ones(patterns.shape[0]), patterns,
+                                                   torch.zeros_like(patterns), None, SEED)
+    _assert_same_bits(grad_mu, patterns)
+    # grad_mu = grad_kl * mu with mu = 1: the kernel's rounding of arbitrary float32 values.
+    values = torch.cat([torch.randn(4000) * 10.0 ** torch.randint(-9, 6, (4000,)),
+                        torch.tensor([65504.0, 65519.0, 65520.0, 1e6, 2.0**-24, 3 * 2.0**-26, 2.0**-26,
+                                      1 + 2.0**-11, 1 + 3 * 2.0**-11, 1 + 2.0**-8, 3e38, float("inf"),
+                                      -float("inf"), float("nan"), 0.0, -0.0])])
+    ones = torch.ones(values.shape[0], 1, dtype=dtype)
+    rounded, _ = native.reparameterize_kl_backward(None, values, ones, torch.zeros_like(ones), None, SEED)
+    _assert_same_bits(rounded, values.to(dtype).reshape(-1, 1))
+
+
+@needs_library
+def test_results_do_not_depend_on_the_thread_count():
+    shape = (257, 401)  # large enough to run in parallel
+    mu, logvar = _posterior(shape, torch.float32, strided=True)
+    logits, target = 3 * torch.randn(shape), torch.rand(shape)
+    grad_z, grad_kl = torch.randn(shape), torch.rand(shape[0])
+
+    def run_all():
+        return (*native.reparameterize_kl_forward(mu, logvar, None, SEED),
+                *native.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, None, SEED),
+                *native.gaussian_kl_forward(mu, logvar, False, True),
+                *native.bernoulli_log_likelihood_forward(logits, target, False, True))
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run_all()
+        torch.set_num_threads(2)
+        double = run_all()
+    finally:
+        torch.set_num_threads(before)
+    for index, (a, b) in enumerate(zip(single, double)):
+        assert torch.equal(a, b), f"output {index} differs between 1 and 2 threads"
+
+
+# ---------------------------------------------------------------------------
+# Errors a caller can cause
+# ---------------------------------------------------------------------------
+@needs_library
+def test_bad_arguments_raise_clear_errors():
+    x = torch.randn(4, 5)
+    with pytest.raises(ValueError, match=r"logvar \[4, 6\] must have the shape \[4, 5\]"):
+        native.gaussian_kl_forward(x, torch.randn(4, 6), False, False)
+    with pytest.raises(ValueError, match=r"2-D row view"):
+        native.bernoulli_log_likelihood_forward(torch.randn(2, 3, 4), torch.rand(2, 3, 4), False, False)
+    with pytest.raises(TypeError, match="int64; use float32"):
+        native.bernoulli_log_likelihood_forward(x, torch.ones(4, 5, dtype=torch.int64), False, False)
+    with pytest.raises(ValueError, match="meta; the native kernels take CPU tensors"):
+        native.gaussian_kl_forward(x.to("meta"), x.to("meta"), False, False)
+    with pytest.raises(ValueError, match=r"seed -1 must be in \[0, 2\*\*64\)"):
+        native.reparameterize_kl_forward(x, x, None, -1)
+    with pytest.raises(ValueError, match=r"grad_kl \[5\] must have shape \[4\]"):
+        native.reparameterize_kl_backward(None, torch.ones(5), x, x, None, 0)
+
+
+def test_missing_library_makes_every_function_raise(monkeypatch):
+    monkeypatch.setattr(native, "_load", lambda: (None, None, "not built (test)"))
+    assert native.load_error() == "not built (test)"
+    with pytest.raises(BackendUnavailableError, match="native.*not built"):
+        native.bernoulli_log_likelihood_forward(torch.randn(2, 3), torch.rand(2, 3), False, False)
