@@ -1,0 +1,124 @@
+"""pytest wiring for the benchmarks: collection of bench_*.py, the options, the case
+parametrization from `benchmarks.axes`, and the machine description written into
+pytest-benchmark's JSON so a results file says where it was measured."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+
+import pytest
+import torch
+
+from benchmarks import axes, harness
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("fastvae benchmarks")
+    group.addoption("--bench-device", default="auto", choices=("auto", "cpu", "cuda"),
+                    help="device to benchmark on (default: auto, CUDA when available, else CPU)")
+    group.addoption("--bench-seconds", type=float, default=0.2,
+                    help="timed seconds per case, at least %d rounds (default: 0.2)" % harness.MIN_ROUNDS)
+    group.addoption("--gpu-sweep", action="store_true",
+                    help="also run the large sweep (every size and precision) meant for GPUs; "
+                         "-m gpu_sweep runs only the sweep's extra cases")
+
+
+_LOAD_AT_START = pytest.StashKey[tuple]()
+
+
+def pytest_configure(config):
+    # Other processes on a small machine skew CPU timings: the JSON records the load around the run.
+    config.stash[_LOAD_AT_START] = os.getloadavg()
+
+
+def bench_device(config) -> torch.device:
+    choice = config.getoption("--bench-device")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def pytest_collect_file(file_path, parent):
+    """Collect bench_*.py as test modules, unless python_files or the command line already does."""
+    if file_path.suffix != ".py" or not file_path.name.startswith("bench_"):
+        return None
+    if parent.session.isinitpath(file_path):
+        return None
+    if any(file_path.match(pattern) for pattern in parent.config.getini("python_files")):
+        return None
+    return pytest.Module.from_parent(parent, path=file_path)
+
+
+def pytest_generate_tests(metafunc):
+    """A test that asks for `case` gets every case of its module's OP on the chosen device."""
+    if "case" not in metafunc.fixturenames:
+        return
+    op = metafunc.module.OP
+    params = [pytest.param(case, id=case.id, marks=[pytest.mark.gpu_sweep] if sweep_only else [])
+              for case, sweep_only in axes.cases(op.name, op.axes, bench_device(metafunc.config))]
+    metafunc.parametrize("case", params)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The GPU sweep runs only when asked for, by --gpu-sweep or a -m expression naming it."""
+    if config.getoption("--gpu-sweep") or "gpu_sweep" in (config.getoption("markexpr") or ""):
+        return
+    keep, drop = [], []
+    for item in items:
+        (drop if item.get_closest_marker("gpu_sweep") else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    return bench_device(request.config)
+
+
+@pytest.fixture(scope="session")
+def bench_seconds(request) -> float:
+    return request.config.getoption("--bench-seconds")
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=os.path.dirname(__file__)).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _versions() -> dict[str, str | None]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"torch": torch.__version__, "triton": triton_version,
+            "cuda": torch.version.cuda, "python": platform.python_version()}
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Make the JSON self-describing: device, versions, date, copy bandwidth, fastvae backends."""
+    import fastvae
+
+    device = bench_device(config)
+    machine_info["fastvae"] = {
+        "device": device.type,
+        "device_name": harness.device_name(device),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "copy_gbps": harness.copy_bandwidth_gbps(device),
+        "backends": fastvae.available_backends(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": _git_commit(),
+        "gpu_sweep": bool(config.getoption("--gpu-sweep")),
+        "load_average_1_5_15_min_at_start": config.stash.get(_LOAD_AT_START, None),
+        "load_average_1_5_15_min_at_end": os.getloadavg(),
+        **_versions(),
+    }

@@ -1,0 +1,317 @@
+"""How one benchmark case is built, timed and annotated.
+
+Every suite (bench_<op>.py) describes its op as an `OpBench` and calls
+`run_case`, which builds the inputs, picks the provider's callable, times the mode
+with pytest-benchmark (synchronizing the device inside the timed function) and
+records in ``extra_info`` the minimum bytes the op must move, the effective
+bandwidth, the copy bandwidth of the device and the peak extra memory where the
+device reports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pytest
+import torch
+
+from benchmarks.axes import Case
+
+WARMUP_CALLS = 1  # the first call compiles (torch.compile, Triton autotune); sizing the rounds adds 3 more
+MIN_ROUNDS = 5
+MAX_ROUNDS = 2000
+COPY_BUFFER_BYTES = 256 * 2**20  # far larger than any CPU cache or GPU L2, so copy hits DRAM/HBM
+COPY_REPEATS = 10
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A named tensor of an op: its size axes and what it holds.
+
+    kind: "param" (network output, in the precision's param dtype), "target" (data,
+    in the target dtype) or "loss" (float32 whatever the inputs). Values are
+    normal * scale, or 0/1 draws when binary (binarized pixels)."""
+
+    name: str
+    dims: tuple[str, ...]
+    kind: str = "param"
+    scale: float = 1.0
+    binary: bool = False
+
+
+@dataclass(frozen=True)
+class OpBench:
+    """One op as the suites see it: inputs, outputs, which inputs get gradients, and the
+    two implementations under test (eager reference as a user writes it; fastvae)."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    differentiable: tuple[str, ...]
+    eager: Callable
+    fastvae: Callable
+    axes: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self):
+        dims = [d for spec in self.inputs for d in spec.dims]
+        object.__setattr__(self, "axes", tuple(dict.fromkeys(dims)))
+
+
+# ---------------------------------------------------------------------------
+# Shapes, dtypes and the bytes an op must move at minimum.
+# ---------------------------------------------------------------------------
+def _shape(spec: TensorSpec, case: Case) -> tuple[int, ...]:
+    return tuple(getattr(case, dim) for dim in spec.dims)
+
+
+def _dtype(spec: TensorSpec, case: Case) -> torch.dtype:
+    return {"param": case.precision.param, "target": case.precision.target, "loss": torch.float32}[spec.kind]
+
+
+def _nbytes(spec: TensorSpec, case: Case) -> int:
+    return math.prod(_shape(spec, case)) * _dtype(spec, case).itemsize
+
+
+def min_bytes(op: OpBench, case: Case) -> int:
+    """Bytes the op must move at least in `case.mode`, each tensor at its own dtype.
+
+    forward reads the inputs and writes the outputs; backward reads the inputs and the
+    upstream gradients and writes the input gradients; full touches each of these
+    once (a fused kernel keeps the forward's values in registers for the gradient)."""
+    grads = [spec for spec in op.inputs if spec.name in op.differentiable]
+    upstream = list(op.outputs)
+    touched = {
+        "forward": list(op.inputs) + list(op.outputs),
+        "backward": list(op.inputs) + upstream + grads,
+        "full": list(op.inputs) + list(op.outputs) + upstream + grads,
+    }[case.mode]
+    return sum(_nbytes(spec, case) for spec in touched)
+
+
+def make_inputs(op: OpBench, case: Case, device: torch.device) -> dict[str, torch.Tensor]:
+    """Fresh random inputs of `case`; the differentiable ones require grad."""
+    out = {}
+    for spec in op.inputs:
+        shape, dtype = _shape(spec, case), _dtype(spec, case)
+        if spec.binary:
+            value = (torch.rand(shape, device=device) < 0.5).to(dtype)
+        else:
+            value = (torch.randn(shape, device=device) * spec.scale).to(dtype)
+        out[spec.name] = value.requires_grad_(spec.name in op.differentiable)
+    return out
+
+
+def make_upstream(op: OpBench, case: Case, device: torch.device) -> list[torch.Tensor]:
+    """The gradient flowing into each output: 1 for a scalar loss, random otherwise
+    (an upstream gradient that is not 1 is what a real graph hands back)."""
+    grads = []
+    for spec in op.outputs:
+        shape = _shape(spec, case)
+        dtype = _dtype(spec, case)
+        grads.append(torch.ones((), dtype=dtype, device=device) if not shape
+                     else torch.randn(shape, device=device).to(dtype))
+    return grads
+
+
+# ---------------------------------------------------------------------------
+# Device helpers.
+# ---------------------------------------------------------------------------
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels, so a timer around a call measures the work, not the launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+@functools.cache
+def copy_bandwidth_gbps(device: torch.device) -> float:
+    """Best-of-N GB/s of copying one large buffer into another on `device` (read + write):
+    the practical ceiling for a memory-bound op."""
+    numel = COPY_BUFFER_BYTES // 4
+    src = torch.ones(numel, device=device)  # written, so its pages are real and not the shared zero page
+    dst = torch.zeros_like(src)
+    best = math.inf
+    for _ in range(COPY_REPEATS + 1):
+        synchronize(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * COPY_BUFFER_BYTES / best / 1e9
+
+
+# ---------------------------------------------------------------------------
+# Providers and modes.
+# ---------------------------------------------------------------------------
+def provider_unavailable(case: Case, device: torch.device) -> str | None:
+    """Why this case's provider cannot run on `device`, or None."""
+    if case.provider.kind != "fastvae":
+        return None
+    from fastvae.backend import unavailable_reason
+
+    return unavailable_reason(case.provider.backend, device)
+
+
+def provider_fn(op: OpBench, case: Case) -> Callable:
+    if case.provider.kind == "eager":
+        return op.eager
+    if case.provider.kind == "compiled":
+        # A fresh compile per case, specialized to its shapes as a user with fixed shapes
+        # gets it; reset drops other shapes' entries so dynamo never hits its recompile
+        # limit and silently falls back to eager. Inductor's disk cache makes repeats cheap.
+        torch._dynamo.reset()
+        return torch.compile(op.eager, dynamic=False)
+    return op.fastvae
+
+
+def provider_context(case: Case, device: torch.device) -> contextlib.AbstractContextManager:
+    """The backend choice (fastvae) and autocast (AMP) every timed call runs under; the
+    backend also decides the backward, so backward calls run under it too."""
+    stack = contextlib.ExitStack()
+    if case.provider.kind == "fastvae":
+        import fastvae
+
+        stack.enter_context(fastvae.use_backend(case.provider.backend))
+    if case.precision.autocast is not None:
+        stack.enter_context(torch.autocast(device.type, dtype=case.precision.autocast))
+    return stack
+
+
+def _as_tuple(out) -> tuple[torch.Tensor, ...]:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def mode_callables(op: OpBench, case: Case, device: torch.device):
+    """(target, setup) for pytest-benchmark's pedantic: setup runs untimed before each round.
+
+    backward times only torch.autograd.grad over a forward graph that setup built (a
+    graph is freed by its backward, and compiled backwards refuse retain_graph)."""
+    fn = provider_fn(op, case)
+    inputs = make_inputs(op, case, device)
+    upstream = make_upstream(op, case, device)
+    args = tuple(inputs.values())
+    wrt = tuple(inputs[name] for name in op.differentiable)
+
+    def forward():
+        with provider_context(case, device):
+            out = fn(*args)
+        synchronize(device)
+        return out
+
+    def backward(outputs):
+        with provider_context(case, device):
+            grads = torch.autograd.grad(outputs, wrt, upstream)
+        synchronize(device)
+        return grads
+
+    def full():
+        with provider_context(case, device):
+            grads = torch.autograd.grad(_as_tuple(fn(*args)), wrt, upstream)
+        synchronize(device)
+        return grads
+
+    if case.mode == "forward":
+        return forward, None
+    if case.mode == "full":
+        return full, None
+    return backward, lambda: ((_as_tuple(forward()),), {})
+
+
+def _call(target, setup):
+    args, kwargs = setup() if setup else ((), {})
+    return target(*args, **kwargs)
+
+
+def _seconds_per_call(target, setup) -> float:
+    """The fastest of a few untimed calls, to size the number of rounds."""
+    best = math.inf
+    for _ in range(3):
+        args, kwargs = setup() if setup else ((), {})
+        start = time.perf_counter()
+        target(*args, **kwargs)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def peak_extra_bytes(target, setup, device: torch.device) -> int | None:
+    """Memory the call allocates beyond what exists before it (inputs, saved graph),
+    outputs included; None where the device does not report it (the CPU allocator)."""
+    if device.type != "cuda":
+        return None
+    args, kwargs = setup() if setup else ((), {})
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    target(*args, **kwargs)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def run_case(benchmark, op: OpBench, case: Case, device: torch.device, seconds: float) -> None:
+    """Warm up, then time `case` for about `seconds` (at least MIN_ROUNDS rounds) and record
+    the figures the report reads. With --benchmark-disable it runs each call once."""
+    reason = provider_unavailable(case, device)
+    if reason is not None:
+        pytest.skip(f"{case.provider.name}: {reason}")
+    target, setup = mode_callables(op, case, device)
+    if benchmark.disabled:
+        benchmark.pedantic(target, setup=setup)
+        return
+    try:
+        for _ in range(WARMUP_CALLS):
+            _call(target, setup)
+        rounds = min(MAX_ROUNDS, max(MIN_ROUNDS, math.ceil(seconds / _seconds_per_call(target, setup))))
+        benchmark.pedantic(target, setup=setup, rounds=rounds)
+        peak = peak_extra_bytes(target, setup, device)
+    except torch.OutOfMemoryError as error:
+        pytest.skip(f"out of memory on {device_name(device)}: {error}")
+    record(benchmark, op, case, device, peak)
+
+
+def record(benchmark, op: OpBench, case: Case, device: torch.device, peak: int | None) -> None:
+    """Everything the report needs, in extra_info (pytest-benchmark stores it in the JSON)."""
+    median = benchmark.stats.stats.median
+    nbytes = min_bytes(op, case)
+    copy = copy_bandwidth_gbps(device)
+    gbps = nbytes / median / 1e9
+    largest_input = max(_nbytes(spec, case) for spec in op.inputs)
+    benchmark.extra_info.update({
+        "op": case.op,
+        "mode": case.mode,
+        "provider": case.provider.name,
+        "backend": case.provider.backend,
+        "device": device.type,
+        "device_name": device_name(device),
+        "batch": case.batch,
+        "data": case.data,
+        "latent": case.latent,
+        "precision": case.precision.name,
+        "param_dtype": str(case.precision.param).removeprefix("torch."),
+        "target_dtype": str(case.precision.target).removeprefix("torch."),
+        "autocast": None if case.precision.autocast is None else str(case.precision.autocast).removeprefix("torch."),
+        "min_bytes": nbytes,
+        "gbps": gbps,
+        "copy_gbps": copy,
+        "pct_of_copy": 100.0 * gbps / copy,
+        "largest_input_bytes": largest_input,
+        "peak_extra_bytes": peak,
+        "peak_memory_note": None if peak is not None else f"not reported by the {device.type} allocator",
+    })

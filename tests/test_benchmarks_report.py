@@ -1,0 +1,106 @@
+"""The benchmark bookkeeping: axes, minimum bytes, and the report's arithmetic and outputs.
+
+The report tests feed it a small results document built here with chosen times, so the
+expected speedups follow from those times; no measured figure is asserted anywhere."""
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import axes, report
+from benchmarks.axes import Case, precisions_for
+from benchmarks.bench_elbo import OP as ELBO
+from benchmarks.bench_reparameterize_kl import OP as REPARAMETERIZE_KL
+from benchmarks.harness import min_bytes
+
+CPU = torch.device("cpu")
+
+
+def _case(op, mode, precision="fp32", batch=4096, data=784, latent=32, device=CPU):
+    return Case(op.name, mode, axes.EAGER, precisions_for(device)[precision], batch,
+                data if "data" in op.axes else None, latent if "latent" in op.axes else None)
+
+
+def test_elbo_full_bytes_are_inputs_read_once_and_gradients_written_once():
+    B, D, L = 4096, 784, 32
+    reads = (B * D + B * D + B * L + B * L) * 4  # logits, target, mu, logvar
+    writes = (B * D + B * L + B * L) * 4  # grads of logits, mu, logvar
+    scalars = 4 + 4  # the loss and its upstream gradient
+    assert min_bytes(ELBO, _case(ELBO, "full")) == reads + writes + scalars
+
+
+def test_bytes_follow_each_tensors_dtype_under_amp():
+    B, L = 1024, 32
+    case = _case(REPARAMETERIZE_KL, "forward", precision="amp", batch=B, latent=L)
+    # mu, logvar in bf16 read; z in bf16 and kl [B] in float32 written.
+    assert min_bytes(REPARAMETERIZE_KL, case) == 3 * B * L * 2 + B * 4
+
+
+def test_default_cases_cover_every_provider_and_mode_and_gpu_sweep_is_extra():
+    cases = axes.cases(ELBO.name, ELBO.axes, CPU)
+    default = [c for c, sweep in cases if not sweep]
+    assert {c.provider.name for c in default} == {"eager", "compiled", "fastvae-native", "fastvae-torch"}
+    assert {c.mode for c in default} == set(axes.MODES)
+    assert {c.batch for c in default} >= {64, 1024, 4096, 16384}
+    assert any(sweep for _, sweep in cases)
+    assert "fp16" not in {c.precision.name for c, _ in cases}  # fp16 is a CUDA-only setting
+    ids = [c.id for c, _ in cases]
+    assert len(ids) == len(set(ids))
+
+
+def test_cuda_providers_are_the_competitors_and_triton():
+    names = [p.name for p in axes.providers_for(torch.device("cuda"))]
+    assert names == ["eager", "compiled", "fastvae-triton"]
+
+
+def _entry(provider, seconds, *, op="elbo_loss", mode="full", batch=4096, peak=None):
+    nbytes = 1_000_000
+    info = {"op": op, "mode": mode, "provider": provider, "batch": batch, "data": 784, "latent": 32,
+            "precision": "fp32", "min_bytes": nbytes, "gbps": nbytes / seconds / 1e9, "copy_gbps": 10.0,
+            "pct_of_copy": 100 * nbytes / seconds / 1e9 / 10.0, "largest_input_bytes": 400_000,
+            "peak_extra_bytes": peak}
+    return {"name": f"{op}[{mode}-{provider}-B{batch}]", "extra_info": info, "stats": {"median": seconds}}
+
+
+@pytest.fixture
+def results(tmp_path):
+    doc = {"machine_info": {"fastvae": {"device": "cpu", "device_name": "test CPU", "copy_gbps": 10.0}},
+           "benchmarks": [_entry("eager", 4e-3), _entry("compiled", 2e-3), _entry("fastvae-native", 1e-3),
+                          _entry("eager", 1e-3, batch=64), _entry("fastvae-native", 5e-4, batch=64, peak=400_000),
+                          {"name": "disabled run", "extra_info": {}, "stats": None}]}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_speedups_are_reference_time_over_provider_time(results):
+    _, rows = report.load(results)
+    assert len(rows) == 5  # the entry without figures is left out
+    ratios = report.speedups(rows)
+    native = next(r for r in rows if r.provider == "fastvae-native" and r.info["batch"] == 4096)
+    assert ratios[(native.setting, "fastvae-native")] == {"eager": pytest.approx(4.0), "compiled": pytest.approx(2.0)}
+    small = next(r for r in rows if r.provider == "fastvae-native" and r.info["batch"] == 64)
+    assert ratios[(small.setting, "fastvae-native")]["compiled"] is None
+
+
+def test_extra_memory_is_shown_in_largest_input_buffers():
+    assert report.format_extra_memory({"peak_extra_bytes": None}) == "n/a"
+    assert "(1.00 buf)" in report.format_extra_memory({"peak_extra_bytes": 400_000, "largest_input_bytes": 400_000})
+
+
+def test_markdown_has_a_row_per_op_and_batch_and_a_column_per_provider(results):
+    machine, rows = report.load(results)
+    text = report.markdown(machine, rows)
+    header = text.splitlines()[0]
+    assert "eager" in header and "compiled" in header and "fastvae-native" in header
+    assert any(line.startswith("| elbo_loss | 64 |") for line in text.splitlines())
+    assert "| - |" in text  # compiled was not measured at batch 64
+
+
+def test_main_prints_tables_and_writes_the_plot(results, tmp_path, capsys):
+    plot = tmp_path / "plot.png"
+    report.main([str(results), "--plot", str(plot)])
+    out = capsys.readouterr().out
+    assert "elbo_loss — full" in out and "targets" in out
+    assert plot.stat().st_size > 0
