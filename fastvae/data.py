@@ -88,6 +88,29 @@ def read_idx(path: str | os.PathLike) -> Tensor:
     return data.reshape(dims)
 
 
+def write_idx(path: str | os.PathLike, array: Tensor) -> None:
+    """Write a uint8 tensor of any dims as an IDX file (gzipped when the name ends in .gz);
+    `read_idx` reads it back. Handy for custom datasets and for tests."""
+    if array.dtype != torch.uint8:
+        raise ValueError(f"IDX files hold uint8 here; convert {array.dtype} data to uint8 first")
+    header = bytes([0, 0, IDX_UBYTE, array.dim()]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
+    raw = header + array.contiguous().numpy().tobytes()
+    Path(path).write_bytes(gzip.compress(raw) if str(path).endswith(".gz") else raw)
+
+
+def write_idx_dataset(folder: str | os.PathLike, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor],
+                      gzipped: bool = True) -> Path:
+    """Write (images uint8 [N, H, W], labels uint8 [N]) train and test pairs as the four IDX files."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = ".gz" if gzipped else ""
+    for split, (images, labels) in (("train", train), ("test", test)):
+        image_stem, label_stem = SPLIT_FILES[split]
+        write_idx(folder / (image_stem + suffix), images)
+        write_idx(folder / (label_stem + suffix), labels)
+    return folder
+
+
 def find_idx_file(folder: Path, stem: str) -> Path | None:
     """`folder/stem` or `folder/stem.gz`, whichever exists (plain first)."""
     for name in (stem, stem + ".gz"):

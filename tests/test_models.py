@@ -1,0 +1,71 @@
+"""fastvae.models: shapes from the config, validation, and the fused forward."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import fastvae
+from fastvae.models import ARCHS, VAEConfig, build_model, parse_widths
+
+SHAPES = [(1, 28, 28), (1, 12, 12), (3, 8, 16)]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_shapes_follow_the_config(arch, shape):
+    config = VAEConfig(arch=arch, image_shape=shape, latent_dim=5, hidden_dims=(24, 16), conv_channels=(4, 8))
+    model = build_model(config)
+    x = torch.rand(3, *shape)
+    mu, logvar = model.encode(x)
+    assert mu.shape == logvar.shape == (3, 5)
+    assert model.decode(mu).shape == (3, *shape)
+    logits, mu2, _, kl = model(x)
+    assert logits.shape == (3, *shape) and kl.shape == (3,) and kl.dtype == torch.float32
+    assert torch.allclose(mu2, mu)
+
+
+def test_forward_kl_is_the_closed_form_and_gradients_reach_the_encoder():
+    torch.manual_seed(0)
+    model = build_model(VAEConfig(image_shape=(1, 8, 8), latent_dim=4, hidden_dims=(16,)))
+    x = torch.rand(6, 1, 8, 8)
+    with fastvae.use_backend("torch"):
+        logits, mu, logvar, kl = model(x)
+    expected = 0.5 * (mu.double() ** 2 + logvar.double().exp() - logvar.double() - 1).sum(1)
+    torch.testing.assert_close(kl.double(), expected, rtol=1e-5, atol=1e-5)
+    (kl.sum() - fastvae.bernoulli_log_likelihood(logits, x)).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
+
+
+def test_sample_is_in_unit_interval_and_seeded():
+    model = build_model(VAEConfig(image_shape=(1, 8, 8), latent_dim=3, hidden_dims=(8,)))
+    a = model.sample(4, torch.Generator().manual_seed(1))
+    b = model.sample(4, torch.Generator().manual_seed(1))
+    assert a.shape == (4, 1, 8, 8) and torch.equal(a, b) and 0 <= a.min() and a.max() <= 1
+
+
+def test_config_survives_json():
+    config = VAEConfig(arch="conv", image_shape=(1, 28, 28), latent_dim=2)
+    again = VAEConfig(**json.loads(json.dumps(config.to_dict())))
+    assert again == config
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"arch": "resnet"}, "unknown architecture 'resnet'"),
+    ({"latent_dim": 0}, "latent_dim must be >= 1"),
+    ({"hidden_dims": (0,)}, "widths must be >= 1"),
+    ({"arch": "conv", "image_shape": (1, 10, 10)}, "divisible by 4"),
+    ({"image_shape": (28, 28)}, r"\(C, H, W\)"),
+], ids=["arch", "latent", "width", "conv-divisible", "shape"])
+def test_bad_configs_say_how_to_fix(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        VAEConfig(**kwargs)
+
+
+def test_parse_widths():
+    assert parse_widths("512, 256", "--hidden-dims") == (512, 256)
+    for bad in ("", "a,b", "3,-1"):
+        with pytest.raises(ValueError, match="--hidden-dims"):
+            parse_widths(bad, "--hidden-dims")
