@@ -1,0 +1,243 @@
+"""fastvae-train end to end on a tiny generated dataset: outputs, resume equivalence, DDP, bad input."""
+
+from __future__ import annotations
+
+import errno
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from fastvae import checkpoint as ckpt
+from fastvae import data
+from fastvae.evaluate import elbo_rows, evaluate_elbo
+from fastvae.models import VAEConfig, build_model
+from fastvae.train import main, run_training
+from fastvae.train_config import TrainConfig
+from fastvae.trainer import ELBOObjective, kl_weight_at
+
+SIDE, TRAIN_N, TEST_N, VAL_N, BATCH = 8, 96, 24, 16, 16  # 5 steps per epoch
+
+
+def tiny_dataset(folder: Path) -> Path:
+    g = torch.Generator().manual_seed(0)
+
+    def split(n):
+        # Two blob classes, so the model has something to learn in a few steps.
+        labels = torch.randint(0, 2, (n,), generator=g, dtype=torch.uint8)
+        base = torch.zeros(n, SIDE, SIDE)
+        base[labels == 0, : SIDE // 2] = 220.0
+        base[labels == 1, SIDE // 2:] = 220.0
+        noise = torch.randint(0, 30, (n, SIDE, SIDE), generator=g).float()
+        return (base + noise).clamp(0, 255).to(torch.uint8), labels
+
+    return data.write_idx_dataset(folder, split(TRAIN_N), split(TEST_N))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return tiny_dataset(tmp_path_factory.mktemp("idx"))
+
+
+def tiny_args(dataset: Path, out: Path, *extra: str) -> list[str]:
+    return ["--dataset", str(dataset), "--out", str(out), "--hidden-dims", "16", "--latent-dim", "2",
+            "--batch-size", str(BATCH), "--val-size", str(VAL_N), "--iw-samples", "4", "--iw-examples", "10",
+            "--eval-batch-size", "8", "--log-every", "2", "--no-plots", *extra]
+
+
+def final_state(run_dir: Path) -> dict:
+    return ckpt.load_checkpoint(run_dir / "last.pt")
+
+
+def assert_same_training(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"] and a["epoch"] == b["epoch"]
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    for key, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["exp_avg_sq"], b["optimizer"]["state"][key]["exp_avg_sq"])
+    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
+
+
+def test_end_to_end_writes_the_run_folder(dataset, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_args(dataset, out, "--epochs", "2", "--kl-warmup", "4", "--free-bits", "0.1")
+    test = run_training([a for a in args if a != "--no-plots"])
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "metrics.jsonl", "last.pt", "best.pt", "test_metrics.json"} <= names
+    assert {"reconstructions.png", "samples.png", "learning_curves.png", "latent_scatter.png",
+            "manifold.png"} <= names
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and all(r["epoch_complete"] for r in rows)
+    for key in ("train_neg_elbo", "train_kl", "train_recon", "val_neg_elbo", "val_kl", "val_recon",
+                "samples_per_s", "seconds"):
+        assert all(r[key] == r[key] and r[key] >= 0 for r in rows), key
+    assert rows[-1]["train_neg_elbo"] < rows[0]["train_neg_elbo"]
+    saved = json.loads((out / "test_metrics.json").read_text())
+    assert saved["test_nll"] == test["test_nll"] and saved["test_neg_elbo"] == test["test_neg_elbo"]
+    assert saved["iw_examples"] == 10 and saved["test_examples"] == TEST_N
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_config"]["image_shape"] == [1, SIDE, SIDE] and config["world_size"] == 1
+
+
+def test_fastvae_eval_on_the_run(dataset, tmp_path, capsys):
+    from fastvae.evaluate import main as eval_main
+
+    out = tmp_path / "run"
+    run_training(tiny_args(dataset, out, "--epochs", "1", "--arch", "conv", "--conv-channels", "4,8"))
+    eval_main([str(out), "--iw-samples", "8", "--batch-size", "8"])
+    result = json.loads((out / "eval-best.json").read_text())
+    assert result["iw_samples"] == 8 and result["iw_examples"] == TEST_N
+    assert "test_nll" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("split_at", [("--epochs", "1"), ("--max-steps", "3")], ids=["epoch-end", "mid-epoch"])
+def test_resume_continues_to_the_same_result(dataset, tmp_path, split_at):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_training(tiny_args(dataset, straight, "--epochs", "2"))
+    run_training(tiny_args(dataset, resumed, "--epochs", "2", *split_at))
+    first = final_state(resumed)
+    assert first["step"] < 10
+    run_training(["--resume", str(resumed), "--epochs", "2", "--max-steps", "0"])
+    assert_same_training(final_state(straight), final_state(resumed))
+
+
+def _ddp_worker(rank: int, world: int, port: int, args: list[str]) -> None:
+    import os
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
+    torch.set_num_threads(1)
+    run_training(args)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_with_two_gloo_processes(dataset, tmp_path):
+    out = tmp_path / "ddp"
+    args = tiny_args(dataset, out, "--epochs", "2", "--device", "cpu")
+    mp.spawn(_ddp_worker, args=(2, _free_port(), args), nprocs=2, join=True)
+    state = final_state(out)
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    assert state["step"] == 2 * 3  # each rank takes ceil(ceil(80 / 2) / 16) = 3 steps per epoch
+    test = json.loads((out / "test_metrics.json").read_text())
+    # The KL needs no noise, so the value reduced over two ranks must equal one process's.
+    model = build_model(VAEConfig(**state["model_config"]))
+    model.load_state_dict(ckpt.load_checkpoint(out / "best.pt")["model"])
+    test_split = data.prepare_targets(data.load_datasets(str(dataset), None, VAL_N, 0).test, "dynamic", "test")
+    single = evaluate_elbo(model, test_split, 8, torch.device("cpu"), seed=0)
+    assert test["test_kl"] == pytest.approx(single["kl"], rel=1e-5)
+
+
+# --------------------------------------------------------------------------- the objective
+def test_kl_warmup_is_linear_to_beta():
+    config = TrainConfig(beta=2.0, kl_warmup=4)
+    assert [kl_weight_at(config, s) for s in range(6)] == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0]
+    assert kl_weight_at(TrainConfig(beta=0.5), 0) == 0.5
+
+
+@pytest.mark.parametrize("free_bits", [0.0, 0.7])
+def test_objective_matches_the_formula(free_bits):
+    torch.manual_seed(0)
+    model = build_model(VAEConfig(image_shape=(1, SIDE, SIDE), latent_dim=3, hidden_dims=(8,)))
+    x = (torch.rand(5, 1, SIDE, SIDE) < 0.5).float()
+    weight = torch.tensor(0.3)
+    state = torch.get_rng_state()
+    loss, stats = ELBOObjective(model, free_bits)(x, weight)
+    torch.set_rng_state(state)
+    logits, mu, logvar, kl = model(x)
+    recon = torch.nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="sum")
+    kl_dims = 0.5 * (mu ** 2 + logvar.exp() - logvar - 1)
+    kl_term = kl_dims.mean(0).clamp_min(free_bits).sum() if free_bits else kl_dims.sum(1).mean()
+    torch.testing.assert_close(loss, recon / 5 + 0.3 * kl_term, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(stats, torch.stack([recon, kl.sum()]).detach(), rtol=1e-5, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- bad input
+def expect_exit(argv: list[str], *fragments: str) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    message = str(info.value.code)
+    assert message.startswith("fastvae-train: error:")
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+
+
+def test_unknown_dataset(tmp_path):
+    expect_exit(["--dataset", "cifar10", "--out", str(tmp_path / "r")], "unknown dataset 'cifar10'")
+
+
+def test_unreadable_data_names_the_file(dataset, tmp_path):
+    broken = tiny_dataset(tmp_path / "broken")
+    path = broken / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:100])
+    expect_exit(tiny_args(broken, tmp_path / "r"), str(path), "truncated or corrupt")
+
+
+def test_fp16_amp_on_cpu(dataset, tmp_path):
+    expect_exit(tiny_args(dataset, tmp_path / "r", "--amp", "--amp-dtype", "fp16", "--device", "cpu"),
+                "--amp-dtype fp16 needs a CUDA device", "bf16")
+
+
+def test_bad_flag_values(dataset, tmp_path):
+    expect_exit(tiny_args(dataset, tmp_path / "r", "--epochs", "0"), "--epochs must be >= 1")
+    expect_exit(tiny_args(dataset, tmp_path / "r", "--hidden-dims", "a"), "--hidden-dims takes")
+
+
+@pytest.fixture()
+def one_epoch_run(dataset, tmp_path) -> Path:
+    out = tmp_path / "run"
+    run_training(tiny_args(dataset, out, "--epochs", "1", "--iw-samples", "0"))
+    return out
+
+
+def test_checkpoint_from_another_config(one_epoch_run):
+    expect_exit(["--resume", str(one_epoch_run), "--epochs", "2", "--latent-dim", "3"],
+                "another model config", "latent_dim: checkpoint 2, this run 3")
+
+
+def test_truncated_checkpoint(one_epoch_run):
+    last = one_epoch_run / "last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    expect_exit(["--resume", str(one_epoch_run), "--epochs", "2"], str(last), "truncated or corrupt")
+    with pytest.raises(SystemExit, match="truncated or corrupt"):
+        from fastvae.evaluate import main as eval_main
+
+        eval_main([str(last)])
+
+
+def _full_disk(monkeypatch) -> None:
+    def partial_then_enospc(obj, handle, *args, **kwargs):
+        handle.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", partial_then_enospc)
+
+
+def test_full_disk_keeps_the_previous_checkpoint(one_epoch_run, monkeypatch):
+    last = one_epoch_run / "last.pt"
+    before = last.read_bytes()
+    _full_disk(monkeypatch)
+    expect_exit(["--resume", str(one_epoch_run), "--epochs", "2"], "No space left on device",
+                "previous last.pt is untouched")
+    assert last.read_bytes() == before
+    assert not [p for p in one_epoch_run.iterdir() if ".tmp" in p.name]
+
+
+def test_save_atomic_first_write_on_full_disk(tmp_path, monkeypatch):
+    _full_disk(monkeypatch)
+    with pytest.raises(ckpt.CheckpointError, match="no new.pt was written"):
+        ckpt.save_atomic({"a": 1}, tmp_path / "new.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_rows_are_per_datapoint():
+    model = build_model(VAEConfig(image_shape=(1, SIDE, SIDE), latent_dim=2, hidden_dims=(8,)))
+    recon, kl = elbo_rows(model, torch.rand(3, 1, SIDE, SIDE).round(), torch.Generator().manual_seed(0))
+    assert recon.shape == kl.shape == (3,) and (recon > 0).all() and (kl >= 0).all()
