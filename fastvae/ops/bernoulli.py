@@ -48,15 +48,20 @@ def _(logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool) -> 
 def _setup_context(ctx, inputs, output) -> None:
     logits, target, elementwise, compute_grad = inputs
     ctx.compute_grad, ctx.elementwise = compute_grad, elementwise
+    # Nothing differentiates through the saved-gradient output: without this, autograd
+    # hands backward a zero-filled [B, D] tensor for it on every call.
+    ctx.set_materialize_grads(False)
     ctx.target_dtype = target.dtype
     # logits serve dlogp/dtarget (rare in a VAE) and, with target, recomputing dlogp/dlogits
     # when the op was called with compute_grad=False; saving inputs costs no memory.
     ctx.save_for_backward(output[1], logits, target)
 
 
-def _backward(ctx, grad_logp: Tensor, _grad_dlogits: Tensor):
+def _backward(ctx, grad_logp: Tensor | None, _grad_dlogits: Tensor | None):
     dlogits, logits, target = ctx.saved_tensors
     grad_logits = grad_target = None
+    if grad_logp is None:  # only the saved-gradient output was used: it carries no gradient
+        return None, None, None, None
     if ctx.needs_input_grad[0]:
         if not ctx.compute_grad:  # called directly with compute_grad=False, then differentiated
             _, dlogits = bernoulli_log_likelihood_op(logits, target, ctx.elementwise, True)

@@ -49,11 +49,15 @@ def _setup_context(ctx, inputs, output) -> None:
     mu, logvar, elementwise, compute_grad = inputs
     _, dmu, dlogvar = output
     ctx.compute_grad, ctx.elementwise = compute_grad, elementwise
+    # As in bernoulli.py: no zero-filled gradients for the saved-gradient outputs.
+    ctx.set_materialize_grads(False)
     # Without forward-pass gradients, keep the inputs so backward can compute them.
     ctx.save_for_backward(*((dmu, dlogvar) if compute_grad else (mu, logvar)))
 
 
-def _backward(ctx, grad_kl: Tensor, _grad_dmu: Tensor, _grad_dlogvar: Tensor):
+def _backward(ctx, grad_kl: Tensor | None, _grad_dmu: Tensor | None, _grad_dlogvar: Tensor | None):
+    if grad_kl is None:  # only the saved-gradient outputs were used: they carry no gradient
+        return None, None, None, None
     dmu, dlogvar = ctx.saved_tensors
     if not ctx.compute_grad:  # called directly with compute_grad=False, then differentiated
         _, dmu, dlogvar = gaussian_kl_op(dmu, dlogvar, ctx.elementwise, True)
