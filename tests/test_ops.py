@@ -85,6 +85,22 @@ def test_reparameterize_public_api_and_eps_gradient(backend):
     assert_close_to(logvar.grad, logvar64.grad, "grad_logvar")
 
 
+@pytest.mark.parametrize("given_eps", [True, False], ids=["eps", "philox"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reparameterize_kl_when_only_kl_is_used(backend, given_eps):
+    """z unused: its gradient arrives as None and the backward uses the KL term alone."""
+    mu, logvar = map(leaf, _latent((4, 13), torch.float32))
+    eps = torch.randn(4, 13, device=DEVICE) if given_eps else None
+    with fastvae.use_backend(backend):
+        _, kl = fastvae.reparameterize_kl(mu, logvar, eps)
+        grad_kl = _upstream(kl)
+        kl.backward(grad_kl)
+    mu64, logvar64 = leaf(mu.double()), leaf(logvar.double())
+    rows_sum(oracle_kl(mu64, logvar64)).backward(grad_kl.double())
+    assert_close_to(mu.grad, mu64.grad, "grad_mu")
+    assert_close_to(logvar.grad, logvar64.grad, "grad_logvar")
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())

@@ -88,11 +88,16 @@ def _(grad_z: Optional[Tensor], grad_kl: Optional[Tensor], mu: Tensor, logvar: T
 def _setup_context(ctx, inputs, output) -> None:
     mu, logvar, eps, _ = inputs
     ctx.save_for_backward(mu, logvar, eps, output[2])
+    # An output the caller did not use (kl of reparameterize(), or z when only kl is
+    # used) arrives as None instead of zeros: the backward kernel skips its term.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_z: Tensor | None, grad_kl: Tensor | None, _grad_seed: Tensor | None):
     mu, logvar, eps, seed = ctx.saved_tensors
     grad_mu = grad_logvar = grad_eps = None
+    if grad_z is None and grad_kl is None:
+        return grad_mu, grad_logvar, grad_eps, None
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
         grad_mu, grad_logvar = reparameterize_kl_backward_op(grad_z, grad_kl, mu, logvar, eps, seed)
     if ctx.needs_input_grad[2] and grad_z is not None:
