@@ -20,7 +20,7 @@ BATCH_SIZES = (64, 256, 1024, 4096, 16384)
 MNIST_PIXELS = 28 * 28
 RGB64_PIXELS = 3 * 64 * 64
 DATA_SIZES = (MNIST_PIXELS, RGB64_PIXELS)
-LATENT_SIZES = (32, 128)
+LATENT_SIZES = (32, 64, 128)
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,8 @@ DEFAULT_GRIDS = (
     Grid((4096,), (MNIST_PIXELS,), (32,), ("bf16", "fp16", "amp")),
     # A larger image and latent.
     Grid((1024,), (RGB64_PIXELS,), (128,), ("fp32",)),
+    # The native CPU target's setting: batch 4096 x 784, latent 64, fp32.
+    Grid((4096,), (MNIST_PIXELS,), (64,), ("fp32",)),
 )
 GPU_SWEEP_GRIDS = (
     Grid(BATCH_SIZES + (65536,), DATA_SIZES, LATENT_SIZES, ("fp32", "bf16", "fp16", "amp")),

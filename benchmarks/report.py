@@ -5,8 +5,10 @@
 
 Prints one table per op and mode (median time, effective GB/s, % of the measured copy
 bandwidth, speedup against the eager reference and against torch.compile, peak extra
-memory), then the issue's targets for the fused ELBO, and writes a plot of throughput
-against batch size per provider at the headline setting (`benchmarks.axes.HEADLINE`).
+memory), then the issues' speed targets for the run's device (`TARGETS`, each fastvae
+row with what it meets), then the training-step table (samples/s of fastvae against a
+plain PyTorch loop, from bench_train.py), and writes a plot of throughput against batch
+size per provider at the headline setting (`benchmarks.axes.HEADLINE`).
 """
 
 from __future__ import annotations
@@ -19,10 +21,8 @@ from pathlib import Path
 from benchmarks.axes import HEADLINE, MODES
 
 PROVIDER_ORDER = ("eager", "compiled", "fastvae-triton", "fastvae-native", "fastvae-torch")
-OP_ORDER = ("reparameterize_kl", "bernoulli_log_likelihood", "elbo_loss")
-# The issue's GPU targets for fused elbo full at batch >= 4096: reported, never asserted.
-TARGET_OP, TARGET_MODE, TARGET_MIN_BATCH = "elbo_loss", "full", 4096
-TARGET_PCT_COPY, TARGET_VS_EAGER, TARGET_VS_COMPILED, TARGET_EXTRA_BUFFERS = 80.0, 3.0, 1.5, 1.0
+OP_ORDER = ("reparameterize_kl", "bernoulli_log_likelihood", "elbo_loss", "vae_loss")
+TRAIN_STEP_OP = "train_step"  # benchmarks/bench_train.py: samples/s, not an op's bytes
 
 
 @dataclass(frozen=True)
@@ -43,12 +43,45 @@ class Row:
         return self.info["provider"]
 
 
+def _measured(doc: dict) -> list[dict]:
+    """The entries that carry figures (a --benchmark-disable run records none)."""
+    return [b for b in doc["benchmarks"] if b.get("extra_info", {}).get("op") and b.get("stats")]
+
+
 def load(path: Path) -> tuple[dict, list[Row]]:
-    """(machine_info, rows) of a --benchmark-json file; cases without figures are left out."""
+    """(machine_info, op rows) of a --benchmark-json file; training steps and cases
+    without figures are left out (see `load_train_steps`)."""
     doc = json.loads(Path(path).read_text())
-    rows = [Row(b["extra_info"], b["stats"]["median"]) for b in doc["benchmarks"]
-            if b.get("extra_info", {}).get("op") and b.get("stats")]
+    rows = [Row(b["extra_info"], b["stats"]["median"]) for b in _measured(doc)
+            if b["extra_info"]["op"] != TRAIN_STEP_OP]
     return doc.get("machine_info", {}), rows
+
+
+@dataclass(frozen=True)
+class TrainStep:
+    """One measured training step of benchmarks/bench_train.py."""
+
+    provider: str  # "plain" | "fastvae"
+    compiled: bool
+    amp: bool
+    samples_per_s: float
+
+
+def load_train_steps(path: Path) -> list[TrainStep]:
+    doc = json.loads(Path(path).read_text())
+    return [TrainStep(i["provider"], i["compile"], i["amp"], i["samples_per_s"])
+            for i in (b["extra_info"] for b in _measured(doc)) if i["op"] == TRAIN_STEP_OP]
+
+
+def train_step_table(steps: list[TrainStep]) -> list[tuple[str, float | None, float | None, float | None]]:
+    """(setting, plain samples/s, fastvae samples/s, fastvae / plain) per compile x AMP setting."""
+    rate = {(s.provider, s.compiled, s.amp): s.samples_per_s for s in steps}
+    out = []
+    for compiled, amp in sorted({(s.compiled, s.amp) for s in steps}):
+        plain, fused = rate.get(("plain", compiled, amp)), rate.get(("fastvae", compiled, amp))
+        setting = f"{'torch.compile' if compiled else 'eager'}, {'AMP' if amp else 'fp32'}"
+        out.append((setting, plain, fused, fused / plain if plain and fused else None))
+    return out
 
 
 def speedups(rows: list[Row]) -> dict[tuple, dict[str, float | None]]:
@@ -145,29 +178,92 @@ def print_tables(machine: dict, rows: list[Row], console) -> None:
         console.print(table)
 
 
-def target_rows(rows: list[Row]) -> list[Row]:
-    """The cases the issue sets targets for: elbo full at batch >= 4096, every provider."""
-    return _sorted([r for r in rows if r.info["op"] == TARGET_OP and r.info["mode"] == TARGET_MODE
-                    and r.info["batch"] >= TARGET_MIN_BATCH])
+@dataclass(frozen=True)
+class Target:
+    """A speed target from the issues, checked against one run (reported, never asserted)."""
+
+    title: str
+    device: str  # the device type it applies to
+    op: str
+    mode: str
+    min_batch: int
+    latent: int | None  # None: any
+    pct_copy: float
+    vs_eager: float
+    vs_compiled: float
+    extra_buffers: float | None  # peak extra memory in largest-input buffers; None: not set
+
+    def rows(self, rows: list[Row]) -> list[Row]:
+        return _sorted([r for r in rows if r.info["op"] == self.op and r.info["mode"] == self.mode
+                        and r.info["batch"] >= self.min_batch
+                        and (self.latent is None or r.info["latent"] == self.latent)])
+
+    def verdict(self, row: Row, ratios: dict[str, float | None]) -> str:
+        """Which parts of the target a fastvae row meets; empty for a competitor."""
+        if not row.provider.startswith("fastvae"):
+            return ""
+        checks = [("copy", row.info["pct_of_copy"] >= self.pct_copy),
+                  ("eager", ratios["eager"] is not None and ratios["eager"] >= self.vs_eager),
+                  ("compiled", ratios["compiled"] is not None and ratios["compiled"] >= self.vs_compiled)]
+        if self.extra_buffers is not None and row.info.get("peak_extra_bytes") is not None:
+            extra = row.info["peak_extra_bytes"] / row.info["largest_input_bytes"]
+            checks.append(("memory", extra <= self.extra_buffers))
+        missed = [name for name, ok in checks if not ok]
+        return "all met" if not missed else "missed: " + ", ".join(missed)
 
 
-def print_targets(rows: list[Row], console) -> None:
+TARGETS = (
+    Target(f"GPU (issue 4): fused elbo_loss full at batch >= 4096: >= 80% of copy, >= 3x eager, "
+           f">= 1.5x compiled, extra memory <= 1 largest-input buffer",
+           "cuda", "elbo_loss", "full", 4096, None, 80.0, 3.0, 1.5, 1.0),
+    Target("CPU (issue 5): native vae_loss full (sampling + -ELBO) at 4096 x 784, latent 64: "
+           ">= 70% of copy, >= 3x eager, >= 1.5x compiled",
+           "cpu", "vae_loss", "full", 4096, 64, 70.0, 3.0, 1.5, None),
+)
+
+
+def print_targets(machine: dict, rows: list[Row], console) -> None:
+    """One table per target that applies to the run's device."""
     from rich.table import Table
 
     ratios = speedups(rows)
-    table = Table(title=(f"targets (GPU, fused): elbo full at batch >= {TARGET_MIN_BATCH}: "
-                         f">= {TARGET_PCT_COPY:.0f}% of copy, >= {TARGET_VS_EAGER}x eager, "
-                         f">= {TARGET_VS_COMPILED}x compiled, extra memory <= "
-                         f"{TARGET_EXTRA_BUFFERS:.0f} largest-input buffer"), title_justify="left")
-    for column in ("batch", "data", "latent", "precision", "provider", "% copy", "vs eager",
-                   "vs compiled", "extra memory"):
-        table.add_column(column)
-    for r in target_rows(rows):
-        i, s = r.info, ratios[(r.setting, r.provider)]
-        table.add_row(str(i["batch"]), str(i["data"]), str(i["latent"]), i["precision"], r.provider,
-                      f"{i['pct_of_copy']:.0f}%", format_ratio(s["eager"]), format_ratio(s["compiled"]),
-                      format_extra_memory(i))
+    device = machine.get("fastvae", {}).get("device")
+    for target in TARGETS:
+        if device is not None and target.device != device:
+            continue
+        table = Table(title=f"target, {target.title}", title_justify="left")
+        for column in ("batch", "data", "latent", "precision", "provider", "% copy", "vs eager",
+                       "vs compiled", "extra memory", "verdict"):
+            table.add_column(column)
+        for r in target.rows(rows):
+            i, s = r.info, ratios[(r.setting, r.provider)]
+            table.add_row(str(i["batch"]), str(i["data"]), str(i["latent"]), i["precision"], r.provider,
+                          f"{i['pct_of_copy']:.0f}%", format_ratio(s["eager"]), format_ratio(s["compiled"]),
+                          format_extra_memory(i), target.verdict(r, s))
+        console.print(table)
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def print_train_steps(steps: list[TrainStep], console) -> None:
+    from rich.table import Table
+
+    table = Table(title="training step (MLP VAE, batch 128): samples/s", title_justify="left")
+    for column in ("setting", "plain PyTorch", "fastvae", "fastvae / plain"):
+        table.add_column(column, justify="left" if column == "setting" else "right")
+    for setting, plain, fused, ratio in train_step_table(steps):
+        table.add_row(setting, _rate(plain), _rate(fused), format_ratio(ratio))
     console.print(table)
+
+
+def train_steps_markdown(steps: list[TrainStep]) -> str:
+    lines = ["| training step | plain PyTorch (samples/s) | fastvae (samples/s) | fastvae / plain |",
+             "|---|---:|---:|---:|"]
+    for setting, plain, fused, ratio in train_step_table(steps):
+        lines.append(f"| {setting} | {_rate(plain)} | {_rate(fused)} | {format_ratio(ratio)} |")
+    return "\n".join(lines)
 
 
 def headline_rows(rows: list[Row]) -> list[Row]:
@@ -243,21 +339,28 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     machine, rows = load(args.results)
-    if not rows:
+    steps = load_train_steps(args.results)
+    if not rows and not steps:
         raise SystemExit(f"{args.results} holds no measured fastvae cases (was it run with --benchmark-disable?)")
     if args.markdown:
-        print(markdown(machine, rows))
+        print("\n\n".join(([markdown(machine, rows)] if rows else []) + ([train_steps_markdown(steps)] if steps else [])))
         return
     from rich.console import Console
 
     console = Console()
     if not console.is_terminal:
         console = Console(width=170)  # piped to a file: keep every column readable
-    print_tables(machine, rows, console)
-    print_targets(rows, console)
-    path = args.plot or args.results.with_suffix(".png")
-    plot(machine, rows, path)
-    console.print(f"plot written to {path}")
+    if rows:
+        print_tables(machine, rows, console)
+        print_targets(machine, rows, console)
+    else:
+        console.print(_machine_line(machine))
+    if steps:
+        print_train_steps(steps, console)
+    if rows:
+        path = args.plot or args.results.with_suffix(".png")
+        plot(machine, rows, path)
+        console.print(f"plot written to {path}")
 
 
 if __name__ == "__main__":

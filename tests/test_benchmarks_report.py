@@ -54,13 +54,19 @@ def test_cuda_providers_are_the_competitors_and_triton():
     assert names == ["eager", "compiled", "fastvae-triton"]
 
 
-def _entry(provider, seconds, *, op="elbo_loss", mode="full", batch=4096, peak=None):
+def _entry(provider, seconds, *, op="elbo_loss", mode="full", batch=4096, latent=32, peak=None):
     nbytes = 1_000_000
-    info = {"op": op, "mode": mode, "provider": provider, "batch": batch, "data": 784, "latent": 32,
+    info = {"op": op, "mode": mode, "provider": provider, "batch": batch, "data": 784, "latent": latent,
             "precision": "fp32", "min_bytes": nbytes, "gbps": nbytes / seconds / 1e9, "copy_gbps": 10.0,
             "pct_of_copy": 100 * nbytes / seconds / 1e9 / 10.0, "largest_input_bytes": 400_000,
             "peak_extra_bytes": peak}
     return {"name": f"{op}[{mode}-{provider}-B{batch}]", "extra_info": info, "stats": {"median": seconds}}
+
+
+def _train_entry(provider, compiled, amp, samples_per_s):
+    info = {"op": "train_step", "provider": provider, "compile": compiled, "amp": amp, "batch_size": 128,
+            "samples_per_s": samples_per_s}
+    return {"name": f"train_step[{provider}]", "extra_info": info, "stats": {"median": 128 / samples_per_s}}
 
 
 @pytest.fixture
@@ -68,6 +74,12 @@ def results(tmp_path):
     doc = {"machine_info": {"fastvae": {"device": "cpu", "device_name": "test CPU", "copy_gbps": 10.0}},
            "benchmarks": [_entry("eager", 4e-3), _entry("compiled", 2e-3), _entry("fastvae-native", 1e-3),
                           _entry("eager", 1e-3, batch=64), _entry("fastvae-native", 5e-4, batch=64, peak=400_000),
+                          # the CPU target: 4x eager and 2x compiled, but 1e6 B / 1e-3 s is 10% of copy
+                          _entry("eager", 4e-3, op="vae_loss", latent=64),
+                          _entry("compiled", 2e-3, op="vae_loss", latent=64),
+                          _entry("fastvae-native", 1e-3, op="vae_loss", latent=64),
+                          _train_entry("plain", False, False, 1000.0), _train_entry("fastvae", False, False, 1500.0),
+                          _train_entry("plain", True, True, 2000.0),
                           {"name": "disabled run", "extra_info": {}, "stats": None}]}
     path = tmp_path / "results.json"
     path.write_text(json.dumps(doc))
@@ -76,7 +88,7 @@ def results(tmp_path):
 
 def test_speedups_are_reference_time_over_provider_time(results):
     _, rows = report.load(results)
-    assert len(rows) == 5  # the entry without figures is left out
+    assert len(rows) == 8  # training steps and the entry without figures are left out
     ratios = report.speedups(rows)
     native = next(r for r in rows if r.provider == "fastvae-native" and r.info["batch"] == 4096)
     assert ratios[(native.setting, "fastvae-native")] == {"eager": pytest.approx(4.0), "compiled": pytest.approx(2.0)}
@@ -98,9 +110,28 @@ def test_markdown_has_a_row_per_op_and_batch_and_a_column_per_provider(results):
     assert "| - |" in text  # compiled was not measured at batch 64
 
 
+def test_target_verdict_names_what_a_fastvae_row_misses(results):
+    _, rows = report.load(results)
+    cpu_target = next(t for t in report.TARGETS if t.device == "cpu")
+    chosen = cpu_target.rows(rows)
+    assert [r.provider for r in chosen] == ["eager", "compiled", "fastvae-native"]
+    ratios = report.speedups(rows)
+    verdicts = [cpu_target.verdict(r, ratios[(r.setting, r.provider)]) for r in chosen]
+    assert verdicts == ["", "", "missed: copy"]
+
+
+def test_train_steps_table_gives_fastvae_over_plain_per_setting(results):
+    table = report.train_step_table(report.load_train_steps(results))
+    assert table[0] == ("eager, fp32", 1000.0, 1500.0, pytest.approx(1.5))
+    assert table[1] == ("torch.compile, AMP", 2000.0, None, None)  # fastvae not measured there
+    assert "| eager, fp32 | 1,000 | 1,500 | 1.50x |" in report.train_steps_markdown(report.load_train_steps(results))
+
+
 def test_main_prints_tables_and_writes_the_plot(results, tmp_path, capsys):
     plot = tmp_path / "plot.png"
     report.main([str(results), "--plot", str(plot)])
     out = capsys.readouterr().out
-    assert "elbo_loss — full" in out and "targets" in out
+    assert "elbo_loss — full" in out and "target, CPU" in out and "missed: copy" in out
+    assert "target, GPU" not in out  # a CPU run is not held to the GPU target
+    assert "training step" in out and "1.50x" in out
     assert plot.stat().st_size > 0
