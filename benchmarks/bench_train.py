@@ -16,6 +16,9 @@ fastvae / plain ratio with the machine named. Nothing here asserts a speed.
 
 from __future__ import annotations
 
+import math
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,7 +30,10 @@ from fastvae.trainer import ELBOObjective
 BATCH_SIZE = 128  # fastvae-train's default
 IMAGE_SHAPE = (1, 28, 28)  # Fashion-MNIST
 WARMUP_STEPS = 3  # the first steps pay for compilation and allocator growth
-ROUNDS = 20
+MIN_ROUNDS = 20
+# A step is a few ms on a CPU and shared machines are noisy: time each case this many
+# times longer than an op case (--bench-seconds), so the median settles.
+SECONDS_SCALE = 5.0
 PROVIDERS = ("plain", "fastvae")
 COMPILE = (False, True)
 AMP = (False, True)
@@ -81,14 +87,17 @@ def make_step(provider: str, compiled: bool, amp: bool, device: torch.device, qu
 @pytest.mark.parametrize("amp", AMP, ids=["fp32", "amp"])
 @pytest.mark.parametrize("compiled", COMPILE, ids=["eager", "compile"])
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_train_step(benchmark, device, provider, compiled, amp):
+def test_train_step(benchmark, device, bench_seconds, provider, compiled, amp):
     step = make_step(provider, compiled, amp, device, quick=benchmark.disabled)
     if benchmark.disabled:
         benchmark(step)
         return
     for _ in range(WARMUP_STEPS):
         step()
-    benchmark.pedantic(step, rounds=ROUNDS, iterations=1)
+    start = time.perf_counter()
+    step()
+    rounds = max(MIN_ROUNDS, math.ceil(SECONDS_SCALE * bench_seconds / (time.perf_counter() - start)))
+    benchmark.pedantic(step, rounds=rounds, iterations=1)
     benchmark.extra_info.update({"op": "train_step", "provider": provider, "compile": compiled, "amp": amp,
                                  "batch_size": BATCH_SIZE,
                                  "samples_per_s": BATCH_SIZE / benchmark.stats.stats.median})
