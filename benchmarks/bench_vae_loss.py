@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import fastvae
+from benchmarks.bench_elbo import OP as ELBO
 from benchmarks.harness import OpBench, TensorSpec, run_case
 
 
@@ -30,13 +31,10 @@ def fastvae_vae_loss(logits, target, mu, logvar):
 
 OP = OpBench(
     name="vae_loss",
-    inputs=(TensorSpec("logits", ("batch", "data"), scale=2.0),
-            TensorSpec("target", ("batch", "data"), kind="target", binary=True),
-            TensorSpec("mu", ("batch", "latent")),
-            TensorSpec("logvar", ("batch", "latent"), scale=0.5)),
+    inputs=ELBO.inputs,  # the same tensors as elbo_loss; z is the extra output
     outputs=(TensorSpec("z", ("batch", "latent")),
              TensorSpec("loss", (), kind="loss")),
-    differentiable=("logits", "mu", "logvar"),
+    differentiable=ELBO.differentiable,
     eager=eager_vae_loss,
     fastvae=fastvae_vae_loss,
 )
