@@ -34,19 +34,31 @@ FV_INLINE const T* row_of(const void* base, int64_t stride, int64_t b) {
     return static_cast<const T*>(base) + b * stride;
 }
 
-// The noise for element j of a row whose flat index starts at `first`.
+// The noise of elements [j0, j0 + m) of a row whose flat index starts at `first`:
+// the caller's eps row, or Philox normals written into `buf` (CHUNK + 8 slots).
 template <class T, bool NOISE>
-FV_INLINE typename Compute<T>::type noise_at(const T* __restrict eps, uint64_t seed, uint64_t first,
-                                             int64_t j) {
+struct ChunkNoise {
     using C = typename Compute<T>::type;
-    if constexpr (NOISE) return philox_normal_c(C(), seed, first + uint64_t(j));
-    else return widen(eps[j]);
+    const T* __restrict eps;
+    const C* __restrict drawn;
+    FV_INLINE C operator[](int64_t j) const {
+        if constexpr (NOISE) return drawn[j];
+        else return widen(eps[j]);
+    }
+};
+
+template <class T, bool NOISE>
+FV_INLINE ChunkNoise<T, NOISE> chunk_noise(const T* eps_row, uint64_t seed, uint64_t first, int64_t j0,
+                                           int64_t m, typename Compute<T>::type* buf) {
+    if constexpr (NOISE) return {nullptr, philox_normals(seed, first + uint64_t(j0), m, buf)};
+    else return {eps_row + j0, nullptr};
 }
 
 template <class T, bool NOISE>
 FV_INLINE void reparameterize_kl_forward_rows(const GaussianArgs& a, int64_t b0, int64_t b1) {
     using C = typename Compute<T>::type;
     alignas(64) C terms[CHUNK];
+    alignas(64) C noise_buf[CHUNK + 8];
     for (int64_t b = b0; b < b1; ++b) {
         const T* __restrict mu = row_of<T>(a.mu, a.mu_stride, b);
         const T* __restrict lv = row_of<T>(a.logvar, a.logvar_stride, b);
@@ -56,10 +68,10 @@ FV_INLINE void reparameterize_kl_forward_rows(const GaussianArgs& a, int64_t b0,
         double kl = 0.0;
         for (int64_t j0 = 0; j0 < a.cols; j0 += CHUNK) {
             const int64_t m = std::min(CHUNK, a.cols - j0);
+            const ChunkNoise<T, NOISE> noise = chunk_noise<T, NOISE>(eps, a.seed, first, j0, m, noise_buf);
             for (int64_t j = 0; j < m; ++j) {
                 const C mv = widen(mu[j0 + j]), v = widen(lv[j0 + j]);
-                const C e = noise_at<T, NOISE>(eps + (NOISE ? 0 : j0), a.seed, first + j0, j);
-                z[j0 + j] = narrow<T>(mv + exp_c(C(0.5) * v) * e);
+                z[j0 + j] = narrow<T>(mv + exp_c(C(0.5) * v) * noise[j]);
                 terms[j] = C(0.5) * (mv * mv + (expm1_c(v) - v));
             }
             kl += chunk_sum(terms, m);
@@ -71,6 +83,7 @@ FV_INLINE void reparameterize_kl_forward_rows(const GaussianArgs& a, int64_t b0,
 template <class T, bool GRAD_Z, bool GRAD_KL, bool NOISE>
 FV_INLINE void reparameterize_kl_backward_rows(const GaussianArgs& a, int64_t b0, int64_t b1) {
     using C = typename Compute<T>::type;
+    alignas(64) C noise_buf[CHUNK + 8];
     for (int64_t b = b0; b < b1; ++b) {
         const T* __restrict mu = row_of<T>(a.mu, a.mu_stride, b);
         const T* __restrict lv = row_of<T>(a.logvar, a.logvar_stride, b);
@@ -80,21 +93,26 @@ FV_INLINE void reparameterize_kl_backward_rows(const GaussianArgs& a, int64_t b0
         T* __restrict grad_mu = static_cast<T*>(a.out0) + b * a.cols;
         T* __restrict grad_lv = static_cast<T*>(a.out1) + b * a.cols;
         const uint64_t first = uint64_t(b) * uint64_t(a.cols);
-        for (int64_t j = 0; j < a.cols; ++j) {
-            const C mv = widen(mu[j]), v = widen(lv[j]);
-            C gm = C(0), gv = C(0);
-            if constexpr (GRAD_Z) {
-                const C g = widen(gz[j]);
-                gm = g;
-                gv = g * C(0.5) * exp_c(C(0.5) * v) * noise_at<T, NOISE>(eps, a.seed, first, j);
+        for (int64_t j0 = 0; j0 < a.cols; j0 += CHUNK) {
+            const int64_t m = std::min(CHUNK, a.cols - j0);
+            // Without grad_z the noise is not needed: NOISE is false in that instance.
+            const ChunkNoise<T, NOISE> noise = chunk_noise<T, NOISE>(eps, a.seed, first, j0, m, noise_buf);
+            for (int64_t j = 0; j < m; ++j) {
+                const C mv = widen(mu[j0 + j]), v = widen(lv[j0 + j]);
+                C gm = C(0), gv = C(0);
+                if constexpr (GRAD_Z) {
+                    const C g = widen(gz[j0 + j]);
+                    gm = g;
+                    gv = g * C(0.5) * exp_c(C(0.5) * v) * noise[j];
+                }
+                // Added only when grad_kl exists: 0 * expm1(lv) is NaN for lv = +inf.
+                if constexpr (GRAD_KL) {
+                    gm += gkl * mv;
+                    gv += gkl * C(0.5) * expm1_c(v);
+                }
+                grad_mu[j0 + j] = narrow<T>(gm);
+                grad_lv[j0 + j] = narrow<T>(gv);
             }
-            // Added only when grad_kl exists: 0 * expm1(lv) is NaN for lv = +inf.
-            if constexpr (GRAD_KL) {
-                gm += gkl * mv;
-                gv += gkl * C(0.5) * expm1_c(v);
-            }
-            grad_mu[j] = narrow<T>(gm);
-            grad_lv[j] = narrow<T>(gv);
         }
     }
 }

@@ -2,11 +2,12 @@
 // Clang vectorize the loops that call them (-O3, no -ffast-math):
 //   - storage types: bf16 and fp16 are converted with integer bit tricks
 //     (round to nearest even, NaN kept NaN) instead of libcalls;
-//   - float math: exp, expm1, log1p on [0, 1], log, cos(2*pi*u) as branch-free
+//   - float math: exp, expm1, log1p on [0, 1], log, cos and sin of 2*pi*u as branch-free
 //     polynomials (selects, not branches), accurate to a few float ulps; libm's
 //     scalar calls would stop vectorization and make the kernels compute-bound;
 //   - double math uses libm (std::exp, ...): float64 is the accuracy path;
-//   - Philox4x32-10, the noise stream documented in fastvae/reference.py.
+//   - Philox4x32-10, the noise stream documented in fastvae/reference.py
+//     (four normals per counter).
 #pragma once
 
 #include <cmath>
@@ -179,6 +180,16 @@ FV_INLINE float fv_cos_2pi_unit(float u) {
     return sin_2pi(0.25f - v);
 }
 
+// sin(2*pi*u) for u in [0, 1]: sin(2 pi u) = -sin(2 pi (u - 1/2)), and for w in
+// [0, 1/2], sin(2 pi w) = sin(2 pi min(w, 1/2 - w)); u - 1/2 and 1/2 - w are exact
+// (Sterbenz), so the polynomial sees the argument without rounding.
+FV_INLINE float fv_sin_2pi_unit(float u) {
+    const float w = u < 0.5f ? u : u - 0.5f;
+    const float b = w < 0.25f ? w : 0.5f - w;
+    const float s = sin_2pi(b);
+    return u < 0.5f ? s : -s;
+}
+
 // ---------------------------------------------------------------- math by compute type
 FV_INLINE float exp_c(float x) { return fv_exp(x); }
 FV_INLINE double exp_c(double x) { return std::exp(x); }
@@ -193,10 +204,10 @@ constexpr uint32_t PHILOX_MUL_B = 0xCD9E8D57u;
 constexpr uint32_t PHILOX_KEY_A = 0x9E3779B9u;
 constexpr uint32_t PHILOX_KEY_B = 0xBB67AE85u;
 
-// Words 0 and 1 of Philox4x32-10 at counter (i lo, i hi, 0, 0), key (seed lo, seed hi).
-FV_INLINE void philox_2x32(uint64_t seed, uint64_t i, uint32_t& out0, uint32_t& out1) {
+// Philox4x32-10 at counter (g lo, g hi, 0, 0), key (seed lo, seed hi): the four words.
+FV_INLINE void philox_4x32(uint64_t seed, uint64_t g, uint32_t out[4]) {
     uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
-    uint32_t c0 = uint32_t(i), c1 = uint32_t(i >> 32), c2 = 0, c3 = 0;
+    uint32_t c0 = uint32_t(g), c1 = uint32_t(g >> 32), c2 = 0, c3 = 0;
     for (int round = 0; round < 10; ++round) {
         const uint64_t pa = uint64_t(PHILOX_MUL_A) * c0;
         const uint64_t pb = uint64_t(PHILOX_MUL_B) * c2;
@@ -209,30 +220,50 @@ FV_INLINE void philox_2x32(uint64_t seed, uint64_t i, uint32_t& out0, uint32_t& 
         k0 += PHILOX_KEY_A;
         k1 += PHILOX_KEY_B;
     }
-    out0 = c0;
-    out1 = c1;
+    out[0] = c0;
+    out[1] = c1;
+    out[2] = c2;
+    out[3] = c3;
 }
 
-// The standard normal at flat index i (Box-Muller on the top 24 bits of two
-// words). u = ((c >> 8) + 0.5) * 2^-24 is rounded exactly as the reference
-// rounds it in the compute type, so both see the same u1, u2.
-FV_INLINE float philox_normal_f32(uint64_t seed, uint64_t i) {
-    uint32_t w0, w1;
-    philox_2x32(seed, i, w0, w1);
-    const float u1 = (float(int32_t(w0 >> 8)) + 0.5f) * 0x1p-24f;
-    const float u2 = (float(int32_t(w1 >> 8)) + 0.5f) * 0x1p-24f;
-    return std::sqrt(-2.0f * fv_log(u1)) * fv_cos_2pi_unit(u2);
+// The four standard normals of Philox group g (the stream in fastvae/reference.py):
+// Box-Muller on words (0, 1) and (2, 3), both outputs of each. u = ((c >> 8) + 0.5)
+// * 2^-24 is rounded exactly as the reference rounds it in the compute type.
+FV_INLINE void philox_normals4(float, uint64_t seed, uint64_t g, float out[4]) {
+    uint32_t w[4];
+    philox_4x32(seed, g, w);
+    float u[4];
+    for (int k = 0; k < 4; ++k) u[k] = (float(int32_t(w[k] >> 8)) + 0.5f) * 0x1p-24f;
+    const float r0 = std::sqrt(-2.0f * fv_log(u[0])), r1 = std::sqrt(-2.0f * fv_log(u[2]));
+    out[0] = r0 * fv_cos_2pi_unit(u[1]);
+    out[1] = r0 * fv_sin_2pi_unit(u[1]);
+    out[2] = r1 * fv_cos_2pi_unit(u[3]);
+    out[3] = r1 * fv_sin_2pi_unit(u[3]);
 }
 
-FV_INLINE double philox_normal_f64(uint64_t seed, uint64_t i) {
-    uint32_t w0, w1;
-    philox_2x32(seed, i, w0, w1);
-    const double u1 = (double(w0 >> 8) + 0.5) * 0x1p-24;
-    const double u2 = (double(w1 >> 8) + 0.5) * 0x1p-24;
-    return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586476925 * u2);
+FV_INLINE void philox_normals4(double, uint64_t seed, uint64_t g, double out[4]) {
+    constexpr double two_pi = 6.283185307179586476925;
+    uint32_t w[4];
+    philox_4x32(seed, g, w);
+    double u[4];
+    for (int k = 0; k < 4; ++k) u[k] = (double(w[k] >> 8) + 0.5) * 0x1p-24;
+    const double r0 = std::sqrt(-2.0 * std::log(u[0])), r1 = std::sqrt(-2.0 * std::log(u[2]));
+    out[0] = r0 * std::cos(two_pi * u[1]);
+    out[1] = r0 * std::sin(two_pi * u[1]);
+    out[2] = r1 * std::cos(two_pi * u[3]);
+    out[3] = r1 * std::sin(two_pi * u[3]);
 }
 
-FV_INLINE float philox_normal_c(float, uint64_t seed, uint64_t i) { return philox_normal_f32(seed, i); }
-FV_INLINE double philox_normal_c(double, uint64_t seed, uint64_t i) { return philox_normal_f64(seed, i); }
+// The normals at flat indices first .. first + m - 1 (m <= CHUNK), one Philox call
+// per group of four: fills `buf` (m + 6 slots at least) from group first / 4 on and
+// returns the address of the normal at `first`.
+template <class C>
+FV_INLINE const C* philox_normals(uint64_t seed, uint64_t first, int64_t m, C* __restrict buf) {
+    const uint64_t g0 = first >> 2;
+    const int64_t skip = int64_t(first & 3);
+    const int64_t groups = (skip + m + 3) >> 2;
+    for (int64_t q = 0; q < groups; ++q) philox_normals4(C(), seed, g0 + uint64_t(q), buf + 4 * q);
+    return buf + skip;
+}
 
 }  // namespace fastvae

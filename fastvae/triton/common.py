@@ -19,14 +19,18 @@ MAX_BLOCK_N = 1024
 
 
 @triton.jit
-def philox_normal(seed, counter, COMPUTE: tl.constexpr):
-    """Standard normals for an int64 `counter` block (any shape) from an int64 `seed`.
+def philox_normal(seed, index, COMPUTE: tl.constexpr):
+    """Standard normals for an int64 flat `index` block (any shape) from an int64 `seed`.
 
-    Philox4x32-10 at counter (lo32, hi32, 0, 0) with key (seed lo32, seed hi32),
-    then Box-Muller on the first two words: the stream of reference.philox_normal."""
+    Element i is normal i % 4 of Philox4x32-10 at counter (g lo32, g hi32, 0, 0),
+    g = i // 4, key (seed lo32, seed hi32), through Box-Muller on word pairs
+    (0, 1) and (2, 3): the stream of reference.philox_normal. Each element computes
+    its group's Philox itself; on a GPU that arithmetic hides under the memory traffic."""
     seed = seed.to(tl.int64)
-    c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
-    c1 = ((counter >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    group = index >> 2
+    which = index & 3
+    c0 = (group & 0xFFFFFFFF).to(tl.uint32)
+    c1 = ((group >> 32) & 0xFFFFFFFF).to(tl.uint32)
     c2 = tl.zeros_like(c0)
     c3 = tl.zeros_like(c0)
     k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
@@ -40,10 +44,15 @@ def philox_normal(seed, counter, COMPUTE: tl.constexpr):
         c3 = tl.mul(PHILOX_MUL_A, prev_c0, sanitize_overflow=False)
         k0 = tl.add(k0, PHILOX_KEY_A, sanitize_overflow=False)
         k1 = tl.add(k1, PHILOX_KEY_B, sanitize_overflow=False)
-    # 24 bits fill a float32 mantissa exactly; +0.5 keeps u1 > 0 so log(u1) is finite.
-    u1 = ((c0 >> 8).to(COMPUTE) + 0.5) * 5.9604644775390625e-08  # 2^-24
-    u2 = ((c1 >> 8).to(COMPUTE) + 0.5) * 5.9604644775390625e-08
-    return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2)
+    # Normals 0, 1 take words (0, 1); normals 2, 3 take words (2, 3).
+    first_pair = which < 2
+    radius_word = tl.where(first_pair, c0, c2)
+    angle_word = tl.where(first_pair, c1, c3)
+    # 24 bits fill a float32 mantissa exactly; +0.5 keeps u > 0 so log(u) is finite.
+    u_radius = ((radius_word >> 8).to(COMPUTE) + 0.5) * 5.9604644775390625e-08  # 2^-24
+    u_angle = ((angle_word >> 8).to(COMPUTE) + 0.5) * 5.9604644775390625e-08
+    theta = 6.283185307179586 * u_angle
+    return tl.sqrt(-2.0 * tl.log(u_radius)) * tl.where((which & 1) == 0, tl.cos(theta), tl.sin(theta))
 
 
 @triton.jit
