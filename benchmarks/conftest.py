@@ -113,6 +113,9 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "device_name": harness.device_name(device),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        # The vector ISA of torch's own CPU kernels (and inductor's): ATEN_CPU_CAPABILITY
+        # changes it, and on some machines AVX2 kernels beat the AVX-512 ones.
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "copy_gbps": harness.copy_bandwidth_gbps(device),
         "backends": fastvae.available_backends(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

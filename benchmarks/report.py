@@ -143,7 +143,8 @@ def _groups(rows: list[Row]) -> list[tuple[str, str, list[Row]]]:
 
 def _machine_line(machine: dict) -> str:
     f = machine.get("fastvae", {})
-    return (f"{f.get('device_name', '?')} ({f.get('device', '?')}, {f.get('cpu_count', '?')} CPUs), "
+    return (f"{f.get('device_name', '?')} ({f.get('device', '?')}, {f.get('cpu_count', '?')} CPUs, torch kernels "
+            f"{f.get('aten_cpu_capability', '?')}), "
             f"torch {f.get('torch', '?')}, triton {f.get('triton', '?')}, {f.get('date', '?')}, "
             f"copy bandwidth {f.get('copy_gbps', float('nan')):.1f} GB/s, load average (1/5/15 min) "
             f"{_load(f.get('load_average_1_5_15_min_at_start'))} at start, "
