@@ -87,7 +87,7 @@ def results(tmp_path):
 
 
 def test_speedups_are_reference_time_over_provider_time(results):
-    _, rows = report.load(results)
+    _, rows, _ = report.load(results)
     assert len(rows) == 8  # training steps and the entry without figures are left out
     ratios = report.speedups(rows)
     native = next(r for r in rows if r.provider == "fastvae-native" and r.info["batch"] == 4096)
@@ -102,7 +102,7 @@ def test_extra_memory_is_shown_in_largest_input_buffers():
 
 
 def test_markdown_has_a_row_per_op_and_batch_and_a_column_per_provider(results):
-    machine, rows = report.load(results)
+    machine, rows, _ = report.load(results)
     text = report.markdown(machine, rows)
     header = text.splitlines()[0]
     assert "eager" in header and "compiled" in header and "fastvae-native" in header
@@ -111,7 +111,7 @@ def test_markdown_has_a_row_per_op_and_batch_and_a_column_per_provider(results):
 
 
 def test_target_verdict_names_what_a_fastvae_row_misses(results):
-    _, rows = report.load(results)
+    _, rows, _ = report.load(results)
     cpu_target = next(t for t in report.TARGETS if t.device == "cpu")
     chosen = cpu_target.rows(rows)
     assert [r.provider for r in chosen] == ["eager", "compiled", "fastvae-native"]
@@ -121,10 +121,11 @@ def test_target_verdict_names_what_a_fastvae_row_misses(results):
 
 
 def test_train_steps_table_gives_fastvae_over_plain_per_setting(results):
-    table = report.train_step_table(report.load_train_steps(results))
+    _, _, steps = report.load(results)
+    table = report.train_step_table(steps)
     assert table[0] == ("eager, fp32", 1000.0, 1500.0, pytest.approx(1.5))
     assert table[1] == ("torch.compile, AMP", 2000.0, None, None)  # fastvae not measured there
-    assert "| eager, fp32 | 1,000 | 1,500 | 1.50x |" in report.train_steps_markdown(report.load_train_steps(results))
+    assert "| eager, fp32 | 1,000 | 1,500 | 1.50x |" in report.train_steps_markdown(steps)
 
 
 def test_main_prints_tables_and_writes_the_plot(results, tmp_path, capsys):
