@@ -95,8 +95,8 @@ FV_INLINE void reparameterize_kl_backward_rows(const GaussianArgs& a, int64_t b0
         const uint64_t first = uint64_t(b) * uint64_t(a.cols);
         for (int64_t j0 = 0; j0 < a.cols; j0 += CHUNK) {
             const int64_t m = std::min(CHUNK, a.cols - j0);
-            // Without grad_z the noise is not needed: NOISE is false in that instance.
-            const ChunkNoise<T, NOISE> noise = chunk_noise<T, NOISE>(eps, a.seed, first, j0, m, noise_buf);
+            ChunkNoise<T, NOISE> noise{};  // only the grad_z term reads the noise
+            if constexpr (GRAD_Z) noise = chunk_noise<T, NOISE>(eps, a.seed, first, j0, m, noise_buf);
             for (int64_t j = 0; j < m; ++j) {
                 const C mv = widen(mu[j0 + j]), v = widen(lv[j0 + j]);
                 C gm = C(0), gv = C(0);
