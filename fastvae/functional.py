@@ -12,7 +12,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from fastvae.ops import bernoulli_log_likelihood_op, gaussian_kl_op, reparameterize_kl_op
+from fastvae import ops
 from fastvae.ops.reparameterize_kl import draw_seed
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
@@ -89,7 +89,7 @@ def reparameterize_kl(mu: Tensor, logvar: Tensor, eps: Tensor | None = None, *,
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     seed = draw_seed(generator) if (generator is not None and eps is None) else None
-    z, kl, _ = reparameterize_kl_op(mu, logvar, eps, seed)
+    z, kl, _ = ops.reparameterize_kl(mu, logvar, eps, seed)
     return z, kl
 
 
@@ -113,7 +113,7 @@ def gaussian_kl(mu: Tensor, logvar: Tensor, reduction: str = "batchmean") -> Ten
     _check_pair("mu", mu, "logvar", logvar)
     _check_reduction(reduction)
     elementwise = reduction == "none"
-    kl, _, _ = gaussian_kl_op(mu, logvar, elementwise, _needs_grad(mu, logvar))
+    kl, _, _ = ops.gaussian_kl(mu, logvar, elementwise, _needs_grad(mu, logvar))
     return kl if elementwise else _reduce_rows(kl, reduction, mu.numel())
 
 
@@ -129,7 +129,7 @@ def bernoulli_log_likelihood(logits: Tensor, target: Tensor, reduction: str = "b
     _check_pair("logits", logits, "target", target)
     _check_reduction(reduction)
     elementwise = reduction == "none"
-    logp, _ = bernoulli_log_likelihood_op(logits, target, elementwise, _needs_grad(logits))
+    logp, _ = ops.bernoulli_log_likelihood(logits, target, elementwise, _needs_grad(logits))
     return logp if elementwise else _reduce_rows(logp, reduction, logits.numel())
 
 
@@ -141,8 +141,8 @@ def elbo_terms(logits: Tensor, target: Tensor, mu: Tensor, logvar: Tensor) -> tu
     if logits.shape[0] != mu.shape[0]:
         raise ValueError(f"logits {list(logits.shape)} and mu {list(mu.shape)} must have the same "
                          f"batch size (dim 0): one latent row per datapoint")
-    logp, _ = bernoulli_log_likelihood_op(logits, target, False, _needs_grad(logits))
-    kl, _, _ = gaussian_kl_op(mu, logvar, False, _needs_grad(mu, logvar))
+    logp, _ = ops.bernoulli_log_likelihood(logits, target, False, _needs_grad(logits))
+    kl, _, _ = ops.gaussian_kl(mu, logvar, False, _needs_grad(mu, logvar))
     return -logp, kl
 
 

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import fastvae
+from fastvae import ops
 from fastvae.ops import (bernoulli_log_likelihood_op, gaussian_kl_op, reparameterize_kl_backward_op,
                          reparameterize_kl_op)
 from helpers import BACKENDS, DEVICE, assert_close_to
@@ -34,6 +35,54 @@ def test_opcheck(backend):
     with fastvae.use_backend(backend):
         for op, args in cases:
             torch.library.opcheck(op, args)
+
+
+def _fused_op_cases():
+    """(FusedOp, args) with fresh random leaves: every op, with and without forward-pass gradients."""
+    mu, logvar = _latent(shape=(4, 6))
+    logits = torch.randn(4, 9, device=DEVICE, requires_grad=True)
+    target = torch.rand(4, 9, device=DEVICE)
+    seed = torch.tensor(1234)
+    return [(ops.reparameterize_kl, (mu, logvar, None, seed)),
+            (ops.reparameterize_kl, (mu, logvar, torch.randn(4, 6, device=DEVICE), None)),
+            (ops.gaussian_kl, (mu, logvar, False, True)),
+            (ops.gaussian_kl, (mu, logvar, True, False)),
+            (ops.bernoulli_log_likelihood, (logits, target, False, True)),
+            (ops.bernoulli_log_likelihood, (logits, target, True, False))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eager_path_matches_the_custom_op_bit_for_bit(backend):
+    """Plain eager calls run a torch.autograd.Function built from the custom op's own forward,
+    setup_context and backward (fastvae.ops.common.FusedOp); both ways must give identical
+    outputs and gradients, and the eager call must really take the Function path."""
+    for fused, args in _fused_op_cases():
+        leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+        results = {}
+        with fastvae.use_backend(backend):
+            for path, call in (("eager", fused), ("custom_op", fused.custom_op)):
+                outputs = call(*args)
+                generator = torch.Generator(DEVICE).manual_seed(7)
+                upstream = torch.randn(outputs[0].shape, device=DEVICE, generator=generator)
+                grads = torch.autograd.grad(outputs[0], leaves, upstream)
+                results[path] = (outputs, grads, type(outputs[0].grad_fn).__name__)
+        eager, custom = results["eager"], results["custom_op"]
+        assert "_eager" in eager[2] and "_eager" not in custom[2], (eager[2], custom[2])
+        for a, b in zip(eager[0] + eager[1], custom[0] + custom[1]):
+            assert torch.equal(a, b), f"{fused.custom_op._name}: the eager path and the custom op differ"
+
+
+def test_traced_calls_take_the_custom_op():
+    """Under torch.compile the FusedOp must hand dynamo the registered op (one graph node)."""
+    mu, logvar = _latent()
+    seen = []
+
+    def backend(graph, example_inputs):
+        seen.extend(str(node.target) for node in graph.graph.nodes if node.op == "call_function")
+        return graph
+
+    torch.compile(lambda m, v: fastvae.reparameterize_kl(m, v)[1].sum(), backend=backend, fullgraph=True)(mu, logvar)
+    assert any("fastvae.reparameterize_kl" in target for target in seen), seen
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

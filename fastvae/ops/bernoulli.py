@@ -11,15 +11,14 @@ import torch
 from torch import Tensor
 
 from fastvae.backend import backend_for
-from fastvae.ops.common import as_rows, loss_dtype, no_grad_placeholder, scale_saved_grad
+from fastvae.ops.common import FusedOp, as_rows, loss_dtype, no_grad_placeholder, scale_saved_grad
 
 
 def _logp_shape(logits: Tensor, elementwise: bool) -> tuple[int, ...]:
     return tuple(logits.shape) if elementwise else tuple(logits.shape[:1])
 
 
-@torch.library.custom_op("fastvae::bernoulli_log_likelihood", mutates_args=())
-def bernoulli_log_likelihood_op(logits: Tensor, target: Tensor, elementwise: bool,
+def _forward(logits: Tensor, target: Tensor, elementwise: bool,
                                 compute_grad: bool) -> tuple[Tensor, Tensor]:
     """logits, target [B, ...] -> log p (logits' shape if elementwise else [B]), dlogp/dlogits.
 
@@ -35,6 +34,10 @@ def bernoulli_log_likelihood_op(logits: Tensor, target: Tensor, elementwise: boo
     if not compute_grad:
         return logp, no_grad_placeholder(logits)
     return logp, dlogits.view(logits.shape)
+
+
+bernoulli_log_likelihood_op = torch.library.custom_op("fastvae::bernoulli_log_likelihood", _forward,
+                                                      mutates_args=())
 
 
 @bernoulli_log_likelihood_op.register_fake
@@ -64,11 +67,11 @@ def _backward(ctx, grad_logp: Tensor | None, _grad_dlogits: Tensor | None):
         return None, None, None, None
     if ctx.needs_input_grad[0]:
         if not ctx.compute_grad:  # called directly with compute_grad=False, then differentiated
-            _, dlogits = bernoulli_log_likelihood_op(logits, target, ctx.elementwise, True)
+            _, dlogits = bernoulli_log_likelihood(logits, target, ctx.elementwise, True)
         grad_logits = scale_saved_grad(dlogits, grad_logp)
     if ctx.needs_input_grad[1]:
         grad_target = scale_saved_grad(logits, grad_logp).to(ctx.target_dtype)
     return grad_logits, grad_target, None, None
 
 
-bernoulli_log_likelihood_op.register_autograd(_backward, setup_context=_setup_context)
+bernoulli_log_likelihood = FusedOp(bernoulli_log_likelihood_op, _forward, _setup_context, _backward)

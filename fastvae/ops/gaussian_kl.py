@@ -9,15 +9,14 @@ import torch
 from torch import Tensor
 
 from fastvae.backend import backend_for
-from fastvae.ops.common import as_rows, loss_dtype, no_grad_placeholder, scale_saved_grad
+from fastvae.ops.common import FusedOp, as_rows, loss_dtype, no_grad_placeholder, scale_saved_grad
 
 
 def _kl_shape(mu: Tensor, elementwise: bool) -> tuple[int, ...]:
     return tuple(mu.shape) if elementwise else tuple(mu.shape[:1])
 
 
-@torch.library.custom_op("fastvae::gaussian_kl", mutates_args=())
-def gaussian_kl_op(mu: Tensor, logvar: Tensor, elementwise: bool,
+def _forward(mu: Tensor, logvar: Tensor, elementwise: bool,
                    compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     """mu, logvar [B, ...] -> kl (mu's shape if elementwise else [B]), dkl/dmu, dkl/dlogvar.
 
@@ -34,6 +33,9 @@ def gaussian_kl_op(mu: Tensor, logvar: Tensor, elementwise: bool,
     if not compute_grad:
         return kl, no_grad_placeholder(mu), no_grad_placeholder(logvar)
     return kl, dmu.view(mu.shape), dlogvar.view(logvar.shape)
+
+
+gaussian_kl_op = torch.library.custom_op("fastvae::gaussian_kl", _forward, mutates_args=())
 
 
 @gaussian_kl_op.register_fake
@@ -60,8 +62,8 @@ def _backward(ctx, grad_kl: Tensor | None, _grad_dmu: Tensor | None, _grad_dlogv
         return None, None, None, None
     dmu, dlogvar = ctx.saved_tensors
     if not ctx.compute_grad:  # called directly with compute_grad=False, then differentiated
-        _, dmu, dlogvar = gaussian_kl_op(dmu, dlogvar, ctx.elementwise, True)
+        _, dmu, dlogvar = gaussian_kl(dmu, dlogvar, ctx.elementwise, True)
     return scale_saved_grad(dmu, grad_kl), scale_saved_grad(dlogvar, grad_kl), None, None
 
 
-gaussian_kl_op.register_autograd(_backward, setup_context=_setup_context)
+gaussian_kl = FusedOp(gaussian_kl_op, _forward, _setup_context, _backward)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from fastvae.backend import backend_for
-from fastvae.ops.common import as_rows, loss_dtype
+from fastvae.ops.common import FusedOp, as_rows, loss_dtype
 from fastvae.reference import SEED_HIGH
 
 
@@ -39,8 +39,7 @@ def _rows_or_none(t: Tensor | None) -> Tensor | None:
     return None if t is None else as_rows(t)
 
 
-@torch.library.custom_op("fastvae::reparameterize_kl", mutates_args=())
-def reparameterize_kl_op(mu: Tensor, logvar: Tensor, eps: Optional[Tensor],
+def _forward(mu: Tensor, logvar: Tensor, eps: Optional[Tensor],
                          seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """mu, logvar, eps [B, ...] -> z [B, ...] (mu's dtype), kl [B] (float32), seed used (int64 [] CPU).
 
@@ -57,6 +56,9 @@ def reparameterize_kl_op(mu: Tensor, logvar: Tensor, eps: Optional[Tensor],
     return z.view(mu.shape), kl, seed_used
 
 
+reparameterize_kl_op = torch.library.custom_op("fastvae::reparameterize_kl", _forward, mutates_args=())
+
+
 @reparameterize_kl_op.register_fake
 def _(mu: Tensor, logvar: Tensor, eps: Optional[Tensor],
       seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -65,8 +67,7 @@ def _(mu: Tensor, logvar: Tensor, eps: Optional[Tensor],
     return z, kl, torch.empty((), dtype=torch.int64, device="cpu")
 
 
-@torch.library.custom_op("fastvae::reparameterize_kl_backward", mutates_args=())
-def reparameterize_kl_backward_op(grad_z: Optional[Tensor], grad_kl: Optional[Tensor], mu: Tensor,
+def _backward_forward(grad_z: Optional[Tensor], grad_kl: Optional[Tensor], mu: Tensor,
                                   logvar: Tensor, eps: Optional[Tensor],
                                   seed: Tensor) -> tuple[Tensor, Tensor]:
     """grad_z [B, ...] | None, grad_kl [B] | None -> grad_mu, grad_logvar (mu's and logvar's shape)."""
@@ -76,6 +77,11 @@ def reparameterize_kl_backward_op(grad_z: Optional[Tensor], grad_kl: Optional[Te
     grad_mu, grad_logvar = backend.reparameterize_kl_backward(
         _rows_or_none(grad_z), grad_kl, as_rows(mu), as_rows(logvar), _rows_or_none(eps), int(seed))
     return grad_mu.view(mu.shape), grad_logvar.view(logvar.shape)
+
+
+reparameterize_kl_backward_op = torch.library.custom_op("fastvae::reparameterize_kl_backward",
+                                                        _backward_forward, mutates_args=())
+reparameterize_kl_backward = FusedOp(reparameterize_kl_backward_op, _backward_forward)
 
 
 @reparameterize_kl_backward_op.register_fake
@@ -99,7 +105,7 @@ def _backward(ctx, grad_z: Tensor | None, grad_kl: Tensor | None, _grad_seed: Te
     if grad_z is None and grad_kl is None:
         return grad_mu, grad_logvar, grad_eps, None
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-        grad_mu, grad_logvar = reparameterize_kl_backward_op(grad_z, grad_kl, mu, logvar, eps, seed)
+        grad_mu, grad_logvar = reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, eps, seed)
     if ctx.needs_input_grad[2] and grad_z is not None:
         # Rare (eps as a learned input): plain PyTorch is enough here.
         compute = loss_dtype(grad_z, logvar)
@@ -107,4 +113,4 @@ def _backward(ctx, grad_z: Tensor | None, grad_kl: Tensor | None, _grad_seed: Te
     return grad_mu, grad_logvar, grad_eps, None
 
 
-reparameterize_kl_op.register_autograd(_backward, setup_context=_setup_context)
+reparameterize_kl = FusedOp(reparameterize_kl_op, _forward, _setup_context, _backward)
