@@ -37,7 +37,7 @@ FV_INLINE void bernoulli_rows(const BernoulliArgs& a, int64_t b0, int64_t b1) {
             for (int64_t j = 0; j < m; ++j) {
                 const C l = widen(logits[j0 + j]);
                 const C x = C(widen(target[j0 + j]));
-                const C e = exp_c(-std::fabs(l));
+                const C e = exp_nonpos_c(-std::fabs(l));
                 out[j] = l * x - (l > C(0) ? l : C(0)) - log1p_unit_c(e);
                 if constexpr (GRAD) {
                     const C r = C(1) / (C(1) + e);
