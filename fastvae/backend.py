@@ -31,8 +31,9 @@ Philox stream described in `fastvae.reference`; it is ignored when eps is given.
         -> grad_mu [B, L], grad_logvar [B, L]
     gaussian_kl_forward(mu, logvar, elementwise, compute_grad)
         -> kl ([B, L] if elementwise else [B]), dkl/dmu | None, dkl/dlogvar | None
-    bernoulli_log_likelihood_forward(logits, target, elementwise, compute_grad)
-        -> log p ([B, D] if elementwise else [B]), dlogp/dlogits | None
+    bernoulli_log_likelihood_forward(logits, target, elementwise, compute_grad, grad_scale=1.0)
+        -> log p ([B, D] if elementwise else [B]), grad_scale * dlogp/dlogits | None
+           (scaled before rounding to the logits' dtype)
 """
 
 from __future__ import annotations

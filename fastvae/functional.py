@@ -58,13 +58,11 @@ def _needs_grad(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _reduce_rows(rows: Tensor, reduction: str, elements: int) -> Tensor:
-    """Reduce per-datapoint sums [B]: "mean" divides by `elements`, "batchmean" by B; empty gives 0."""
+def _reduction_weight(reduction: str, batch: int, elements: int) -> float:
+    """What a sum is multiplied by: 1 for "sum", 1/elements for "mean", 1/B for "batchmean"."""
     if reduction == "sum":
-        return rows.sum()
-    if reduction == "mean":
-        return rows.sum() / max(elements, 1)
-    return rows.sum() / max(rows.shape[0], 1)
+        return 1.0
+    return 1.0 / max(elements if reduction == "mean" else batch, 1)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -114,7 +112,7 @@ def gaussian_kl(mu: Tensor, logvar: Tensor, reduction: str = "batchmean") -> Ten
     _check_reduction(reduction)
     elementwise = reduction == "none"
     kl, _, _ = ops.gaussian_kl(mu, logvar, elementwise, _needs_grad(mu, logvar))
-    return kl if elementwise else _reduce_rows(kl, reduction, mu.numel())
+    return kl if elementwise else kl.sum() * _reduction_weight(reduction, mu.shape[0], mu.numel())
 
 
 def bernoulli_log_likelihood(logits: Tensor, target: Tensor, reduction: str = "batchmean") -> Tensor:
@@ -128,20 +126,26 @@ def bernoulli_log_likelihood(logits: Tensor, target: Tensor, reduction: str = "b
     """
     _check_pair("logits", logits, "target", target)
     _check_reduction(reduction)
-    elementwise = reduction == "none"
-    logp, _ = ops.bernoulli_log_likelihood(logits, target, elementwise, _needs_grad(logits))
-    return logp if elementwise else _reduce_rows(logp, reduction, logits.numel())
+    needs_grad = _needs_grad(logits)
+    if reduction == "none":
+        return ops.bernoulli_log_likelihood(logits, target, True, needs_grad, None)[0]
+    weight = _reduction_weight(reduction, logits.shape[0], logits.numel())
+    return ops.bernoulli_log_likelihood(logits, target, False, needs_grad, weight)[0]
 
 
-def elbo_terms(logits: Tensor, target: Tensor, mu: Tensor, logvar: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-datapoint reconstruction term -log p(x|z) [B] and KL [B], both float32."""
+def _check_elbo_inputs(logits: Tensor, target: Tensor, mu: Tensor, logvar: Tensor) -> None:
     _check_pair("logits", logits, "target", target)
     _check_pair("mu", mu, "logvar", logvar)
     _check_same_device(logits=logits, mu=mu)
     if logits.shape[0] != mu.shape[0]:
         raise ValueError(f"logits {list(logits.shape)} and mu {list(mu.shape)} must have the same "
                          f"batch size (dim 0): one latent row per datapoint")
-    logp, _ = ops.bernoulli_log_likelihood(logits, target, False, _needs_grad(logits))
+
+
+def elbo_terms(logits: Tensor, target: Tensor, mu: Tensor, logvar: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-datapoint reconstruction term -log p(x|z) [B] and KL [B], both float32."""
+    _check_elbo_inputs(logits, target, mu, logvar)
+    logp, _ = ops.bernoulli_log_likelihood(logits, target, False, _needs_grad(logits), None)
     kl, _, _ = ops.gaussian_kl(mu, logvar, False, _needs_grad(mu, logvar))
     return -logp, kl
 
@@ -161,6 +165,13 @@ def elbo_loss(logits: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, *,
         raise ValueError(f"beta must be >= 0 (it weights the KL term), got {beta}")
     if not isinstance(beta, (numbers.Real, Tensor)):
         raise TypeError(f"beta must be a float or a tensor, got {type(beta).__name__}")
-    recon, kl = elbo_terms(logits, target, mu, logvar)
-    rows = recon + beta * kl
-    return rows if reduction == "none" else _reduce_rows(rows, reduction, rows.shape[0])
+    if reduction == "none":
+        recon, kl = elbo_terms(logits, target, mu, logvar)
+        return recon + beta * kl
+    _check_elbo_inputs(logits, target, mu, logvar)
+    # Reduced: the Bernoulli op sums its own term with weight -1/B ("sum": -1), so its kernel
+    # writes the final d(loss)/d(logits) and loss.backward() leaves it nothing to do.
+    weight = _reduction_weight("sum" if reduction == "sum" else "batchmean", logits.shape[0], logits.numel())
+    recon, _ = ops.bernoulli_log_likelihood(logits, target, False, _needs_grad(logits), -weight)
+    kl, _, _ = ops.gaussian_kl(mu, logvar, False, _needs_grad(mu, logvar))
+    return recon + beta * kl.sum() * weight

@@ -37,7 +37,7 @@ from torch import Tensor
 
 ENV_LIB = "FASTVAE_NATIVE_LIB"
 LIBRARY_MODULE = "fastvae._native_cpu"
-ABI_VERSION = 1  # FASTVAE_ABI_VERSION in kernels/fastvae_native.h
+ABI_VERSION = 2  # FASTVAE_ABI_VERSION in kernels/fastvae_native.h
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 _BUILD_HINT = ("build it with `pip install -e .` (or `pip install .`) in the fastvae checkout, or "
                "`cmake -S . -B build && cmake --build build` there, or set "
@@ -57,7 +57,7 @@ _SIGNATURES = {
         [_int, _i64, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64, _u64, _ptr, _ptr, _int],
     "fastvae_gaussian_kl_forward": [_int, _i64, _i64, _ptr, _i64, _ptr, _i64, _int, _ptr, _ptr, _ptr, _int],
     "fastvae_bernoulli_log_likelihood_forward":
-        [_int, _int, _i64, _i64, _ptr, _i64, _ptr, _i64, _int, _ptr, _ptr, _int],
+        [_int, _int, _i64, _i64, _ptr, _i64, _ptr, _i64, _int, _ptr, _ptr, ctypes.c_double, _int],
 }
 
 
@@ -265,9 +265,9 @@ def gaussian_kl_forward(mu: Tensor, logvar: Tensor, elementwise: bool,
     return kl, grad_mu.to(mu.dtype), grad_logvar.to(logvar.dtype)
 
 
-def bernoulli_log_likelihood_forward(logits: Tensor, target: Tensor, elementwise: bool,
-                                     compute_grad: bool) -> tuple[Tensor, Tensor | None]:
-    """logits, target [B, D] -> log p ([B, D] if elementwise else [B]), dlogp/dlogits (or None).
+def bernoulli_log_likelihood_forward(logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool,
+                                     grad_scale: float = 1.0) -> tuple[Tensor, Tensor | None]:
+    """logits, target [B, D] -> log p ([B, D] if elementwise else [B]), grad_scale * dlogp/dlogits (or None).
 
     Any mix of float32/bfloat16/float16 runs without a copy; float64 with another
     dtype is upcast to float64, where the math then runs."""
@@ -281,5 +281,5 @@ def bernoulli_log_likelihood_forward(logits: Tensor, target: Tensor, elementwise
     grad = torch.empty((rows, cols), dtype=l.dtype) if compute_grad else None
     _call(lib.fastvae_bernoulli_log_likelihood_forward, _DTYPE_CODES[l.dtype], _DTYPE_CODES[x.dtype],
           rows, cols, l.data_ptr(), l.stride(0), x.data_ptr(), x.stride(0), int(bool(elementwise)),
-          logp.data_ptr(), _pointer(grad), torch.get_num_threads())
+          logp.data_ptr(), _pointer(grad), float(grad_scale), torch.get_num_threads())
     return logp, None if grad is None else grad.to(logits.dtype)

@@ -143,9 +143,9 @@ def gaussian_kl_forward(mu: Tensor, logvar: Tensor, elementwise: bool,
     return kl, mu.clone(), (0.5 * torch.expm1(lv)).to(logvar.dtype)
 
 
-def bernoulli_log_likelihood_forward(logits: Tensor, target: Tensor, elementwise: bool,
-                                     compute_grad: bool) -> tuple[Tensor, Tensor | None]:
-    """logits, target [B, D] -> log p ([B, D] if elementwise else [B]), dlogp/dlogits (or None).
+def bernoulli_log_likelihood_forward(logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool,
+                                     grad_scale: float = 1.0) -> tuple[Tensor, Tensor | None]:
+    """logits, target [B, D] -> log p ([B, D] if elementwise else [B]), grad_scale * dlogp/dlogits (or None).
 
     log p = x*l - softplus(l), written so that no exp overflows; dlogp/dl = x - sigmoid(l)."""
     compute = _compute_dtype(logits, target)
@@ -154,5 +154,5 @@ def bernoulli_log_likelihood_forward(logits: Tensor, target: Tensor, elementwise
     logp = (logp if elementwise else logp.sum(dim=1)).to(compute)
     if not compute_grad:
         return logp, None
-    return logp, (x - torch.sigmoid(l)).to(logits.dtype)
+    return logp, (grad_scale * (x - torch.sigmoid(l))).to(logits.dtype)
 

@@ -2,6 +2,8 @@
 //   log p = x l - softplus(l) = l x - max(l, 0) - log1p(exp(-|l|))   (no exp can overflow)
 //   dlogp/dl = x - sigmoid(l), sigmoid(l) = 1 / (1 + e) for l >= 0, e / (1 + e) otherwise,
 //   with e = exp(-|l|) shared by both.
+// The gradient is written times grad_scale: a loss that ends in this sum (elbo_loss)
+// passes its own weight, and its backward has nothing left to compute.
 // Logits and target may have different storage types (bf16 logits from an AMP
 // decoder against fp32 data is the common case), so no upcast copy is needed.
 #include "fastvae_native.h"
@@ -19,12 +21,14 @@ struct BernoulliArgs {
     int64_t target_stride;
     void* logp;          // [rows, cols] if elementwise else [rows], compute type
     void* grad;          // [rows, cols] logits' type, or NULL
+    double grad_scale;   // grad = grad_scale * dlogp/dlogits
 };
 
 template <class TL, class TX, bool ELEMENTWISE, bool GRAD>
 FV_INLINE void bernoulli_rows(const BernoulliArgs& a, int64_t b0, int64_t b1) {
     using C = typename Compute<TL>::type;
     alignas(64) C terms[CHUNK];
+    const C scale = C(a.grad_scale);
     for (int64_t b = b0; b < b1; ++b) {
         const TL* __restrict logits = static_cast<const TL*>(a.logits) + b * a.logits_stride;
         const TX* __restrict target = static_cast<const TX*>(a.target) + b * a.target_stride;
@@ -41,7 +45,7 @@ FV_INLINE void bernoulli_rows(const BernoulliArgs& a, int64_t b0, int64_t b1) {
                 out[j] = l * x - (l > C(0) ? l : C(0)) - log1p_unit_c(e);
                 if constexpr (GRAD) {
                     const C r = C(1) / (C(1) + e);
-                    grad[j0 + j] = narrow<TL>(x - (l >= C(0) ? r : e * r));
+                    grad[j0 + j] = narrow<TL>(scale * (x - (l >= C(0) ? r : e * r)));
                 }
             }
             if constexpr (!ELEMENTWISE) logp += chunk_sum(terms, m);
@@ -92,10 +96,11 @@ RowsFn entry_for(int logits_dtype, int target_dtype) {
 extern "C" int fastvae_bernoulli_log_likelihood_forward(
     int logits_dtype, int target_dtype, int64_t rows, int64_t cols, const void* logits,
     int64_t logits_stride, const void* target, int64_t target_stride, int elementwise, void* logp,
-    void* grad_logits, int num_threads) {
+    void* grad_logits, double grad_scale, int num_threads) {
     const fastvae::RowsFn fn = fastvae::entry_for(logits_dtype, target_dtype);
     if (fn == nullptr) return FASTVAE_ERR_DTYPE;
-    const fastvae::BernoulliArgs a{cols, logits, logits_stride, target, target_stride, logp, grad_logits};
+    const fastvae::BernoulliArgs a{cols, logits, logits_stride, target, target_stride,
+                                   logp, grad_logits, grad_scale};
     fastvae::parallel_rows(rows, cols, num_threads,
                            [&](int64_t b0, int64_t b1) { fn(a, elementwise != 0, b0, b1); });
     return FASTVAE_OK;

@@ -21,7 +21,7 @@
 extern "C" {
 #endif
 
-#define FASTVAE_ABI_VERSION 1
+#define FASTVAE_ABI_VERSION 2
 
 enum { FASTVAE_F32 = 0, FASTVAE_F64 = 1, FASTVAE_BF16 = 2, FASTVAE_F16 = 3 };
 enum { FASTVAE_OK = 0, FASTVAE_ERR_DTYPE = 1 };
@@ -63,12 +63,13 @@ FASTVAE_API int fastvae_gaussian_kl_forward(
     int elementwise, void* kl, void* grad_mu, void* grad_logvar, int num_threads);
 
 /* logp: [rows, cols] if elementwise else [rows] (compute type); grad_logits
- * [rows, cols] (logits_dtype) = target - sigmoid(logits) when non-NULL.
- * logits and target may differ in dtype unless one of them is FASTVAE_F64. */
+ * [rows, cols] (logits_dtype) = grad_scale * (target - sigmoid(logits)) when non-NULL,
+ * scaled in the compute type before rounding. logits and target may differ in
+ * dtype unless one of them is FASTVAE_F64. */
 FASTVAE_API int fastvae_bernoulli_log_likelihood_forward(
     int logits_dtype, int target_dtype, int64_t rows, int64_t cols,
     const void* logits, int64_t logits_stride, const void* target, int64_t target_stride,
-    int elementwise, void* logp, void* grad_logits, int num_threads);
+    int elementwise, void* logp, void* grad_logits, double grad_scale, int num_threads);
 
 #ifdef __cplusplus
 }

@@ -132,3 +132,68 @@ def test_backward_fills_no_zero_gradients_for_the_saved_gradient_outputs(backend
     assert logits.grad is not None and mu.grad is not None and logvar.grad is not None
     filled = [name for name in recorded.names if name.split(".")[0] in ("zeros", "zeros_like", "zero_", "fill_")]
     assert filled == [], f"backward filled tensors with zeros: {filled}"
+
+
+def _elbo_case(batch=6, data=11, latent=3):
+    """A decoder-like graph: logits are a non-leaf (as in a VAE), so nothing clones their gradient."""
+    weights = leaf(torch.randn(data, data, device=DEVICE) * 0.3)
+    h, target = torch.randn(batch, data, device=DEVICE), torch.rand(batch, data, device=DEVICE)
+    mu, logvar = leaf(torch.randn(batch, latent, device=DEVICE)), leaf(torch.randn(batch, latent, device=DEVICE))
+    return weights, h, target, mu, logvar
+
+
+def _oracle_elbo_grads(weights, h, target, mu, logvar):
+    """d(mean -ELBO)/d(weights, mu) in float64."""
+    w, m = leaf(weights.double()), leaf(mu.double())
+    logits = h.double() @ w
+    loss = (-rows_sum(oracle_logp(logits, target)) + rows_sum(oracle_kl(m, logvar))).mean()
+    return torch.autograd.grad(loss, (w, m))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_elbo_loss_backward_hands_over_the_forward_gradient(backend):
+    """elbo_loss's Bernoulli kernel writes d(loss)/d(logits) with the reduction's weight; with the
+    upstream gradient 1 on the CPU, backward must return it without another [B, D] pass, and the
+    result must still match the float64 oracle."""
+    weights, h, target, mu, logvar = _elbo_case()
+    with fastvae.use_backend(backend):
+        loss = fastvae.elbo_loss(h @ weights, target, mu, logvar)
+        sizes = []
+
+        class _RecordPointwiseSizes(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if torch.Tag.pointwise in func.tags:
+                    sizes.append(out.numel())
+                return out
+
+        with _RecordPointwiseSizes():
+            grad_w, grad_mu = torch.autograd.grad(loss, (weights, mu))
+    expected_w, expected_mu = _oracle_elbo_grads(weights, h, target, mu, logvar)
+    assert_close_to(grad_w, expected_w, "grad_weights")
+    assert_close_to(grad_mu, expected_mu, "grad_mu")
+    assert sizes, "the recorder saw no pointwise op at all (the KL gradients are scaled by one)"
+    if DEVICE.type == "cpu":
+        assert h.numel() not in sizes, "backward ran a pointwise op over [B, D] (scaling the saved gradient)"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_elbo_loss_backward_with_an_upstream_gradient_other_than_one_and_twice(backend):
+    """Upstream 2.5 scales the handed-over gradient; retain_graph's second backward recomputes it
+    (the first receiver may have changed it) and gives the same answer."""
+    weights, h, target, mu, logvar = _elbo_case()
+    expected = _oracle_elbo_grads(weights, h, target, mu, logvar)[0]
+    with fastvae.use_backend(backend):
+        loss = fastvae.elbo_loss(h @ weights, target, mu, logvar)
+        first = torch.autograd.grad(loss, weights, retain_graph=True)[0]
+        second = torch.autograd.grad(loss, weights, retain_graph=True)[0]
+        scaled = torch.autograd.grad(2.5 * loss, weights)[0]
+    assert_close_to(first, expected, "first backward")
+    assert torch.equal(first, second), "a second backward over the same graph differs from the first"
+    assert_close_to(scaled, 2.5 * expected, "upstream 2.5")
+
+
+def test_a_weighted_bernoulli_op_is_not_elementwise():
+    logits, target = torch.randn(2, 3), torch.rand(2, 3)
+    with pytest.raises(ValueError, match="elementwise must be False"):
+        fastvae.ops.bernoulli_log_likelihood(logits, target, True, False, 0.5)

@@ -3,9 +3,16 @@
 log p = x*l - softplus(l) = -(max(l, 0) - l*x + log1p(exp(-|l|)));  dlogp/dl = x - sigmoid(l),  dlogp/dx = l.
 Computing dlogp/dl while logits and target are in registers saves the backward
 pass a second read of both: backward is one multiply by the upstream gradient.
+
+With a `weight`, the op is the whole term of a loss, weight * sum of log p, and the
+kernel writes weight * dlogp/dl. elbo_loss calls it so (weight -1/B): when its
+backward gets the upstream gradient 1 (loss.backward()), the saved gradient already
+is the answer and is handed over as is, with no pass over [B, D] left to make.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -14,23 +21,28 @@ from fastvae.backend import backend_for
 from fastvae.ops.common import FusedOp, as_rows, loss_dtype, no_grad_placeholder, scale_saved_grad
 
 
-def _logp_shape(logits: Tensor, elementwise: bool) -> tuple[int, ...]:
+def _logp_shape(logits: Tensor, elementwise: bool, weight: float | None) -> tuple[int, ...]:
+    if weight is not None:
+        return ()
     return tuple(logits.shape) if elementwise else tuple(logits.shape[:1])
 
 
-def _forward(logits: Tensor, target: Tensor, elementwise: bool,
-                                compute_grad: bool) -> tuple[Tensor, Tensor]:
-    """logits, target [B, ...] -> log p (logits' shape if elementwise else [B]), dlogp/dlogits.
+def _forward(logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool,
+             weight: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    """logits, target [B, ...] -> log p, and weight * dlogp/dlogits (an empty tensor unless compute_grad).
 
-    The gradient is an empty tensor unless compute_grad."""
+    log p has the logits' shape if elementwise, else [B]; with a weight (not elementwise)
+    it is the 0-dim weight * sum of log p over all elements."""
+    if weight is not None and elementwise:
+        raise ValueError("bernoulli_log_likelihood: a weight sums log p, so elementwise must be False")
     dtype = loss_dtype(logits, target)
     if logits.numel() == 0:
-        logp = logits.new_zeros(_logp_shape(logits, elementwise), dtype=dtype)
+        logp = logits.new_zeros(_logp_shape(logits, elementwise, weight), dtype=dtype)
         return logp, torch.zeros_like(logits) if compute_grad else no_grad_placeholder(logits)
     backend = backend_for(logits.device)
     logp, dlogits = backend.bernoulli_log_likelihood_forward(
-        as_rows(logits), as_rows(target), elementwise, compute_grad)
-    logp = logp.view(_logp_shape(logits, elementwise))
+        as_rows(logits), as_rows(target), elementwise, compute_grad, 1.0 if weight is None else weight)
+    logp = logp.sum() * weight if weight is not None else logp.view(_logp_shape(logits, elementwise, weight))
     if not compute_grad:
         return logp, no_grad_placeholder(logits)
     return logp, dlogits.view(logits.shape)
@@ -41,16 +53,19 @@ bernoulli_log_likelihood_op = torch.library.custom_op("fastvae::bernoulli_log_li
 
 
 @bernoulli_log_likelihood_op.register_fake
-def _(logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool) -> tuple[Tensor, Tensor]:
-    logp = logits.new_empty(_logp_shape(logits, elementwise), dtype=loss_dtype(logits, target))
+def _(logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool,
+      weight: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    logp = logits.new_empty(_logp_shape(logits, elementwise, weight), dtype=loss_dtype(logits, target))
     if not compute_grad:
         return logp, no_grad_placeholder(logits)
     return logp, torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    logits, target, elementwise, compute_grad = inputs
+    logits, target, elementwise, compute_grad, *rest = inputs
     ctx.compute_grad, ctx.elementwise = compute_grad, elementwise
+    ctx.weight = rest[0] if rest else None
+    ctx.handed_over = False
     # Nothing differentiates through the saved-gradient output: without this, autograd
     # hands backward a zero-filled [B, D] tensor for it on every call.
     ctx.set_materialize_grads(False)
@@ -60,18 +75,32 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(output[1], logits, target)
 
 
+def _is_exactly_one(grad: Tensor) -> bool:
+    """Whether an upstream gradient is the scalar 1, checked only where that costs nothing:
+    eager on the CPU (a CUDA read would synchronize; a trace has no value to read)."""
+    return (grad.dim() == 0 and grad.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not torch.is_grad_enabled() and grad.item() == 1.0)
+
+
 def _backward(ctx, grad_logp: Tensor | None, _grad_dlogits: Tensor | None):
     dlogits, logits, target = ctx.saved_tensors
     grad_logits = grad_target = None
     if grad_logp is None:  # only the saved-gradient output was used: it carries no gradient
-        return None, None, None, None
+        return None, None, None, None, None
     if ctx.needs_input_grad[0]:
-        if not ctx.compute_grad:  # called directly with compute_grad=False, then differentiated
-            _, dlogits = bernoulli_log_likelihood(logits, target, ctx.elementwise, True)
-        grad_logits = scale_saved_grad(dlogits, grad_logp)
+        if not ctx.compute_grad or ctx.handed_over:
+            # Called with compute_grad=False, or a second backward (retain_graph) after the
+            # saved gradient was handed over and may have been changed by its receiver.
+            _, dlogits = bernoulli_log_likelihood(logits, target, ctx.elementwise, True, ctx.weight)
+        elif ctx.weight is not None and _is_exactly_one(grad_logp):
+            ctx.handed_over = True
+            grad_logits = dlogits
+        if grad_logits is None:
+            grad_logits = scale_saved_grad(dlogits, grad_logp)
     if ctx.needs_input_grad[1]:
-        grad_target = scale_saved_grad(logits, grad_logp).to(ctx.target_dtype)
-    return grad_logits, grad_target, None, None
+        weighted = grad_logp if ctx.weight is None else grad_logp * ctx.weight
+        grad_target = scale_saved_grad(logits, weighted).to(ctx.target_dtype)
+    return grad_logits, grad_target, None, None, None
 
 
 bernoulli_log_likelihood = FusedOp(bernoulli_log_likelihood_op, _forward, _setup_context, _backward)

@@ -19,6 +19,7 @@ def _bernoulli_fwd_kernel(
     logp_ptr,  # [B, D] contiguous if ELEMENTWISE else [B]; float32 (float64)
     dlogits_ptr,  # [B, D] contiguous in logits' dtype, written if COMPUTE_GRAD
     B, D, stride_logits, stride_target,
+    grad_scale,  # dlogits = grad_scale * dlogp/dlogits
     ELEMENTWISE: tl.constexpr, COMPUTE_GRAD: tl.constexpr, COMPUTE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -41,14 +42,15 @@ def _bernoulli_fwd_kernel(
         if COMPUTE_GRAD:
             # sigmoid(l) from the same e: 1/(1+e) for l >= 0, e/(1+e) for l < 0.
             b_sig = tl.where(b_l >= 0.0, 1.0, b_e) / (1.0 + b_e)
-            tl.store(dlogits_ptr + o_out, (b_x - b_sig).to(dlogits_ptr.dtype.element_ty), mask=m)
+            b_grad = grad_scale * (b_x - b_sig)
+            tl.store(dlogits_ptr + o_out, b_grad.to(dlogits_ptr.dtype.element_ty), mask=m)
     if not ELEMENTWISE:
         tl.store(logp_ptr + o_b, b_logp_row, mask=m_b)
 
 
 def bernoulli_log_likelihood_forward(logits: torch.Tensor, target: torch.Tensor, elementwise: bool,
-                                     compute_grad: bool):
-    """logits, target [B, D] -> log p ([B, D] or [B]), dlogp/dlogits | None."""
+                                     compute_grad: bool, grad_scale: float = 1.0):
+    """logits, target [B, D] -> log p ([B, D] or [B]), grad_scale * dlogp/dlogits | None."""
     B, D = logits.shape
     logp = torch.empty((B, D) if elementwise else (B,), dtype=loss_torch_dtype(logits, target),
                        device=logits.device)
@@ -56,7 +58,7 @@ def bernoulli_log_likelihood_forward(logits: torch.Tensor, target: torch.Tensor,
     block_b, block_d = tile(B, D)
     _bernoulli_fwd_kernel[(triton.cdiv(B, block_b),)](
         logits, target, logp, dlogits if compute_grad else logp,
-        B, D, logits.stride(0), target.stride(0),
+        B, D, logits.stride(0), target.stride(0), float(grad_scale),
         ELEMENTWISE=elementwise, COMPUTE_GRAD=compute_grad, COMPUTE=compute_dtype(logits, target),
         BLOCK_B=block_b, BLOCK_D=block_d)
     return logp, dlogits
