@@ -142,6 +142,14 @@ def _check_elbo_inputs(logits: Tensor, target: Tensor, mu: Tensor, logvar: Tenso
                          f"batch size (dim 0): one latent row per datapoint")
 
 
+def _check_kl_rows(kl: Tensor, logits: Tensor) -> None:
+    _check_float_tensor("kl", kl)
+    _check_same_device(logits=logits, kl=kl)
+    if kl.shape != logits.shape[:1]:
+        raise ValueError(f"kl must be the per-datapoint KL [B] = [{logits.shape[0]}] (as reparameterize_kl "
+                         f"returns it), got {list(kl.shape)}")
+
+
 def elbo_terms(logits: Tensor, target: Tensor, mu: Tensor, logvar: Tensor) -> tuple[Tensor, Tensor]:
     """Per-datapoint reconstruction term -log p(x|z) [B] and KL [B], both float32."""
     _check_elbo_inputs(logits, target, mu, logvar)
@@ -150,13 +158,15 @@ def elbo_terms(logits: Tensor, target: Tensor, mu: Tensor, logvar: Tensor) -> tu
     return -logp, kl
 
 
-def elbo_loss(logits: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, *,
-              beta: float | Tensor = 1.0, reduction: str = "batchmean") -> Tensor:
+def elbo_loss(logits: Tensor, target: Tensor, mu: Tensor | None = None, logvar: Tensor | None = None, *,
+              kl: Tensor | None = None, beta: float | Tensor = 1.0, reduction: str = "batchmean") -> Tensor:
     """The negative ELBO, -log p(x|z) + beta * KL(q(z|x) || N(0, I)), per datapoint then reduced.
 
     Args:
         logits, target: [B, ...] decoder logits and data in [0, 1].
-        mu, logvar: [B, ...] the encoder's q(z|x), same B.
+        mu, logvar: [B, ...] the encoder's q(z|x), same B; or instead
+        kl: [B] the per-datapoint KL that reparameterize_kl returned with z, so that
+            it is not computed a second time.
         beta: KL weight (beta-VAE; a tensor avoids recompiles under torch.compile when it changes).
         reduction: "none" (per datapoint [B]), "sum", "mean" or "batchmean" (both: over datapoints).
     """
@@ -165,13 +175,25 @@ def elbo_loss(logits: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, *,
         raise ValueError(f"beta must be >= 0 (it weights the KL term), got {beta}")
     if not isinstance(beta, (numbers.Real, Tensor)):
         raise TypeError(f"beta must be a float or a tensor, got {type(beta).__name__}")
+    if kl is None:
+        if mu is None or logvar is None:
+            raise TypeError("elbo_loss needs the posterior: pass mu and logvar, or kl= (the [B] KL that "
+                            "fastvae.reparameterize_kl returns)")
+        _check_elbo_inputs(logits, target, mu, logvar)
+    else:
+        if mu is not None or logvar is not None:
+            raise TypeError("elbo_loss takes mu and logvar or kl=, not both: the KL would count twice")
+        _check_pair("logits", logits, "target", target)
+        _check_kl_rows(kl, logits)
     if reduction == "none":
-        recon, kl = elbo_terms(logits, target, mu, logvar)
+        recon = -ops.bernoulli_log_likelihood(logits, target, False, _needs_grad(logits), None)[0]
+        if kl is None:
+            kl = ops.gaussian_kl(mu, logvar, False, _needs_grad(mu, logvar))[0]
         return recon + beta * kl
-    _check_elbo_inputs(logits, target, mu, logvar)
     # Reduced: the Bernoulli op sums its own term with weight -1/B ("sum": -1), so its kernel
     # writes the final d(loss)/d(logits) and loss.backward() leaves it nothing to do.
     weight = _reduction_weight("sum" if reduction == "sum" else "batchmean", logits.shape[0], logits.numel())
     recon, _ = ops.bernoulli_log_likelihood(logits, target, False, _needs_grad(logits), -weight)
-    kl, _, _ = ops.gaussian_kl(mu, logvar, False, _needs_grad(mu, logvar))
+    if kl is None:
+        kl = ops.gaussian_kl(mu, logvar, False, _needs_grad(mu, logvar))[0]
     return recon + beta * kl.sum() * weight

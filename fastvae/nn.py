@@ -11,7 +11,8 @@ class ELBOLoss(nn.Module):
     """The negative ELBO of a Bernoulli-decoder VAE: -log p(x|z) + beta * KL(q(z|x) || N(0, I)).
 
     forward(logits [B, ...], target [B, ...], mu [B, L], logvar [B, L]) -> loss
-    (a scalar, or [B] with reduction="none").
+    (a scalar, or [B] with reduction="none"); or forward(logits, target, kl=kl) with the
+    [B] KL from fastvae.reparameterize_kl.
     """
 
     def __init__(self, beta: float = 1.0, reduction: str = "batchmean") -> None:
@@ -22,8 +23,9 @@ class ELBOLoss(nn.Module):
         self.beta = beta
         self.reduction = reduction
 
-    def forward(self, logits: Tensor, target: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
-        return elbo_loss(logits, target, mu, logvar, beta=self.beta, reduction=self.reduction)
+    def forward(self, logits: Tensor, target: Tensor, mu: Tensor | None = None, logvar: Tensor | None = None,
+                *, kl: Tensor | None = None) -> Tensor:
+        return elbo_loss(logits, target, mu, logvar, kl=kl, beta=self.beta, reduction=self.reduction)
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, reduction={self.reduction!r}"

@@ -173,6 +173,33 @@ def test_elbo_loss(backend, dtype, reduction):
     assert_close_to(logvar.grad, logvar64.grad, "grad_logvar")
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_elbo_loss_with_the_kl_from_reparameterize_kl(backend, reduction):
+    """elbo_loss(logits, x, kl=kl): the sampled z and its KL from one kernel, the loss from the
+    other, gradients through both into mu and logvar, against the float64 oracle."""
+    B, D, L = 5, 37, 7
+    logits, target = leaf(torch.randn(B, D, device=DEVICE) * 2), torch.rand(B, D, device=DEVICE)
+    mu, logvar = map(leaf, _latent((B, L), torch.float32))
+    eps = torch.randn(B, L, device=DEVICE)
+    beta = 0.6
+    with fastvae.use_backend(backend):
+        z, kl = fastvae.reparameterize_kl(mu, logvar, eps)
+        loss = fastvae.ELBOLoss(beta=beta, reduction=reduction)(logits, target, kl=kl)
+        grad = _upstream(loss)
+        grad_z = torch.randn(B, L, device=DEVICE)
+        torch.autograd.backward([loss, z], [grad, grad_z])
+    logits64, mu64, logvar64 = leaf(logits.double()), leaf(mu.double()), leaf(logvar.double())
+    rows64 = -rows_sum(oracle_logp(logits64, target)) + beta * rows_sum(oracle_kl(mu64, logvar64))
+    loss64 = {"none": rows64, "sum": rows64.sum()}.get(reduction, rows64.mean())
+    z64 = oracle_z(mu64, logvar64, eps)
+    torch.autograd.backward([loss64, z64], [grad.double(), grad_z.double()])
+    assert_close_to(loss, loss64, "loss")
+    for name, actual, expected in (("grad_logits", logits.grad, logits64.grad), ("grad_mu", mu.grad, mu64.grad),
+                                   ("grad_logvar", logvar.grad, logvar64.grad)):
+        assert_close_to(actual, expected, name)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mixed_dtypes(backend):
     """bf16 activations from autocast beside fp32 targets and fp32 logvar."""

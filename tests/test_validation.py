@@ -32,6 +32,19 @@ def test_elbo_loss_rejects_bad_inputs(override, error, message):
         fastvae.elbo_loss(**_args(**override))
 
 
+def test_elbo_loss_takes_either_mu_and_logvar_or_kl():
+    args = _args()
+    kl = torch.rand(B)
+    with pytest.raises(TypeError, match="pass mu and logvar, or kl="):
+        fastvae.elbo_loss(args["logits"], args["target"])
+    with pytest.raises(TypeError, match="not both: the KL would count twice"):
+        fastvae.elbo_loss(**args, kl=kl)
+    with pytest.raises(ValueError, match=r"kl must be the per-datapoint KL \[B\] = \[4\].*got \[4, 3\]"):
+        fastvae.elbo_loss(args["logits"], args["target"], kl=torch.rand(B, L))
+    with pytest.raises(TypeError, match="kl must be a floating-point tensor"):
+        fastvae.elbo_loss(args["logits"], args["target"], kl=torch.ones(B, dtype=torch.long))
+
+
 def test_unknown_reduction_and_negative_beta():
     with pytest.raises(ValueError, match=r"unknown reduction 'avg'.*'batchmean'"):
         fastvae.gaussian_kl(torch.randn(2, 3), torch.randn(2, 3), reduction="avg")
