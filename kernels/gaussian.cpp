@@ -71,8 +71,10 @@ FV_INLINE void reparameterize_kl_forward_rows(const GaussianArgs& a, int64_t b0,
             const ChunkNoise<T, NOISE> noise = chunk_noise<T, NOISE>(eps, a.seed, first, j0, m, noise_buf);
             for (int64_t j = 0; j < m; ++j) {
                 const C mv = widen(mu[j0 + j]), v = widen(lv[j0 + j]);
-                z[j0 + j] = narrow<T>(mv + exp_c(C(0.5) * v) * noise[j]);
-                terms[j] = C(0.5) * (mv * mv + (expm1_c(v) - v));
+                C std_dev, expm1_v;
+                exp_half_expm1_c(v, std_dev, expm1_v);
+                z[j0 + j] = narrow<T>(mv + std_dev * noise[j]);
+                terms[j] = C(0.5) * (mv * mv + (expm1_v - v));
             }
             kl += chunk_sum(terms, m);
         }
@@ -99,16 +101,19 @@ FV_INLINE void reparameterize_kl_backward_rows(const GaussianArgs& a, int64_t b0
             if constexpr (GRAD_Z) noise = chunk_noise<T, NOISE>(eps, a.seed, first, j0, m, noise_buf);
             for (int64_t j = 0; j < m; ++j) {
                 const C mv = widen(mu[j0 + j]), v = widen(lv[j0 + j]);
-                C gm = C(0), gv = C(0);
+                C gm = C(0), gv = C(0), std_dev, expm1_v;
+                if constexpr (GRAD_Z && GRAD_KL) exp_half_expm1_c(v, std_dev, expm1_v);
+                else if constexpr (GRAD_Z) std_dev = exp_c(C(0.5) * v);
+                else if constexpr (GRAD_KL) expm1_v = expm1_c(v);
                 if constexpr (GRAD_Z) {
                     const C g = widen(gz[j0 + j]);
                     gm = g;
-                    gv = g * C(0.5) * exp_c(C(0.5) * v) * noise[j];
+                    gv = g * C(0.5) * std_dev * noise[j];
                 }
                 // Added only when grad_kl exists: 0 * expm1(lv) is NaN for lv = +inf.
                 if constexpr (GRAD_KL) {
                     gm += gkl * mv;
-                    gv += gkl * C(0.5) * expm1_c(v);
+                    gv += gkl * C(0.5) * expm1_v;
                 }
                 grad_mu[j0 + j] = narrow<T>(gm);
                 grad_lv[j0 + j] = narrow<T>(gv);

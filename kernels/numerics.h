@@ -149,6 +149,25 @@ FV_INLINE float fv_exp_nonpos(float x) {
     return x < EXP_LO ? 0.0f : e;
 }
 
+// exp(v / 2) (the posterior's std) and expm1(v) (the KL's exp(v) - 1) from one range
+// reduction: expm1(v) = h (h + 2) with h = expm1(v / 2). Both factors carry h's relative
+// accuracy, so nothing cancels near v = 0; for v -> -inf, h -> -1 and expm1 -> -1; past
+// v = 2 * EXP_HI both are inf, and h (h + 2) overflows to inf where expm1(v) does.
+FV_INLINE void fv_exp_half_expm1(float v, float& exp_half, float& expm1_v) {
+    float half;
+    const float x = 0.5f * v;
+    const float q = exp_core(x, half);
+    float e = 2.0f * (half * q + half);
+    float h = 2.0f * (half * q + (half - 0.5f));
+    e = x > EXP_HI ? INFINITY : e;
+    h = x > EXP_HI ? INFINITY : h;
+    e = x < EXP_LO ? 0.0f : e;
+    h = x < EXP_LO ? -1.0f : h;
+    exp_half = x != x ? x : e;
+    h = x != x ? x : h;
+    expm1_v = h * (h + 2.0f);
+}
+
 // 2 * atanh(s) / (2 s) - 1 = s^2/3 + s^4/5 + ...: log1p(f) = 2 atanh(f / (2 + f)).
 // Truncated after s^12/13; the error is below 2e-9 relative for |s| <= 1/3.
 FV_INLINE float atanh_tail(float s2) {
@@ -218,6 +237,11 @@ FV_INLINE float exp_c(float x) { return fv_exp(x); }
 FV_INLINE double exp_c(double x) { return std::exp(x); }
 FV_INLINE float expm1_c(float x) { return fv_expm1(x); }
 FV_INLINE double expm1_c(double x) { return std::expm1(x); }
+FV_INLINE void exp_half_expm1_c(float v, float& exp_half, float& expm1_v) { fv_exp_half_expm1(v, exp_half, expm1_v); }
+FV_INLINE void exp_half_expm1_c(double v, double& exp_half, double& expm1_v) {
+    exp_half = std::exp(0.5 * v);
+    expm1_v = std::expm1(v);
+}
 FV_INLINE float exp_nonpos_c(float x) { return fv_exp_nonpos(x); }
 FV_INLINE double exp_nonpos_c(double x) { return std::exp(x); }
 FV_INLINE float log1p_unit_c(float y) { return fv_log1p_unit(y); }
