@@ -77,9 +77,10 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _is_exactly_one(grad: Tensor) -> bool:
     """Whether an upstream gradient is the scalar 1, checked only where that costs nothing:
-    eager on the CPU (a CUDA read would synchronize; a trace has no value to read)."""
-    return (grad.dim() == 0 and grad.device.type == "cpu" and not torch.compiler.is_compiling()
-            and not torch.is_grad_enabled() and grad.item() == 1.0)
+    eager on the CPU, a plain tensor (a CUDA read would synchronize; a trace or a fake
+    tensor has no value to read), and no double backward being recorded."""
+    return (type(grad) is Tensor and grad.dim() == 0 and grad.device.type == "cpu"
+            and not torch.compiler.is_compiling() and not torch.is_grad_enabled() and grad.item() == 1.0)
 
 
 def _backward(ctx, grad_logp: Tensor | None, _grad_dlogits: Tensor | None):
