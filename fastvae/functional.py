@@ -130,7 +130,7 @@ def bernoulli_log_likelihood(logits: Tensor, target: Tensor, reduction: str = "b
     if reduction == "none":
         return ops.bernoulli_log_likelihood(logits, target, True, needs_grad, None)[0]
     weight = _reduction_weight(reduction, logits.shape[0], logits.numel())
-    return ops.bernoulli_log_likelihood(logits, target, False, needs_grad, weight)[0]
+    return ops.bernoulli_log_likelihood(logits, target, False, needs_grad, weight)[0].sum() * weight
 
 
 def _check_elbo_inputs(logits: Tensor, target: Tensor, mu: Tensor, logvar: Tensor) -> None:
@@ -190,10 +190,11 @@ def elbo_loss(logits: Tensor, target: Tensor, mu: Tensor | None = None, logvar: 
         if kl is None:
             kl = ops.gaussian_kl(mu, logvar, False, _needs_grad(mu, logvar))[0]
         return recon + beta * kl
-    # Reduced: the Bernoulli op sums its own term with weight -1/B ("sum": -1), so its kernel
-    # writes the final d(loss)/d(logits) and loss.backward() leaves it nothing to do.
+    # Reduced: the Bernoulli op is told the weight of its rows' sum, -1/B ("sum": -1), so its
+    # kernel writes the final d(loss)/d(logits) and loss.backward() leaves it nothing to do.
     weight = _reduction_weight("sum" if reduction == "sum" else "batchmean", logits.shape[0], logits.numel())
-    recon, _ = ops.bernoulli_log_likelihood(logits, target, False, _needs_grad(logits), -weight)
+    logp, _ = ops.bernoulli_log_likelihood(logits, target, False, _needs_grad(logits), -weight)
+    recon = logp.sum() * -weight
     if kl is None:
         kl = ops.gaussian_kl(mu, logvar, False, _needs_grad(mu, logvar))[0]
     return recon + beta * kl.sum() * weight

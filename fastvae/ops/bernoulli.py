@@ -4,10 +4,13 @@ log p = x*l - softplus(l) = -(max(l, 0) - l*x + log1p(exp(-|l|)));  dlogp/dl = x
 Computing dlogp/dl while logits and target are in registers saves the backward
 pass a second read of both: backward is one multiply by the upstream gradient.
 
-With a `weight`, the op is the whole term of a loss, weight * sum of log p, and the
-kernel writes weight * dlogp/dl. elbo_loss calls it so (weight -1/B): when its
-backward gets the upstream gradient 1 (loss.backward()), the saved gradient already
-is the answer and is handed over as is, with no pass over [B, D] left to make.
+With a `weight`, the caller's loss term is weight * sum of the per-row log p, and the
+kernel writes weight * dlogp/dl. elbo_loss calls it so (weight -1/B): when backward
+gets the rows' gradient that loss.backward() gives (weight itself, expanded), the
+saved gradient already is d(loss)/d(logits) and is handed over as is, with no pass
+over [B, D] left to make. (The op returns rows, not the weighted sum: with a 0-dim
+output the inductor-compiled training step of fastvae-train aborted with glibc heap
+corruption, torch 2.14.1 on CPU, on the torch backend too; not understood yet.)
 """
 
 from __future__ import annotations
@@ -21,28 +24,24 @@ from fastvae.backend import backend_for
 from fastvae.ops.common import FusedOp, as_rows, loss_dtype, no_grad_placeholder, scale_saved_grad
 
 
-def _logp_shape(logits: Tensor, elementwise: bool, weight: float | None) -> tuple[int, ...]:
-    if weight is not None:
-        return ()
+def _logp_shape(logits: Tensor, elementwise: bool) -> tuple[int, ...]:
     return tuple(logits.shape) if elementwise else tuple(logits.shape[:1])
 
 
 def _forward(logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool,
              weight: Optional[float] = None) -> tuple[Tensor, Tensor]:
-    """logits, target [B, ...] -> log p, and weight * dlogp/dlogits (an empty tensor unless compute_grad).
-
-    log p has the logits' shape if elementwise, else [B]; with a weight (not elementwise)
-    it is the 0-dim weight * sum of log p over all elements."""
+    """logits, target [B, ...] -> log p (logits' shape if elementwise else [B]), and
+    weight * dlogp/dlogits (weight 1 when None; an empty tensor unless compute_grad)."""
     if weight is not None and elementwise:
         raise ValueError("bernoulli_log_likelihood: a weight sums log p, so elementwise must be False")
     dtype = loss_dtype(logits, target)
     if logits.numel() == 0:
-        logp = logits.new_zeros(_logp_shape(logits, elementwise, weight), dtype=dtype)
+        logp = logits.new_zeros(_logp_shape(logits, elementwise), dtype=dtype)
         return logp, torch.zeros_like(logits) if compute_grad else no_grad_placeholder(logits)
     backend = backend_for(logits.device)
     logp, dlogits = backend.bernoulli_log_likelihood_forward(
         as_rows(logits), as_rows(target), elementwise, compute_grad, 1.0 if weight is None else weight)
-    logp = logp.sum() * weight if weight is not None else logp.view(_logp_shape(logits, elementwise, weight))
+    logp = logp.view(_logp_shape(logits, elementwise))
     if not compute_grad:
         return logp, no_grad_placeholder(logits)
     return logp, dlogits.view(logits.shape)
@@ -55,7 +54,7 @@ bernoulli_log_likelihood_op = torch.library.custom_op("fastvae::bernoulli_log_li
 @bernoulli_log_likelihood_op.register_fake
 def _(logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool,
       weight: Optional[float] = None) -> tuple[Tensor, Tensor]:
-    logp = logits.new_empty(_logp_shape(logits, elementwise, weight), dtype=loss_dtype(logits, target))
+    logp = logits.new_empty(_logp_shape(logits, elementwise), dtype=loss_dtype(logits, target))
     if not compute_grad:
         return logp, no_grad_placeholder(logits)
     return logp, torch.empty_like(logits, memory_format=torch.contiguous_format)
@@ -75,12 +74,15 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(output[1], logits, target)
 
 
-def _is_exactly_one(grad: Tensor) -> bool:
-    """Whether an upstream gradient is the scalar 1, checked only where that costs nothing:
-    eager on the CPU, a plain tensor (a CUDA read would synchronize; a trace or a fake
-    tensor has no value to read), and no double backward being recorded."""
-    return (type(grad) is Tensor and grad.dim() == 0 and grad.device.type == "cpu"
-            and not torch.compiler.is_compiling() and not torch.is_grad_enabled() and grad.item() == 1.0)
+def _is_the_weight(grad_logp: Tensor, weight: float) -> bool:
+    """Whether the rows' gradient is `weight` itself, broadcast (what loss.backward() gives
+    for loss = weight * logp.sum()), checked only where that costs nothing: eager on the
+    CPU, a plain tensor (a CUDA read would synchronize; a trace or a fake tensor has no
+    value to read), and no double backward being recorded."""
+    return (type(grad_logp) is Tensor and grad_logp.dim() == 1 and grad_logp.numel() > 0 and grad_logp.stride(0) == 0
+            and grad_logp.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not torch.is_grad_enabled()
+            and grad_logp[0].item() == torch.tensor(weight, dtype=grad_logp.dtype).item())
 
 
 def _backward(ctx, grad_logp: Tensor | None, _grad_dlogits: Tensor | None):
@@ -93,14 +95,15 @@ def _backward(ctx, grad_logp: Tensor | None, _grad_dlogits: Tensor | None):
             # Called with compute_grad=False, or a second backward (retain_graph) after the
             # saved gradient was handed over and may have been changed by its receiver.
             _, dlogits = bernoulli_log_likelihood(logits, target, ctx.elementwise, True, ctx.weight)
-        elif ctx.weight is not None and _is_exactly_one(grad_logp):
+        if ctx.weight is None:
+            grad_logits = scale_saved_grad(dlogits, grad_logp)
+        elif not ctx.handed_over and _is_the_weight(grad_logp, ctx.weight):
             ctx.handed_over = True
             grad_logits = dlogits
-        if grad_logits is None:
-            grad_logits = scale_saved_grad(dlogits, grad_logp)
+        else:  # the saved gradient carries the weight already
+            grad_logits = scale_saved_grad(dlogits, grad_logp / ctx.weight)
     if ctx.needs_input_grad[1]:
-        weighted = grad_logp if ctx.weight is None else grad_logp * ctx.weight
-        grad_target = scale_saved_grad(logits, weighted).to(ctx.target_dtype)
+        grad_target = scale_saved_grad(logits, grad_logp).to(ctx.target_dtype)
     return grad_logits, grad_target, None, None, None
 
 
