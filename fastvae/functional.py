@@ -59,10 +59,23 @@ def _needs_grad(*tensors: Tensor) -> bool:
 
 
 def _reduction_weight(reduction: str, batch: int, elements: int) -> float:
-    """What a sum is multiplied by: 1 for "sum", 1/elements for "mean", 1/B for "batchmean"."""
+    """What _reduce_rows weights each row by: 1 for "sum", 1/elements for "mean", 1/B for "batchmean"."""
     if reduction == "sum":
         return 1.0
     return 1.0 / max(elements if reduction == "mean" else batch, 1)
+
+
+def _reduce_rows(rows: Tensor, reduction: str, elements: int) -> Tensor:
+    """Reduce per-datapoint sums [B]: "mean" divides by `elements`, "batchmean" by B; empty gives 0.
+
+    A division, not a multiply by _reduction_weight: with `rows.sum() * 1.0` in the
+    fastvae-train step, the inductor-compiled graph (torch 2.14.1, CPU, AMP) aborted with
+    glibc heap corruption; this form, the one fastvae used before, does not."""
+    if reduction == "sum":
+        return rows.sum()
+    if reduction == "mean":
+        return rows.sum() / max(elements, 1)
+    return rows.sum() / max(rows.shape[0], 1)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -112,7 +125,7 @@ def gaussian_kl(mu: Tensor, logvar: Tensor, reduction: str = "batchmean") -> Ten
     _check_reduction(reduction)
     elementwise = reduction == "none"
     kl, _, _ = ops.gaussian_kl(mu, logvar, elementwise, _needs_grad(mu, logvar))
-    return kl if elementwise else kl.sum() * _reduction_weight(reduction, mu.shape[0], mu.numel())
+    return kl if elementwise else _reduce_rows(kl, reduction, mu.numel())
 
 
 def bernoulli_log_likelihood(logits: Tensor, target: Tensor, reduction: str = "batchmean") -> Tensor:
@@ -130,7 +143,8 @@ def bernoulli_log_likelihood(logits: Tensor, target: Tensor, reduction: str = "b
     if reduction == "none":
         return ops.bernoulli_log_likelihood(logits, target, True, needs_grad, None)[0]
     weight = _reduction_weight(reduction, logits.shape[0], logits.numel())
-    return ops.bernoulli_log_likelihood(logits, target, False, needs_grad, weight)[0].sum() * weight
+    return _reduce_rows(ops.bernoulli_log_likelihood(logits, target, False, needs_grad, weight)[0],
+                        reduction, logits.numel())
 
 
 def _check_elbo_inputs(logits: Tensor, target: Tensor, mu: Tensor, logvar: Tensor) -> None:
@@ -192,9 +206,9 @@ def elbo_loss(logits: Tensor, target: Tensor, mu: Tensor | None = None, logvar: 
         return recon + beta * kl
     # Reduced: the Bernoulli op is told the weight of its rows' sum, -1/B ("sum": -1), so its
     # kernel writes the final d(loss)/d(logits) and loss.backward() leaves it nothing to do.
-    weight = _reduction_weight("sum" if reduction == "sum" else "batchmean", logits.shape[0], logits.numel())
+    per_datapoint = "sum" if reduction == "sum" else "batchmean"
+    weight = _reduction_weight(per_datapoint, logits.shape[0], logits.numel())
     logp, _ = ops.bernoulli_log_likelihood(logits, target, False, _needs_grad(logits), -weight)
-    recon = logp.sum() * -weight
     if kl is None:
         kl = ops.gaussian_kl(mu, logvar, False, _needs_grad(mu, logvar))[0]
-    return recon + beta * kl.sum() * weight
+    return -_reduce_rows(logp, per_datapoint, logits.numel()) + beta * _reduce_rows(kl, per_datapoint, kl.numel())
