@@ -109,23 +109,33 @@ FV_INLINE float exp_core(float x, float& half) {
            + r * (1.0f / 720 + r * (1.0f / 5040)))))));
 }
 
-FV_INLINE float fv_exp(float x) {
-    float half;
-    const float q = exp_core(x, half);
+// exp(x) and expm1(x) from exp_core's q and half, with the values outside
+// [EXP_LO, EXP_HI] and NaN selected in. expm1 has no cancellation of exp(x) - 1 near 0
+// (where half = 0.5, the result is q).
+FV_INLINE float exp_from_core(float x, float q, float half) {
     float e = 2.0f * (half * q + half);
     e = x > EXP_HI ? INFINITY : e;
     e = x < EXP_LO ? 0.0f : e;  // true value < 2.4e-38: below anything the losses resolve
     return x != x ? x : e;
 }
 
-// expm1 without the cancellation of exp(x) - 1 near 0 (where half = 0.5, the result is q).
-FV_INLINE float fv_expm1(float x) {
-    float half;
-    const float q = exp_core(x, half);
+FV_INLINE float expm1_from_core(float x, float q, float half) {
     float e = 2.0f * (half * q + (half - 0.5f));
     e = x > EXP_HI ? INFINITY : e;
     e = x < EXP_LO ? -1.0f : e;
     return x != x ? x : e;
+}
+
+FV_INLINE float fv_exp(float x) {
+    float half;
+    const float q = exp_core(x, half);
+    return exp_from_core(x, q, half);
+}
+
+FV_INLINE float fv_expm1(float x) {
+    float half;
+    const float q = exp_core(x, half);
+    return expm1_from_core(x, q, half);
 }
 
 // exp(x) for x <= 0 (or NaN): the softplus tail and sigmoid take exp(-|l|). Knowing the
@@ -157,14 +167,8 @@ FV_INLINE void fv_exp_half_expm1(float v, float& exp_half, float& expm1_v) {
     float half;
     const float x = 0.5f * v;
     const float q = exp_core(x, half);
-    float e = 2.0f * (half * q + half);
-    float h = 2.0f * (half * q + (half - 0.5f));
-    e = x > EXP_HI ? INFINITY : e;
-    h = x > EXP_HI ? INFINITY : h;
-    e = x < EXP_LO ? 0.0f : e;
-    h = x < EXP_LO ? -1.0f : h;
-    exp_half = x != x ? x : e;
-    h = x != x ? x : h;
+    exp_half = exp_from_core(x, q, half);
+    const float h = expm1_from_core(x, q, half);
     expm1_v = h * (h + 2.0f);
 }
 
