@@ -4,8 +4,9 @@ decoder itself: sample z ~ q(z|x) and the negative ELBO, forward and backward.
 This is the setting of the native CPU target (elbo full including reparameterize_kl).
 fastvae runs what its README shows: z and the KL from fastvae.reparameterize_kl, the
 loss from fastvae.elbo_loss(logits, x, kl=kl) (two fused kernels: sampling with the
-KL, and the Bernoulli log-likelihood with its gradient). The competitor is the plain PyTorch a user writes (randn_like
-sampling, binary cross entropy with logits, the closed-form KL). z is an output with
+KL, and the Bernoulli log-likelihood with its gradient). The competitor is the plain
+PyTorch a user writes (randn_like sampling, binary cross entropy with logits, the
+closed-form KL). z is an output with
 its own random upstream gradient, as the decoder hands one back in a real step; the
 loss gets the upstream gradient 1, as from loss.backward().
 """

@@ -199,16 +199,13 @@ def elbo_loss(logits: Tensor, target: Tensor, mu: Tensor | None = None, logvar: 
             raise TypeError("elbo_loss takes mu and logvar or kl=, not both: the KL would count twice")
         _check_pair("logits", logits, "target", target)
         _check_kl_rows(kl, logits)
-    if reduction == "none":
-        recon = -ops.bernoulli_log_likelihood(logits, target, False, _needs_grad(logits), None)[0]
-        if kl is None:
-            kl = ops.gaussian_kl(mu, logvar, False, _needs_grad(mu, logvar))[0]
-        return recon + beta * kl
-    # Reduced: the Bernoulli op is told the weight of its rows' sum, -1/B ("sum": -1), so its
+    # Reduced, the Bernoulli op is told the weight of its rows' sum, -1/B ("sum": -1), so its
     # kernel writes the final d(loss)/d(logits) and loss.backward() leaves it nothing to do.
     per_datapoint = "sum" if reduction == "sum" else "batchmean"
-    weight = _reduction_weight(per_datapoint, logits.shape[0], logits.numel())
-    logp, _ = ops.bernoulli_log_likelihood(logits, target, False, _needs_grad(logits), -weight)
+    weight = None if reduction == "none" else -_reduction_weight(per_datapoint, logits.shape[0], logits.numel())
+    logp, _ = ops.bernoulli_log_likelihood(logits, target, False, _needs_grad(logits), weight)
     if kl is None:
-        kl = ops.gaussian_kl(mu, logvar, False, _needs_grad(mu, logvar))[0]
-    return -_reduce_rows(logp, per_datapoint, logits.numel()) + beta * _reduce_rows(kl, per_datapoint, kl.numel())
+        kl, _, _ = ops.gaussian_kl(mu, logvar, False, _needs_grad(mu, logvar))
+    if reduction == "none":
+        return -logp + beta * kl
+    return -_reduce_rows(logp, per_datapoint, logp.numel()) + beta * _reduce_rows(kl, per_datapoint, kl.numel())

@@ -76,11 +76,11 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _is_the_weight(grad_logp: Tensor, weight: float) -> bool:
     """Whether the rows' gradient is `weight` itself, broadcast (what loss.backward() gives
-    for loss = weight * logp.sum()), checked only where that costs nothing: eager on the
-    CPU, a plain tensor (a CUDA read would synchronize; a trace or a fake tensor has no
-    value to read), and no double backward being recorded."""
-    return (type(grad_logp) is Tensor and grad_logp.dim() == 1 and grad_logp.numel() > 0 and grad_logp.stride(0) == 0
-            and grad_logp.device.type == "cpu" and not torch.compiler.is_compiling()
+    when the loss weights the rows' sum by it), checked only where that costs nothing:
+    eager on the CPU, a plain tensor (a CUDA read would synchronize; a trace or a fake
+    tensor has no value to read), and no double backward being recorded."""
+    return (type(grad_logp) is Tensor and grad_logp.dim() == 1 and grad_logp.numel() > 0
+            and grad_logp.stride(0) == 0 and grad_logp.device.type == "cpu" and not torch.compiler.is_compiling()
             and not torch.is_grad_enabled()
             and grad_logp[0].item() == torch.tensor(weight, dtype=grad_logp.dtype).item())
 
