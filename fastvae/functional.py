@@ -199,13 +199,27 @@ def elbo_loss(logits: Tensor, target: Tensor, mu: Tensor | None = None, logvar: 
             raise TypeError("elbo_loss takes mu and logvar or kl=, not both: the KL would count twice")
         _check_pair("logits", logits, "target", target)
         _check_kl_rows(kl, logits)
-    # Reduced, the Bernoulli op is told the weight of its rows' sum, -1/B ("sum": -1), so its
-    # kernel writes the final d(loss)/d(logits) and loss.backward() leaves it nothing to do.
     per_datapoint = "sum" if reduction == "sum" else "batchmean"
     weight = None if reduction == "none" else -_reduction_weight(per_datapoint, logits.shape[0], logits.numel())
-    logp, _ = ops.bernoulli_log_likelihood(logits, target, False, _needs_grad(logits), weight)
+    logp = _log_likelihood_rows(logits, target, weight)
     if kl is None:
         kl, _, _ = ops.gaussian_kl(mu, logvar, False, _needs_grad(mu, logvar))
     if reduction == "none":
         return -logp + beta * kl
-    return -_reduce_rows(logp, per_datapoint, logp.numel()) + beta * _reduce_rows(kl, per_datapoint, kl.numel())
+    # One sum per term, then one subtraction and one division: each eager op (and its
+    # backward node) costs microseconds that a training step at batch 128 feels.
+    kl_sum = kl.sum() if isinstance(beta, numbers.Real) and beta == 1 else beta * kl.sum()
+    total = torch.sub(kl_sum, logp.sum())
+    return total if reduction == "sum" else total / max(logits.shape[0], 1)  # a division: see _reduce_rows
+
+
+def _log_likelihood_rows(logits: Tensor, target: Tensor, weight: float | None) -> Tensor:
+    """log p(x | logits) per datapoint [B], for a loss that adds `weight` * its sum.
+
+    With the weight (for example -1/B for the mean negative log-likelihood) the kernel writes
+    weight * dlogp/dlogits in the forward pass; when backward then receives the weight itself,
+    broadcast (what loss.backward() gives when the loss is written so), that saved gradient is
+    d(loss)/d(logits) and is handed over with no pass over [B, D]. Any other upstream gradient
+    is still exact, at the cost of that pass. The caller checks the inputs (elbo_loss, and
+    fastvae-train's objective, whose model makes logits of the data's shape)."""
+    return ops.bernoulli_log_likelihood(logits, target, False, _needs_grad(logits), weight)[0]

@@ -23,6 +23,7 @@ from fastvae import checkpoint as ckpt
 from fastvae.data import Datasets, EpochBatches, derive_seed, load_datasets, prepare_targets
 from fastvae.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object
 from fastvae.evaluate import evaluate_elbo, evaluate_test
+from fastvae.functional import _log_likelihood_rows
 from fastvae.models import VAE, build_model
 from fastvae.progress import TrainProgress
 from fastvae.train_config import MODEL_FIELDS, TrainConfig, default_run_dir, pick_device
@@ -40,15 +41,18 @@ class ELBOObjective(nn.Module):
 
     def forward(self, x: Tensor, kl_weight: Tensor) -> tuple[Tensor, Tensor]:
         logits, mu, logvar, kl = self.model(x)
-        log_lik = fastvae.bernoulli_log_likelihood(logits, x, reduction="sum")
         batch = x.shape[0]
+        # The loss below weights the rows' sum by -1/B; told so, the kernel writes the final
+        # d(loss)/d(logits) and backward hands it over without a [B, D] multiply.
+        recon = -_log_likelihood_rows(logits, x, -1.0 / batch).sum()
+        kl_sum = kl.sum()
         if self.free_bits > 0:
             per_dim = fastvae.gaussian_kl(mu, logvar, reduction="none").mean(dim=0)  # [L]
             kl_term = per_dim.clamp_min(self.free_bits).sum()
         else:
-            kl_term = kl.mean()
-        loss = -log_lik / batch + kl_weight * kl_term
-        return loss, torch.stack([-log_lik, kl.sum()]).detach()
+            kl_term = kl_sum / batch
+        loss = recon / batch + kl_weight * kl_term
+        return loss, torch.stack([recon, kl_sum]).detach()
 
 
 @dataclass

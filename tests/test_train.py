@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastvae import checkpoint as ckpt
 from fastvae import data
@@ -158,6 +159,38 @@ def test_objective_matches_the_formula(free_bits):
     kl_term = kl_dims.mean(0).clamp_min(free_bits).sum() if free_bits else kl_dims.sum(1).mean()
     torch.testing.assert_close(loss, recon / 5 + 0.3 * kl_term, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(stats, torch.stack([recon, kl.sum()]).detach(), rtol=1e-5, atol=1e-4)
+
+
+def test_objective_gradient_matches_the_formula_without_a_pass_over_the_data():
+    """The objective's Bernoulli kernel writes d(loss)/d(logits) in the forward pass: the model's
+    gradients must match the unfused formula's, and backward must run no pointwise op over the
+    [B, C, H, W] logits (no scaling of the saved gradient)."""
+    torch.manual_seed(1)
+    model = build_model(VAEConfig(image_shape=(1, SIDE, SIDE), latent_dim=3, hidden_dims=(8,)))
+    x = (torch.rand(6, 1, SIDE, SIDE) < 0.5).float()
+    weight = torch.tensor(0.3)
+    state = torch.get_rng_state()
+    loss, _ = ELBOObjective(model, 0.0)(x, weight)
+    sizes = []
+
+    class RecordPointwiseSizes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if torch.Tag.pointwise in func.tags:
+                sizes.append(out.numel())
+            return out
+
+    with RecordPointwiseSizes():
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+    torch.set_rng_state(state)
+    logits, mu, logvar, _ = model(x)
+    recon = torch.nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="sum")
+    kl = 0.5 * (mu ** 2 + logvar.exp() - logvar - 1).sum()
+    expected = torch.autograd.grad(recon / 6 + 0.3 * kl / 6, list(model.parameters()))
+    for name_and_param, got, want in zip(model.named_parameters(), grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name_and_param[0]}: {m}")
+    assert sizes, "the recorder saw no pointwise op at all"
+    assert x.numel() not in sizes, "backward ran a pointwise op over the logits (scaling the saved gradient)"
 
 
 # --------------------------------------------------------------------------- bad input
