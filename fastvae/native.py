@@ -37,7 +37,7 @@ from torch import Tensor
 
 ENV_LIB = "FASTVAE_NATIVE_LIB"
 LIBRARY_MODULE = "fastvae._native_cpu"
-ABI_VERSION = 2  # FASTVAE_ABI_VERSION in kernels/fastvae_native.h
+ABI_VERSION = 3  # FASTVAE_ABI_VERSION in kernels/fastvae_native.h
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 _BUILD_HINT = ("build it with `pip install -e .` (or `pip install .`) in the fastvae checkout, or "
                "`cmake -S . -B build && cmake --build build` there, or set "
@@ -58,6 +58,8 @@ _SIGNATURES = {
     "fastvae_gaussian_kl_forward": [_int, _i64, _i64, _ptr, _i64, _ptr, _i64, _int, _ptr, _ptr, _ptr, _int],
     "fastvae_bernoulli_log_likelihood_forward":
         [_int, _int, _i64, _i64, _ptr, _i64, _ptr, _i64, _int, _ptr, _ptr, ctypes.c_double, _int],
+    "fastvae_philox_version": [],
+    "fastvae_philox_words": [_int, _u64, _u64, _ptr],
 }
 
 

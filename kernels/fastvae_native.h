@@ -10,7 +10,8 @@
  *   - Rows are split across num_threads OpenMP threads; each row is summed in a
  *     fixed order, so results do not depend on num_threads.
  *   - Return 0 on success, FASTVAE_ERR_DTYPE for a dtype (combination) the
- *     library was not built for. Nothing else can fail.
+ *     library was not built for. Nothing else can fail (the test hook
+ *     fastvae_philox_words also returns FASTVAE_ERR_UNSUPPORTED).
  */
 #ifndef FASTVAE_NATIVE_H
 #define FASTVAE_NATIVE_H
@@ -21,10 +22,10 @@
 extern "C" {
 #endif
 
-#define FASTVAE_ABI_VERSION 2
+#define FASTVAE_ABI_VERSION 3
 
 enum { FASTVAE_F32 = 0, FASTVAE_F64 = 1, FASTVAE_BF16 = 2, FASTVAE_F16 = 3 };
-enum { FASTVAE_OK = 0, FASTVAE_ERR_DTYPE = 1 };
+enum { FASTVAE_OK = 0, FASTVAE_ERR_DTYPE = 1, FASTVAE_ERR_UNSUPPORTED = 2 };
 
 #if defined(_WIN32)
 #define FASTVAE_API __declspec(dllexport)
@@ -70,6 +71,12 @@ FASTVAE_API int fastvae_bernoulli_log_likelihood_forward(
     int logits_dtype, int target_dtype, int64_t rows, int64_t cols,
     const void* logits, int64_t logits_stride, const void* target, int64_t target_stride,
     int elementwise, void* logp, void* grad_logits, double grad_scale, int num_threads);
+
+/* Test hooks for the Philox noise (kernels/philox.cpp): the version this CPU runs
+ * (0 portable, 1 AVX2, 2 AVX-512), and the words [4][16] (word-major) of groups
+ * g0 .. g0 + 15 from `version`, or FASTVAE_ERR_UNSUPPORTED where it cannot run. */
+FASTVAE_API int fastvae_philox_version(void);
+FASTVAE_API int fastvae_philox_words(int version, uint64_t seed, uint64_t g0, uint32_t* words);
 
 #ifdef __cplusplus
 }

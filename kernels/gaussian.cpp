@@ -5,6 +5,7 @@
 //         so that lv near 0 loses no digits
 //   dz/dmu = 1, dz/dlv = 0.5 exp(0.5 lv) eps, dkl/dmu = mu, dkl/dlv = 0.5 expm1(lv)
 #include "fastvae_native.h"
+#include "noise.h"
 #include "numerics.h"
 #include "rows.h"
 
@@ -34,8 +35,8 @@ FV_INLINE const T* row_of(const void* base, int64_t stride, int64_t b) {
     return static_cast<const T*>(base) + b * stride;
 }
 
-// The noise of elements [j0, j0 + m) of a row whose flat index starts at `first`:
-// the caller's eps row, or Philox normals written into `buf` (CHUNK + 8 slots).
+// The noise of a chunk: the caller's eps row from j0 on, or the next m normals of the
+// thread's Philox cursor (chunks are visited in flat index order).
 template <class T, bool NOISE>
 struct ChunkNoise {
     using C = typename Compute<T>::type;
@@ -47,10 +48,12 @@ struct ChunkNoise {
     }
 };
 
+static_assert(CHUNK <= NoiseCursor<float>::MAX_TAKE, "a chunk's noise must fit one cursor run");
+
 template <class T, bool NOISE>
-FV_INLINE ChunkNoise<T, NOISE> chunk_noise(const T* eps_row, uint64_t seed, uint64_t first, int64_t j0,
-                                           int64_t m, typename Compute<T>::type* buf) {
-    if constexpr (NOISE) return {nullptr, philox_normals(seed, first + uint64_t(j0), m, buf)};
+FV_INLINE ChunkNoise<T, NOISE> chunk_noise(const T* eps_row, int64_t j0, int64_t m,
+                                           NoiseCursor<typename Compute<T>::type>& cursor) {
+    if constexpr (NOISE) return {nullptr, cursor.take(m)};
     else return {eps_row + j0, nullptr};
 }
 
@@ -58,17 +61,16 @@ template <class T, bool NOISE>
 FV_INLINE void reparameterize_kl_forward_rows(const GaussianArgs& a, int64_t b0, int64_t b1) {
     using C = typename Compute<T>::type;
     alignas(64) C terms[CHUNK];
-    alignas(64) C noise_buf[CHUNK + 8];
+    NoiseCursor<C> cursor(a.seed, uint64_t(b0) * uint64_t(a.cols));
     for (int64_t b = b0; b < b1; ++b) {
         const T* __restrict mu = row_of<T>(a.mu, a.mu_stride, b);
         const T* __restrict lv = row_of<T>(a.logvar, a.logvar_stride, b);
         const T* __restrict eps = NOISE ? nullptr : row_of<T>(a.eps, a.eps_stride, b);
         T* __restrict z = static_cast<T*>(a.out0) + b * a.cols;
-        const uint64_t first = uint64_t(b) * uint64_t(a.cols);
         double kl = 0.0;
         for (int64_t j0 = 0; j0 < a.cols; j0 += CHUNK) {
             const int64_t m = std::min(CHUNK, a.cols - j0);
-            const ChunkNoise<T, NOISE> noise = chunk_noise<T, NOISE>(eps, a.seed, first, j0, m, noise_buf);
+            const ChunkNoise<T, NOISE> noise = chunk_noise<T, NOISE>(eps, j0, m, cursor);
             for (int64_t j = 0; j < m; ++j) {
                 const C mv = widen(mu[j0 + j]), v = widen(lv[j0 + j]);
                 C std_dev, expm1_v;
@@ -85,7 +87,7 @@ FV_INLINE void reparameterize_kl_forward_rows(const GaussianArgs& a, int64_t b0,
 template <class T, bool GRAD_Z, bool GRAD_KL, bool NOISE>
 FV_INLINE void reparameterize_kl_backward_rows(const GaussianArgs& a, int64_t b0, int64_t b1) {
     using C = typename Compute<T>::type;
-    alignas(64) C noise_buf[CHUNK + 8];
+    NoiseCursor<C> cursor(a.seed, uint64_t(b0) * uint64_t(a.cols));
     for (int64_t b = b0; b < b1; ++b) {
         const T* __restrict mu = row_of<T>(a.mu, a.mu_stride, b);
         const T* __restrict lv = row_of<T>(a.logvar, a.logvar_stride, b);
@@ -94,11 +96,10 @@ FV_INLINE void reparameterize_kl_backward_rows(const GaussianArgs& a, int64_t b0
         const C gkl = GRAD_KL ? static_cast<const C*>(a.grad_kl)[b] : C(0);
         T* __restrict grad_mu = static_cast<T*>(a.out0) + b * a.cols;
         T* __restrict grad_lv = static_cast<T*>(a.out1) + b * a.cols;
-        const uint64_t first = uint64_t(b) * uint64_t(a.cols);
         for (int64_t j0 = 0; j0 < a.cols; j0 += CHUNK) {
             const int64_t m = std::min(CHUNK, a.cols - j0);
             ChunkNoise<T, NOISE> noise{};  // only the grad_z term reads the noise
-            if constexpr (GRAD_Z) noise = chunk_noise<T, NOISE>(eps, a.seed, first, j0, m, noise_buf);
+            if constexpr (GRAD_Z) noise = chunk_noise<T, NOISE>(eps, j0, m, cursor);
             for (int64_t j = 0; j < m; ++j) {
                 const C mv = widen(mu[j0 + j]), v = widen(lv[j0 + j]);
                 C gm = C(0), gv = C(0), std_dev, expm1_v;

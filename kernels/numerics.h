@@ -6,9 +6,8 @@
 //     and sin of 2*pi*u as branch-free polynomials (selects, not branches), accurate to
 //     a few float ulps; libm's scalar calls would stop vectorization and make the
 //     kernels compute-bound;
-//   - double math uses libm (std::exp, ...): float64 is the accuracy path;
-//   - Philox4x32-10, the noise stream documented in fastvae/reference.py
-//     (four normals per counter).
+//   - double math uses libm (std::exp, ...): float64 is the accuracy path.
+// The Philox noise that uses the log, cos and sin here lives in noise.h.
 #pragma once
 
 #include <cmath>
@@ -250,73 +249,5 @@ FV_INLINE float exp_nonpos_c(float x) { return fv_exp_nonpos(x); }
 FV_INLINE double exp_nonpos_c(double x) { return std::exp(x); }
 FV_INLINE float log1p_unit_c(float y) { return fv_log1p_unit(y); }
 FV_INLINE double log1p_unit_c(double y) { return std::log1p(y); }
-
-// ---------------------------------------------------------------- Philox noise
-constexpr uint32_t PHILOX_MUL_A = 0xD2511F53u;
-constexpr uint32_t PHILOX_MUL_B = 0xCD9E8D57u;
-constexpr uint32_t PHILOX_KEY_A = 0x9E3779B9u;
-constexpr uint32_t PHILOX_KEY_B = 0xBB67AE85u;
-
-// Philox4x32-10 at counter (g lo, g hi, 0, 0), key (seed lo, seed hi): the four words.
-FV_INLINE void philox_4x32(uint64_t seed, uint64_t g, uint32_t out[4]) {
-    uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
-    uint32_t c0 = uint32_t(g), c1 = uint32_t(g >> 32), c2 = 0, c3 = 0;
-    for (int round = 0; round < 10; ++round) {
-        const uint64_t pa = uint64_t(PHILOX_MUL_A) * c0;
-        const uint64_t pb = uint64_t(PHILOX_MUL_B) * c2;
-        const uint32_t n0 = uint32_t(pb >> 32) ^ c1 ^ k0;
-        const uint32_t n2 = uint32_t(pa >> 32) ^ c3 ^ k1;
-        c1 = uint32_t(pb);
-        c3 = uint32_t(pa);
-        c0 = n0;
-        c2 = n2;
-        k0 += PHILOX_KEY_A;
-        k1 += PHILOX_KEY_B;
-    }
-    out[0] = c0;
-    out[1] = c1;
-    out[2] = c2;
-    out[3] = c3;
-}
-
-// The four standard normals of Philox group g (the stream in fastvae/reference.py):
-// Box-Muller on words (0, 1) and (2, 3), both outputs of each. u = ((c >> 8) + 0.5)
-// * 2^-24 is rounded exactly as the reference rounds it in the compute type.
-FV_INLINE void philox_normals4(float, uint64_t seed, uint64_t g, float out[4]) {
-    uint32_t w[4];
-    philox_4x32(seed, g, w);
-    float u[4];
-    for (int k = 0; k < 4; ++k) u[k] = (float(int32_t(w[k] >> 8)) + 0.5f) * 0x1p-24f;
-    const float r0 = std::sqrt(-2.0f * fv_log(u[0])), r1 = std::sqrt(-2.0f * fv_log(u[2]));
-    out[0] = r0 * fv_cos_2pi_unit(u[1]);
-    out[1] = r0 * fv_sin_2pi_unit(u[1]);
-    out[2] = r1 * fv_cos_2pi_unit(u[3]);
-    out[3] = r1 * fv_sin_2pi_unit(u[3]);
-}
-
-FV_INLINE void philox_normals4(double, uint64_t seed, uint64_t g, double out[4]) {
-    constexpr double two_pi = 6.283185307179586476925;
-    uint32_t w[4];
-    philox_4x32(seed, g, w);
-    double u[4];
-    for (int k = 0; k < 4; ++k) u[k] = (double(w[k] >> 8) + 0.5) * 0x1p-24;
-    const double r0 = std::sqrt(-2.0 * std::log(u[0])), r1 = std::sqrt(-2.0 * std::log(u[2]));
-    out[0] = r0 * std::cos(two_pi * u[1]);
-    out[1] = r0 * std::sin(two_pi * u[1]);
-    out[2] = r1 * std::cos(two_pi * u[3]);
-    out[3] = r1 * std::sin(two_pi * u[3]);
-}
-
-// The normals at flat indices first .. first + m - 1 (m <= CHUNK), one Philox call
-// per group of four: fills `buf` (m + 6 slots at least) from group first / 4 on and
-// returns the address of the normal at `first`.
-template <class C>
-FV_INLINE const C* philox_normals(uint64_t seed, uint64_t first, int64_t m, C* __restrict buf) {
-    const uint64_t g0 = first >> 2;
-    const int64_t skip = int64_t(first & 3);
-    const int64_t groups = (skip + m + 3) >> 2;
-    for (int64_t q = 0; q < groups; ++q) philox_normals4(C(), seed, g0 + uint64_t(q), buf + 4 * q);
-    return buf + skip;
-}
 
 }  // namespace fastvae

@@ -163,6 +163,29 @@ def test_philox_noise_equals_the_reference_stream(dtype):
     assert (other != eps).float().mean() > 0.99
 
 
+def _philox_words(version: int, seed: int, first_group: int) -> torch.Tensor | None:
+    """The words [4, 16] of 16 Philox groups from one version of the kernel, None if the CPU lacks it."""
+    words = torch.empty(4, 16, dtype=torch.int32)
+    status = native._lib().fastvae_philox_words(version, seed, first_group, words.data_ptr())
+    return None if status != 0 else words.view(torch.uint32).to(torch.int64)
+
+
+@needs_library
+def test_every_philox_version_this_cpu_runs_gives_the_reference_words():
+    """The noise kernels pick an AVX-512, AVX2 or portable Philox at load time: each one this
+    CPU can run must give the reference's words, including counters whose low word carries."""
+    runnable = [v for v in (0, 1, 2) if _philox_words(v, 0, 0) is not None]
+    assert 0 in runnable and native._lib().fastvae_philox_version() == max(runnable)
+    generator = torch.Generator().manual_seed(7)
+    random_seed = int(torch.randint(0, 2**62, (), generator=generator))
+    for seed in (0, SEED, 2**64 - 1, random_seed):
+        for first in (0, 2**32 - 5, 2**40 + 3):
+            counters = torch.arange(first, first + 16, dtype=torch.int64)
+            expected = torch.stack(reference.philox_uint32x4(seed, counters))
+            for version in runnable:
+                assert torch.equal(_philox_words(version, seed, first), expected), (version, seed, first)
+
+
 # ---------------------------------------------------------------------------
 # gaussian_kl, bernoulli_log_likelihood
 # ---------------------------------------------------------------------------
