@@ -39,6 +39,7 @@ Philox stream described in `fastvae.reference`; it is ignored when eps is given.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 import threading
@@ -162,8 +163,9 @@ def resolve_backend_name(device: torch.device) -> str:
 _MODULES = {"triton": "fastvae.triton", "native": "fastvae.native", "torch": "fastvae.reference"}
 
 
+@functools.cache
 def backend_module(name: str) -> ModuleType:
-    """The module implementing backend `name` (the contract above)."""
+    """The module implementing backend `name` (the contract above); cached, as every op call asks."""
     return importlib.import_module(_MODULES[name])
 
 

@@ -170,6 +170,11 @@ def _storage_dtype(compute: torch.dtype, *tensors: Tensor | None) -> torch.dtype
     return dtypes.pop() if len(dtypes) == 1 else compute
 
 
+def _as_dtype(dtype: torch.dtype, t: Tensor | None) -> Tensor | None:
+    """t in dtype: itself when it already is (a dtype compare costs far less than a no-op .to())."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 def _check_seed(seed: int) -> int:
     seed = int(seed)
     if not 0 <= seed < 2**64:
@@ -205,15 +210,14 @@ def reparameterize_kl_forward(mu: Tensor, logvar: Tensor, eps: Tensor | None,
     eps = None if eps is None else _check_rows("eps", eps, mu.shape)
     compute = _compute_dtype(mu, logvar)
     dtype = _storage_dtype(compute, mu, logvar, eps)
-    m, lv = mu.to(dtype), logvar.to(dtype)
-    e = None if eps is None else eps.to(dtype)
+    m, lv, e = _as_dtype(dtype, mu), _as_dtype(dtype, logvar), _as_dtype(dtype, eps)
     rows, cols = mu.shape
     z = torch.empty((rows, cols), dtype=dtype)
     kl = torch.empty(rows, dtype=compute)
     _call(lib.fastvae_reparameterize_kl_forward, _DTYPE_CODES[dtype], rows, cols,
           m.data_ptr(), m.stride(0), lv.data_ptr(), lv.stride(0), _pointer(e), _stride(e),
           _check_seed(seed), z.data_ptr(), kl.data_ptr(), torch.get_num_threads())
-    return z.to(mu.dtype), kl
+    return _as_dtype(mu.dtype, z), kl
 
 
 def reparameterize_kl_backward(grad_z: Tensor | None, grad_kl: Tensor | None, mu: Tensor,
@@ -231,11 +235,10 @@ def reparameterize_kl_backward(grad_z: Tensor | None, grad_kl: Tensor | None, mu
     if grad_kl is not None:
         if grad_kl.shape != mu.shape[:1]:
             raise ValueError(f"native backend: grad_kl {list(grad_kl.shape)} must have shape [{mu.shape[0]}]")
-        grad_kl = grad_kl.to(device="cpu", dtype=compute).contiguous()  # [B]: a negligible copy at most
+        if grad_kl.dtype != compute or grad_kl.device.type != "cpu" or grad_kl.stride(0) != 1:
+            grad_kl = grad_kl.to(device="cpu", dtype=compute).contiguous()  # [B]: a negligible copy
     dtype = _storage_dtype(compute, mu, logvar, eps, grad_z)
-    m, lv = mu.to(dtype), logvar.to(dtype)
-    e = None if eps is None else eps.to(dtype)
-    gz = None if grad_z is None else grad_z.to(dtype)
+    m, lv, e, gz = _as_dtype(dtype, mu), _as_dtype(dtype, logvar), _as_dtype(dtype, eps), _as_dtype(dtype, grad_z)
     rows, cols = mu.shape
     grad_mu = torch.empty((rows, cols), dtype=dtype)
     grad_logvar = torch.empty((rows, cols), dtype=dtype)
@@ -243,7 +246,7 @@ def reparameterize_kl_backward(grad_z: Tensor | None, grad_kl: Tensor | None, mu
           _pointer(gz), _stride(gz), _pointer(grad_kl), m.data_ptr(), m.stride(0),
           lv.data_ptr(), lv.stride(0), _pointer(e), _stride(e), _check_seed(seed),
           grad_mu.data_ptr(), grad_logvar.data_ptr(), torch.get_num_threads())
-    return grad_mu.to(mu.dtype), grad_logvar.to(logvar.dtype)
+    return _as_dtype(mu.dtype, grad_mu), _as_dtype(logvar.dtype, grad_logvar)
 
 
 def gaussian_kl_forward(mu: Tensor, logvar: Tensor, elementwise: bool,
@@ -254,7 +257,7 @@ def gaussian_kl_forward(mu: Tensor, logvar: Tensor, elementwise: bool,
     logvar = _check_rows("logvar", logvar, mu.shape)
     compute = _compute_dtype(mu, logvar)
     dtype = _storage_dtype(compute, mu, logvar)
-    m, lv = mu.to(dtype), logvar.to(dtype)
+    m, lv = _as_dtype(dtype, mu), _as_dtype(dtype, logvar)
     rows, cols = mu.shape
     kl = torch.empty((rows, cols) if elementwise else (rows,), dtype=compute)
     grad_mu = torch.empty((rows, cols), dtype=dtype) if compute_grad else None
@@ -264,7 +267,7 @@ def gaussian_kl_forward(mu: Tensor, logvar: Tensor, elementwise: bool,
           kl.data_ptr(), _pointer(grad_mu), _pointer(grad_logvar), torch.get_num_threads())
     if not compute_grad:
         return kl, None, None
-    return kl, grad_mu.to(mu.dtype), grad_logvar.to(logvar.dtype)
+    return kl, _as_dtype(mu.dtype, grad_mu), _as_dtype(logvar.dtype, grad_logvar)
 
 
 def bernoulli_log_likelihood_forward(logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool,
@@ -284,4 +287,4 @@ def bernoulli_log_likelihood_forward(logits: Tensor, target: Tensor, elementwise
     _call(lib.fastvae_bernoulli_log_likelihood_forward, _DTYPE_CODES[l.dtype], _DTYPE_CODES[x.dtype],
           rows, cols, l.data_ptr(), l.stride(0), x.data_ptr(), x.stride(0), int(bool(elementwise)),
           logp.data_ptr(), _pointer(grad), float(grad_scale), torch.get_num_threads())
-    return logp, None if grad is None else grad.to(logits.dtype)
+    return logp, None if grad is None else _as_dtype(logits.dtype, grad)

@@ -15,6 +15,7 @@ corruption, torch 2.14.1 on CPU, on the torch backend too; not understood yet.)
 
 from __future__ import annotations
 
+import struct
 from typing import Optional
 
 import torch
@@ -82,7 +83,12 @@ def _is_the_weight(grad_logp: Tensor, weight: float) -> bool:
     return (type(grad_logp) is Tensor and grad_logp.dim() == 1 and grad_logp.numel() > 0
             and grad_logp.stride(0) == 0 and grad_logp.device.type == "cpu" and not torch.compiler.is_compiling()
             and not torch.is_grad_enabled()
-            and grad_logp[0].item() == torch.tensor(weight, dtype=grad_logp.dtype).item())
+            and grad_logp[0].item() == _in_dtype(weight, grad_logp.dtype))
+
+
+def _in_dtype(value: float, dtype: torch.dtype) -> float:
+    """`value` rounded to float32 unless dtype is float64 (the losses' two dtypes), as a Python float."""
+    return value if dtype == torch.float64 else struct.unpack("f", struct.pack("f", value))[0]
 
 
 def _backward(ctx, grad_logp: Tensor | None, _grad_dlogits: Tensor | None):
