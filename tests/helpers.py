@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastvae
 
@@ -75,3 +76,18 @@ def rows_sum(t: Tensor) -> Tensor:
 
 def leaf(t: Tensor) -> Tensor:
     return t.detach().clone().requires_grad_(True)
+
+
+class RecordPointwiseSizes(TorchDispatchMode):
+    """Records the numel of every pointwise aten op's output run under it in `sizes`: a
+    backward that hands a saved gradient over must show no op the size of [B, D]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if torch.Tag.pointwise in func.tags:
+            self.sizes.append(out.numel())
+        return out

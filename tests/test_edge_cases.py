@@ -8,7 +8,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastvae
 from fastvae.backend import backend_module
-from helpers import BACKENDS, DEVICE, assert_close_to, leaf, oracle_kl, oracle_logp, oracle_z, rows_sum
+from helpers import (BACKENDS, DEVICE, RecordPointwiseSizes, assert_close_to, leaf, oracle_kl, oracle_logp,
+                     oracle_z, rows_sum)
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean", "batchmean"])
@@ -158,17 +159,9 @@ def test_elbo_loss_backward_hands_over_the_forward_gradient(backend):
     weights, h, target, mu, logvar = _elbo_case()
     with fastvae.use_backend(backend):
         loss = fastvae.elbo_loss(h @ weights, target, mu, logvar)
-        sizes = []
-
-        class _RecordPointwiseSizes(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                if torch.Tag.pointwise in func.tags:
-                    sizes.append(out.numel())
-                return out
-
-        with _RecordPointwiseSizes():
+        with RecordPointwiseSizes() as recorder:
             grad_w, grad_mu = torch.autograd.grad(loss, (weights, mu))
+        sizes = recorder.sizes
     expected_w, expected_mu = _oracle_elbo_grads(weights, h, target, mu, logvar)
     assert_close_to(grad_w, expected_w, "grad_weights")
     assert_close_to(grad_mu, expected_mu, "grad_mu")

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastvae import checkpoint as ckpt
 from fastvae import data
@@ -19,6 +18,7 @@ from fastvae.models import VAEConfig, build_model
 from fastvae.train import main, run_training
 from fastvae.train_config import TrainConfig
 from fastvae.trainer import ELBOObjective, kl_weight_at
+from helpers import RecordPointwiseSizes
 
 SIDE, TRAIN_N, TEST_N, VAL_N, BATCH = 8, 96, 24, 16, 16  # 5 steps per epoch
 
@@ -171,17 +171,9 @@ def test_objective_gradient_matches_the_formula_without_a_pass_over_the_data():
     weight = torch.tensor(0.3)
     state = torch.get_rng_state()
     loss, _ = ELBOObjective(model, 0.0)(x, weight)
-    sizes = []
-
-    class RecordPointwiseSizes(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if torch.Tag.pointwise in func.tags:
-                sizes.append(out.numel())
-            return out
-
-    with RecordPointwiseSizes():
+    with RecordPointwiseSizes() as recorder:
         grads = torch.autograd.grad(loss, list(model.parameters()))
+    sizes = recorder.sizes
     torch.set_rng_state(state)
     logits, mu, logvar, _ = model(x)
     recon = torch.nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="sum")
