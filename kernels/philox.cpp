@@ -105,16 +105,31 @@ __attribute__((target("avx2"))) void philox_block_avx2(uint64_t seed, uint64_t g
 
 using PhiloxBlockFn = void (*)(uint64_t, uint64_t, uint32_t[4][PHILOX_BLOCK]);
 
-PhiloxBlockFn pick_philox_block() {
+constexpr int PHILOX_PORTABLE = 0, PHILOX_AVX2 = 1, PHILOX_AVX512 = 2;
+
+// The version's function, or null where this CPU (or build) cannot run it.
+PhiloxBlockFn philox_version_fn(int version) {
+    switch (version) {
+        case PHILOX_PORTABLE: return philox_block_portable;
 #if FV_X86_SIMD
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return philox_block_avx512;
-    if (__builtin_cpu_supports("avx2")) return philox_block_avx2;
+        case PHILOX_AVX2: return __builtin_cpu_supports("avx2") ? philox_block_avx2 : nullptr;
+        case PHILOX_AVX512: return __builtin_cpu_supports("avx512f") ? philox_block_avx512 : nullptr;
 #endif
-    return philox_block_portable;
+        default: return nullptr;
+    }
 }
 
-const PhiloxBlockFn selected_philox_block = pick_philox_block();
+int best_philox_version() {
+#if FV_X86_SIMD
+    __builtin_cpu_init();  // a static initializer may run before libgcc has detected the CPU
+#endif
+    int version = PHILOX_AVX512;
+    while (philox_version_fn(version) == nullptr) --version;  // the portable one always runs
+    return version;
+}
+
+const int selected_version = best_philox_version();
+const PhiloxBlockFn selected_philox_block = philox_version_fn(selected_version);
 
 }  // namespace
 
@@ -126,28 +141,9 @@ void philox_block(uint64_t seed, uint64_t g0, uint32_t w[4][PHILOX_BLOCK]) {
 
 // For the tests: the Philox version this CPU runs (0 portable, 1 AVX2, 2 AVX-512), and
 // the words of groups g0 .. g0 + 15 from a given version ([4][16], word-major), so that
-// each version the CPU can run is checked against the portable one. Returns
+// each version the CPU can run is checked against the reference's words. Returns
 // FASTVAE_ERR_UNSUPPORTED for a version this CPU (or build) cannot run.
-namespace fastvae {
-namespace {
-PhiloxBlockFn philox_version_fn(int version) {
-    switch (version) {
-        case 0: return philox_block_portable;
-#if FV_X86_SIMD
-        case 1: return __builtin_cpu_supports("avx2") ? philox_block_avx2 : nullptr;
-        case 2: return __builtin_cpu_supports("avx512f") ? philox_block_avx512 : nullptr;
-#endif
-        default: return nullptr;
-    }
-}
-}  // namespace
-}  // namespace fastvae
-
-extern "C" int fastvae_philox_version(void) {
-    for (int version = 2; version > 0; --version)
-        if (fastvae::philox_version_fn(version) == fastvae::selected_philox_block) return version;
-    return 0;
-}
+extern "C" int fastvae_philox_version(void) { return fastvae::selected_version; }
 
 extern "C" int fastvae_philox_words(int version, uint64_t seed, uint64_t g0, uint32_t* words) {
     const fastvae::PhiloxBlockFn fn = fastvae::philox_version_fn(version);
