@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from fastvae import ops
+from fastvae.ops.elbo import NegativeELBO, fuses_eagerly
 from fastvae.ops.reparameterize_kl import draw_seed
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
@@ -194,23 +195,23 @@ def elbo_loss(logits: Tensor, target: Tensor, mu: Tensor | None = None, logvar: 
             raise TypeError("elbo_loss needs the posterior: pass mu and logvar, or kl= (the [B] KL that "
                             "fastvae.reparameterize_kl returns)")
         _check_elbo_inputs(logits, target, mu, logvar)
+        kl, _, _ = ops.gaussian_kl(mu, logvar, False, _needs_grad(mu, logvar))
     else:
         if mu is not None or logvar is not None:
             raise TypeError("elbo_loss takes mu and logvar or kl=, not both: the KL would count twice")
         _check_pair("logits", logits, "target", target)
         _check_kl_rows(kl, logits)
-    per_datapoint = "sum" if reduction == "sum" else "batchmean"
-    weight = None if reduction == "none" else -_reduction_weight(per_datapoint, logits.shape[0], logits.numel())
-    logp = _log_likelihood_rows(logits, target, weight)
-    if kl is None:
-        kl, _, _ = ops.gaussian_kl(mu, logvar, False, _needs_grad(mu, logvar))
     if reduction == "none":
-        return -logp + beta * kl
-    # One sum per term, then one subtraction and one division: each eager op (and its
-    # backward node) costs microseconds that a training step at batch 128 feels.
+        return -_log_likelihood_rows(logits, target, None) + beta * kl
+    divisor = 1 if reduction == "sum" else max(logits.shape[0], 1)
+    if fuses_eagerly(logits, target, kl, beta):
+        return NegativeELBO.apply(logits, target, kl, beta, divisor)[0]
+    # Traced: the Bernoulli op weighted by d(loss)/d(sum log p) = -1/divisor (its saved gradient
+    # is then the loss's), one sum per term, one subtraction and one division, for inductor to fuse.
+    logp = _log_likelihood_rows(logits, target, -1.0 / divisor)
     kl_sum = kl.sum() if isinstance(beta, numbers.Real) and beta == 1 else beta * kl.sum()
     total = torch.sub(kl_sum, logp.sum())
-    return total if reduction == "sum" else total / max(logits.shape[0], 1)  # a division: see _reduce_rows
+    return total if divisor == 1 else total / divisor  # a division: see _reduce_rows
 
 
 def _log_likelihood_rows(logits: Tensor, target: Tensor, weight: float | None) -> Tensor:

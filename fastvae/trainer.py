@@ -25,6 +25,7 @@ from fastvae.distributed import DistInfo, all_reduce_sum, barrier, broadcast_obj
 from fastvae.evaluate import evaluate_elbo, evaluate_test
 from fastvae.functional import _log_likelihood_rows
 from fastvae.models import VAE, build_model
+from fastvae.ops.elbo import NegativeELBO, fuses_eagerly
 from fastvae.progress import TrainProgress
 from fastvae.train_config import MODEL_FIELDS, TrainConfig, default_run_dir, pick_device
 
@@ -42,6 +43,8 @@ class ELBOObjective(nn.Module):
     def forward(self, x: Tensor, kl_weight: Tensor) -> tuple[Tensor, Tensor]:
         logits, mu, logvar, kl = self.model(x)
         batch = x.shape[0]
+        if self.free_bits <= 0 and fuses_eagerly(logits, x, kl, kl_weight):
+            return NegativeELBO.apply(logits, x, kl, kl_weight, batch)  # one autograd node (eager)
         # The loss below weights the rows' sum by -1/B; told so, the kernel writes the final
         # d(loss)/d(logits) and backward hands it over without a [B, D] multiply.
         recon = -_log_likelihood_rows(logits, x, -1.0 / batch).sum()

@@ -85,6 +85,33 @@ def test_traced_calls_take_the_custom_op():
     assert any("fastvae.reparameterize_kl" in target for target in seen), seen
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean", "batchmean"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eager_negative_elbo_matches_the_traced_composition(backend, reduction):
+    """A plain eager elbo_loss is one NegativeELBO autograd node; traced code composes the
+    Bernoulli op with torch ops instead. Both must give the same loss and gradients (logits,
+    target and kl), for beta as a float and as a tensor, for an upstream gradient of 1 (the
+    saved gradient handed over) and of 1.7 (scaled)."""
+    logits = torch.randn(5, 9, device=DEVICE, requires_grad=True)
+    target = torch.rand(5, 9, device=DEVICE).requires_grad_()
+    kl = (torch.rand(5, device=DEVICE) + 0.1).requires_grad_()
+    traced = torch.compile(fastvae.elbo_loss, backend="aot_eager", fullgraph=True)
+    for beta in (0.4, torch.tensor(0.4, device=DEVICE)):
+        for upstream in (1.0, 1.7):
+            results = {}
+            with fastvae.use_backend(backend):
+                for path, call in (("eager", fastvae.elbo_loss), ("traced", traced)):
+                    loss = call(logits, target, kl=kl, beta=beta, reduction=reduction)
+                    grads = torch.autograd.grad(loss, (logits, target, kl), torch.tensor(upstream, device=DEVICE))
+                    results[path] = (loss, grads, type(loss.grad_fn).__name__)
+            assert results["eager"][2] == "NegativeELBOBackward", results["eager"][2]
+            assert results["traced"][2] != "NegativeELBOBackward"
+            for name, a, b in zip(("loss", "grad_logits", "grad_target", "grad_kl"),
+                                  (results["eager"][0],) + results["eager"][1],
+                                  (results["traced"][0],) + results["traced"][1]):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_float64(backend):
     mu, logvar = _latent(dtype=torch.float64)

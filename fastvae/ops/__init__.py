@@ -7,6 +7,8 @@ torch.library.opcheck passes. Validation happens once, in fastvae.functional.
 
 `<name>` is the `FusedOp` fastvae.functional calls (plain eager calls skip the
 dispatcher, see fastvae.ops.common.FusedOp); `<name>_op` is the registered custom op.
+`elbo.NegativeELBO` is no custom op: it is the one autograd node a plain eager
+negative ELBO becomes (traced code composes the Bernoulli op with torch ops instead).
 """
 
 from fastvae.ops.bernoulli import bernoulli_log_likelihood, bernoulli_log_likelihood_op

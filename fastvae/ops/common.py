@@ -13,10 +13,17 @@ def as_rows(t: Tensor) -> Tensor:
 
     Strided rows (a chunk of a wider encoder output) stay views: every backend
     takes a row stride, so the common `mu, logvar = h.chunk(2, dim=1)` costs no copy."""
+    if t.dim() == 2 and (t.stride(1) == 1 or t.shape[1] <= 1):
+        return t  # already rows: the common case, returned without a reshape call
     rows = t.reshape(t.shape[0], math.prod(t.shape[1:]))
     if rows.shape[1] > 1 and rows.stride(1) != 1:
         rows = rows.contiguous()
     return rows
+
+
+def view_as_shape(t: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """t viewed as `shape`; t itself when it already has it (a view call costs about 2 us)."""
+    return t if t.shape == shape else t.view(shape)
 
 
 def loss_dtype(*tensors: Tensor) -> torch.dtype:
@@ -42,7 +49,7 @@ def scale_saved_grad(saved: Tensor, grad_output: Tensor) -> Tensor:
     return saved * g.to(saved.dtype)
 
 
-def _plain_eager_call(args: tuple) -> bool:
+def plain_eager_call(args: tuple) -> bool:
     """True when nothing but eager PyTorch can observe this call: no torch.compile or
     export trace, no torch function or dispatch mode (fake tensors, profilers that
     record aten ops, FlopCounter), no torch.func transform, only plain tensors."""
@@ -93,7 +100,7 @@ class FusedOp:
             })
 
     def __call__(self, *args):
-        if not _plain_eager_call(args):
+        if not plain_eager_call(args):
             return self.custom_op(*args)
         if self._function is not None:
             return self._function.apply(*args)
