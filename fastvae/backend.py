@@ -73,7 +73,10 @@ def requested_backend() -> str:
     override = getattr(_override, "name", None)
     if override is not None:
         return override
-    env = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    env = os.environ.get(ENV_VAR)
+    if env is None:
+        return "auto"
+    env = env.strip().lower() or "auto"
     if env not in CHOICES:
         raise ValueError(f"{ENV_VAR}={env!r} is not a fastvae backend; set it to one of {', '.join(CHOICES)}")
     return env
@@ -170,4 +173,10 @@ def backend_module(name: str) -> ModuleType:
 
 
 def backend_for(device: torch.device) -> ModuleType:
+    """The backend module that runs ops on `device` now (see resolve_backend_name)."""
+    if device.type == "cpu" and requested_backend() in ("auto", "native"):
+        from fastvae import native
+
+        if native.load_error() is None:
+            return native  # the common CPU answer, without the general resolution
     return backend_module(resolve_backend_name(device))

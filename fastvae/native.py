@@ -37,7 +37,7 @@ from torch import Tensor
 
 ENV_LIB = "FASTVAE_NATIVE_LIB"
 LIBRARY_MODULE = "fastvae._native_cpu"
-ABI_VERSION = 3  # FASTVAE_ABI_VERSION in kernels/fastvae_native.h
+ABI_VERSION = 4  # FASTVAE_ABI_VERSION in kernels/fastvae_native.h
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 _BUILD_HINT = ("build it with `pip install -e .` (or `pip install .`) in the fastvae checkout, or "
                "`cmake -S . -B build && cmake --build build` there, or set "
@@ -54,7 +54,7 @@ _SIGNATURES = {
     "fastvae_reparameterize_kl_forward":
         [_int, _i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _u64, _ptr, _ptr, _int],
     "fastvae_reparameterize_kl_backward":
-        [_int, _i64, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64, _u64, _ptr, _ptr, _int],
+        [_int, _i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64, _u64, _ptr, _ptr, _int],
     "fastvae_gaussian_kl_forward": [_int, _i64, _i64, _ptr, _i64, _ptr, _i64, _int, _ptr, _ptr, _ptr, _int],
     "fastvae_bernoulli_log_likelihood_forward":
         [_int, _int, _i64, _i64, _ptr, _i64, _ptr, _i64, _int, _ptr, _ptr, ctypes.c_double, _int],
@@ -160,14 +160,18 @@ def _check_rows(name: str, t: Tensor, shape: torch.Size | None = None) -> Tensor
     return t
 
 
-def _compute_dtype(*tensors: Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+def _compute_dtype(a: Tensor, b: Tensor) -> torch.dtype:
+    """float64 when either input is float64, else float32 (the dtype the math runs in)."""
+    return torch.float64 if a.dtype == torch.float64 or b.dtype == torch.float64 else torch.float32
 
 
 def _storage_dtype(compute: torch.dtype, *tensors: Tensor | None) -> torch.dtype:
     """The one dtype the Gaussian kernels read: the inputs' own if they agree, else `compute`."""
-    dtypes = {t.dtype for t in tensors if t is not None}
-    return dtypes.pop() if len(dtypes) == 1 else compute
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        if t is not None and t.dtype != dtype:
+            return compute
+    return dtype
 
 
 def _as_dtype(dtype: torch.dtype, t: Tensor | None) -> Tensor | None:
@@ -235,15 +239,16 @@ def reparameterize_kl_backward(grad_z: Tensor | None, grad_kl: Tensor | None, mu
     if grad_kl is not None:
         if grad_kl.shape != mu.shape[:1]:
             raise ValueError(f"native backend: grad_kl {list(grad_kl.shape)} must have shape [{mu.shape[0]}]")
-        if grad_kl.dtype != compute or grad_kl.device.type != "cpu" or grad_kl.stride(0) != 1:
-            grad_kl = grad_kl.to(device="cpu", dtype=compute).contiguous()  # [B]: a negligible copy
+        if grad_kl.dtype != compute or grad_kl.device.type != "cpu":
+            grad_kl = grad_kl.to(device="cpu", dtype=compute)  # [B]: a negligible copy
+        # Any element stride, 0 included: the backward of kl.sum() hands over one value expanded.
     dtype = _storage_dtype(compute, mu, logvar, eps, grad_z)
     m, lv, e, gz = _as_dtype(dtype, mu), _as_dtype(dtype, logvar), _as_dtype(dtype, eps), _as_dtype(dtype, grad_z)
     rows, cols = mu.shape
     grad_mu = torch.empty((rows, cols), dtype=dtype)
     grad_logvar = torch.empty((rows, cols), dtype=dtype)
     _call(lib.fastvae_reparameterize_kl_backward, _DTYPE_CODES[dtype], rows, cols,
-          _pointer(gz), _stride(gz), _pointer(grad_kl), m.data_ptr(), m.stride(0),
+          _pointer(gz), _stride(gz), _pointer(grad_kl), _stride(grad_kl), m.data_ptr(), m.stride(0),
           lv.data_ptr(), lv.stride(0), _pointer(e), _stride(e), _check_seed(seed),
           grad_mu.data_ptr(), grad_logvar.data_ptr(), torch.get_num_threads())
     return _as_dtype(mu.dtype, grad_mu), _as_dtype(logvar.dtype, grad_logvar)

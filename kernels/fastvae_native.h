@@ -22,7 +22,7 @@
 extern "C" {
 #endif
 
-#define FASTVAE_ABI_VERSION 3
+#define FASTVAE_ABI_VERSION 4
 
 enum { FASTVAE_F32 = 0, FASTVAE_F64 = 1, FASTVAE_BF16 = 2, FASTVAE_F16 = 3 };
 enum { FASTVAE_OK = 0, FASTVAE_ERR_DTYPE = 1, FASTVAE_ERR_UNSUPPORTED = 2 };
@@ -48,10 +48,11 @@ FASTVAE_API int fastvae_reparameterize_kl_forward(
     void* z, void* kl, int num_threads);
 
 /* grad_mu, grad_logvar [rows, cols] (dtype) from grad_z [rows, cols] (dtype, or NULL)
- * and grad_kl [rows] (compute type, contiguous, or NULL); eps NULL regenerates the noise. */
+ * and grad_kl [rows] (compute type, element stride grad_kl_stride: 0 broadcasts one value, as
+ * the backward of a sum gives it; or NULL); eps NULL regenerates the noise. */
 FASTVAE_API int fastvae_reparameterize_kl_backward(
     int dtype, int64_t rows, int64_t cols,
-    const void* grad_z, int64_t grad_z_stride, const void* grad_kl,
+    const void* grad_z, int64_t grad_z_stride, const void* grad_kl, int64_t grad_kl_stride,
     const void* mu, int64_t mu_stride, const void* logvar, int64_t logvar_stride,
     const void* eps, int64_t eps_stride, uint64_t seed,
     void* grad_mu, void* grad_logvar, int num_threads);

@@ -22,7 +22,8 @@ struct GaussianArgs {
     int64_t eps_stride;
     const void* grad_z;   // [rows, cols] or NULL (backward)
     int64_t grad_z_stride;
-    const void* grad_kl;  // [rows] compute type or NULL (backward)
+    const void* grad_kl;  // [rows] compute type or NULL (backward), element stride grad_kl_stride
+    int64_t grad_kl_stride;
     uint64_t seed;
     int elementwise;      // gaussian_kl: kl [rows, cols] instead of [rows]
     void* out0;           // z | grad_mu | kl
@@ -93,7 +94,7 @@ FV_INLINE void reparameterize_kl_backward_rows(const GaussianArgs& a, int64_t b0
         const T* __restrict lv = row_of<T>(a.logvar, a.logvar_stride, b);
         const T* __restrict eps = NOISE || !GRAD_Z ? nullptr : row_of<T>(a.eps, a.eps_stride, b);
         const T* __restrict gz = GRAD_Z ? row_of<T>(a.grad_z, a.grad_z_stride, b) : nullptr;
-        const C gkl = GRAD_KL ? static_cast<const C*>(a.grad_kl)[b] : C(0);
+        const C gkl = GRAD_KL ? static_cast<const C*>(a.grad_kl)[b * a.grad_kl_stride] : C(0);
         T* __restrict grad_mu = static_cast<T*>(a.out0) + b * a.cols;
         T* __restrict grad_lv = static_cast<T*>(a.out1) + b * a.cols;
         for (int64_t j0 = 0; j0 < a.cols; j0 += CHUNK) {
@@ -212,17 +213,17 @@ extern "C" int fastvae_reparameterize_kl_forward(
     int64_t logvar_stride, const void* eps, int64_t eps_stride, uint64_t seed, void* z, void* kl,
     int num_threads) {
     const GaussianArgs a{cols, mu, mu_stride, logvar, logvar_stride, eps, eps_stride,
-                         nullptr, 0, nullptr, seed, 0, z, kl, nullptr};
+                         nullptr, 0, nullptr, 0, seed, 0, z, kl, nullptr};
     return fastvae::run(fastvae::entries_for(dtype).forward, a, rows, num_threads);
 }
 
 extern "C" int fastvae_reparameterize_kl_backward(
     int dtype, int64_t rows, int64_t cols, const void* grad_z, int64_t grad_z_stride,
-    const void* grad_kl, const void* mu, int64_t mu_stride, const void* logvar, int64_t logvar_stride,
-    const void* eps, int64_t eps_stride, uint64_t seed, void* grad_mu, void* grad_logvar,
-    int num_threads) {
-    const GaussianArgs a{cols, mu, mu_stride, logvar, logvar_stride, eps, eps_stride,
-                         grad_z, grad_z_stride, grad_kl, seed, 0, grad_mu, grad_logvar, nullptr};
+    const void* grad_kl, int64_t grad_kl_stride, const void* mu, int64_t mu_stride, const void* logvar,
+    int64_t logvar_stride, const void* eps, int64_t eps_stride, uint64_t seed, void* grad_mu,
+    void* grad_logvar, int num_threads) {
+    const GaussianArgs a{cols, mu, mu_stride, logvar, logvar_stride, eps, eps_stride, grad_z,
+                         grad_z_stride, grad_kl, grad_kl_stride, seed, 0, grad_mu, grad_logvar, nullptr};
     return fastvae::run(fastvae::entries_for(dtype).backward, a, rows, num_threads);
 }
 
@@ -231,6 +232,6 @@ extern "C" int fastvae_gaussian_kl_forward(
     int64_t logvar_stride, int elementwise, void* kl, void* grad_mu, void* grad_logvar,
     int num_threads) {
     const GaussianArgs a{cols, mu, mu_stride, logvar, logvar_stride, nullptr, 0,
-                         nullptr, 0, nullptr, 0, elementwise, kl, grad_mu, grad_logvar};
+                         nullptr, 0, nullptr, 0, 0, elementwise, kl, grad_mu, grad_logvar};
     return fastvae::run(fastvae::entries_for(dtype).kl, a, rows, num_threads);
 }

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from fastvae.backend import backend_for
-from fastvae.ops.common import FusedOp, as_rows, loss_dtype, no_grad_placeholder, scale_saved_grad
+from fastvae.ops.common import (FusedOp, as_rows, loss_dtype, no_grad_placeholder, scale_saved_grad,
+                               view_as_shape)
 
 
 def _logp_shape(logits: Tensor, elementwise: bool) -> tuple[int, ...]:
@@ -42,10 +43,10 @@ def _forward(logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bo
     backend = backend_for(logits.device)
     logp, dlogits = backend.bernoulli_log_likelihood_forward(
         as_rows(logits), as_rows(target), elementwise, compute_grad, 1.0 if weight is None else weight)
-    logp = logp.view(_logp_shape(logits, elementwise))
+    logp = view_as_shape(logp, _logp_shape(logits, elementwise))
     if not compute_grad:
         return logp, no_grad_placeholder(logits)
-    return logp, dlogits.view(logits.shape)
+    return logp, view_as_shape(dlogits, logits.shape)
 
 
 bernoulli_log_likelihood_op = torch.library.custom_op("fastvae::bernoulli_log_likelihood", _forward,

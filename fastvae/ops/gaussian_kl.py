@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from fastvae.backend import backend_for
-from fastvae.ops.common import FusedOp, as_rows, loss_dtype, no_grad_placeholder, scale_saved_grad
+from fastvae.ops.common import (FusedOp, as_rows, loss_dtype, no_grad_placeholder, scale_saved_grad,
+                               view_as_shape)
 
 
 def _kl_shape(mu: Tensor, elementwise: bool) -> tuple[int, ...]:
@@ -29,10 +30,10 @@ def _forward(mu: Tensor, logvar: Tensor, elementwise: bool,
         return (kl, *grads)
     backend = backend_for(mu.device)
     kl, dmu, dlogvar = backend.gaussian_kl_forward(as_rows(mu), as_rows(logvar), elementwise, compute_grad)
-    kl = kl.view(_kl_shape(mu, elementwise))
+    kl = view_as_shape(kl, _kl_shape(mu, elementwise))
     if not compute_grad:
         return kl, no_grad_placeholder(mu), no_grad_placeholder(logvar)
-    return kl, dmu.view(mu.shape), dlogvar.view(logvar.shape)
+    return kl, view_as_shape(dmu, mu.shape), view_as_shape(dlogvar, logvar.shape)
 
 
 gaussian_kl_op = torch.library.custom_op("fastvae::gaussian_kl", _forward, mutates_args=())

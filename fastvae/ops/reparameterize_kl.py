@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from fastvae.backend import backend_for
-from fastvae.ops.common import FusedOp, as_rows, loss_dtype
+from fastvae.ops.common import FusedOp, as_rows, loss_dtype, view_as_shape
 from fastvae.reference import SEED_HIGH
 
 
@@ -53,7 +53,7 @@ def _forward(mu: Tensor, logvar: Tensor, eps: Optional[Tensor],
     backend = backend_for(mu.device)
     z, kl = backend.reparameterize_kl_forward(as_rows(mu), as_rows(logvar), _rows_or_none(eps),
                                               int(seed_used))
-    return z.view(mu.shape), kl, seed_used
+    return view_as_shape(z, mu.shape), kl, seed_used
 
 
 reparameterize_kl_op = torch.library.custom_op("fastvae::reparameterize_kl", _forward, mutates_args=())
@@ -76,7 +76,7 @@ def _backward_forward(grad_z: Optional[Tensor], grad_kl: Optional[Tensor], mu: T
     backend = backend_for(mu.device)
     grad_mu, grad_logvar = backend.reparameterize_kl_backward(
         _rows_or_none(grad_z), grad_kl, as_rows(mu), as_rows(logvar), _rows_or_none(eps), int(seed))
-    return grad_mu.view(mu.shape), grad_logvar.view(logvar.shape)
+    return view_as_shape(grad_mu, mu.shape), view_as_shape(grad_logvar, logvar.shape)
 
 
 reparameterize_kl_backward_op = torch.library.custom_op("fastvae::reparameterize_kl_backward",
