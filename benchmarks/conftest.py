@@ -29,9 +29,14 @@ def pytest_addoption(parser):
 _LOAD_AT_START = pytest.StashKey[tuple]()
 
 
+_CPU_ALLOCATOR = pytest.StashKey[object]()
+
+
 def pytest_configure(config):
     # Other processes on a small machine skew CPU timings: the JSON records the load around the run.
     config.stash[_LOAD_AT_START] = os.getloadavg()
+    # Before any case allocates: see harness.pin_cpu_allocator.
+    config.stash[_CPU_ALLOCATOR] = harness.pin_cpu_allocator()
 
 
 def bench_device(config) -> torch.device:
@@ -121,6 +126,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": _git_commit(),
         "gpu_sweep": bool(config.getoption("--gpu-sweep")),
+        "cpu_allocator": config.stash.get(_CPU_ALLOCATOR, None) or "the C library's default",
         "load_average_1_5_15_min_at_start": config.stash.get(_LOAD_AT_START, None),
         "load_average_1_5_15_min_at_end": os.getloadavg(),
         **_versions(),

@@ -29,6 +29,37 @@ COPY_BUFFER_BYTES = 256 * 2**20  # far larger than any CPU cache or GPU L2, so c
 COPY_REPEATS = 10
 
 
+# glibc malloc settings for the benchmark process (see pin_cpu_allocator).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+PINNED_MMAP_THRESHOLD = 32 * 2**20  # glibc's largest: blocks up to 32 MiB come from the heap
+PINNED_TRIM_THRESHOLD = 2**30  # freed heap memory stays with the process up to 1 GiB
+
+
+def pin_cpu_allocator() -> str | None:
+    """Fix glibc malloc's thresholds for the whole benchmark process; returns what was set
+    (recorded in the JSON), or None where the C library is not glibc.
+
+    By default glibc adapts its mmap and trim thresholds to the blocks freed so far, so
+    whether a 12.8 MB buffer (a [4096, 784] float32 gradient) is reused or comes back as
+    fresh pages, about 3,000 page faults per call, depends on the allocation history of
+    the process. The same case then timed 2.2 ms in one process and 5.7 ms in the next
+    (2-core CPU, vae_loss 4096x784, either fastvae version). Fixed thresholds give every
+    provider the same allocator, whatever ran before it. Users get the same behaviour with
+    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824,
+    or with jemalloc or tcmalloc as PyTorch's CPU performance guide suggests."""
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if not (libc.mallopt(_M_MMAP_THRESHOLD, PINNED_MMAP_THRESHOLD)
+            and libc.mallopt(_M_TRIM_THRESHOLD, PINNED_TRIM_THRESHOLD)):
+        return None
+    return f"glibc malloc mmap_threshold={PINNED_MMAP_THRESHOLD} trim_threshold={PINNED_TRIM_THRESHOLD}"
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """A named tensor of an op: its size axes and what it holds.

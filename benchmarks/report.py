@@ -210,14 +210,17 @@ class Target:
         """Which parts of the target a fastvae row meets; empty for a competitor."""
         if not row.provider.startswith("fastvae"):
             return ""
-        checks = [("copy", row.info["pct_of_copy"] >= self.pct_copy),
-                  ("eager", ratios["eager"] is not None and ratios["eager"] >= self.vs_eager),
-                  ("compiled", ratios["compiled"] is not None and ratios["compiled"] >= self.vs_compiled)]
+        checks = [("copy", row.info["pct_of_copy"] >= self.pct_copy)]
+        unmeasured = [name for name in ("eager", "compiled") if ratios[name] is None]
+        checks += [(name, ratios[name] >= minimum) for name, minimum in
+                   (("eager", self.vs_eager), ("compiled", self.vs_compiled)) if ratios[name] is not None]
         if self.extra_buffers is not None and row.info.get("peak_extra_bytes") is not None:
             extra = row.info["peak_extra_bytes"] / row.info["largest_input_bytes"]
             checks.append(("memory", extra <= self.extra_buffers))
         missed = [name for name, ok in checks if not ok]
-        return "all met" if not missed else "missed: " + ", ".join(missed)
+        parts = (["missed: " + ", ".join(missed)] if missed else []) + (
+            ["not run: " + ", ".join(unmeasured)] if unmeasured else [])
+        return "; ".join(parts) if parts else "all met"
 
 
 TARGETS = (
@@ -293,14 +296,17 @@ def markdown(machine: dict, rows: list[Row], mode: str = "full") -> str:
     return "\n".join(lines)
 
 
-def plot(machine: dict, rows: list[Row], path: Path) -> None:
-    """GB/s against batch size, one line per provider, one panel per op and mode."""
+def plot(machine: dict, rows: list[Row], path: Path) -> bool:
+    """GB/s against batch size, one line per provider, one panel per op and mode; False (and
+    no file) when no case of the headline setting was measured, as in a run of one case."""
+    groups = _groups(headline_rows(rows))
+    if not groups:
+        return False
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = _groups(headline_rows(rows))
     ops = list(dict.fromkeys(op for op, _, _ in groups))
     fig, panels = plt.subplots(len(ops), len(MODES), figsize=(4.2 * len(MODES), 3.2 * len(ops)),
                                squeeze=False, sharex=True)
@@ -332,6 +338,7 @@ def plot(machine: dict, rows: list[Row], path: Path) -> None:
     fig.tight_layout(rect=(0, 0.05, 1, 1))  # room for the shared legend below the panels
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -364,8 +371,11 @@ def main(argv: list[str] | None = None) -> None:
         print_train_steps(steps, console)
     if rows:
         path = args.plot or args.results.with_suffix(".png")
-        plot(machine, rows, path)
-        console.print(f"plot written to {path}")
+        if plot(machine, rows, path):
+            console.print(f"plot written to {path}")
+        else:
+            console.print("no plot: the run measured no case of the headline setting "
+                          f"({', '.join(f'{k} {v}' for k, v in HEADLINE.items())})")
 
 
 if __name__ == "__main__":

@@ -136,3 +136,17 @@ def test_main_prints_tables_and_writes_the_plot(results, tmp_path, capsys):
     assert "target, GPU" not in out  # a CPU run is not held to the GPU target
     assert "training step" in out and "1.50x" in out
     assert plot.stat().st_size > 0
+
+
+def test_a_run_of_one_target_case_reports_it_without_a_plot(tmp_path, capsys):
+    """pytest -k selecting only the native target case: the verdict says which competitors
+    were not run (rather than calling them missed), and no empty plot is drawn."""
+    doc = {"machine_info": {"fastvae": {"device": "cpu", "device_name": "test CPU", "copy_gbps": 10.0}},
+           "benchmarks": [_entry("fastvae-native", 1e-4, op="vae_loss", latent=64)]}
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps(doc))
+    plot = tmp_path / "one.png"
+    report.main([str(path), "--plot", str(plot)])
+    out = capsys.readouterr().out
+    assert "not run: eager, compiled" in out and "missed" not in out  # 1e6 B / 1e-4 s is 100% of copy
+    assert "no plot" in out and not plot.exists()
