@@ -37,6 +37,9 @@ def _check_same_shape(a_name: str, a: Tensor, b_name: str, b: Tensor) -> None:
 
 
 def _check_same_device(**tensors: Tensor) -> None:
+    first, *rest = tensors.values()
+    if all(t.device == first.device for t in rest):
+        return
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{name} on {device}" for name, device in devices.items())

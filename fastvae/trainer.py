@@ -44,7 +44,8 @@ class ELBOObjective(nn.Module):
         logits, mu, logvar, kl = self.model(x)
         batch = x.shape[0]
         if self.free_bits <= 0 and fuses_eagerly(logits, x, kl, kl_weight):
-            return NegativeELBO.apply(logits, x, kl, kl_weight, batch)  # one autograd node (eager)
+            loss, logp_sum, kl_sum = NegativeELBO.apply(logits, x, kl, kl_weight, batch)  # one autograd node
+            return loss, torch.stack([logp_sum.neg(), kl_sum])
         # The loss below weights the rows' sum by -1/B; told so, the kernel writes the final
         # d(loss)/d(logits) and backward hands it over without a [B, D] multiply.
         recon = -_log_likelihood_rows(logits, x, -1.0 / batch).sum()

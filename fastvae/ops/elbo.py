@@ -1,7 +1,7 @@
 """The negative ELBO from the Bernoulli op and the per-datapoint KL, as one eager autograd node.
 
-    loss  = (beta * sum_b kl_b - sum_b log p(x_b | logits_b)) / divisor   (divisor B for a mean, 1 for a sum)
-    terms = [sum_b -log p(x_b | logits_b), sum_b kl_b]                     (statistics, no gradient)
+    loss     = (beta * kl_sum - logp_sum) / divisor   (divisor B for a mean, 1 for a sum)
+    logp_sum = sum_b log p(x_b | logits_b),  kl_sum = sum_b kl_b   (statistics, no gradient)
 
 Traced code (torch.compile, export, dispatch modes) builds the loss from the Bernoulli
 custom op and a few torch ops, which inductor fuses into the surrounding graph. In plain
@@ -41,11 +41,11 @@ def _is_one(grad: Tensor) -> bool:
 
 
 class NegativeELBO(torch.autograd.Function):
-    """apply(logits [B, ...], target [B, ...], kl [B], beta (float or tensor), divisor) -> (loss, terms [2])."""
+    """apply(logits [B, ...], target [B, ...], kl [B], beta (float or tensor), divisor) -> (loss, logp_sum, kl_sum)."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, kl: Tensor, beta: float | Tensor,
-                divisor: int) -> tuple[Tensor, Tensor]:
+                divisor: int) -> tuple[Tensor, Tensor, Tensor]:
         weight = -1.0 / divisor
         logp, dlogits = _bernoulli_forward(logits, target, False, ctx.needs_input_grad[0], weight)
         logp_sum, kl_sum = logp.sum(), kl.sum()
@@ -53,17 +53,16 @@ class NegativeELBO(torch.autograd.Function):
         loss = torch.sub(weighted_kl, logp_sum)
         if divisor != 1:
             loss = loss / divisor
-        terms = torch.stack((logp_sum.neg(), kl_sum))
-        ctx.mark_non_differentiable(terms)
+        ctx.mark_non_differentiable(logp_sum, kl_sum)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(logits, target, dlogits)
         ctx.beta, ctx.divisor, ctx.weight = beta, divisor, weight
         ctx.kl_shape, ctx.kl_dtype = kl.shape, kl.dtype
         ctx.handed_over = False
-        return loss, terms
+        return loss, logp_sum, kl_sum
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor | None, _grad_terms: None):
+    def backward(ctx, grad_loss: Tensor | None, _grad_logp_sum: None, _grad_kl_sum: None):
         grad_logits = grad_target = grad_kl = None
         if grad_loss is None:
             return None, None, None, None, None
