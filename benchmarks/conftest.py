@@ -121,7 +121,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         # The vector ISA of torch's own CPU kernels (and inductor's): ATEN_CPU_CAPABILITY
         # changes it, and on some machines AVX2 kernels beat the AVX-512 ones.
         "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "copy_gbps": harness.copy_bandwidth_gbps(device),
+        "copy_gbps": harness.copy_bandwidth_gbps(device),  # at the end; each case records its own
         "backends": fastvae.available_backends(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": _git_commit(),

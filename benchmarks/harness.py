@@ -11,7 +11,6 @@ device reports it.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -25,8 +24,8 @@ from benchmarks.axes import Case
 WARMUP_CALLS = 1  # the first call compiles (torch.compile, Triton autotune); sizing the rounds adds 3 more
 MIN_ROUNDS = 5
 MAX_ROUNDS = 2000
-COPY_BUFFER_BYTES = 256 * 2**20  # far larger than any CPU cache or GPU L2, so copy hits DRAM/HBM
-COPY_REPEATS = 10
+COPY_BUFFER_BYTES = 128 * 2**20  # several times any CPU's L3 or GPU's L2, so copy hits DRAM/HBM
+COPY_REPEATS = 6
 
 
 # glibc malloc settings for the benchmark process (see pin_cpu_allocator).
@@ -173,10 +172,11 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-@functools.cache
 def copy_bandwidth_gbps(device: torch.device) -> float:
     """Best-of-N GB/s of copying one large buffer into another on `device` (read + write):
-    the practical ceiling for a memory-bound op."""
+    the practical ceiling for a memory-bound op. Measured again beside every case (about
+    0.1 s on a CPU): on a shared VM it read 30 GB/s in one process and 42 GB/s in one a few
+    minutes later, so one figure for a whole run mixes the load of different moments."""
     numel = COPY_BUFFER_BYTES // 4
     src = torch.ones(numel, device=device)  # written, so its pages are real and not the shared zero page
     dst = torch.zeros_like(src)

@@ -140,12 +140,16 @@ def _groups(rows: list[Row]) -> list[tuple[str, str, list[Row]]]:
     return out
 
 
-def _machine_line(machine: dict) -> str:
+def _machine_line(machine: dict, rows: list[Row] = ()) -> str:
     f = machine.get("fastvae", {})
+    copies = [r.info["copy_gbps"] for r in rows if r.info.get("copy_gbps")]
+    # Each case's "% copy" is against the copy measured beside it (benchmarks.harness).
+    beside = f" ({min(copies):.1f} to {max(copies):.1f} GB/s beside the cases)" if copies else ""
     return (f"{f.get('device_name', '?')} ({f.get('device', '?')}, {f.get('cpu_count', '?')} CPUs, torch kernels "
             f"{f.get('aten_cpu_capability', '?')}), "
             f"torch {f.get('torch', '?')}, triton {f.get('triton', '?')}, {f.get('date', '?')}, "
-            f"copy bandwidth {f.get('copy_gbps', float('nan')):.1f} GB/s, load average (1/5/15 min) "
+            f"copy bandwidth {f.get('copy_gbps', float('nan')):.1f} GB/s at the end{beside}, "
+            f"allocator: {f.get('cpu_allocator', '?')}, load average (1/5/15 min) "
             f"{_load(f.get('load_average_1_5_15_min_at_start'))} at start, "
             f"{_load(f.get('load_average_1_5_15_min_at_end'))} at end")
 
@@ -158,7 +162,7 @@ def print_tables(machine: dict, rows: list[Row], console) -> None:
     from rich.table import Table
 
     ratios = speedups(rows)
-    console.print(_machine_line(machine))
+    console.print(_machine_line(machine, rows))
     for op, mode, group in _groups(rows):
         table = Table(title=f"{op} — {mode}", title_justify="left")
         for column in ("batch", "data", "latent", "precision", "provider", "time", "GB/s",
@@ -320,7 +324,7 @@ def plot(machine: dict, rows: list[Row], path: Path) -> bool:
             points = sorted((r.info["batch"], r.info["gbps"]) for r in group if r.provider == provider)
             ax.plot(*zip(*points), marker="o", label=provider)
         if copy:
-            ax.axhline(copy, color="grey", linestyle="--", linewidth=1, label="copy bandwidth")
+            ax.axhline(copy, color="grey", linestyle="--", linewidth=1, label="copy bandwidth (end of run)")
         ax.set_xscale("log", base=2)
         ax.set_title(f"{op} — {mode}", fontsize=10)
         ax.set_xlabel("batch size")
