@@ -141,6 +141,27 @@ def test_reparameterize_kl_backward_matches_float64(dtype, shape, with_eps, grad
 
 
 @needs_library
+@pytest.mark.parametrize("layout", ["broadcast", "strided"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+def test_reparameterize_kl_backward_reads_grad_kl_at_its_stride(dtype, layout):
+    """grad_kl as the backward of kl.sum() gives it (one value expanded, stride 0) and as
+    every other element of a longer tensor (stride 2): read in place, no copy, same result."""
+    shape = (41, 401)
+    mu, logvar = _posterior(shape, dtype, strided=True)
+    grad_z = torch.randn(shape).to(dtype)
+    if layout == "broadcast":
+        grad_kl = torch.tensor(0.7).expand(shape[0])
+    else:
+        grad_kl = (torch.rand(2 * shape[0]) + 0.5)[::2]
+    assert grad_kl.stride(0) == (0 if layout == "broadcast" else 2)
+    grad_mu, grad_logvar = native.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, None, SEED)
+    expected = reference.reparameterize_kl_backward(grad_z.double(), grad_kl.double(), mu.double(),
+                                                    logvar.double(), _noise_oracle(shape, dtype), 0)
+    _close("grad_mu", grad_mu, expected[0], dtype)
+    _close("grad_logvar", grad_logvar, expected[1], dtype)
+
+
+@needs_library
 def test_backward_regenerates_the_forward_noise():
     """dz/dlogvar = 0.5 * (z - mu): with grad_z = 1 the regenerated eps must be the forward one."""
     mu, logvar = _posterior((17, 301), torch.float32)
