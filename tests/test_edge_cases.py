@@ -186,6 +186,26 @@ def test_elbo_loss_backward_with_an_upstream_gradient_other_than_one_and_twice(b
     assert_close_to(scaled, 2.5 * expected, "upstream 2.5")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_handed_over_gradient_changed_by_its_receiver_is_not_reused(backend):
+    """The gradient handed over in backward is the receiver's to change: here a hook zeroes it
+    in place during the first backward. A second backward over the retained graph must
+    recompute it, not hand over the zeroed tensor again."""
+    logits = torch.randn(5, 23, device=DEVICE, requires_grad=True)
+    target = torch.rand(5, 23, device=DEVICE).round()
+    kl = torch.rand(5, device=DEVICE)
+    with fastvae.use_backend(backend):
+        loss = fastvae.elbo_loss(logits, target, kl=kl)
+        handle = logits.register_hook(lambda grad: grad.zero_())
+        (zeroed,) = torch.autograd.grad(loss, logits, retain_graph=True)
+        handle.remove()
+        (second,) = torch.autograd.grad(loss, logits)
+    assert not zeroed.any()
+    logits64 = logits.detach().double().requires_grad_()
+    (-rows_sum(oracle_logp(logits64, target)) + kl.double()).mean().backward()
+    assert_close_to(second, logits64.grad, "second backward")
+
+
 def test_a_weighted_bernoulli_op_is_not_elementwise():
     logits, target = torch.randn(2, 3), torch.rand(2, 3)
     with pytest.raises(ValueError, match="elementwise must be False"):

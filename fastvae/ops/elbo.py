@@ -55,10 +55,12 @@ class NegativeELBO(torch.autograd.Function):
             loss = loss / divisor
         ctx.mark_non_differentiable(logp_sum, kl_sum)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(logits, target, dlogits)
+        ctx.save_for_backward(logits, target)
+        # An intermediate, so kept on ctx rather than saved: backward gives it away, and
+        # whoever receives it may change it in place (a hook, an optimizer's zero_grad).
+        ctx.dlogits = dlogits
         ctx.beta, ctx.divisor, ctx.weight = beta, divisor, weight
         ctx.kl_shape, ctx.kl_dtype = kl.shape, kl.dtype
-        ctx.handed_over = False
         return loss, logp_sum, kl_sum
 
     @staticmethod
@@ -66,21 +68,16 @@ class NegativeELBO(torch.autograd.Function):
         grad_logits = grad_target = grad_kl = None
         if grad_loss is None:
             return None, None, None, None, None
-        logits, target, dlogits = ctx.saved_tensors
+        logits, target = ctx.saved_tensors
         if ctx.needs_input_grad[0]:
-            if ctx.handed_over:
-                # A second backward (retain_graph): the receiver of the first may have changed it.
+            dlogits, ctx.dlogits = ctx.dlogits, None  # used once: handed over, or scaled and dropped
+            if dlogits is None:  # a second backward (retain_graph): the first one gave it away
                 _, dlogits = _bernoulli_forward(logits, target, False, True, ctx.weight)
-            if not ctx.handed_over and _is_one(grad_loss):
-                ctx.handed_over = True
-                grad_logits = dlogits
-            else:
-                grad_logits = scale_saved_grad(dlogits, grad_loss)
+            grad_logits = dlogits if _is_one(grad_loss) else scale_saved_grad(dlogits, grad_loss)
         if ctx.needs_input_grad[1]:  # dlogp/dtarget = logits
             grad_target = scale_saved_grad(logits, grad_loss * ctx.weight).to(target.dtype)
         if ctx.needs_input_grad[2]:
-            scale = ctx.beta / ctx.divisor if isinstance(ctx.beta, numbers.Real) else ctx.beta / float(ctx.divisor)
-            grad_kl = grad_loss * scale
+            grad_kl = grad_loss * (ctx.beta / ctx.divisor)  # beta a float or a tensor
             if grad_kl.dtype != ctx.kl_dtype:
                 grad_kl = grad_kl.to(ctx.kl_dtype)
             grad_kl = grad_kl.expand(ctx.kl_shape)  # a broadcast view, as the backward of kl.sum() gives
