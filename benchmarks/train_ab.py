@@ -1,6 +1,6 @@
 """Interleaved A/B of a whole training step: plain PyTorch loop against fastvae, in one process.
 
-    python -m benchmarks.train_ab [--blocks 150] [--steps 5] [--compile] [--device cpu|cuda]
+    python -m benchmarks.train_ab [--blocks 150] [--steps 5] [--compile] [--no-optimizer] [--device cpu|cuda]
 
 bench_train.py times each provider in its own pytest case, minutes apart; on a shared
 machine the load drifts between cases by more than the difference being measured (a
@@ -49,16 +49,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="training steps per block (default 5)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both steps' forward")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-optimizer", action="store_true",
+                        help="time forward and backward only, without the Adam step that dilutes the loss side")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     # As in the pytest suite: with glibc's adaptive thresholds the AMP ratio's quartiles
     # spanned 0.80 to 1.23 on a 2-core CPU; fixed, 0.98 to 1.05.
     allocator = pin_cpu_allocator() or "the C library's default allocator"
-    print(f"training step, batch {BATCH_SIZE}, {device}, {torch.get_num_threads()} threads, "
+    print(f"training step{' without the optimizer' if args.no_optimizer else ''}, batch {BATCH_SIZE}, {device}, "
+          f"{torch.get_num_threads()} threads, "
           f"{'torch.compile' if args.compile else 'eager'}, {args.blocks} block pairs of {args.steps} steps, "
           f"{allocator}")
     for amp in (False, True):
-        steps = {name: make_step(name, args.compile, amp, device, quick=False) for name in PROVIDERS}
+        steps = {name: make_step(name, args.compile, amp, device, quick=False, optimize=not args.no_optimizer)
+                 for name in PROVIDERS}
         for step in steps.values():
             for _ in range(WARMUP_STEPS):
                 step()
