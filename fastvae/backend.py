@@ -174,9 +174,4 @@ def backend_module(name: str) -> ModuleType:
 
 def backend_for(device: torch.device) -> ModuleType:
     """The backend module that runs ops on `device` now (see resolve_backend_name)."""
-    if device.type == "cpu" and requested_backend() in ("auto", "native"):
-        from fastvae import native
-
-        if native.load_error() is None:
-            return native  # the common CPU answer, without the general resolution
     return backend_module(resolve_backend_name(device))

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from fastvae import ops
-from fastvae.ops.elbo import NegativeELBO, fuses_eagerly
+from fastvae.ops.elbo import NegativeELBO, fuses_eagerly, negative_elbo_value
 from fastvae.ops.reparameterize_kl import draw_seed
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
@@ -210,11 +210,9 @@ def elbo_loss(logits: Tensor, target: Tensor, mu: Tensor | None = None, logvar: 
     if fuses_eagerly(logits, target, kl, beta):
         return NegativeELBO.apply(logits, target, kl, beta, divisor)[0]
     # Traced: the Bernoulli op weighted by d(loss)/d(sum log p) = -1/divisor (its saved gradient
-    # is then the loss's), one sum per term, one subtraction and one division, for inductor to fuse.
+    # is then the loss's), one sum per term and the loss's few ops, for inductor to fuse.
     logp = _log_likelihood_rows(logits, target, -1.0 / divisor)
-    kl_sum = kl.sum() if isinstance(beta, numbers.Real) and beta == 1 else beta * kl.sum()
-    total = torch.sub(kl_sum, logp.sum())
-    return total if divisor == 1 else total / divisor  # a division: see _reduce_rows
+    return negative_elbo_value(logp.sum(), kl.sum(), beta, divisor)
 
 
 def _log_likelihood_rows(logits: Tensor, target: Tensor, weight: float | None) -> Tensor:

@@ -26,12 +26,18 @@ from fastvae.ops.common import plain_eager_call, scale_saved_grad
 def fuses_eagerly(logits: Tensor, target: Tensor, kl: Tensor, beta: float | Tensor) -> bool:
     """Whether NegativeELBO may run this call: plain eager tensors, and a beta that is a number
     or a tensor nothing differentiates (a beta that requires grad takes the traced form)."""
-    if isinstance(beta, Tensor):
-        if beta.requires_grad or not plain_eager_call((beta,)):
-            return False
-    elif not isinstance(beta, numbers.Real):
+    if isinstance(beta, Tensor) and beta.requires_grad:
         return False
-    return plain_eager_call((logits, target, kl))
+    return plain_eager_call((logits, target, kl, beta))
+
+
+def negative_elbo_value(logp_sum: Tensor, kl_sum: Tensor, beta: float | Tensor, divisor: int) -> Tensor:
+    """(beta * kl_sum - logp_sum) / divisor, the same ops eager (NegativeELBO) and traced (elbo_loss).
+
+    A division, not a multiply by 1/divisor: see fastvae.functional._reduce_rows."""
+    weighted_kl = kl_sum if isinstance(beta, numbers.Real) and beta == 1 else beta * kl_sum
+    loss = torch.sub(weighted_kl, logp_sum)
+    return loss if divisor == 1 else loss / divisor
 
 
 def _is_one(grad: Tensor) -> bool:
@@ -49,10 +55,7 @@ class NegativeELBO(torch.autograd.Function):
         weight = -1.0 / divisor
         logp, dlogits = _bernoulli_forward(logits, target, False, ctx.needs_input_grad[0], weight)
         logp_sum, kl_sum = logp.sum(), kl.sum()
-        weighted_kl = kl_sum if isinstance(beta, numbers.Real) and beta == 1 else beta * kl_sum
-        loss = torch.sub(weighted_kl, logp_sum)
-        if divisor != 1:
-            loss = loss / divisor
+        loss = negative_elbo_value(logp_sum, kl_sum, beta, divisor)
         ctx.mark_non_differentiable(logp_sum, kl_sum)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(logits, target)
