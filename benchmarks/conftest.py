@@ -29,7 +29,7 @@ def pytest_addoption(parser):
 _LOAD_AT_START = pytest.StashKey[tuple]()
 
 
-_CPU_ALLOCATOR = pytest.StashKey[object]()
+_CPU_ALLOCATOR = pytest.StashKey[str]()
 
 
 def pytest_configure(config):
@@ -126,7 +126,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": _git_commit(),
         "gpu_sweep": bool(config.getoption("--gpu-sweep")),
-        "cpu_allocator": config.stash.get(_CPU_ALLOCATOR, None) or "the C library's default",
+        "cpu_allocator": config.stash.get(_CPU_ALLOCATOR, harness.UNPINNED_ALLOCATOR),
         "load_average_1_5_15_min_at_start": config.stash.get(_LOAD_AT_START, None),
         "load_average_1_5_15_min_at_end": os.getloadavg(),
         **_versions(),

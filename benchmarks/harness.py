@@ -34,9 +34,12 @@ PINNED_MMAP_THRESHOLD = 32 * 2**20  # glibc's largest: blocks up to 32 MiB come 
 PINNED_TRIM_THRESHOLD = 2**30  # freed heap memory stays with the process up to 1 GiB
 
 
-def pin_cpu_allocator() -> str | None:
+UNPINNED_ALLOCATOR = "the C library's default allocator (thresholds not fixed)"
+
+
+def pin_cpu_allocator() -> str:
     """Fix glibc malloc's thresholds for the whole benchmark process; returns what was set
-    (recorded in the JSON), or None where the C library is not glibc.
+    (recorded in the JSON), or UNPINNED_ALLOCATOR where the C library is not glibc.
 
     By default glibc adapts its mmap and trim thresholds to the blocks freed so far, so
     whether a 12.8 MB buffer (a [4096, 784] float32 gradient) is reused or comes back as
@@ -51,11 +54,11 @@ def pin_cpu_allocator() -> str | None:
     import platform
 
     if platform.libc_ver()[0] != "glibc":
-        return None
+        return UNPINNED_ALLOCATOR
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     if not (libc.mallopt(_M_MMAP_THRESHOLD, PINNED_MMAP_THRESHOLD)
             and libc.mallopt(_M_TRIM_THRESHOLD, PINNED_TRIM_THRESHOLD)):
-        return None
+        return UNPINNED_ALLOCATOR
     return f"glibc malloc mmap_threshold={PINNED_MMAP_THRESHOLD} trim_threshold={PINNED_TRIM_THRESHOLD}"
 
 

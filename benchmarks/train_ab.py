@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     # As in the pytest suite: with glibc's adaptive thresholds the AMP ratio's quartiles
     # spanned 0.80 to 1.23 on a 2-core CPU; fixed, 0.98 to 1.05.
-    allocator = pin_cpu_allocator() or "the C library's default allocator"
+    allocator = pin_cpu_allocator()
     print(f"training step{' without the optimizer' if args.no_optimizer else ''}, batch {BATCH_SIZE}, {device}, "
           f"{torch.get_num_threads()} threads, "
           f"{'torch.compile' if args.compile else 'eager'}, {args.blocks} block pairs of {args.steps} steps, "
