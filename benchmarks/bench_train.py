@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastvae.models import VAEConfig, build_model
-from fastvae.trainer import ELBOObjective
+from fastvae.train.models import VAEConfig, build_model
+from fastvae.train.trainer import ELBOObjective
 
 BATCH_SIZE = 128  # fastvae-train's default
 IMAGE_SHAPE = (1, 28, 28)  # Fashion-MNIST

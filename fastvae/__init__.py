@@ -6,7 +6,8 @@
     loss = fastvae.elbo_loss(logits, x, mu, logvar)         # or all at once
 """
 
-from fastvae.backend import BackendUnavailableError, available_backends, use_backend
+from fastvae.backend import available_backends, use_backend
+from fastvae.errors import BackendUnavailableError
 from fastvae.functional import (
     bernoulli_log_likelihood,
     elbo_loss,

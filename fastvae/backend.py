@@ -49,13 +49,12 @@ from typing import Iterator
 
 import torch
 
+from fastvae import native
+from fastvae.errors import BackendUnavailableError
+
 BACKENDS = ("triton", "native", "torch")
-CHOICES = ("auto",) + BACKENDS
+BACKEND_CHOICES = ("auto",) + BACKENDS
 ENV_VAR = "FASTVAE_BACKEND"
-
-
-class BackendUnavailableError(RuntimeError):
-    """The backend asked for cannot run these tensors here; the message says why and how to fix it."""
 
 
 _override = threading.local()
@@ -63,8 +62,8 @@ _warned_auto_fallback = False
 
 
 def _check_name(name: str) -> str:
-    if name not in CHOICES:
-        raise ValueError(f"unknown fastvae backend {name!r}; choose one of {', '.join(CHOICES)}")
+    if name not in BACKEND_CHOICES:
+        raise ValueError(f"unknown fastvae backend {name!r}; choose one of {', '.join(BACKEND_CHOICES)}")
     return name
 
 
@@ -77,8 +76,8 @@ def requested_backend() -> str:
     if env is None:
         return "auto"
     env = env.strip().lower() or "auto"
-    if env not in CHOICES:
-        raise ValueError(f"{ENV_VAR}={env!r} is not a fastvae backend; set it to one of {', '.join(CHOICES)}")
+    if env not in BACKEND_CHOICES:
+        raise ValueError(f"{ENV_VAR}={env!r} is not a fastvae backend; set it to one of {', '.join(BACKEND_CHOICES)}")
     return env
 
 
@@ -114,8 +113,6 @@ def _triton_reason(device: torch.device | None) -> str | None:
 
 
 def _native_reason(device: torch.device | None) -> str | None:
-    from fastvae import native
-
     reason = native.load_error()
     if reason is not None:
         return reason

@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from fastvae.errors import BackendUnavailableError
+
 ENV_LIB = "FASTVAE_NATIVE_LIB"
 LIBRARY_MODULE = "fastvae._native_cpu"
 ABI_VERSION = 4  # FASTVAE_ABI_VERSION in kernels/fastvae_native.h
@@ -133,8 +135,6 @@ def has_openmp() -> bool:
 def _lib() -> ctypes.CDLL:
     lib, _, reason = _load()
     if lib is None:
-        from fastvae.backend import BackendUnavailableError
-
         raise BackendUnavailableError(f"fastvae backend 'native' is unavailable: {reason}")
     return lib
 

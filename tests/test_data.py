@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastvae import data
-from fastvae.data import DataError
+from fastvae.train import data
+from fastvae.train.data import DataError
 
 TRAIN_N, TEST_N, SIDE = 60, 20, 8
 

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 import fastvae
-from fastvae.data import Split
-from fastvae.evaluate import evaluate_elbo, evaluate_nll, iw_log_likelihood
+from fastvae.train.data import Split
+from fastvae.train.evaluate import evaluate_elbo, evaluate_nll, iw_log_likelihood
 
 PIXELS = 6
 GRID = torch.linspace(-10.0, 10.0, 4001, dtype=torch.float64)  # N(0,1) and q have no mass beyond +-10

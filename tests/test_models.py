@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastvae
-from fastvae.models import ARCHS, VAEConfig, build_model, parse_widths
+from fastvae.train.models import ARCHS, VAEConfig, build_model, parse_widths
 
 SHAPES = [(1, 28, 28), (1, 12, 12), (3, 8, 16)]
 

@@ -11,13 +11,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from fastvae import checkpoint as ckpt
-from fastvae import data
-from fastvae.evaluate import elbo_rows, evaluate_elbo
-from fastvae.models import VAEConfig, build_model
-from fastvae.train import main, run_training
-from fastvae.train_config import TrainConfig
-from fastvae.trainer import ELBOObjective, kl_weight_at
+from fastvae.train import checkpoint as ckpt
+from fastvae.train import data
+from fastvae.train.eval_cli import main as eval_main
+from fastvae.train.evaluate import elbo_rows, evaluate_elbo
+from fastvae.train.models import VAEConfig, build_model
+from fastvae.train.cli import main, run_training
+from fastvae.train.config import TrainConfig
+from fastvae.train.trainer import ELBOObjective, kl_weight_at
 from helpers import RecordPointwiseSizes
 
 SIDE, TRAIN_N, TEST_N, VAL_N, BATCH = 8, 96, 24, 16, 16  # 5 steps per epoch
@@ -85,8 +86,6 @@ def test_end_to_end_writes_the_run_folder(dataset, tmp_path):
 
 
 def test_fastvae_eval_on_the_run(dataset, tmp_path, capsys):
-    from fastvae.evaluate import main as eval_main
-
     out = tmp_path / "run"
     run_training(tiny_args(dataset, out, "--epochs", "1", "--arch", "conv", "--conv-channels", "4,8"))
     eval_main([str(out), "--iw-samples", "8", "--batch-size", "8"])
@@ -242,9 +241,7 @@ def test_truncated_checkpoint(one_epoch_run):
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
     expect_exit(["--resume", str(one_epoch_run), "--epochs", "2"], str(last), "truncated or corrupt")
     with pytest.raises(SystemExit, match="truncated or corrupt"):
-        from fastvae.evaluate import main as eval_main
-
-        eval_main([str(last)])
+            eval_main([str(last)])
 
 
 def _full_disk(monkeypatch) -> None:

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+import fastvae
+
 ARCHS = ("mlp", "conv")
 
 
@@ -89,8 +91,6 @@ class VAE(nn.Module):
         """x [B, C, H, W] -> logits [B, C, H, W], mu, logvar [B, L], kl [B] (float32).
 
         z ~ q(z|x) and its KL to N(0, I) come from one fused fastvae op."""
-        import fastvae
-
         mu, logvar = self.encode(x)
         z, kl = fastvae.reparameterize_kl(mu, logvar)
         return self.decode(z), mu, logvar, kl

@@ -2,7 +2,7 @@
 
     fastvae-train --compile --amp                       # Fashion-MNIST, MLP VAE, 10 epochs
     fastvae-train --arch conv --latent-dim 2 --epochs 20
-    torchrun --nproc-per-node 2 -m fastvae.train         # DDP (gloo on CPU, NCCL on GPU)
+    torchrun --nproc-per-node 2 -m fastvae.train        # DDP (gloo on CPU, NCCL on GPU)
     fastvae-train --resume runs/20260101-120000          # continue a run where it stopped
 
 The run folder (--out) receives config.json, metrics.jsonl, last.pt, best.pt,
@@ -15,15 +15,18 @@ import contextlib
 import sys
 import time
 
+import fastvae
+from fastvae.errors import BackendUnavailableError
+from fastvae.train import distributed, plots
+from fastvae.train.checkpoint import CheckpointError
+from fastvae.train.config import parse_config, pick_device
+from fastvae.train.data import DataError
+from fastvae.train.progress import TrainProgress, summary_table
+from fastvae.train.trainer import final_evaluation, fit, prepare
+
 
 def run_training(argv: list[str] | None = None) -> dict:
     """Everything main() does, raising instead of exiting; returns the test results."""
-    import fastvae
-    from fastvae import distributed, plots
-    from fastvae.progress import TrainProgress, summary_table
-    from fastvae.train_config import parse_config, pick_device
-    from fastvae.trainer import final_evaluation, fit, prepare
-
     started = time.perf_counter()
     cfg = parse_config(argv)
     dist = distributed.setup(pick_device(cfg.device).type)
@@ -48,10 +51,6 @@ def run_training(argv: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from fastvae.backend import BackendUnavailableError
-    from fastvae.checkpoint import CheckpointError
-    from fastvae.data import DataError
-
     try:
         run_training(argv)
     except (CheckpointError, DataError, BackendUnavailableError, ValueError) as error:

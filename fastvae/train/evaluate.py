@@ -1,4 +1,4 @@
-"""Test-set evaluation in nats: the -ELBO and the importance-sampled NLL (`fastvae-eval`).
+"""Test-set evaluation in nats: the -ELBO and the importance-sampled NLL.
 
 Importance-weighted estimate of log p(x) with K samples z_k ~ q(z|x) (Burda et al. 2016):
     log p(x) ~= logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K
@@ -10,40 +10,32 @@ hundreds of nats and their differences matter at the 0.01 level.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
 import math
-import sys
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from rich.table import Table
+
+import fastvae
+from fastvae.train.data import derive_seed, eval_batches
+from fastvae.train.distributed import DistInfo, all_reduce_sum
+
 LOG_2PI = math.log(2.0 * math.pi)
-DEFAULT_IW_SAMPLES = 1000
-DEFAULT_IW_BATCH_SIZE = 16384
-DEFAULT_EVAL_BATCH_SIZE = 500
 
 
 def make_generator(device: torch.device, *keys: int | str) -> torch.Generator:
-    from fastvae.data import derive_seed
-
     return torch.Generator(device=device).manual_seed(derive_seed(*keys))
 
 
 def _log_lik_rows(model, x: Tensor, z: Tensor) -> Tensor:
     """log p(x|z) summed per datapoint: x [N, C, H, W], z [N, L] -> [N] float32."""
-    import fastvae
-
     return fastvae.bernoulli_log_likelihood(model.decode(z), x, reduction="none").flatten(1).sum(1)
 
 
 @torch.no_grad()
 def elbo_rows(model, x: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """One-sample ELBO terms of x [B, C, H, W]: recon = -log p(x|z) [B] and KL [B], float32."""
-    import fastvae
-
     mu, logvar = model.encode(x)
     z, kl = fastvae.reparameterize_kl(mu, logvar, generator=generator)
     return -_log_lik_rows(model, x, z), kl.float()
@@ -53,8 +45,6 @@ def elbo_rows(model, x: Tensor, generator: torch.Generator) -> tuple[Tensor, Ten
 def iw_log_likelihood(model, x: Tensor, samples: int, iw_batch_size: int,
                       generator: torch.Generator) -> Tensor:
     """Importance-sampled log p(x) [B] float64 for x [B, C, H, W] with `samples` draws each."""
-    import fastvae
-
     if samples < 1:
         raise ValueError(f"--iw-samples must be >= 1, got {samples}")
     mu, logvar = model.encode(x)
@@ -78,8 +68,6 @@ def iw_log_likelihood(model, x: Tensor, samples: int, iw_batch_size: int,
 
 
 def _reduce(sums: list[float], device: torch.device, dist_info) -> list[float]:
-    from fastvae.distributed import all_reduce_sum
-
     values = torch.tensor(sums, dtype=torch.float64, device=device)
     return all_reduce_sum(values, dist_info).tolist()
 
@@ -87,9 +75,6 @@ def _reduce(sums: list[float], device: torch.device, dist_info) -> list[float]:
 def evaluate_elbo(model, split, batch_size: int, device: torch.device, seed: int,
                   dist_info=None) -> dict[str, float]:
     """Mean -ELBO, reconstruction term and KL in nats per datapoint over `split` (prepared targets)."""
-    from fastvae.data import eval_batches
-    from fastvae.distributed import DistInfo
-
     dist_info = dist_info or DistInfo()
     generator = torch.Generator().manual_seed(seed)
     sums = [0.0, 0.0, 0.0]  # recon, kl, count
@@ -107,9 +92,6 @@ def evaluate_elbo(model, split, batch_size: int, device: torch.device, seed: int
 def evaluate_nll(model, split, samples: int, iw_batch_size: int, batch_size: int, device: torch.device,
                  seed: int, dist_info=None, progress=None) -> dict[str, float]:
     """Importance-sampled NLL in nats per datapoint and its standard error over datapoints."""
-    from fastvae.data import eval_batches
-    from fastvae.distributed import DistInfo
-
     dist_info = dist_info or DistInfo()
     generator = make_generator(device, "iw", seed)
     sums = [0.0, 0.0, 0.0]  # nll, nll^2, count
@@ -147,8 +129,6 @@ def evaluate_test(model, split, *, iw_samples: int, iw_examples: int, iw_batch_s
 
 def results_table(result: dict[str, float], title: str):
     """A rich table of evaluation results (nats per datapoint)."""
-    from rich.table import Table
-
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -156,84 +136,3 @@ def results_table(result: dict[str, float], title: str):
         shown = f"{value:.3f}" if isinstance(value, float) else str(value)
         table.add_row(key, shown)
     return table
-
-
-# ---------------------------------------------------------------------------
-# fastvae-eval
-# ---------------------------------------------------------------------------
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastvae-eval", description="Evaluate a fastvae-train checkpoint "
-                                     "on the test set: -ELBO and importance-sampled NLL in nats.")
-    parser.add_argument("checkpoint", help="a run folder (uses its best.pt) or a .pt checkpoint file")
-    parser.add_argument("--iw-samples", type=int, default=DEFAULT_IW_SAMPLES,
-                        help=f"importance samples per test image; 0 skips the NLL (default: {DEFAULT_IW_SAMPLES})")
-    parser.add_argument("--iw-batch-size", type=int, default=DEFAULT_IW_BATCH_SIZE,
-                        help=f"(image, sample) pairs per decoder call; bounds memory "
-                             f"(default: {DEFAULT_IW_BATCH_SIZE})")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_EVAL_BATCH_SIZE,
-                        help=f"test images per batch (default: {DEFAULT_EVAL_BATCH_SIZE})")
-    parser.add_argument("--iw-examples", type=int, default=0,
-                        help="test images that get the NLL (the -ELBO always uses all); 0 means all (default: 0)")
-    parser.add_argument("--data-dir", default=None,
-                        help="folder with the IDX files (default: the one recorded in the checkpoint's config)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="where to evaluate (default: auto = cuda when available)")
-    parser.add_argument("--backend", choices=("auto", "triton", "native", "torch"), default="auto",
-                        help="fastvae backend for the ops; auto defers to $FASTVAE_BACKEND (default: auto)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the evaluation noise (default: 0)")
-    parser.add_argument("--output", default=None,
-                        help="JSON file for the results (default: eval-<checkpoint name>.json beside it)")
-    return parser
-
-
-def _checkpoint_file(arg: str) -> Path:
-    from fastvae.checkpoint import checkpoint_path, resolve_checkpoint
-
-    path = Path(arg).expanduser()
-    if path.is_dir() and checkpoint_path(path, "best").is_file():
-        return checkpoint_path(path, "best")
-    return resolve_checkpoint(path)
-
-
-def run_eval(args: argparse.Namespace) -> dict[str, float]:
-    import fastvae
-    from fastvae.checkpoint import load_checkpoint
-    from fastvae.data import load_datasets, prepare_targets
-    from fastvae.models import VAEConfig, build_model
-    from fastvae.train_config import TrainConfig, pick_device
-
-    path = _checkpoint_file(args.checkpoint)
-    state = load_checkpoint(path)
-    config = TrainConfig.from_dict(state["config"])
-    device = pick_device(args.device)
-    model = build_model(VAEConfig(**state["model_config"])).to(device)
-    model.load_state_dict(state["model"])
-    data = load_datasets(config.dataset, args.data_dir or config.data_dir, config.val_size, config.seed)
-    test = prepare_targets(data.test, config.binarize, "test")
-    backend = contextlib.nullcontext() if args.backend == "auto" else fastvae.use_backend(args.backend)
-    with backend:
-        result = evaluate_test(model, test, iw_samples=args.iw_samples,
-                               iw_examples=args.iw_examples, iw_batch_size=args.iw_batch_size,
-                               batch_size=args.batch_size, device=device, seed=args.seed)
-    result["checkpoint"] = str(path)
-    output = Path(args.output) if args.output else path.with_name(f"eval-{path.stem}.json")
-    output.write_text(json.dumps(result, indent=2) + "\n")
-    return result
-
-
-def main(argv: list[str] | None = None) -> None:
-    from rich.console import Console
-
-    from fastvae.checkpoint import CheckpointError
-    from fastvae.data import DataError
-
-    args = _parser().parse_args(argv)
-    try:
-        result = run_eval(args)
-    except (CheckpointError, DataError, ValueError) as error:
-        sys.exit(f"fastvae-eval: error: {error}")
-    Console().print(results_table(result, "fastvae-eval (nats per datapoint)"))
-
-
-if __name__ == "__main__":
-    main()

@@ -19,15 +19,15 @@ import torch
 from torch import Tensor, nn
 
 import fastvae
-from fastvae import checkpoint as ckpt
-from fastvae.data import Datasets, EpochBatches, derive_seed, load_datasets, prepare_targets
-from fastvae.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object
-from fastvae.evaluate import evaluate_elbo, evaluate_test
+from fastvae.train import checkpoint as ckpt
+from fastvae.train.data import Datasets, EpochBatches, derive_seed, load_datasets, prepare_targets
+from fastvae.train.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object
+from fastvae.train.evaluate import evaluate_elbo, evaluate_test
 from fastvae.functional import _log_likelihood_rows
-from fastvae.models import VAE, build_model
+from fastvae.train.models import VAE, build_model
 from fastvae.ops.elbo import NegativeELBO, fuses_eagerly
-from fastvae.progress import TrainProgress
-from fastvae.train_config import MODEL_FIELDS, TrainConfig, default_run_dir, pick_device
+from fastvae.train.progress import TrainProgress
+from fastvae.train.config import MODEL_FIELDS, TrainConfig, default_run_dir, pick_device
 
 
 class ELBOObjective(nn.Module):

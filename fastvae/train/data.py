@@ -26,6 +26,7 @@ from typing import Iterator
 
 import torch
 from torch import Tensor
+from torch.utils.data import DistributedSampler
 
 SPLIT_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -150,7 +151,7 @@ def _candidate_folders(root: Path, torchvision_name: str) -> list[Path]:
 
 def _torchvision_download(root: Path, torchvision_name: str) -> Path:
     """Download with torchvision into `root`; returns the folder holding the raw IDX files."""
-    try:
+    try:  # imported here: torchvision is slow to import and needed only to download
         import torchvision.datasets as tv_datasets
     except ImportError as error:
         raise DataError(f"torchvision is not installed ({error})") from error
@@ -294,8 +295,6 @@ class EpochBatches:
 
     def __init__(self, split: Split, batch_size: int, epoch: int, seed: int, binarize_mode: str,
                  rank: int = 0, world_size: int = 1) -> None:
-        from torch.utils.data import DistributedSampler
-
         sampler = DistributedSampler(range(len(split)), num_replicas=world_size, rank=rank,
                                      shuffle=True, seed=seed, drop_last=False)
         sampler.set_epoch(epoch)

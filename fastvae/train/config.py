@@ -12,13 +12,17 @@ from pathlib import Path
 
 import torch
 
-from fastvae.data import BINARIZE_CHOICES, KNOWN_DATASETS
-from fastvae.evaluate import DEFAULT_EVAL_BATCH_SIZE, DEFAULT_IW_BATCH_SIZE, DEFAULT_IW_SAMPLES
-from fastvae.models import ARCHS, VAEConfig, parse_widths
+from fastvae.backend import BACKEND_CHOICES
+from fastvae.train.checkpoint import load_checkpoint
+from fastvae.train.data import BINARIZE_CHOICES, KNOWN_DATASETS
+from fastvae.train.models import ARCHS, VAEConfig, parse_widths
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
-BACKEND_CHOICES = ("auto", "triton", "native", "torch")
+# Evaluation defaults, shared by fastvae-train and fastvae-eval.
+DEFAULT_IW_SAMPLES = 1000
+DEFAULT_IW_BATCH_SIZE = 16384
+DEFAULT_EVAL_BATCH_SIZE = 500
 # Flags that fix parameter shapes: a resumed run may not change them.
 MODEL_FIELDS = ("arch", "latent_dim", "hidden_dims", "conv_channels")
 
@@ -181,8 +185,6 @@ def parse_config(argv: list[str] | None) -> TrainConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.resume:
-        from fastvae.checkpoint import load_checkpoint
-
         saved = load_checkpoint(args.resume)["config"]
         keep = {key: value for key, value in saved.items() if key not in ("resume",)}
         parser.set_defaults(**keep)
