@@ -17,6 +17,7 @@ from fastvae.functional import (
     reparameterize_kl,
 )
 from fastvae.nn import ELBOLoss
+from fastvae.validation import set_validate_args
 
 __version__ = "0.1.0"
 
@@ -30,5 +31,6 @@ __all__ = [
     "gaussian_kl",
     "reparameterize",
     "reparameterize_kl",
+    "set_validate_args",
     "use_backend",
 ]

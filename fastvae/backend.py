@@ -2,60 +2,37 @@
 
 Backends
 --------
-``triton``  fused Triton kernels; CUDA tensors, or CPU tensors when the
-            environment sets ``TRITON_INTERPRET=1`` (how CI tests them).
+``triton``  fused Triton kernels; CUDA tensors, or CPU tensors when the environment
+            sets ``TRITON_INTERPRET=1`` (how CI tests them).
 ``native``  C++ CPU kernels from ``kernels/``, built by CMake; CPU tensors.
-``torch``   the pure-PyTorch reference (`fastvae.reference`); any device.
+``torch``   the pure-PyTorch reference of each op family; any device.
 
-``auto`` (the default) picks triton on CUDA and native on CPU. When the
-native library is missing on CPU, auto uses torch and warns once, naming the
-reason; asking for a backend by name that cannot run raises
-:class:`BackendUnavailableError` with the reason and the fix.
+``auto`` (the default) picks triton on CUDA and native on CPU. When the native library
+is missing on CPU, auto uses torch and warns once, naming the reason; asking for a
+backend by name that cannot run raises :class:`BackendUnavailableError` with the reason
+and the fix.
 
-Choose with ``FASTVAE_BACKEND=auto|triton|native|torch`` or, for a block of
-code, ``with fastvae.use_backend("torch"): ...`` (the context manager wins).
-
-Backend contract
-----------------
-A backend is a module with the four functions below. Every tensor argument is
-a 2-D row view ``[B, N]`` with ``B >= 1`` and ``N >= 1`` whose last dim has
-stride 1; rows may be strided (``mu, logvar = h.chunk(2, dim=1)`` needs no
-copy). Inputs may mix float dtypes. Outputs are new contiguous tensors: losses
-in float32 (float64 when any input is float64), gradients in the dtype of the
-input they belong to. ``seed`` is an int in ``[0, 2**62)`` that keys the
-Philox stream described in `fastvae.reference`; it is ignored when eps is given.
-
-    reparameterize_kl_forward(mu, logvar, eps | None, seed)
-        -> z [B, L] (mu's dtype), kl [B]
-    reparameterize_kl_backward(grad_z [B, L] | None, grad_kl [B] | None, mu, logvar, eps | None, seed)
-        -> grad_mu [B, L], grad_logvar [B, L]
-    gaussian_kl_forward(mu, logvar, elementwise, compute_grad)
-        -> kl ([B, L] if elementwise else [B]), dkl/dmu | None, dkl/dlogvar | None
-    bernoulli_log_likelihood_forward(logits, target, elementwise, compute_grad, grad_scale=1.0)
-        -> log p ([B, D] if elementwise else [B]), grad_scale * dlogp/dlogits | None
-           (scaled before rounding to the logits' dtype)
+Choose with ``FASTVAE_BACKEND=auto|triton|native|torch`` or, for a block of code,
+``with fastvae.use_backend("torch"): ...`` (the context manager wins). What each backend
+implements is listed in `fastvae.ops.registry`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import importlib
 import os
 import threading
 import warnings
-from types import ModuleType
 from typing import Iterator
 
 import torch
 
-from fastvae import native
 from fastvae.errors import BackendUnavailableError
+from fastvae.ops import library
 
 BACKENDS = ("triton", "native", "torch")
 BACKEND_CHOICES = ("auto",) + BACKENDS
 ENV_VAR = "FASTVAE_BACKEND"
-
 
 _override = threading.local()
 _warned_auto_fallback = False
@@ -83,7 +60,12 @@ def requested_backend() -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Run the fastvae ops in this block on backend `name` (auto, triton, native or torch)."""
+    """Run the fastvae ops in this block on backend `name` (auto, triton, native or torch).
+
+    Example:
+        >>> with fastvae.use_backend("torch"):      # the reference, for a block
+        ...     loss = fastvae.elbo_loss(logits, x, mu, logvar)
+    """
     _check_name(name)
     previous = getattr(_override, "name", None)
     _override.name = name
@@ -96,7 +78,7 @@ def use_backend(name: str) -> Iterator[None]:
 def _triton_reason(device: torch.device | None) -> str | None:
     """Why triton cannot run on `device` (None: any device it could), or None if it can."""
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  (an optional dependency: probing is the point)
     except ImportError as error:
         return f"triton is not installed ({error}); install it with `pip install triton` (Linux)"
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -104,16 +86,16 @@ def _triton_reason(device: torch.device | None) -> str | None:
         if torch.cuda.is_available() or interpret:
             return None
         return "no CUDA device, and TRITON_INTERPRET=1 is not set (it runs the kernels on CPU, slowly)"
-    if device.type == "cuda":
+    if device.type == "cuda" or (device.type == "cpu" and interpret):
         return None
-    if device.type == "cpu" and interpret:
-        return None
+    if interpret:
+        return f"triton runs on CUDA tensors (or CPU tensors in the interpreter), not {device.type}; move them"
     return (f"triton runs on CUDA tensors, not {device.type}; move the tensors to CUDA, or set "
             f"TRITON_INTERPRET=1 before importing fastvae to interpret the kernels on CPU")
 
 
 def _native_reason(device: torch.device | None) -> str | None:
-    reason = native.load_error()
+    reason = library.load_error()
     if reason is not None:
         return reason
     if device is not None and device.type != "cpu":
@@ -132,7 +114,12 @@ def unavailable_reason(name: str, device: torch.device | None = None) -> str | N
 
 
 def available_backends() -> dict[str, str | None]:
-    """Each backend mapped to None if it can run here, or to the reason it cannot."""
+    """Each backend mapped to None if it can run here, or to the reason it cannot.
+
+    Example:
+        >>> fastvae.available_backends()
+        {'triton': 'no CUDA device, and TRITON_INTERPRET=1 is not set (...)', 'native': None, 'torch': None}
+    """
     return {name: unavailable_reason(name) for name in BACKENDS}
 
 
@@ -158,17 +145,3 @@ def resolve_backend_name(device: torch.device) -> str:
     if reason is not None:
         raise BackendUnavailableError(f"fastvae backend {name!r} cannot run on {device}: {reason}")
     return name
-
-
-_MODULES = {"triton": "fastvae.triton", "native": "fastvae.native", "torch": "fastvae.reference"}
-
-
-@functools.cache
-def backend_module(name: str) -> ModuleType:
-    """The module implementing backend `name` (the contract above); cached, as every op call asks."""
-    return importlib.import_module(_MODULES[name])
-
-
-def backend_for(device: torch.device) -> ModuleType:
-    """The backend module that runs ops on `device` now (see resolve_backend_name)."""
-    return backend_module(resolve_backend_name(device))

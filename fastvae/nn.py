@@ -4,22 +4,30 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from fastvae.functional import _check_reduction, elbo_loss
+from fastvae.functional import elbo_loss
+from fastvae.validation import check_beta, check_reduction
 
 
 class ELBOLoss(nn.Module):
     """The negative ELBO of a Bernoulli-decoder VAE: -log p(x|z) + beta * KL(q(z|x) || N(0, I)).
 
-    forward(logits [B, ...], target [B, ...], mu [B, L], logvar [B, L]) -> loss
-    (a scalar, or [B] with reduction="none"); or forward(logits, target, kl=kl) with the
-    [B] KL from fastvae.reparameterize_kl.
+    Args:
+        beta: the KL's weight, a finite float >= 0 or a 0-d tensor.
+        reduction: "none" ([B]), "sum", "mean" or "batchmean" (the mean over datapoints).
+
+    forward(logits [B, ...], target [B, ...], mu [B, L], logvar [B, L]) -> loss, or
+    forward(logits, target, kl=kl) with the [B] KL from fastvae.reparameterize_kl.
+
+    Example:
+        >>> criterion = fastvae.ELBOLoss(beta=1.0)
+        >>> z, kl = fastvae.reparameterize_kl(mu, logvar)
+        >>> loss = criterion(decoder(z), x, kl=kl)
     """
 
-    def __init__(self, beta: float = 1.0, reduction: str = "batchmean") -> None:
+    def __init__(self, beta: float | Tensor = 1.0, reduction: str = "batchmean") -> None:
         super().__init__()
-        _check_reduction(reduction)
-        if beta < 0:
-            raise ValueError(f"beta must be >= 0 (it weights the KL term), got {beta}")
+        check_reduction(reduction)
+        check_beta(beta)
         self.beta = beta
         self.reduction = reduction
 

@@ -2,10 +2,13 @@
 //   log p = x l - softplus(l) = l x - max(l, 0) - log1p(exp(-|l|))   (no exp can overflow)
 //   dlogp/dl = x - sigmoid(l), sigmoid(l) = 1 / (1 + e) for l >= 0, e / (1 + e) otherwise,
 //   with e = exp(-|l|) shared by both.
-// The gradient is written times grad_scale: a loss that ends in this sum (elbo_loss)
-// passes its own weight, and its backward has nothing left to compute.
+// The gradient is written times weight: a loss that ends in this sum (elbo_loss) passes
+// its own weight, and its backward has nothing left to compute. A target outside [0, 1]
+// makes its element NaN, value and gradient (x l - softplus(l) is then no log-likelihood).
 // Logits and target may have different storage types (bf16 logits from an AMP
 // decoder against fp32 data is the common case), so no upcast copy is needed.
+#include <limits>
+
 #include "fastvae_native.h"
 #include "numerics.h"
 #include "rows.h"
@@ -21,14 +24,15 @@ struct BernoulliArgs {
     int64_t target_stride;
     void* logp;          // [rows, cols] if elementwise else [rows], compute type
     void* grad;          // [rows, cols] logits' type, or NULL
-    double grad_scale;   // grad = grad_scale * dlogp/dlogits
+    double weight;       // grad = weight * dlogp/dlogits
 };
 
 template <class TL, class TX, bool ELEMENTWISE, bool GRAD>
 FV_INLINE void bernoulli_rows(const BernoulliArgs& a, int64_t b0, int64_t b1) {
     using C = typename Compute<TL>::type;
     alignas(64) C terms[CHUNK];
-    const C scale = C(a.grad_scale);
+    const C scale = C(a.weight);
+    const C nan = std::numeric_limits<C>::quiet_NaN();
     for (int64_t b = b0; b < b1; ++b) {
         const TL* __restrict logits = static_cast<const TL*>(a.logits) + b * a.logits_stride;
         const TX* __restrict target = static_cast<const TX*>(a.target) + b * a.target_stride;
@@ -41,11 +45,14 @@ FV_INLINE void bernoulli_rows(const BernoulliArgs& a, int64_t b0, int64_t b1) {
             for (int64_t j = 0; j < m; ++j) {
                 const C l = widen(logits[j0 + j]);
                 const C x = C(widen(target[j0 + j]));
+                const bool valid = x >= C(0) && x <= C(1);  // false for NaN too
                 const C e = exp_nonpos_c(-std::fabs(l));
-                out[j] = l * x - (l > C(0) ? l : C(0)) - log1p_unit_c(e);
+                const C logp = l * x - (l > C(0) ? l : C(0)) - log1p_unit_c(e);
+                out[j] = valid ? logp : nan;
                 if constexpr (GRAD) {
                     const C r = C(1) / (C(1) + e);
-                    grad[j0 + j] = narrow<TL>(scale * (x - (l >= C(0) ? r : e * r)));
+                    const C g = scale * (x - (l >= C(0) ? r : e * r));
+                    grad[j0 + j] = narrow<TL>(valid ? g : nan);
                 }
             }
             if constexpr (!ELEMENTWISE) logp += chunk_sum(terms, m);
@@ -93,14 +100,16 @@ RowsFn entry_for(int logits_dtype, int target_dtype) {
 }  // namespace
 }  // namespace fastvae
 
-extern "C" int fastvae_bernoulli_log_likelihood_forward(
-    int logits_dtype, int target_dtype, int64_t rows, int64_t cols, const void* logits,
-    int64_t logits_stride, const void* target, int64_t target_stride, int elementwise, void* logp,
-    void* grad_logits, double grad_scale, int num_threads) {
+// logp: [rows, cols] if elementwise else [rows] (compute type); grad_logits [rows, cols]
+// (logits_dtype) = weight * (target - sigmoid(logits)) when non-NULL, scaled in the compute
+// type before rounding. logits and target may differ in dtype unless one is FASTVAE_F64.
+extern "C" FASTVAE_API int fastvae_bernoulli_forward(
+    int logits_dtype, int target_dtype, int64_t rows, int64_t cols,
+    const void* logits, int64_t logits_stride, const void* target, int64_t target_stride,
+    int elementwise, void* logp, void* grad_logits, double weight, int num_threads) {
     const fastvae::RowsFn fn = fastvae::entry_for(logits_dtype, target_dtype);
     if (fn == nullptr) return FASTVAE_ERR_DTYPE;
-    const fastvae::BernoulliArgs a{cols, logits, logits_stride, target, target_stride,
-                                   logp, grad_logits, grad_scale};
+    const fastvae::BernoulliArgs a{cols, logits, logits_stride, target, target_stride, logp, grad_logits, weight};
     fastvae::parallel_rows(rows, cols, num_threads,
                            [&](int64_t b0, int64_t b1) { fn(a, elementwise != 0, b0, b1); });
     return FASTVAE_OK;

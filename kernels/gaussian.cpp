@@ -12,23 +12,46 @@
 namespace fastvae {
 namespace {
 
-struct GaussianArgs {
+// The posterior's rows, read by every entry point.
+struct Posterior {
     int64_t cols;
     const void* mu;       // [rows, cols], row stride mu_stride
     int64_t mu_stride;
     const void* logvar;   // [rows, cols], row stride logvar_stride
     int64_t logvar_stride;
-    const void* eps;      // [rows, cols] or NULL: Philox noise from seed
+};
+
+// The noise: the caller's eps, or (eps NULL) the Philox stream of seed.
+struct Noise {
+    const void* eps;      // [rows, cols], row stride eps_stride, or NULL
     int64_t eps_stride;
-    const void* grad_z;   // [rows, cols] or NULL (backward)
-    int64_t grad_z_stride;
-    const void* grad_kl;  // [rows] compute type or NULL (backward), element stride grad_kl_stride
-    int64_t grad_kl_stride;
     uint64_t seed;
-    int elementwise;      // gaussian_kl: kl [rows, cols] instead of [rows]
-    void* out0;           // z | grad_mu | kl
-    void* out1;           // kl | grad_logvar | grad_mu (or NULL)
-    void* out2;           // - | - | grad_logvar (or NULL)
+};
+
+struct ForwardArgs {
+    Posterior q;
+    Noise noise;
+    void* z;              // [rows, cols] contiguous
+    void* kl;             // [rows], compute type
+};
+
+struct BackwardArgs {
+    Posterior q;
+    Noise noise;
+    const void* grad_z;   // [rows, cols], row stride grad_z_stride, or NULL
+    int64_t grad_z_stride;
+    const void* grad_kl;  // [rows] compute type, element stride grad_kl_stride, or NULL
+    int64_t grad_kl_stride;
+    void* grad_mu;        // [rows, cols] contiguous
+    void* grad_logvar;    // [rows, cols] contiguous
+};
+
+struct KLArgs {
+    Posterior q;
+    bool elementwise;     // kl [rows, cols] instead of [rows]
+    void* kl;             // compute type
+    void* grad_mu;        // [rows, cols] contiguous, or NULL (then grad_logvar is NULL too)
+    void* grad_logvar;
 };
 
 template <class T>
@@ -59,18 +82,19 @@ FV_INLINE ChunkNoise<T, NOISE> chunk_noise(const T* eps_row, int64_t j0, int64_t
 }
 
 template <class T, bool NOISE>
-FV_INLINE void reparameterize_kl_forward_rows(const GaussianArgs& a, int64_t b0, int64_t b1) {
+FV_INLINE void reparameterize_kl_forward_rows(const ForwardArgs& a, int64_t b0, int64_t b1) {
     using C = typename Compute<T>::type;
     alignas(64) C terms[CHUNK];
-    NoiseCursor<C> cursor(a.seed, uint64_t(b0) * uint64_t(a.cols));
+    const int64_t cols = a.q.cols;
+    NoiseCursor<C> cursor(a.noise.seed, uint64_t(b0) * uint64_t(cols));
     for (int64_t b = b0; b < b1; ++b) {
-        const T* __restrict mu = row_of<T>(a.mu, a.mu_stride, b);
-        const T* __restrict lv = row_of<T>(a.logvar, a.logvar_stride, b);
-        const T* __restrict eps = NOISE ? nullptr : row_of<T>(a.eps, a.eps_stride, b);
-        T* __restrict z = static_cast<T*>(a.out0) + b * a.cols;
+        const T* __restrict mu = row_of<T>(a.q.mu, a.q.mu_stride, b);
+        const T* __restrict lv = row_of<T>(a.q.logvar, a.q.logvar_stride, b);
+        const T* __restrict eps = NOISE ? nullptr : row_of<T>(a.noise.eps, a.noise.eps_stride, b);
+        T* __restrict z = static_cast<T*>(a.z) + b * cols;
         double kl = 0.0;
-        for (int64_t j0 = 0; j0 < a.cols; j0 += CHUNK) {
-            const int64_t m = std::min(CHUNK, a.cols - j0);
+        for (int64_t j0 = 0; j0 < cols; j0 += CHUNK) {
+            const int64_t m = std::min(CHUNK, cols - j0);
             const ChunkNoise<T, NOISE> noise = chunk_noise<T, NOISE>(eps, j0, m, cursor);
             for (int64_t j = 0; j < m; ++j) {
                 const C mv = widen(mu[j0 + j]), v = widen(lv[j0 + j]);
@@ -81,24 +105,25 @@ FV_INLINE void reparameterize_kl_forward_rows(const GaussianArgs& a, int64_t b0,
             }
             kl += chunk_sum(terms, m);
         }
-        static_cast<C*>(a.out1)[b] = C(kl);
+        static_cast<C*>(a.kl)[b] = C(kl);
     }
 }
 
 template <class T, bool GRAD_Z, bool GRAD_KL, bool NOISE>
-FV_INLINE void reparameterize_kl_backward_rows(const GaussianArgs& a, int64_t b0, int64_t b1) {
+FV_INLINE void reparameterize_kl_backward_rows(const BackwardArgs& a, int64_t b0, int64_t b1) {
     using C = typename Compute<T>::type;
-    NoiseCursor<C> cursor(a.seed, uint64_t(b0) * uint64_t(a.cols));
+    const int64_t cols = a.q.cols;
+    NoiseCursor<C> cursor(a.noise.seed, uint64_t(b0) * uint64_t(cols));
     for (int64_t b = b0; b < b1; ++b) {
-        const T* __restrict mu = row_of<T>(a.mu, a.mu_stride, b);
-        const T* __restrict lv = row_of<T>(a.logvar, a.logvar_stride, b);
-        const T* __restrict eps = NOISE || !GRAD_Z ? nullptr : row_of<T>(a.eps, a.eps_stride, b);
+        const T* __restrict mu = row_of<T>(a.q.mu, a.q.mu_stride, b);
+        const T* __restrict lv = row_of<T>(a.q.logvar, a.q.logvar_stride, b);
+        const T* __restrict eps = NOISE || !GRAD_Z ? nullptr : row_of<T>(a.noise.eps, a.noise.eps_stride, b);
         const T* __restrict gz = GRAD_Z ? row_of<T>(a.grad_z, a.grad_z_stride, b) : nullptr;
         const C gkl = GRAD_KL ? static_cast<const C*>(a.grad_kl)[b * a.grad_kl_stride] : C(0);
-        T* __restrict grad_mu = static_cast<T*>(a.out0) + b * a.cols;
-        T* __restrict grad_lv = static_cast<T*>(a.out1) + b * a.cols;
-        for (int64_t j0 = 0; j0 < a.cols; j0 += CHUNK) {
-            const int64_t m = std::min(CHUNK, a.cols - j0);
+        T* __restrict grad_mu = static_cast<T*>(a.grad_mu) + b * cols;
+        T* __restrict grad_lv = static_cast<T*>(a.grad_logvar) + b * cols;
+        for (int64_t j0 = 0; j0 < cols; j0 += CHUNK) {
+            const int64_t m = std::min(CHUNK, cols - j0);
             ChunkNoise<T, NOISE> noise{};  // only the grad_z term reads the noise
             if constexpr (GRAD_Z) noise = chunk_noise<T, NOISE>(eps, j0, m, cursor);
             for (int64_t j = 0; j < m; ++j) {
@@ -125,18 +150,19 @@ FV_INLINE void reparameterize_kl_backward_rows(const GaussianArgs& a, int64_t b0
 }
 
 template <class T, bool ELEMENTWISE, bool GRAD>
-FV_INLINE void gaussian_kl_rows(const GaussianArgs& a, int64_t b0, int64_t b1) {
+FV_INLINE void gaussian_kl_rows(const KLArgs& a, int64_t b0, int64_t b1) {
     using C = typename Compute<T>::type;
     alignas(64) C terms[CHUNK];
+    const int64_t cols = a.q.cols;
     for (int64_t b = b0; b < b1; ++b) {
-        const T* __restrict mu = row_of<T>(a.mu, a.mu_stride, b);
-        const T* __restrict lv = row_of<T>(a.logvar, a.logvar_stride, b);
-        C* __restrict kl_el = static_cast<C*>(a.out0) + b * a.cols;
-        T* __restrict grad_mu = GRAD ? static_cast<T*>(a.out1) + b * a.cols : nullptr;
-        T* __restrict grad_lv = GRAD ? static_cast<T*>(a.out2) + b * a.cols : nullptr;
+        const T* __restrict mu = row_of<T>(a.q.mu, a.q.mu_stride, b);
+        const T* __restrict lv = row_of<T>(a.q.logvar, a.q.logvar_stride, b);
+        C* __restrict kl_el = static_cast<C*>(a.kl) + b * cols;
+        T* __restrict grad_mu = GRAD ? static_cast<T*>(a.grad_mu) + b * cols : nullptr;
+        T* __restrict grad_lv = GRAD ? static_cast<T*>(a.grad_logvar) + b * cols : nullptr;
         double kl = 0.0;
-        for (int64_t j0 = 0; j0 < a.cols; j0 += CHUNK) {
-            const int64_t m = std::min(CHUNK, a.cols - j0);
+        for (int64_t j0 = 0; j0 < cols; j0 += CHUNK) {
+            const int64_t m = std::min(CHUNK, cols - j0);
             C* __restrict out = ELEMENTWISE ? kl_el + j0 : terms;
             for (int64_t j = 0; j < m; ++j) {
                 const C mv = widen(mu[j0 + j]), v = widen(lv[j0 + j]);
@@ -149,19 +175,20 @@ FV_INLINE void gaussian_kl_rows(const GaussianArgs& a, int64_t b0, int64_t b1) {
             }
             if constexpr (!ELEMENTWISE) kl += chunk_sum(terms, m);
         }
-        if constexpr (!ELEMENTWISE) static_cast<C*>(a.out0)[b] = C(kl);
+        if constexpr (!ELEMENTWISE) static_cast<C*>(a.kl)[b] = C(kl);
     }
 }
 
 // One entry per storage type, compiled per CPU-feature clone; runtime flags pick
 // the template instance inside, so each clone holds every variant.
 #define FV_GAUSSIAN_ENTRIES(T, SUFFIX)                                                              \
-    FV_CLONES void forward_##SUFFIX(const GaussianArgs& a, int64_t b0, int64_t b1) {                \
-        if (a.eps == nullptr) reparameterize_kl_forward_rows<T, true>(a, b0, b1);                   \
+    FV_CLONES void forward_##SUFFIX(const ForwardArgs& a, int64_t b0, int64_t b1) {                 \
+        if (a.noise.eps == nullptr) reparameterize_kl_forward_rows<T, true>(a, b0, b1);             \
         else reparameterize_kl_forward_rows<T, false>(a, b0, b1);                                   \
     }                                                                                               \
-    FV_CLONES void backward_##SUFFIX(const GaussianArgs& a, int64_t b0, int64_t b1) {               \
-        const bool gz = a.grad_z != nullptr, gkl = a.grad_kl != nullptr, noise = a.eps == nullptr;  \
+    FV_CLONES void backward_##SUFFIX(const BackwardArgs& a, int64_t b0, int64_t b1) {               \
+        const bool gz = a.grad_z != nullptr, gkl = a.grad_kl != nullptr;                            \
+        const bool noise = a.noise.eps == nullptr;                                                  \
         if (gz && gkl && noise) reparameterize_kl_backward_rows<T, true, true, true>(a, b0, b1);    \
         else if (gz && gkl) reparameterize_kl_backward_rows<T, true, true, false>(a, b0, b1);       \
         else if (gz && noise) reparameterize_kl_backward_rows<T, true, false, true>(a, b0, b1);     \
@@ -169,8 +196,8 @@ FV_INLINE void gaussian_kl_rows(const GaussianArgs& a, int64_t b0, int64_t b1) {
         else if (gkl) reparameterize_kl_backward_rows<T, false, true, false>(a, b0, b1);            \
         else reparameterize_kl_backward_rows<T, false, false, false>(a, b0, b1); /* zeros */        \
     }                                                                                               \
-    FV_CLONES void kl_##SUFFIX(const GaussianArgs& a, int64_t b0, int64_t b1) {                     \
-        const bool grad = a.out1 != nullptr && a.out2 != nullptr;                                   \
+    FV_CLONES void kl_##SUFFIX(const KLArgs& a, int64_t b0, int64_t b1) {                           \
+        const bool grad = a.grad_mu != nullptr && a.grad_logvar != nullptr;                         \
         if (a.elementwise && grad) gaussian_kl_rows<T, true, true>(a, b0, b1);                      \
         else if (a.elementwise) gaussian_kl_rows<T, true, false>(a, b0, b1);                        \
         else if (grad) gaussian_kl_rows<T, false, true>(a, b0, b1);                                 \
@@ -182,56 +209,71 @@ FV_GAUSSIAN_ENTRIES(double, f64)
 FV_GAUSSIAN_ENTRIES(bf16_t, bf16)
 FV_GAUSSIAN_ENTRIES(f16_t, f16)
 
-using RowsFn = void (*)(const GaussianArgs&, int64_t, int64_t);
+template <class Args>
+using RowsFn = void (*)(const Args&, int64_t, int64_t);
 
-struct GaussianEntries { RowsFn forward, backward, kl; };
-
-// The entries for a dtype code, or all null for an unknown code.
-GaussianEntries entries_for(int dtype) {
+// The entry of `table` ({f32, f64, bf16, f16}) for a dtype code; null for an unknown code.
+template <class Args>
+RowsFn<Args> for_dtype(int dtype, RowsFn<Args> f32, RowsFn<Args> f64, RowsFn<Args> bf16, RowsFn<Args> f16) {
     switch (dtype) {
-        case FASTVAE_F32: return {forward_f32, backward_f32, kl_f32};
-        case FASTVAE_F64: return {forward_f64, backward_f64, kl_f64};
-        case FASTVAE_BF16: return {forward_bf16, backward_bf16, kl_bf16};
-        case FASTVAE_F16: return {forward_f16, backward_f16, kl_f16};
-        default: return {nullptr, nullptr, nullptr};
+        case FASTVAE_F32: return f32;
+        case FASTVAE_F64: return f64;
+        case FASTVAE_BF16: return bf16;
+        case FASTVAE_F16: return f16;
+        default: return nullptr;
     }
 }
 
-int run(RowsFn fn, const GaussianArgs& a, int64_t rows, int num_threads) {
+template <class Args>
+int run(RowsFn<Args> fn, const Args& a, int64_t rows, int num_threads) {
     if (fn == nullptr) return FASTVAE_ERR_DTYPE;
-    parallel_rows(rows, a.cols, num_threads, [&](int64_t b0, int64_t b1) { fn(a, b0, b1); });
+    parallel_rows(rows, a.q.cols, num_threads, [&](int64_t b0, int64_t b1) { fn(a, b0, b1); });
     return FASTVAE_OK;
 }
 
 }  // namespace
 }  // namespace fastvae
 
-using fastvae::GaussianArgs;
+using namespace fastvae;
 
-extern "C" int fastvae_reparameterize_kl_forward(
-    int dtype, int64_t rows, int64_t cols, const void* mu, int64_t mu_stride, const void* logvar,
-    int64_t logvar_stride, const void* eps, int64_t eps_stride, uint64_t seed, void* z, void* kl,
-    int num_threads) {
-    const GaussianArgs a{cols, mu, mu_stride, logvar, logvar_stride, eps, eps_stride,
-                         nullptr, 0, nullptr, 0, seed, 0, z, kl, nullptr};
-    return fastvae::run(fastvae::entries_for(dtype).forward, a, rows, num_threads);
+// z [rows, cols] (dtype) = mu + exp(0.5 logvar) * eps; kl [rows] (compute type) = sum_j KL.
+// eps may be NULL: then eps[b, j] is the Philox normal at flat index b * cols + j under seed.
+extern "C" FASTVAE_API int fastvae_reparameterize_kl_forward(
+    int dtype, int64_t rows, int64_t cols,
+    const void* mu, int64_t mu_stride, const void* logvar, int64_t logvar_stride,
+    const void* eps, int64_t eps_stride, uint64_t seed,
+    void* z, void* kl, int num_threads) {
+    const ForwardArgs a{.q = {cols, mu, mu_stride, logvar, logvar_stride},
+                        .noise = {eps, eps_stride, seed}, .z = z, .kl = kl};
+    return run(for_dtype<ForwardArgs>(dtype, forward_f32, forward_f64, forward_bf16, forward_f16), a, rows,
+               num_threads);
 }
 
-extern "C" int fastvae_reparameterize_kl_backward(
-    int dtype, int64_t rows, int64_t cols, const void* grad_z, int64_t grad_z_stride,
-    const void* grad_kl, int64_t grad_kl_stride, const void* mu, int64_t mu_stride, const void* logvar,
-    int64_t logvar_stride, const void* eps, int64_t eps_stride, uint64_t seed, void* grad_mu,
-    void* grad_logvar, int num_threads) {
-    const GaussianArgs a{cols, mu, mu_stride, logvar, logvar_stride, eps, eps_stride, grad_z,
-                         grad_z_stride, grad_kl, grad_kl_stride, seed, 0, grad_mu, grad_logvar, nullptr};
-    return fastvae::run(fastvae::entries_for(dtype).backward, a, rows, num_threads);
+// grad_mu, grad_logvar [rows, cols] (dtype) from grad_z [rows, cols] (dtype, or NULL) and
+// grad_kl [rows] (compute type, element stride grad_kl_stride: 0 broadcasts one value, as
+// the backward of a sum gives it; or NULL); eps NULL regenerates the noise from seed.
+extern "C" FASTVAE_API int fastvae_reparameterize_kl_backward(
+    int dtype, int64_t rows, int64_t cols,
+    const void* grad_z, int64_t grad_z_stride, const void* grad_kl, int64_t grad_kl_stride,
+    const void* mu, int64_t mu_stride, const void* logvar, int64_t logvar_stride,
+    const void* eps, int64_t eps_stride, uint64_t seed,
+    void* grad_mu, void* grad_logvar, int num_threads) {
+    const BackwardArgs a{.q = {cols, mu, mu_stride, logvar, logvar_stride},
+                         .noise = {eps, eps_stride, seed},
+                         .grad_z = grad_z, .grad_z_stride = grad_z_stride,
+                         .grad_kl = grad_kl, .grad_kl_stride = grad_kl_stride,
+                         .grad_mu = grad_mu, .grad_logvar = grad_logvar};
+    return run(for_dtype<BackwardArgs>(dtype, backward_f32, backward_f64, backward_bf16, backward_f16), a, rows,
+               num_threads);
 }
 
-extern "C" int fastvae_gaussian_kl_forward(
-    int dtype, int64_t rows, int64_t cols, const void* mu, int64_t mu_stride, const void* logvar,
-    int64_t logvar_stride, int elementwise, void* kl, void* grad_mu, void* grad_logvar,
-    int num_threads) {
-    const GaussianArgs a{cols, mu, mu_stride, logvar, logvar_stride, nullptr, 0,
-                         nullptr, 0, nullptr, 0, 0, elementwise, kl, grad_mu, grad_logvar};
-    return fastvae::run(fastvae::entries_for(dtype).kl, a, rows, num_threads);
+// kl: [rows, cols] if elementwise else [rows] (compute type); grad_mu, grad_logvar
+// [rows, cols] (dtype) are written when both are non-NULL.
+extern "C" FASTVAE_API int fastvae_gaussian_kl_forward(
+    int dtype, int64_t rows, int64_t cols,
+    const void* mu, int64_t mu_stride, const void* logvar, int64_t logvar_stride,
+    int elementwise, void* kl, void* grad_mu, void* grad_logvar, int num_threads) {
+    const KLArgs a{.q = {cols, mu, mu_stride, logvar, logvar_stride}, .elementwise = elementwise != 0,
+                   .kl = kl, .grad_mu = grad_mu, .grad_logvar = grad_logvar};
+    return run(for_dtype<KLArgs>(dtype, kl_f32, kl_f64, kl_bf16, kl_f16), a, rows, num_threads);
 }

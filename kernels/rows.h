@@ -74,16 +74,4 @@ void parallel_rows(int64_t rows, int64_t cols, int num_threads, RowsFn rows_fn) 
     rows_fn(int64_t(0), rows);
 }
 
-// Calls fn(T{}) with T the storage type of a dtype code; false if unknown.
-template <class Fn>
-bool with_dtype(int dtype, Fn fn) {
-    switch (dtype) {
-        case FASTVAE_F32: fn(float{}); return true;
-        case FASTVAE_F64: fn(double{}); return true;
-        case FASTVAE_BF16: fn(bf16_t{}); return true;
-        case FASTVAE_F16: fn(f16_t{}); return true;
-        default: return false;
-    }
-}
-
 }  // namespace fastvae

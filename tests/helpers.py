@@ -1,4 +1,4 @@
-"""Shared test tables and the float64 oracle the backends are checked against."""
+"""Shared test tables: backends, dtypes, tolerances, and the comparison against a float64 oracle."""
 
 from __future__ import annotations
 
@@ -7,17 +7,16 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import fastvae
+from fastvae.backend import BACKENDS as BACKEND_NAMES
+from fastvae.backend import unavailable_reason
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def backend_params() -> list:
     """Every backend, skipped (with the reason) where it cannot run on DEVICE."""
-    from fastvae.backend import unavailable_reason
-
     params = []
-    for name in fastvae.backend.BACKENDS:
+    for name in BACKEND_NAMES:
         reason = unavailable_reason(name, DEVICE)
         marks = [pytest.mark.skip(reason=f"{name}: {reason}")] if reason else []
         params.append(pytest.param(name, marks=marks, id=name))
@@ -28,8 +27,8 @@ BACKENDS = backend_params()
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-# Tolerance by the dtype of the tensor being checked: losses are float32 whatever
-# the inputs, z and gradients carry their input's dtype (one rounding of the output).
+# Tolerance by the dtype of the tensor being checked: losses are float32 whatever the inputs,
+# z and gradients carry their input's dtype (one rounding of the output).
 TOLERANCE = {
     torch.float64: 1e-10,
     torch.float32: 2e-5,
@@ -39,39 +38,26 @@ TOLERANCE = {
 
 
 def assert_close_to(actual: Tensor, expected: Tensor, name: str) -> None:
-    """actual vs the float64 oracle, relative to the oracle's scale: |a - e| <= tol * (|e| + max|e|/10).
+    """actual vs the float64 oracle, relative to the oracle's scale: |a - e| <= tol * (|e| + max|e|/10),
+    tol by actual's dtype (TOLERANCE).
 
-    Plus a few subnormal steps of actual's dtype: a "mean" over thousands of
-    elements gives fp16 gradients below its smallest normal number."""
+    Plus a few subnormal steps of actual's dtype: a "mean" over thousands of elements gives
+    fp16 gradients below its smallest normal number. NaN must stand where the oracle's NaN
+    stands, and nowhere else."""
     assert actual.shape == expected.shape, f"{name}: shape {list(actual.shape)} != {list(expected.shape)}"
+    dtype = actual.dtype
+    tol, finfo = TOLERANCE[dtype], torch.finfo(dtype)
+    expected, actual = expected.detach().double(), actual.detach().double()
+    nan = torch.isnan(expected)
+    assert torch.equal(torch.isnan(actual), nan), f"{name}: NaN where the oracle has none, or the other way"
+    actual, expected = actual[~nan], expected[~nan]
+    if not expected.numel():
+        return
     assert torch.isfinite(actual).all(), f"{name}: non-finite values"
-    tol = TOLERANCE[actual.dtype]
-    expected = expected.detach().double()
-    err = (actual.detach().double() - expected).abs()
+    err = ((actual - expected).abs() - 4 * finfo.smallest_normal * finfo.eps).clamp_min(0.0)
     scale = expected.abs() + expected.abs().max().clamp_min(1e-30) / 10
-    finfo = torch.finfo(actual.dtype)
-    err = (err - 4 * finfo.smallest_normal * finfo.eps).clamp_min(0.0)
-    worst = (err / scale).max().item() if err.numel() else 0.0
-    assert worst <= tol, f"{name}: relative error {worst:.3g} > {tol:.3g} ({actual.dtype})"
-
-
-# ---------------------------------------------------------------- float64 oracle (autograd-able)
-def oracle_kl(mu: Tensor, logvar: Tensor) -> Tensor:
-    mu, logvar = mu.double(), logvar.double()
-    return 0.5 * (mu * mu + torch.exp(logvar) - logvar - 1.0)
-
-
-def oracle_logp(logits: Tensor, target: Tensor) -> Tensor:
-    l, x = logits.double(), target.double()
-    return -(l.clamp_min(0.0) - l * x + torch.log1p(torch.exp(-l.abs())))
-
-
-def oracle_z(mu: Tensor, logvar: Tensor, eps: Tensor) -> Tensor:
-    return mu.double() + torch.exp(0.5 * logvar.double()) * eps.double()
-
-
-def rows_sum(t: Tensor) -> Tensor:
-    return t.reshape(t.shape[0], -1).sum(dim=1)
+    worst = (err / scale).max().item()
+    assert worst <= tol, f"{name}: relative error {worst:.3g} > {tol:.3g} ({dtype})"
 
 
 def leaf(t: Tensor) -> Tensor:

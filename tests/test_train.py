@@ -146,8 +146,8 @@ def test_kl_warmup_is_linear_to_beta():
 @pytest.mark.parametrize("traced", [False, True], ids=["eager", "traced"])
 @pytest.mark.parametrize("free_bits", [0.0, 0.7])
 def test_objective_matches_the_formula(free_bits, traced):
-    """Eager, the objective without free bits is one NegativeELBO node; traced (what
-    --compile runs), it is composed from the ops. Both must be the formula."""
+    """Eager and traced (what --compile runs), with and without free bits, the objective
+    must be the formula, and its statistics the sums of the two terms."""
     torch.manual_seed(0)
     model = build_model(VAEConfig(image_shape=(1, SIDE, SIDE), latent_dim=3, hidden_dims=(8,)))
     x = (torch.rand(5, 1, SIDE, SIDE) < 0.5).float()
@@ -158,8 +158,6 @@ def test_objective_matches_the_formula(free_bits, traced):
         torch._dynamo.reset()
         objective = torch.compile(objective, backend="aot_eager", fullgraph=True)
     loss, stats = objective(x, weight)
-    fused = type(loss.grad_fn).__name__ == "NegativeELBOBackward"
-    assert fused == (free_bits == 0 and not traced), type(loss.grad_fn).__name__
     torch.set_rng_state(state)
     logits, mu, logvar, kl = model(x)
     recon = torch.nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="sum")

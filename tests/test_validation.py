@@ -50,9 +50,9 @@ def test_unknown_reduction_and_negative_beta():
         fastvae.gaussian_kl(torch.randn(2, 3), torch.randn(2, 3), reduction="avg")
     with pytest.raises(ValueError, match="unknown reduction"):
         fastvae.ELBOLoss(reduction="elementwise")
-    with pytest.raises(ValueError, match="beta must be >= 0"):
+    with pytest.raises(ValueError, match="beta must be a finite number >= 0"):
         fastvae.elbo_loss(**_args(), beta=-1.0)
-    with pytest.raises(ValueError, match="beta must be >= 0"):
+    with pytest.raises(ValueError, match="beta must be a finite number >= 0"):
         fastvae.ELBOLoss(beta=-0.5)
 
 
@@ -78,3 +78,62 @@ def test_bad_environment_backend(monkeypatch):
     monkeypatch.setenv("FASTVAE_BACKEND", "fast")
     with pytest.raises(ValueError, match="FASTVAE_BACKEND='fast' is not a fastvae backend"):
         fastvae.gaussian_kl(torch.randn(2, 3), torch.randn(2, 3))
+
+
+@pytest.mark.parametrize("beta, error, message", [
+    (float("nan"), ValueError, r"finite number >= 0.*nan"),
+    (float("inf"), ValueError, r"finite number >= 0.*inf"),
+    (torch.tensor(-0.5), ValueError, r"finite number >= 0.*-0.5"),
+    (torch.tensor(float("nan")), ValueError, r"finite number >= 0.*nan"),
+    (torch.ones(B), ValueError, r"beta must be a scalar.*shape \[4\]"),
+    (torch.ones(1), ValueError, r"beta must be a scalar.*shape \[1\]"),
+    (torch.tensor(1), TypeError, "floating-point tensor"),
+    (True, TypeError, "float or a 0-d tensor"),
+    ("0.5", TypeError, "float or a 0-d tensor"),
+], ids=["nan", "inf", "tensor-negative", "tensor-nan", "per-datapoint", "one-element", "int-tensor", "bool", "str"])
+def test_beta_is_a_finite_non_negative_scalar(beta, error, message):
+    with pytest.raises(error, match=message):
+        fastvae.elbo_loss(**_args(), beta=beta)
+
+
+def test_a_scalar_tensor_beta_weights_the_kl():
+    args = _args()
+    as_float = fastvae.elbo_loss(**args, beta=0.3, reduction="none")
+    as_tensor = fastvae.elbo_loss(**args, beta=torch.tensor(0.3), reduction="none")
+    torch.testing.assert_close(as_tensor, as_float)
+    assert as_tensor.shape == (B,)
+
+
+@pytest.mark.parametrize("bad", [2.0, -0.25, float("nan")], ids=["above", "below", "nan"])
+def test_targets_outside_the_unit_interval_are_refused_with_the_fix(bad):
+    args = _args()
+    args["target"][1, 3] = bad
+    for call in (lambda: fastvae.elbo_loss(**args),
+                 lambda: fastvae.bernoulli_log_likelihood(args["logits"], args["target"]),
+                 lambda: fastvae.bernoulli_log_likelihood(args["logits"], args["target"], reduction="none")):
+        with pytest.raises(ValueError, match=r"target must lie in \[0, 1\].*target\[1, 3\].*x / 255"):
+            call()
+
+
+def test_with_validation_off_a_bad_target_gives_nan_not_a_number():
+    args = _args()
+    args["target"][2, 0] = 2.0  # x * l - softplus(l) would be a positive "log-likelihood" here
+    fastvae.set_validate_args(False)
+    try:
+        rows = fastvae.bernoulli_log_likelihood(args["logits"], args["target"], reduction="none")
+        loss = fastvae.elbo_loss(**args, reduction="none")
+    finally:
+        fastvae.set_validate_args(True)
+    assert torch.isnan(rows[2, 0]) and torch.isfinite(rows[[0, 1, 3]]).all() and torch.isfinite(rows[2, 1:]).all()
+    assert torch.isnan(loss[2]) and torch.isfinite(loss[[0, 1, 3]]).all()
+
+
+def test_nan_logits_are_not_blamed_on_the_targets():
+    args = _args()
+    args["logits"][0, 0] = float("nan")
+    assert torch.isnan(fastvae.bernoulli_log_likelihood(args["logits"], args["target"]))
+
+
+def test_set_validate_args_takes_a_bool():
+    with pytest.raises(TypeError, match="True or False"):
+        fastvae.set_validate_args("no")

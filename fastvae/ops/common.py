@@ -1,18 +1,23 @@
-"""Helpers shared by the op files: row views, loss dtype, gradient scaling."""
+"""What every op family shares: row views, dtypes, gradient scaling, and `FusedOp`, the one
+mechanism that connects a fused forward/backward to PyTorch's autograd and compiler."""
 
 from __future__ import annotations
 
 import math
+import struct
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 
+# --------------------------------------------------------------------------- rows and dtypes
 def as_rows(t: Tensor) -> Tensor:
     """[B, ...] -> [B, N] with stride 1 along N; a view whenever the layout allows one.
 
-    Strided rows (a chunk of a wider encoder output) stay views: every backend
-    takes a row stride, so the common `mu, logvar = h.chunk(2, dim=1)` costs no copy."""
+    Strided rows (a chunk of a wider encoder output) stay views: every backend takes a
+    row stride, so the common `mu, logvar = h.chunk(2, dim=1)` costs no copy."""
     if t.dim() == 2 and (t.stride(1) == 1 or t.shape[1] <= 1):
         return t  # already rows: the common case, returned without a reshape call
     rows = t.reshape(t.shape[0], math.prod(t.shape[1:]))
@@ -21,26 +26,45 @@ def as_rows(t: Tensor) -> Tensor:
     return rows
 
 
-def view_as_shape(t: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """t viewed as `shape`; t itself when it already has it (a view call costs about 2 us)."""
+def rows_or_none(t: Tensor | None) -> Tensor | None:
+    return None if t is None else as_rows(t)
+
+
+def view_as_shape(t: Tensor, shape: Sequence[int]) -> Tensor:
+    """t viewed as `shape`; t itself when it already has it (a view call costs microseconds)."""
     return t if t.shape == shape else t.view(shape)
 
 
-def loss_dtype(*tensors: Tensor) -> torch.dtype:
-    """Losses are float32, or float64 when any input is float64 (gradcheck)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+def loss_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """The dtype losses come back in and all math runs in: float64 when any input is float64
+    (gradcheck), else float32 (bf16 and fp16 inputs are computed in float32)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def storage_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """The one dtype a kernel that reads several same-kind tensors takes: theirs if they agree,
+    else the compute dtype (mixes are rare, e.g. mu and logvar are halves of one output, and
+    one storage dtype per kernel keeps the compiled variants few)."""
+    present = [t for t in tensors if t is not None]
+    first = present[0].dtype
+    return first if all(t.dtype == first for t in present) else loss_dtype(*present)
+
+
+def rows_shape(t: Tensor, elementwise: bool) -> tuple[int, ...]:
+    """The shape of a per-element (t's shape) or per-datapoint ([B]) result for t [B, ...]."""
+    return tuple(t.shape) if elementwise else tuple(t.shape[:1])
 
 
 def no_grad_placeholder(like: Tensor) -> Tensor:
-    """What a saved-gradient output holds when no gradient was asked for: custom ops cannot return None."""
+    """What a gradient output holds when none was asked for: custom ops cannot return None."""
     return like.new_empty(0)
 
 
 def scale_saved_grad(saved: Tensor, grad_output: Tensor) -> Tensor:
     """saved [B, ...] * grad_output ([B] or saved's shape), in saved's dtype.
 
-    Terminal losses compute d(loss)/d(input) in the forward pass; backward only
-    applies the chain rule with the upstream gradient, one elementwise multiply."""
+    Terminal losses compute d(loss)/d(input) in the forward pass; backward only applies
+    the chain rule with the upstream gradient, one elementwise multiply."""
     g = grad_output.reshape(grad_output.shape + (1,) * (saved.dim() - grad_output.dim()))
     if saved.dtype in (torch.float16, torch.bfloat16):
         # Multiply in float32 and round once: a "mean" over many elements makes g tiny,
@@ -49,13 +73,41 @@ def scale_saved_grad(saved: Tensor, grad_output: Tensor) -> Tensor:
     return saved * g.to(saved.dtype)
 
 
-def plain_eager_call(args: tuple) -> bool:
-    """True when nothing but eager PyTorch can observe this call: no torch.compile or
-    export trace, no torch function or dispatch mode (fake tensors, profilers that
-    record aten ops, FlopCounter), no torch.func transform, only plain tensors."""
+# --------------------------------------------------------------------------- the saved gradient
+def _in_dtype(value: float, dtype: torch.dtype) -> float:
+    """`value` rounded to float32 unless dtype is float64 (the losses' two dtypes), as a Python float."""
+    return value if dtype == torch.float64 else struct.unpack("f", struct.pack("f", value))[0]
+
+
+def is_the_weight(grad_rows: Tensor, weight: float) -> bool:
+    """Whether the gradient reaching per-datapoint rows [B] is `weight` itself, broadcast.
+
+    A loss written as `weight * rows.sum()` (a mean, a batch mean, the -ELBO) hands its
+    rows exactly that in `loss.backward()`. A kernel that wrote weight * d(rows)/d(input)
+    in the forward pass has then already computed the final gradient, and backward can
+    hand it over without a pass over [B, D]. Checked only where that costs nothing: eager
+    on the CPU, a plain tensor (a CUDA read would synchronize; a trace or a fake tensor has
+    no value to read), and no double backward being recorded."""
+    return (type(grad_rows) is Tensor and grad_rows.dim() == 1 and grad_rows.numel() > 0
+            and grad_rows.stride(0) == 0 and grad_rows.device.type == "cpu"
+            and not torch.compiler.is_compiling() and not torch.is_grad_enabled()
+            and grad_rows[0].item() == _in_dtype(weight, grad_rows.dtype))
+
+
+# --------------------------------------------------------------------------- how a call is observed
+def transform_active() -> bool:
+    """A torch.func transform (grad, vjp, jvp, jacrev, jacfwd, hessian, vmap) or forward-mode AD
+    is running: the fused kernels have no forward-mode or batching rules, so the op's
+    definition in torch ops (its composite) runs instead, correct for every transform."""
+    return (torch._C._functorch.peek_interpreter_stack() is not None
+            or forward_ad._current_level >= 0)
+
+
+def plain_eager_call(args: Sequence) -> bool:
+    """True when nothing but eager PyTorch can observe this call: no torch.compile or export
+    trace, no torch function or dispatch mode (fake tensors, profilers that record aten ops,
+    FlopCounter), only plain tensors."""
     if torch.compiler.is_compiling() or torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack():
-        return False
-    if torch._C._functorch.peek_interpreter_stack() is not None:
         return False
     return all(type(a) in _PLAIN_TENSORS for a in args if isinstance(a, Tensor))
 
@@ -63,34 +115,55 @@ def plain_eager_call(args: tuple) -> bool:
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 
 
+def composite_vjp(composite: Callable, inputs: Sequence, grads: Sequence[Tensor | None],
+                  needs_input_grad: Sequence[bool]) -> list[Tensor | None]:
+    """Input gradients of `composite(*inputs)` (the op's definition in torch ops) for the
+    output gradients `grads`, recorded so they can be differentiated again.
+
+    Backward uses this when grad mode is on inside it (create_graph=True: a gradient penalty,
+    gradgradcheck, a Hessian-vector product). The kernels' saved gradients are constants to
+    autograd, so differentiating them again would drop every second-order term."""
+    wrt = [i for i, needs in enumerate(needs_input_grad) if needs]
+    with torch.enable_grad():
+        outputs = composite(*inputs)
+        pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
+        found = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wrt], [g for _, g in pairs],
+                                    create_graph=True, allow_unused=True) if pairs else [None] * len(wrt)
+    result: list[Tensor | None] = [None] * len(inputs)
+    for i, grad in zip(wrt, found):
+        result[i] = grad if grad is not None else torch.zeros_like(inputs[i])
+    return result
+
+
 class FusedOp:
     """A fused op as fastvae.functional calls it: one forward, setup_context and backward,
-    reachable two ways that run the same three functions.
+    reachable two ways that run the same three functions, and a composite for transforms.
 
-    - `custom_op`, the registered torch.library op: what torch.compile, export, fake
-      tensors, dispatch modes and torch.library.opcheck see (one opaque graph node).
-    - For a plain eager call, a torch.autograd.Function built from the same functions.
-      A Python custom op crosses the dispatcher several times per call (Python autograd
-      kernel, redispatch, Python implementation, generated backward): skipping them took
-      one op's forward + backward on tiny tensors from 186 to 143 us on a 2-core CPU,
-      against kernels that run in about 60 us at training batch sizes (the Bernoulli op
-      at 128 x 784).
+    - `custom_op`, the registered torch.library op: what torch.compile, export, fake tensors,
+      dispatch modes and torch.library.opcheck see (one opaque graph node).
+    - For a plain eager call, a torch.autograd.Function built from the same functions: a
+      Python custom op crosses the dispatcher several times per call (Python autograd kernel,
+      redispatch, Python implementation), which `python -m benchmarks.eager_paths` measures
+      against this route.
+    - `composite(*args)`, the same outputs from torch ops (the op's definition), under
+      torch.func transforms and forward-mode AD (see `transform_active`).
 
-    An op without backward (reparameterize_kl_backward) calls `forward` directly in
-    eager mode, unless its inputs require grad under grad mode: then the custom op
-    raises torch's own error for an op without a derivative instead of silently
-    detaching."""
+    An op without backward (a backward op itself) calls `forward` directly in eager mode,
+    unless its inputs require grad under grad mode: then the custom op raises torch's own
+    error for an op without a derivative instead of silently detaching."""
 
-    def __init__(self, custom_op, forward, setup_context=None, backward=None) -> None:
-        self.custom_op, self.forward = custom_op, forward
+    def __init__(self, custom_op, forward: Callable, composite: Callable, setup_context: Callable | None = None,
+                 backward: Callable | None = None) -> None:
+        self.custom_op, self.forward, self.composite = custom_op, forward, composite
         self._function = None
         if backward is not None:
             custom_op.register_autograd(backward, setup_context=setup_context)
 
             def function_forward(ctx, *args):
                 # The ctx-first form: with a separate setup_context, Function.apply runs
-                # inspect.signature on every call (about 20 us).
+                # inspect.signature on every call.
                 output = forward(*args)
+                ctx.eager = True  # setup_context may keep tensors on ctx (see bernoulli/op.py)
                 setup_context(ctx, args, output)
                 return output
 
@@ -100,6 +173,10 @@ class FusedOp:
             })
 
     def __call__(self, *args):
+        if torch.compiler.is_compiling():  # dynamo: one opaque node
+            return self.custom_op(*args)
+        if transform_active():
+            return self.composite(*args)
         if not plain_eager_call(args):
             return self.custom_op(*args)
         if self._function is not None:

@@ -23,9 +23,7 @@ from fastvae.train import checkpoint as ckpt
 from fastvae.train.data import Datasets, EpochBatches, derive_seed, load_datasets, prepare_targets
 from fastvae.train.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object
 from fastvae.train.evaluate import evaluate_elbo, evaluate_test
-from fastvae.functional import _log_likelihood_rows
 from fastvae.train.models import VAE, build_model
-from fastvae.ops.elbo import NegativeELBO, fuses_eagerly
 from fastvae.train.progress import TrainProgress
 from fastvae.train.config import MODEL_FIELDS, TrainConfig, default_run_dir, pick_device
 
@@ -43,20 +41,15 @@ class ELBOObjective(nn.Module):
     def forward(self, x: Tensor, kl_weight: Tensor) -> tuple[Tensor, Tensor]:
         logits, mu, logvar, kl = self.model(x)
         batch = x.shape[0]
-        if self.free_bits <= 0 and fuses_eagerly(logits, x, kl, kl_weight):
-            loss, logp_sum, kl_sum = NegativeELBO.apply(logits, x, kl, kl_weight, batch)  # one autograd node
-            return loss, torch.stack([logp_sum.neg(), kl_sum])
-        # The loss below weights the rows' sum by -1/B; told so, the kernel writes the final
-        # d(loss)/d(logits) and backward hands it over without a [B, D] multiply.
-        recon = -_log_likelihood_rows(logits, x, -1.0 / batch).sum()
-        kl_sum = kl.sum()
-        if self.free_bits > 0:
-            per_dim = fastvae.gaussian_kl(mu, logvar, reduction="none").mean(dim=0)  # [L]
-            kl_term = per_dim.clamp_min(self.free_bits).sum()
-        else:
-            kl_term = kl_sum / batch
-        loss = recon / batch + kl_weight * kl_term
-        return loss, torch.stack([recon, kl_sum]).detach()
+        kl_sum = kl.detach().sum()
+        if self.free_bits <= 0:
+            loss = fastvae.elbo_loss(logits, x, kl=kl, beta=kl_weight)
+            recon_sum = loss.detach() * batch - kl_weight * kl_sum
+            return loss, torch.stack([recon_sum, kl_sum])
+        recon_sum = -fastvae.bernoulli_log_likelihood(logits, x, reduction="sum")
+        per_dim = fastvae.gaussian_kl(mu, logvar, reduction="none").mean(dim=0)  # [L]
+        loss = recon_sum / batch + kl_weight * per_dim.clamp_min(self.free_bits).sum()
+        return loss, torch.stack([recon_sum.detach(), kl_sum])
 
 
 @dataclass

@@ -1,0 +1,41 @@
+"""The Bernoulli log-likelihood in plain PyTorch: the `torch` backend, and what the kernels compute.
+
+    log p(x | l) = x*l - softplus(l) = x*l - max(l, 0) - log1p(exp(-|l|))   (no exp overflows)
+    dlogp/dl     = x - sigmoid(l),   dlogp/dx = l
+
+for logits l and targets x in [0, 1] (binary, or grey levels). A target outside [0, 1]
+makes its element NaN (value and gradient): x*l - softplus(l) is then no log-likelihood,
+and a NaN cannot go unnoticed the way a plausible number can.
+
+Every tensor argument is a row view [B, D] (unit stride along D; rows may be strided).
+Math runs in float64 for float64 inputs, else float32; log p comes back in the compute
+dtype, the gradient in the logits' dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastvae.ops.common import loss_dtype
+
+
+def log_prob(logits: Tensor, target: Tensor) -> Tensor:
+    """log p(target | logits) per element (differentiable), NaN where target is outside [0, 1]."""
+    logp = logits * target - torch.clamp_min(logits, 0.0) - torch.log1p(torch.exp(-logits.abs()))
+    return torch.where((target >= 0) & (target <= 1), logp, torch.nan)
+
+
+def bernoulli_forward(logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool,
+                      weight: float = 1.0) -> tuple[Tensor, Tensor | None]:
+    """logits, target [B, D] -> log p ([B, D] if elementwise else [B]), weight * dlogp/dlogits (or None).
+
+    The gradient is scaled before it is rounded to the logits' dtype."""
+    compute = loss_dtype(logits, target)
+    l, x = logits.to(compute), target.to(compute)
+    logp = log_prob(l, x)
+    logp = logp if elementwise else logp.sum(dim=1)
+    if not compute_grad:
+        return logp, None
+    valid = (x >= 0) & (x <= 1)
+    return logp, torch.where(valid, weight * (x - torch.sigmoid(l)), torch.nan).to(logits.dtype)

@@ -1,0 +1,89 @@
+"""The Bernoulli log-likelihood in Triton, per element or per row, with its gradient in the same pass.
+
+log p = x*l - softplus(l) = -(max(l, 0) - l*x + log1p(exp(-|l|)));  dlogp/dl = x - sigmoid(l).
+Only exp(-|l|) <= 1 is ever formed, so logits of any size stay finite. A target outside
+[0, 1] makes its element NaN, value and gradient (see reference.py).
+Logits and target may differ in dtype (bf16 logits from an AMP decoder against fp32 data
+is the common case); a float64 one makes both float64.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import triton
+import triton.language as tl
+
+from fastvae.ops.common import loss_dtype
+from fastvae.ops.triton_helpers import NUM_WARPS, Specialization, compute_dtype, log1p_small, tile, tiles
+
+
+@triton.jit
+def _bernoulli_fwd_kernel(
+    logits_ptr, target_ptr,  # [B, D] each, row strides below, unit column stride
+    logp_ptr,  # [B, D] contiguous if ELEMENTWISE else [B]; in the compute dtype
+    dlogits_ptr,  # [B, D] contiguous in logits' dtype, written if COMPUTE_GRAD
+    B, D, stride_logits, stride_target,
+    weight,  # dlogits = weight * dlogp/dlogits
+    ELEMENTWISE: tl.constexpr, COMPUTE_GRAD: tl.constexpr, COMPUTE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # int64 offsets: b * stride exceeds 2^31 for large batches of images.
+    o_b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    m_b = o_b < B
+    b_logp_row = tl.zeros([BLOCK_B], dtype=COMPUTE)
+    for d_start in range(0, D, BLOCK_D):
+        o_d = d_start + tl.arange(0, BLOCK_D).to(tl.int64)
+        m = m_b[:, None] & (o_d < D)[None, :]
+        b_l = tl.load(logits_ptr + o_b[:, None] * stride_logits + o_d[None, :], mask=m, other=0.0).to(COMPUTE)
+        b_x = tl.load(target_ptr + o_b[:, None] * stride_target + o_d[None, :], mask=m, other=0.0).to(COMPUTE)
+        b_valid = (b_x >= 0.0) & (b_x <= 1.0)
+        b_e = tl.exp(-tl.abs(b_l))  # in (0, 1]
+        b_logp = tl.where(b_valid, b_l * b_x - tl.maximum(b_l, 0.0) - log1p_small(b_e), float("nan"))
+        o_out = o_b[:, None] * D + o_d[None, :]
+        if ELEMENTWISE:
+            tl.store(logp_ptr + o_out, b_logp, mask=m)
+        else:
+            b_logp_row += tl.sum(tl.where(m, b_logp, 0.0), axis=1)
+        if COMPUTE_GRAD:
+            # sigmoid(l) from the same e: 1/(1+e) for l >= 0, e/(1+e) for l < 0.
+            b_sig = tl.where(b_l >= 0.0, 1.0, b_e) / (1.0 + b_e)
+            b_grad = tl.where(b_valid, weight * (b_x - b_sig), float("nan"))
+            tl.store(dlogits_ptr + o_out, b_grad.to(dlogits_ptr.dtype.element_ty), mask=m)
+    if not ELEMENTWISE:
+        tl.store(logp_ptr + o_b, b_logp_row, mask=m_b)
+
+
+def bernoulli_forward(logits: torch.Tensor, target: torch.Tensor, elementwise: bool, compute_grad: bool,
+                      weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """logits, target [B, D] -> log p ([B, D] or [B]), weight * dlogp/dlogits | None."""
+    B, D = logits.shape
+    compute = loss_dtype(logits, target)
+    l, x = (logits.to(compute), target.to(compute)) if compute == torch.float64 else (logits, target)
+    logp = torch.empty((B, D) if elementwise else (B,), dtype=compute, device=logits.device)
+    dlogits = torch.empty((B, D), dtype=l.dtype, device=logits.device) if compute_grad else None
+    block_b, block_d = tile(D)
+    _bernoulli_fwd_kernel[(triton.cdiv(B, block_b),)](
+        l, x, logp, dlogits if compute_grad else logp,
+        B, D, l.stride(0), x.stride(0), float(weight),
+        ELEMENTWISE=elementwise, COMPUTE_GRAD=compute_grad, COMPUTE=compute_dtype(l),
+        BLOCK_B=block_b, BLOCK_D=block_d, num_warps=NUM_WARPS)
+    return logp, None if dlogits is None else dlogits.to(logits.dtype)
+
+
+def specializations() -> list[Specialization]:
+    """Every compiled form the launcher above can request."""
+    halves = (torch.float32, torch.bfloat16, torch.float16)
+    pairs = list(itertools.product(halves, halves)) + [(torch.float64, torch.float64)]
+    out = []
+    for (logits, target), (block_b, block_d) in itertools.product(pairs, tiles()):
+        loss = torch.float64 if logits == torch.float64 else torch.float32
+        for elementwise, grad in itertools.product((False, True), repeat=2):
+            pointers = {"logits_ptr": logits, "target_ptr": target, "logp_ptr": loss,
+                        "dlogits_ptr": logits if grad else loss}
+            out.append(Specialization(_bernoulli_fwd_kernel, pointers,
+                                      {"ELEMENTWISE": elementwise, "COMPUTE_GRAD": grad,
+                                       "COMPUTE": compute_dtype(torch.empty(0, dtype=logits)),
+                                       "BLOCK_B": block_b, "BLOCK_D": block_d}, floats=("weight",)))
+    return out

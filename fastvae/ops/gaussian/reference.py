@@ -1,0 +1,72 @@
+"""The Gaussian posterior in plain PyTorch: the `torch` backend, and what the kernels compute.
+
+    z    = mu + exp(0.5 * logvar) * eps,  eps the Philox stream of fastvae.ops.noise
+    kl   = 0.5 * (mu^2 + exp(logvar) - logvar - 1)
+         = 0.5 * (mu^2 + expm1(logvar) - logvar)      (no digits lost near logvar = 0)
+    dz/dmu = 1,  dz/dlogvar = 0.5 * exp(0.5 * logvar) * eps,  dz/deps = exp(0.5 * logvar)
+    dkl/dmu = mu,  dkl/dlogvar = 0.5 * expm1(logvar)
+
+Every tensor argument is a row view [B, L] (unit stride along L; rows may be strided).
+Math runs in float64 for float64 inputs, else float32; z and gradients come back in
+their input's dtype, KL rows in the compute dtype. `seed` is a 0-d int64 tensor on the
+inputs' device, ignored when eps is given.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastvae.ops.common import loss_dtype
+from fastvae.ops.noise import philox_normal
+
+
+def kl_elements(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, 1)) per element, in mu's dtype (callers upcast)."""
+    return 0.5 * (mu * mu + (torch.expm1(logvar) - logvar))
+
+
+def noise(mu: Tensor, eps: Tensor | None, seed: Tensor, compute: torch.dtype) -> Tensor:
+    """eps in the compute dtype: the caller's, or the Philox stream drawn for mu's shape."""
+    if eps is not None:
+        return eps.to(compute)
+    return philox_normal(seed, tuple(mu.shape), compute, mu.device)
+
+
+def reparameterize_kl_forward(mu: Tensor, logvar: Tensor, eps: Tensor | None,
+                              seed: Tensor) -> tuple[Tensor, Tensor]:
+    """mu, logvar, eps [B, L] -> z [B, L] (mu's dtype), kl [B]."""
+    compute = loss_dtype(mu, logvar)
+    m, lv = mu.to(compute), logvar.to(compute)
+    z = m + torch.exp(0.5 * lv) * noise(mu, eps, seed, compute)
+    return z.to(mu.dtype), kl_elements(m, lv).sum(dim=1)
+
+
+def reparameterize_kl_backward(grad_z: Tensor | None, grad_kl: Tensor | None, mu: Tensor, logvar: Tensor,
+                               eps: Tensor | None, seed: Tensor) -> tuple[Tensor, Tensor]:
+    """grad_z [B, L] | None, grad_kl [B] | None -> grad_mu, grad_logvar [B, L] (mu's, logvar's dtype)."""
+    compute = loss_dtype(mu, logvar)
+    m, lv = mu.to(compute), logvar.to(compute)
+    grad_mu = torch.zeros_like(m)
+    grad_logvar = torch.zeros_like(lv)
+    if grad_z is not None:
+        g = grad_z.to(compute)
+        grad_mu = grad_mu + g
+        grad_logvar = grad_logvar + g * 0.5 * torch.exp(0.5 * lv) * noise(mu, eps, seed, compute)
+    if grad_kl is not None:
+        g = grad_kl.to(compute)[:, None]
+        grad_mu = grad_mu + g * m
+        grad_logvar = grad_logvar + g * 0.5 * torch.expm1(lv)
+    return grad_mu.to(mu.dtype), grad_logvar.to(logvar.dtype)
+
+
+def gaussian_kl_forward(mu: Tensor, logvar: Tensor, elementwise: bool,
+                        compute_grad: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """mu, logvar [B, L] -> kl ([B, L] if elementwise else [B]), dkl/dmu, dkl/dlogvar (or None)."""
+    compute = loss_dtype(mu, logvar)
+    m, lv = mu.to(compute), logvar.to(compute)
+    kl = kl_elements(m, lv)
+    kl = kl if elementwise else kl.sum(dim=1)
+    if not compute_grad:
+        return kl, None, None
+    return kl, mu.clone(), (0.5 * torch.expm1(lv)).to(logvar.dtype)

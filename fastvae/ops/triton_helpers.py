@@ -1,0 +1,121 @@
+"""What every family's Triton kernels share: Philox noise, a stable log1p, the tile menu, dtypes,
+and the description of each kernel specialization a launcher can request (which
+tests/test_triton_compile.py compiles for real GPUs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+# Philox4x32-10 constants; the stream is specified in fastvae.ops.noise.
+PHILOX_MUL_A: tl.constexpr = tl.constexpr(0xD2511F53)
+PHILOX_MUL_B: tl.constexpr = tl.constexpr(0xCD9E8D57)
+PHILOX_KEY_A: tl.constexpr = tl.constexpr(0x9E3779B9)
+PHILOX_KEY_B: tl.constexpr = tl.constexpr(0xBB67AE85)
+
+# A tile holds TILE_ELEMENTS elements, BLOCK_B rows of BLOCK_N columns, with BLOCK_N from
+# this short menu: wide rows loop over N in steps of 1024, narrow rows share a tile so a
+# latent of 32 still fills it. A fixed menu keeps the specializations few enough to
+# compile every one of them for real GPUs in CI.
+TILE_ELEMENTS = 4096
+BLOCK_WIDTHS = (32, 128, 1024)
+NUM_WARPS = 8  # 16 elements per thread per tensor of a 4096-element tile
+
+
+@triton.jit
+def philox_normal(seed, index, COMPUTE: tl.constexpr):
+    """Standard normals for an int64 flat `index` block (any shape) from an int64 `seed` value.
+
+    Element i is normal i % 4 of Philox4x32-10 at counter (g lo32, g hi32, 0, 0), g = i // 4,
+    key (seed lo32, seed hi32), through Box-Muller on word pairs (0, 1) and (2, 3): the
+    stream of fastvae.ops.noise. Each element computes its group's Philox itself; on a GPU
+    that arithmetic hides under the memory traffic."""
+    seed = seed.to(tl.int64)
+    group = index >> 2
+    which = index & 3
+    c0 = (group & 0xFFFFFFFF).to(tl.uint32)
+    c1 = ((group >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c2 = tl.zeros_like(c0)
+    c3 = tl.zeros_like(c0)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    for _ in tl.static_range(10):
+        prev_c0 = c0
+        prev_c2 = c2
+        c0 = tl.umulhi(PHILOX_MUL_B, prev_c2) ^ c1 ^ k0
+        c2 = tl.umulhi(PHILOX_MUL_A, prev_c0) ^ c3 ^ k1
+        c1 = tl.mul(PHILOX_MUL_B, prev_c2, sanitize_overflow=False)
+        c3 = tl.mul(PHILOX_MUL_A, prev_c0, sanitize_overflow=False)
+        k0 = tl.add(k0, PHILOX_KEY_A, sanitize_overflow=False)
+        k1 = tl.add(k1, PHILOX_KEY_B, sanitize_overflow=False)
+    # Normals 0, 1 take words (0, 1); normals 2, 3 take words (2, 3).
+    first_pair = which < 2
+    radius_word = tl.where(first_pair, c0, c2)
+    angle_word = tl.where(first_pair, c1, c3)
+    # 24 bits fill a float32 mantissa exactly; +0.5 keeps u > 0 so log(u) is finite.
+    u_radius = ((radius_word >> 8).to(COMPUTE) + 0.5) * 5.9604644775390625e-08  # 2^-24
+    u_angle = ((angle_word >> 8).to(COMPUTE) + 0.5) * 5.9604644775390625e-08
+    theta = 6.283185307179586 * u_angle
+    return tl.sqrt(-2.0 * tl.log(u_radius)) * tl.where((which & 1) == 0, tl.cos(theta), tl.sin(theta))
+
+
+@triton.jit
+def log1p_small(e):
+    """log(1 + e) for e >= 0, accurate when 1 + e rounds to 1 (Goldberg's correction)."""
+    u = 1.0 + e
+    # The divisor is patched where u == 1 only so the unused branch never divides by zero.
+    return tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
+
+
+def compute_dtype(*tensors: torch.Tensor | None):
+    """The kernels compute in float32, or float64 when any input is float64."""
+    return tl.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else tl.float32
+
+
+def tile(cols: int) -> tuple[int, int]:
+    """(BLOCK_B, BLOCK_N) for rows of `cols` elements, from the menu above."""
+    block_n = next((width for width in BLOCK_WIDTHS if cols <= width), BLOCK_WIDTHS[-1])
+    return TILE_ELEMENTS // block_n, block_n
+
+
+def tiles() -> list[tuple[int, int]]:
+    """Every (BLOCK_B, BLOCK_N) that `tile` can return."""
+    return [(TILE_ELEMENTS // width, width) for width in BLOCK_WIDTHS]
+
+
+# --------------------------------------------------------------------------- specializations
+_POINTER_TYPES = {torch.float32: "*fp32", torch.float64: "*fp64", torch.bfloat16: "*bf16",
+                  torch.float16: "*fp16", torch.int64: "*i64"}
+STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+@dataclass(frozen=True)
+class Specialization:
+    """One compiled form of a kernel: pointer dtypes and constexpr values (the rest of the
+    arguments are 32-bit integers or float32 scalars, as the launchers pass them)."""
+
+    kernel: Any  # a triton.JITFunction
+    pointers: dict[str, torch.dtype]
+    constexprs: dict[str, Any]
+    floats: tuple[str, ...] = field(default=())
+
+    @property
+    def name(self) -> str:
+        dtypes = ",".join(f"{k}={str(v).removeprefix('torch.')}" for k, v in self.pointers.items())
+        flags = ",".join(f"{k}={getattr(v, 'name', v)}" for k, v in self.constexprs.items())
+        return f"{self.kernel.fn.__name__}[{dtypes}|{flags}]"
+
+    def signature(self) -> dict[str, str]:
+        out = {}
+        for arg in self.kernel.arg_names:
+            if arg in self.constexprs:
+                out[arg] = "constexpr"
+            elif arg in self.pointers:
+                out[arg] = _POINTER_TYPES[self.pointers[arg]]
+            else:
+                out[arg] = "fp32" if arg in self.floats else "i32"
+        return out

@@ -1,0 +1,126 @@
+"""Checks of what users pass to fastvae's public functions, each in one place, and the switch
+for the checks that read tensor values.
+
+Checks of types, shapes and devices always run: they cost nothing. Checks of values
+(targets in [0, 1], a non-negative beta) read data, so they run only where that needs
+no host synchronization: on CPU tensors, in eager mode. There, with validation on (the
+default, as `torch.distributions`' validate_args), a bad value is a ValueError that names
+the argument. Elsewhere (CUDA, torch.compile, torch.func) the kernels turn a target
+outside [0, 1] into NaN, so a bad value still cannot pass as a plausible number.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+from fastvae.ops.common import transform_active
+
+REDUCTIONS = ("none", "sum", "mean", "batchmean")
+
+_validate_values = True
+
+
+def set_validate_args(enabled: bool) -> None:
+    """Turn the checks of input values (see above) on (the default) or off for the process.
+
+    Off, a target outside [0, 1] gives NaN instead of a ValueError, and the check's small
+    cost (a test of the [B] per-datapoint results) is gone."""
+    global _validate_values
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_validate_args takes True or False, got {enabled!r}")
+    _validate_values = enabled
+
+
+def validate_args_enabled() -> bool:
+    return _validate_values
+
+
+def _values_readable(t: Tensor) -> bool:
+    """Whether checking t's values costs no host sync and is possible at all."""
+    return (_validate_values and t.device.type == "cpu" and type(t) in (Tensor, torch.nn.Parameter)
+            and not torch.compiler.is_compiling() and not transform_active())
+
+
+def check_float_tensor(name: str, t: object) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16 or "
+                        f"float64), got {t.dtype}; convert it with {name}.float()")
+    if t.dim() == 0:
+        raise ValueError(f"{name} must have a batch dimension (dim 0), got a 0-d tensor; "
+                         f"use {name}.reshape(1, -1) for a single datapoint")
+
+
+def check_same_shape(a_name: str, a: Tensor, b_name: str, b: Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{a_name} {list(a.shape)} and {b_name} {list(b.shape)} must have the same shape")
+
+
+def check_same_device(**tensors: Tensor) -> None:
+    first, *rest = tensors.values()
+    if all(t.device == first.device for t in rest):
+        return
+    listing = ", ".join(f"{name} on {t.device}" for name, t in tensors.items())
+    raise ValueError(f"all tensors must be on one device, got {listing}; move them with .to(device)")
+
+
+def check_pair(a_name: str, a: Tensor, b_name: str, b: Tensor) -> None:
+    """Two float tensors of one shape on one device."""
+    check_float_tensor(a_name, a)
+    check_float_tensor(b_name, b)
+    check_same_shape(a_name, a, b_name, b)
+    check_same_device(**{a_name: a, b_name: b})
+
+
+def check_same_batch(a_name: str, a: Tensor, b_name: str, b: Tensor, why: str) -> None:
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"{a_name} {list(a.shape)} and {b_name} {list(b.shape)} must have the same batch "
+                         f"size (dim 0): {why}")
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; choose one of {', '.join(map(repr, REDUCTIONS))}")
+
+
+def check_beta(beta: object, device: torch.device | None = None) -> None:
+    """beta weights the KL: a finite float >= 0, or a 0-d float tensor (on the loss's device, or
+    the CPU) holding one."""
+    if isinstance(beta, bool) or not isinstance(beta, (numbers.Real, Tensor)):
+        raise TypeError(f"beta must be a float or a 0-d tensor, got {type(beta).__name__}")
+    if isinstance(beta, numbers.Real):
+        if not 0 <= beta < math.inf:  # NaN fails it too; comparisons, which torch.compile can trace
+            raise ValueError(f"beta must be a finite number >= 0 (it weights the KL term), got {beta}")
+        return
+    if beta.dim() != 0:
+        raise ValueError(f"beta must be a scalar: a float or a 0-d tensor, got a tensor of shape {list(beta.shape)}; "
+                         f"a per-datapoint weight belongs in the loss (reduction='none', then weight the rows)")
+    if not beta.is_floating_point():
+        raise TypeError(f"beta must be a floating-point tensor, got {beta.dtype}; use beta.float()")
+    if device is not None and beta.device != device and beta.device.type != "cpu":
+        raise ValueError(f"beta is on {beta.device} but the loss is on {device}; move it with beta.to(device)")
+    if _values_readable(beta):
+        value = beta.item()
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"beta must be a finite number >= 0 (it weights the KL term), got tensor({value})")
+
+
+def check_unit_interval(name: str, result: Tensor, target: Tensor) -> None:
+    """After a likelihood whose kernels write NaN for targets outside [0, 1]: where the values
+    can be read for free, raise instead, naming the argument. `result` is the op's output
+    (per-datapoint rows, or elements), which is NaN wherever a target was out of range."""
+    if not (_values_readable(result) and _values_readable(target)):
+        return
+    if not torch.isnan(result).any():
+        return
+    outside = (target < 0) | (target > 1) | torch.isnan(target)
+    if outside.any():
+        first = tuple(int(i) for i in outside.nonzero()[0])
+        raise ValueError(f"{name} must lie in [0, 1] (binary data, or grey levels scaled to [0, 1]); "
+                         f"{name}{list(first)} = {target[first].item()!r}. Scale the data (x / 255), clamp it "
+                         f"(x.clamp(0, 1)), or call fastvae.set_validate_args(False) to get NaN instead")
