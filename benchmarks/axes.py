@@ -1,9 +1,10 @@
-"""The one place that defines what the benchmarks run: setup x provider x mode x size.
+"""The one place that defines what the benchmarks run: op x provider x mode x size x precision.
 
-A benchmark case is one op, at one size (batch, and the data / latent width the op
-uses), at one precision, run by one provider, in one mode. The default grids keep a
-CPU run to a few minutes on 2 cores; `GPU_SWEEP_GRIDS` adds the large sweep, selected
-with ``--gpu-sweep`` (or ``-m gpu_sweep``).
+The ops are the registry's (`fastvae.ops.registry.op_specs`, those with benchmark=True). A
+case is one op at one size (batch, and the data / latent width the op uses), one precision,
+one provider and one mode. The default grids are the headline settings, a few minutes on 2
+CPU cores; `--sweep` adds every size, precision and mode, and `--gpu-run` the sweep sized
+for the prepared GPU run (benchmarks/gpu/run.sh).
 """
 
 from __future__ import annotations
@@ -15,22 +16,19 @@ import torch
 
 MODES = ("forward", "backward", "full")
 
-# Sizes. 784 is a flattened 28x28 MNIST image; 12288 a 3x64x64 RGB image.
-BATCH_SIZES = (64, 256, 1024, 4096, 16384)
+# Sizes. 784 is a flattened 28x28 image; 12288 a 3x64x64 RGB image.
 MNIST_PIXELS = 28 * 28
 RGB64_PIXELS = 3 * 64 * 64
-DATA_SIZES = (MNIST_PIXELS, RGB64_PIXELS)
-LATENT_SIZES = (32, 64, 128)
 
 
 @dataclass(frozen=True)
 class Precision:
     """How the op's tensors are stored and whether the call runs under autocast.
 
-    `param` is the dtype of what a network produces (logits, mu, logvar); `target`
-    the dtype of the data. The AMP setting mirrors a training step under
-    torch.autocast: the linear layers hand the loss low-precision activations while
-    the data from the loader stays float32, and the loss is called inside autocast."""
+    `param` is the dtype of what a network produces (logits, mu, logvar); `target` the dtype
+    of the data. The AMP setting mirrors a training step under torch.autocast: the linear
+    layers hand the loss low-precision activations while the data from the loader stays
+    float32, and the loss is called inside autocast."""
 
     name: str
     param: torch.dtype
@@ -53,8 +51,8 @@ def precisions_for(device: torch.device) -> dict[str, Precision]:
 
 @dataclass(frozen=True)
 class Provider:
-    """Who computes the op: the eager reference as a user writes it, torch.compile of that
-    same reference, or fastvae on one named backend."""
+    """Who computes the op: the eager PyTorch a user writes, torch.compile of that same code, or
+    fastvae on one named backend."""
 
     name: str
     kind: str  # "eager" | "compiled" | "fastvae"
@@ -63,38 +61,43 @@ class Provider:
 
 EAGER = Provider("eager", "eager")
 COMPILED = Provider("compiled", "compiled")
+PROVIDERS = ("eager", "compiled", "fastvae-triton", "fastvae-native", "fastvae-torch")  # the report's order
 
 
-def providers_for(device: torch.device) -> tuple[Provider, ...]:
-    """Competitors first, then fastvae: its default (triton) on CUDA, each CPU backend by name on CPU.
-
-    Triton on CPU only runs under TRITON_INTERPRET=1, which is far too slow to time."""
-    backends = ("triton",) if device.type == "cuda" else ("native", "torch")
+def providers_for(device: torch.device, sweep: bool = False) -> tuple[Provider, ...]:
+    """Competitors first, then fastvae: triton on CUDA; native on CPU, and in the sweep also the
+    torch reference (slow by design: it is the definition). Triton on CPU only runs in the
+    interpreter, far too slow to time."""
+    backends = ("triton",) if device.type == "cuda" else ("native", "torch") if sweep else ("native",)
     return (EAGER, COMPILED) + tuple(Provider(f"fastvae-{b}", "fastvae", b) for b in backends)
 
 
 @dataclass(frozen=True)
 class Grid:
-    """A product of sizes and precisions; an op takes only the size axes it uses."""
+    """A product of sizes, precisions and modes; an op takes only the size axes it uses."""
 
     batch: tuple[int, ...]
     data: tuple[int, ...]
     latent: tuple[int, ...]
     precisions: tuple[str, ...]
+    modes: tuple[str, ...] = ("full",)
 
 
+# The headline: forward + backward at a training batch and at throughput batches, and the
+# low precisions at one batch. This is what the README's table quotes.
 DEFAULT_GRIDS = (
-    # Throughput against batch size at the MNIST setting: the headline curve.
-    Grid(BATCH_SIZES, (MNIST_PIXELS,), (32,), ("fp32",)),
-    # Every precision at one mid-size batch.
-    Grid((4096,), (MNIST_PIXELS,), (32,), ("bf16", "fp16", "amp")),
-    # A larger image and latent.
-    Grid((1024,), (RGB64_PIXELS,), (128,), ("fp32",)),
-    # The native CPU target's setting: batch 4096 x 784, latent 64, fp32.
-    Grid((4096,), (MNIST_PIXELS,), (64,), ("fp32",)),
+    Grid((128, 1024, 4096), (MNIST_PIXELS,), (32,), ("fp32",)),
+    Grid((4096,), (MNIST_PIXELS,), (32,), ("bf16", "amp")),
 )
-GPU_SWEEP_GRIDS = (
-    Grid(BATCH_SIZES + (65536,), DATA_SIZES, LATENT_SIZES, ("fp32", "bf16", "fp16", "amp")),
+SWEEP_GRIDS = (
+    Grid((64, 256, 1024, 4096, 16384), (MNIST_PIXELS,), (32,), ("fp32",), MODES),
+    Grid((4096,), (MNIST_PIXELS, RGB64_PIXELS), (32, 64, 128), ("fp32", "bf16", "fp16", "amp"), MODES),
+)
+# The prepared GPU run: the memory-bound sizes where the GPU targets are set, in the time the
+# run has (each compiled provider's shape costs a compile).
+GPU_RUN_GRIDS = (
+    Grid((128, 4096, 16384, 65536), (MNIST_PIXELS,), (32,), ("fp32", "bf16")),
+    Grid((4096,), (RGB64_PIXELS,), (128,), ("fp32", "amp")),
 )
 
 # The setting the report plots and the README quotes: the first default grid.
@@ -114,33 +117,38 @@ class Case:
     latent: int | None
 
     @property
+    def sizes(self) -> dict[str, int | None]:
+        return {"batch": self.batch, "data": self.data, "latent": self.latent}
+
+    @property
     def id(self) -> str:
         sizes = [f"B{self.batch}"]
         if self.data is not None:
             sizes.append(f"D{self.data}")
         if self.latent is not None:
             sizes.append(f"L{self.latent}")
-        return "-".join([self.mode, self.provider.name, self.precision.name] + sizes)
+        return "-".join([self.op, self.mode, self.provider.name, self.precision.name] + sizes)
 
 
-def _shapes(grid: Grid, axes: tuple[str, ...], precisions: dict[str, Precision]):
-    """(precision, batch, data, latent) of `grid`, with the axes the op lacks set to None."""
-    data = grid.data if "data" in axes else (None,)
-    latent = grid.latent if "latent" in axes else (None,)
-    names = [p for p in grid.precisions if p in precisions]
-    for name, batch, d, l in itertools.product(names, grid.batch, data, latent):
-        yield precisions[name], batch, d, l
+def grids(selection: str) -> tuple[Grid, ...]:
+    """The grids of a selection: "default", "sweep" (default + sweep) or "gpu-run"."""
+    return {"default": DEFAULT_GRIDS, "sweep": DEFAULT_GRIDS + SWEEP_GRIDS, "gpu-run": GPU_RUN_GRIDS}[selection]
 
 
-def cases(op: str, axes: tuple[str, ...], device: torch.device) -> list[tuple[Case, bool]]:
-    """Every case of `op` (whose size axes are `axes`, e.g. ("batch", "data")) on `device`,
-    each with True when it belongs to the GPU sweep only. Ordered by shape, then
-    provider, then mode, so a compiled shape is reused from the compile cache."""
+def cases(op: str, op_axes: tuple[str, ...], device: torch.device, selection: str = "default") -> list[Case]:
+    """Every case of `op` (whose size axes are `op_axes`, e.g. ("batch", "data")) on `device`.
+    Ordered by shape, then provider, then mode, so a compiled shape is reused from the cache."""
     precisions = precisions_for(device)
-    default = list(dict.fromkeys(s for g in DEFAULT_GRIDS for s in _shapes(g, axes, precisions)))
-    sweep = [s for g in GPU_SWEEP_GRIDS for s in _shapes(g, axes, precisions) if s not in default]
+    shapes = []
+    for grid in grids(selection):
+        data = grid.data if "data" in op_axes else (None,)
+        latent = grid.latent if "latent" in op_axes else (None,)
+        names = [p for p in grid.precisions if p in precisions]
+        for name, batch, d, lat in itertools.product(names, grid.batch, data, latent):
+            for mode in grid.modes:
+                shapes.append((precisions[name], batch, d, lat, mode))
     out = []
-    for shape in default + list(dict.fromkeys(sweep)):
-        for provider, mode in itertools.product(providers_for(device), MODES):
-            out.append((Case(op, mode, provider, *shape), shape in sweep))
-    return out
+    for precision, batch, d, lat, mode in dict.fromkeys(shapes):
+        for provider in providers_for(device, sweep=selection == "sweep"):
+            out.append(Case(op, mode, provider, precision, batch, d, lat))
+    return list(dict.fromkeys(out))

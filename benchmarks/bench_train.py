@@ -1,14 +1,15 @@
 """A whole VAE training step: fastvae-train's step against a plain PyTorch loop on the same model.
 
-setup: the default fastvae-train model (MLP VAE, 784-512-256-32) on a batch of
-binarized 28x28 images; one round = forward, backward and an Adam step.
+setup: the default fastvae-train model (MLP VAE, 784-512-256-32) on a batch of binarized 28x28
+images; one round = forward, backward and an Adam step.
 provider:
   plain    the loop a user writes: torch.randn_like sampling, binary_cross_entropy_with_logits
            and the closed-form KL as separate ops (unfused)
-  fastvae  fastvae.trainer.ELBOObjective: fused reparameterize+KL and Bernoulli log-likelihood
-modes: eager or torch.compile of the step's forward (backward through AOT autograd), fp32 or
-AMP (bf16 autocast on CPU, fp16 on CUDA). extra_info records samples/s; the README quotes the
-fastvae / plain ratio with the machine named. Nothing here asserts a speed.
+  fastvae  fastvae.train.trainer.ELBOObjective: the fused reparameterize_kl and elbo_loss
+modes: eager, torch.compile of the step's forward (backward through AOT autograd), and on CUDA
+compile with mode="reduce-overhead" (CUDA graphs); fp32 or AMP (bf16 autocast on CPU, fp16 on
+CUDA); batch 128 (and 1024 with --sweep or --gpu-run). extra_info records samples/s; nothing
+here asserts a speed. `python -m benchmarks.train_ab` measures the same steps interleaved.
 
     pytest benchmarks/bench_train.py --benchmark-only          # time it
     pytest benchmarks/bench_train.py --benchmark-disable       # one step per case, a quick check
@@ -28,6 +29,7 @@ from fastvae.train.models import VAEConfig, build_model
 from fastvae.train.trainer import ELBOObjective
 
 BATCH_SIZE = 128  # fastvae-train's default
+LARGE_BATCH_SIZE = 1024
 IMAGE_SHAPE = (1, 28, 28)  # Fashion-MNIST
 WARMUP_STEPS = 3  # the first steps pay for compilation and allocator growth
 MIN_ROUNDS = 20
@@ -35,8 +37,7 @@ MIN_ROUNDS = 20
 # times longer than an op case (--bench-seconds), so the median settles.
 SECONDS_SCALE = 5.0
 PROVIDERS = ("plain", "fastvae")
-COMPILE = (False, True)
-AMP = (False, True)
+COMPILE_MODES = ("eager", "default", "reduce-overhead")  # eager: no torch.compile
 
 
 class PlainObjective(nn.Module):
@@ -56,24 +57,27 @@ class PlainObjective(nn.Module):
         return recon / batch + kl_weight * kl / batch, torch.stack([recon, kl]).detach()
 
 
-def make_step(provider: str, compiled: bool, amp: bool, device: torch.device, quick: bool,
-              optimize: bool = True):
-    """A closure running one training step, as fastvae-train runs it; with optimize=False only
-    its forward and backward (no Adam step), where the loss side's share is larger."""
+def make_step(provider: str, compile_mode: str, amp: bool, device: torch.device, quick: bool = False,
+              optimize: bool = True, batch_size: int = BATCH_SIZE):
+    """A closure running one training step as fastvae-train runs it; with optimize=False only its
+    forward and backward (no Adam step), where the loss side's share is larger."""
     torch.manual_seed(0)
     model = build_model(VAEConfig(image_shape=IMAGE_SHAPE)).to(device)
     objective = ELBOObjective(model, free_bits=0.0) if provider == "fastvae" else PlainObjective(model)
-    if compiled:
+    if compile_mode != "eager":
         # With --benchmark-disable only graph capture is checked: dynamo with the eager backend
         # proves the step compiles without a graph break, in seconds instead of inductor's minute.
-        objective = torch.compile(objective, backend="eager" if quick else "inductor")
+        objective = (torch.compile(objective, backend="eager") if quick
+                     else torch.compile(objective, mode=None if compile_mode == "default" else compile_mode))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     low = torch.float16 if device.type == "cuda" else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type, enabled=amp and low == torch.float16)
-    x = (torch.rand(BATCH_SIZE, *IMAGE_SHAPE, device=device) < 0.5).float()
+    x = (torch.rand(batch_size, *IMAGE_SHAPE, device=device) < 0.5).float()
     weight = torch.tensor(1.0, device=device)
 
     def step() -> None:
+        if compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # each call is a new step: outputs may be overwritten
         with torch.autocast(device.type, dtype=low, enabled=amp):
             loss, _ = objective(x, weight)
         optimizer.zero_grad(set_to_none=True)
@@ -87,16 +91,31 @@ def make_step(provider: str, compiled: bool, amp: bool, device: torch.device, qu
     return step
 
 
-# Order: eager cases before any torch.compile (inductor's compile workers then share the
-# CPU), and within a setting the two providers back to back (the bottom decorator varies
-# slowest). With the provider outermost, every fastvae case ran minutes after its plain
-# case and after the compiled ones: 0.84x eager in one run where interleaved steps
-# (benchmarks.train_ab) gave 1.04x.
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("amp", AMP, ids=["fp32", "amp"])
-@pytest.mark.parametrize("compiled", COMPILE, ids=["eager", "compile"])
-def test_train_step(benchmark, device, bench_seconds, provider, compiled, amp):
-    step = make_step(provider, compiled, amp, device, quick=benchmark.disabled)
+def settings(device: torch.device, selection: str) -> list[tuple[str, bool, int]]:
+    """(compile mode, amp, batch size) of every case: reduce-overhead only on CUDA (it is CUDA
+    graphs), batch 1024 beside 128 outside the default selection."""
+    modes = COMPILE_MODES if device.type == "cuda" else COMPILE_MODES[:2]
+    batches = (BATCH_SIZE,) if selection == "default" else (BATCH_SIZE, LARGE_BATCH_SIZE)
+    return [(mode, amp, batch) for batch in batches for mode in modes for amp in (False, True)]
+
+
+def pytest_generate_tests(metafunc):
+    """Order: eager cases before any torch.compile (inductor's compile workers then share the CPU),
+    and within a setting the two providers back to back, so drift between cases minutes apart
+    cannot bias a ratio."""
+    if "train_setting" not in metafunc.fixturenames:
+        return
+    from benchmarks.conftest import bench_device, selection
+
+    device = bench_device(metafunc.config)
+    params = [pytest.param((mode, amp, batch, provider), id=f"{mode}-{'amp' if amp else 'fp32'}-B{batch}-{provider}")
+              for mode, amp, batch in settings(device, selection(metafunc.config)) for provider in PROVIDERS]
+    metafunc.parametrize("train_setting", params)
+
+
+def test_train_step(benchmark, device, bench_seconds, train_setting):
+    compile_mode, amp, batch_size, provider = train_setting
+    step = make_step(provider, compile_mode, amp, device, quick=benchmark.disabled, batch_size=batch_size)
     if benchmark.disabled:
         benchmark(step)
         return
@@ -106,6 +125,6 @@ def test_train_step(benchmark, device, bench_seconds, provider, compiled, amp):
     step()
     rounds = max(MIN_ROUNDS, math.ceil(SECONDS_SCALE * bench_seconds / (time.perf_counter() - start)))
     benchmark.pedantic(step, rounds=rounds, iterations=1)
-    benchmark.extra_info.update({"op": "train_step", "provider": provider, "compile": compiled, "amp": amp,
-                                 "batch_size": BATCH_SIZE,
-                                 "samples_per_s": BATCH_SIZE / benchmark.stats.stats.median})
+    benchmark.extra_info.update({"op": "train_step", "provider": provider, "compile": compile_mode,
+                                 "amp": amp, "batch_size": batch_size,
+                                 "samples_per_s": batch_size / benchmark.stats.stats.median})

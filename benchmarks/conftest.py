@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from benchmarks import axes, harness
+from fastvae.ops.registry import op_specs
 
 
 def pytest_addoption(parser):
@@ -21,15 +22,17 @@ def pytest_addoption(parser):
                     help="device to benchmark on (default: auto, CUDA when available, else CPU)")
     group.addoption("--bench-seconds", type=float, default=0.2,
                     help="timed seconds per case, at least %d rounds (default: 0.2)" % harness.MIN_ROUNDS)
-    group.addoption("--gpu-sweep", action="store_true",
-                    help="also run the large sweep (every size and precision) meant for GPUs; "
-                         "-m gpu_sweep runs only the sweep's extra cases")
+    group.addoption("--sweep", action="store_true",
+                    help="run every size, precision and mode (the default is the headline settings)")
+    group.addoption("--gpu-run", action="store_true",
+                    help="the sweep sized for the prepared GPU run (benchmarks/gpu/run.sh)")
 
 
 _LOAD_AT_START = pytest.StashKey[tuple]()
 
 
 _CPU_ALLOCATOR = pytest.StashKey[str]()
+_INDUCTOR_CACHE = pytest.StashKey[str]()
 
 
 def pytest_configure(config):
@@ -37,6 +40,8 @@ def pytest_configure(config):
     config.stash[_LOAD_AT_START] = os.getloadavg()
     # Before any case allocates: see harness.pin_cpu_allocator.
     config.stash[_CPU_ALLOCATOR] = harness.pin_cpu_allocator()
+    # Before anything compiles: see fastvae.train.inductor_cache.
+    config.stash[_INDUCTOR_CACHE] = harness.isolate_inductor_cache()
 
 
 def bench_device(config) -> torch.device:
@@ -57,26 +62,21 @@ def pytest_collect_file(file_path, parent):
     return pytest.Module.from_parent(parent, path=file_path)
 
 
+def selection(config) -> str:
+    if config.getoption("--gpu-run"):
+        return "gpu-run"
+    return "sweep" if config.getoption("--sweep") else "default"
+
+
 def pytest_generate_tests(metafunc):
-    """A test that asks for `case` gets every case of its module's OP on the chosen device."""
+    """A test that asks for `case` and `spec` gets every case of every benchmarked op of the registry."""
     if "case" not in metafunc.fixturenames:
         return
-    op = metafunc.module.OP
-    params = [pytest.param(case, id=case.id, marks=[pytest.mark.gpu_sweep] if sweep_only else [])
-              for case, sweep_only in axes.cases(op.name, op.axes, bench_device(metafunc.config))]
-    metafunc.parametrize("case", params)
-
-
-def pytest_collection_modifyitems(config, items):
-    """The GPU sweep runs only when asked for, by --gpu-sweep or a -m expression naming it."""
-    if config.getoption("--gpu-sweep") or "gpu_sweep" in (config.getoption("markexpr") or ""):
-        return
-    keep, drop = [], []
-    for item in items:
-        (drop if item.get_closest_marker("gpu_sweep") else keep).append(item)
-    if drop:
-        config.hook.pytest_deselected(items=drop)
-        items[:] = keep
+    device = bench_device(metafunc.config)
+    params = [pytest.param(case, spec, id=case.id)
+              for spec in op_specs() if spec.benchmark
+              for case in axes.cases(spec.name, spec.axes, device, selection(metafunc.config))]
+    metafunc.parametrize(("case", "spec"), params)
 
 
 @pytest.fixture(scope="session")
@@ -125,8 +125,9 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "backends": fastvae.available_backends(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": _git_commit(),
-        "gpu_sweep": bool(config.getoption("--gpu-sweep")),
+        "selection": selection(config),
         "cpu_allocator": config.stash.get(_CPU_ALLOCATOR, harness.UNPINNED_ALLOCATOR),
+        "inductor_cache": config.stash.get(_INDUCTOR_CACHE, None),
         "load_average_1_5_15_min_at_start": config.stash.get(_LOAD_AT_START, None),
         "load_average_1_5_15_min_at_end": os.getloadavg(),
         **_versions(),

@@ -1,10 +1,10 @@
 """How one benchmark case is built, timed and annotated.
 
-Every suite (bench_<op>.py) describes its op as an `OpBench` and calls
-`run_case`, which builds the inputs, picks the provider's callable, times the mode
-with pytest-benchmark (synchronizing the device inside the timed function) and
-records in ``extra_info`` the minimum bytes the op must move, the effective
-bandwidth, the copy bandwidth of the device and the peak extra memory where the
+An op is the registry's `OpSpec` (inputs, outputs, the fastvae call and the plain PyTorch
+competitor). `run_case` builds the inputs, picks the provider's callable, times the mode
+with pytest-benchmark (synchronizing the device inside the timed function) and records in
+``extra_info`` the minimum bytes the op must move, the effective bandwidth, the copy
+bandwidth of the device measured beside the case and the peak extra memory where the
 device reports it.
 """
 
@@ -13,13 +13,16 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import pytest
 import torch
 
 from benchmarks.axes import Case
+from fastvae.ops.spec import Arg, OpSpec
+from fastvae.train.inductor_cache import isolate_inductor_cache
+
+__all__ = ["isolate_inductor_cache", "pin_cpu_allocator", "run_case"]
 
 WARMUP_CALLS = 1  # the first call compiles (torch.compile, Triton autotune); sizing the rounds adds 3 more
 MIN_ROUNDS = 5
@@ -62,90 +65,34 @@ def pin_cpu_allocator() -> str:
     return f"glibc malloc mmap_threshold={PINNED_MMAP_THRESHOLD} trim_threshold={PINNED_TRIM_THRESHOLD}"
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """A named tensor of an op: its size axes and what it holds.
-
-    kind: "param" (network output, in the precision's param dtype), "target" (data,
-    in the target dtype) or "loss" (float32 whatever the inputs). Values are
-    normal * scale, or 0/1 draws when binary (binarized pixels)."""
-
-    name: str
-    dims: tuple[str, ...]
-    kind: str = "param"
-    scale: float = 1.0
-    binary: bool = False
-
-
-@dataclass(frozen=True)
-class OpBench:
-    """One op as the suites see it: inputs, outputs, which inputs get gradients, and the
-    two implementations under test (eager reference as a user writes it; fastvae)."""
-
-    name: str
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    differentiable: tuple[str, ...]
-    eager: Callable
-    fastvae: Callable
-    axes: tuple[str, ...] = field(init=False)
-
-    def __post_init__(self):
-        dims = [d for spec in self.inputs for d in spec.dims]
-        object.__setattr__(self, "axes", tuple(dict.fromkeys(dims)))
-
-
 # ---------------------------------------------------------------------------
-# Shapes, dtypes and the bytes an op must move at minimum.
+# Inputs and the bytes an op must move at minimum.
 # ---------------------------------------------------------------------------
-def _shape(spec: TensorSpec, case: Case) -> tuple[int, ...]:
-    return tuple(getattr(case, dim) for dim in spec.dims)
+def _dtype(arg: Arg, case: Case) -> torch.dtype:
+    return {"param": case.precision.param, "target": case.precision.target, "loss": torch.float32}[arg.kind]
 
 
-def _dtype(spec: TensorSpec, case: Case) -> torch.dtype:
-    return {"param": case.precision.param, "target": case.precision.target, "loss": torch.float32}[spec.kind]
+def min_bytes(spec: OpSpec, case: Case) -> int:
+    """Bytes the op must move at least in `case.mode`, each tensor at its own dtype (OpSpec.min_bytes)."""
+    return spec.min_bytes(case.sizes, case.precision.param, case.precision.target, case.mode)
 
 
-def _nbytes(spec: TensorSpec, case: Case) -> int:
-    return math.prod(_shape(spec, case)) * _dtype(spec, case).itemsize
+def largest_input_bytes(spec: OpSpec, case: Case) -> int:
+    return max(math.prod(arg.shape(case.sizes)) * _dtype(arg, case).itemsize for arg in spec.inputs)
 
 
-def min_bytes(op: OpBench, case: Case) -> int:
-    """Bytes the op must move at least in `case.mode`, each tensor at its own dtype.
-
-    forward reads the inputs and writes the outputs; backward reads the inputs and the
-    upstream gradients and writes the input gradients; full touches each of these
-    once (a fused kernel keeps the forward's values in registers for the gradient)."""
-    grads = [spec for spec in op.inputs if spec.name in op.differentiable]
-    upstream = list(op.outputs)
-    touched = {
-        "forward": list(op.inputs) + list(op.outputs),
-        "backward": list(op.inputs) + upstream + grads,
-        "full": list(op.inputs) + list(op.outputs) + upstream + grads,
-    }[case.mode]
-    return sum(_nbytes(spec, case) for spec in touched)
-
-
-def make_inputs(op: OpBench, case: Case, device: torch.device) -> dict[str, torch.Tensor]:
+def make_inputs(spec: OpSpec, case: Case, device: torch.device) -> list[torch.Tensor]:
     """Fresh random inputs of `case`; the differentiable ones require grad."""
-    out = {}
-    for spec in op.inputs:
-        shape, dtype = _shape(spec, case), _dtype(spec, case)
-        if spec.binary:
-            value = (torch.rand(shape, device=device) < 0.5).to(dtype)
-        else:
-            value = (torch.randn(shape, device=device) * spec.scale).to(dtype)
-        out[spec.name] = value.requires_grad_(spec.name in op.differentiable)
-    return out
+    return [arg.make(case.sizes, _dtype(arg, case), device).requires_grad_(arg.differentiable)
+            for arg in spec.inputs]
 
 
-def make_upstream(op: OpBench, case: Case, device: torch.device) -> list[torch.Tensor]:
-    """The gradient flowing into each output: 1 for a scalar loss, random otherwise
-    (an upstream gradient that is not 1 is what a real graph hands back)."""
+def make_upstream(spec: OpSpec, case: Case, device: torch.device) -> list[torch.Tensor]:
+    """The gradient flowing into each output: 1 for a scalar loss, random otherwise (an upstream
+    gradient that is not 1 is what a real graph hands back)."""
     grads = []
-    for spec in op.outputs:
-        shape = _shape(spec, case)
-        dtype = _dtype(spec, case)
+    for arg in spec.outputs:
+        shape, dtype = arg.shape(case.sizes), _dtype(arg, case)
         grads.append(torch.ones((), dtype=dtype, device=device) if not shape
                      else torch.randn(shape, device=device).to(dtype))
     return grads
@@ -205,16 +152,16 @@ def provider_unavailable(case: Case, device: torch.device) -> str | None:
     return unavailable_reason(case.provider.backend, device)
 
 
-def provider_fn(op: OpBench, case: Case) -> Callable:
+def provider_fn(spec: OpSpec, case: Case) -> Callable:
     if case.provider.kind == "eager":
-        return op.eager
+        return spec.eager
     if case.provider.kind == "compiled":
         # A fresh compile per case, specialized to its shapes as a user with fixed shapes
         # gets it; reset drops other shapes' entries so dynamo never hits its recompile
         # limit and silently falls back to eager. Inductor's disk cache makes repeats cheap.
         torch._dynamo.reset()
-        return torch.compile(op.eager, dynamic=False)
-    return op.fastvae
+        return torch.compile(spec.eager, dynamic=False)
+    return spec.fastvae
 
 
 def provider_context(case: Case, device: torch.device) -> contextlib.AbstractContextManager:
@@ -234,16 +181,15 @@ def _as_tuple(out) -> tuple[torch.Tensor, ...]:
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
-def mode_callables(op: OpBench, case: Case, device: torch.device):
+def mode_callables(spec: OpSpec, case: Case, device: torch.device):
     """(target, setup) for pytest-benchmark's pedantic: setup runs untimed before each round.
 
     backward times only torch.autograd.grad over a forward graph that setup built (a
     graph is freed by its backward, and compiled backwards refuse retain_graph)."""
-    fn = provider_fn(op, case)
-    inputs = make_inputs(op, case, device)
-    upstream = make_upstream(op, case, device)
-    args = tuple(inputs.values())
-    wrt = tuple(inputs[name] for name in op.differentiable)
+    fn = provider_fn(spec, case)
+    args = tuple(make_inputs(spec, case, device))
+    upstream = make_upstream(spec, case, device)
+    wrt = tuple(x for x in args if x.requires_grad)
 
     def forward():
         with provider_context(case, device):
@@ -299,13 +245,13 @@ def peak_extra_bytes(target, setup, device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) - before
 
 
-def run_case(benchmark, op: OpBench, case: Case, device: torch.device, seconds: float) -> None:
+def run_case(benchmark, spec: OpSpec, case: Case, device: torch.device, seconds: float) -> None:
     """Warm up, then time `case` for about `seconds` (at least MIN_ROUNDS rounds) and record
     the figures the report reads. With --benchmark-disable it runs each call once."""
     reason = provider_unavailable(case, device)
     if reason is not None:
         pytest.skip(f"{case.provider.name}: {reason}")
-    target, setup = mode_callables(op, case, device)
+    target, setup = mode_callables(spec, case, device)
     if benchmark.disabled:
         benchmark.pedantic(target, setup=setup)
         return
@@ -317,16 +263,16 @@ def run_case(benchmark, op: OpBench, case: Case, device: torch.device, seconds: 
         peak = peak_extra_bytes(target, setup, device)
     except torch.OutOfMemoryError as error:
         pytest.skip(f"out of memory on {device_name(device)}: {error}")
-    record(benchmark, op, case, device, peak)
+    record(benchmark, spec, case, device, peak)
 
 
-def record(benchmark, op: OpBench, case: Case, device: torch.device, peak: int | None) -> None:
+def record(benchmark, spec: OpSpec, case: Case, device: torch.device, peak: int | None) -> None:
     """Everything the report needs, in extra_info (pytest-benchmark stores it in the JSON)."""
     median = benchmark.stats.stats.median
-    nbytes = min_bytes(op, case)
+    nbytes = min_bytes(spec, case)
     copy = copy_bandwidth_gbps(device)
     gbps = nbytes / median / 1e9
-    largest_input = max(_nbytes(spec, case) for spec in op.inputs)
+    largest_input = largest_input_bytes(spec, case)
     benchmark.extra_info.update({
         "op": case.op,
         "mode": case.mode,

@@ -1,28 +1,28 @@
 """Interleaved A/B of a whole training step: plain PyTorch loop against fastvae, in one process.
 
-    python -m benchmarks.train_ab [--blocks 150] [--steps 5] [--compile] [--no-optimizer] [--device cpu|cuda]
+    python -m benchmarks.train_ab [--blocks 150] [--steps 5] [--compile default|reduce-overhead]
+                                  [--batch-size 128] [--no-optimizer] [--device cpu|cuda] [--json OUT]
 
-bench_train.py times each provider in its own pytest case, minutes apart; on a shared
-machine the load drifts between cases by more than the difference being measured (a
-2-core VM moved single cases by +-20%). Here the two steps (benchmarks.bench_train.
-make_step, the exact closures bench_train times) alternate in blocks of a few steps, the
-order flipping every block, and each block pair gives one ratio plain_time /
-fastvae_time: drift hits both sides of a pair alike. The median ratio and its quartiles
-are printed for fp32 and AMP. Nothing is asserted.
+bench_train.py times each provider in its own pytest case, minutes apart; on a shared machine
+the load drifts between cases by more than the difference being measured. Here the two steps
+(benchmarks.bench_train.make_step, the closures bench_train times) alternate in blocks of a few
+steps, the order flipping every block, and each block pair gives one ratio plain_time /
+fastvae_time: drift hits both sides of a pair alike. The median ratio and its quartiles are
+printed for fp32 and AMP. Nothing is asserted.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
 import torch
 
-from benchmarks.bench_train import BATCH_SIZE, make_step
-from benchmarks.harness import pin_cpu_allocator
+from benchmarks.bench_train import BATCH_SIZE, COMPILE_MODES, PROVIDERS, make_step
+from benchmarks.harness import isolate_inductor_cache, pin_cpu_allocator
 
-PROVIDERS = ("plain", "fastvae")
 WARMUP_STEPS = 20
 
 
@@ -43,34 +43,53 @@ def paired_ratios(steps: dict, blocks: int, steps_per_block: int, device: torch.
     return ratios, seconds
 
 
+def measure(compile_mode: str, amp: bool, batch_size: int, blocks: int, steps_per_block: int,
+            device: torch.device, optimize: bool = True) -> dict:
+    """One setting's paired measurement, as a dict (what --json writes, one per line)."""
+    steps = {name: make_step(name, compile_mode, amp, device, optimize=optimize, batch_size=batch_size)
+             for name in PROVIDERS}
+    for step in steps.values():
+        for _ in range(WARMUP_STEPS):
+            step()
+    ratios, seconds = paired_ratios(steps, blocks, steps_per_block, device)
+    low, median, high = statistics.quantiles(ratios, n=4)
+    return {"compile": compile_mode, "amp": amp, "batch_size": batch_size, "optimizer": optimize,
+            "blocks": blocks, "steps_per_block": steps_per_block, "device": str(device),
+            "plain_ms": statistics.median(seconds["plain"]) * 1e3,
+            "fastvae_ms": statistics.median(seconds["fastvae"]) * 1e3,
+            "ratio_median": statistics.median(ratios), "ratio_q1": low, "ratio_q3": high}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=150, help="block pairs (default 150)")
     parser.add_argument("--steps", type=int, default=5, help="training steps per block (default 5)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile both steps' forward")
+    parser.add_argument("--compile", choices=COMPILE_MODES, default="eager",
+                        help="torch.compile mode of both steps' forward (default: eager, no compile)")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"(default {BATCH_SIZE})")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-optimizer", action="store_true",
                         help="time forward and backward only, without the Adam step that dilutes the loss side")
+    parser.add_argument("--json", default=None, help="append each setting's result as one JSON line to this file")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.compile == "reduce-overhead" and device.type != "cuda":
+        parser.error("--compile reduce-overhead captures CUDA graphs: it needs --device cuda")
     # As in the pytest suite: with glibc's adaptive thresholds the AMP ratio's quartiles
     # spanned 0.80 to 1.23 on a 2-core CPU; fixed, 0.98 to 1.05.
     allocator = pin_cpu_allocator()
-    print(f"training step{' without the optimizer' if args.no_optimizer else ''}, batch {BATCH_SIZE}, {device}, "
-          f"{torch.get_num_threads()} threads, "
-          f"{'torch.compile' if args.compile else 'eager'}, {args.blocks} block pairs of {args.steps} steps, "
-          f"{allocator}")
+    cache = isolate_inductor_cache()
+    print(f"training step{' without the optimizer' if args.no_optimizer else ''}, batch {args.batch_size}, "
+          f"{device}, {torch.get_num_threads()} threads, compile: {args.compile}, {args.blocks} block pairs of "
+          f"{args.steps} steps, {allocator}, inductor cache: {cache}")
     for amp in (False, True):
-        steps = {name: make_step(name, args.compile, amp, device, quick=False, optimize=not args.no_optimizer)
-                 for name in PROVIDERS}
-        for step in steps.values():
-            for _ in range(WARMUP_STEPS):
-                step()
-        ratios, seconds = paired_ratios(steps, args.blocks, args.steps, device)
-        low, _, high = statistics.quantiles(ratios, n=4)
-        print(f"  {'AMP ' if amp else 'fp32'}: plain {statistics.median(seconds['plain']) * 1e3:.2f} ms, "
-              f"fastvae {statistics.median(seconds['fastvae']) * 1e3:.2f} ms per step; "
-              f"fastvae speed / plain: median {statistics.median(ratios):.3f}x (quartiles {low:.3f} to {high:.3f})")
+        result = measure(args.compile, amp, args.batch_size, args.blocks, args.steps, device, not args.no_optimizer)
+        print(f"  {'AMP ' if amp else 'fp32'}: plain {result['plain_ms']:.2f} ms, fastvae {result['fastvae_ms']:.2f} ms "
+              f"per step; fastvae speed / plain: median {result['ratio_median']:.3f}x "
+              f"(quartiles {result['ratio_q1']:.3f} to {result['ratio_q3']:.3f})", flush=True)
+        if args.json:
+            with open(args.json, "a") as handle:
+                handle.write(json.dumps(result) + "\n")
 
 
 if __name__ == "__main__":

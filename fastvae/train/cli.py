@@ -21,6 +21,7 @@ from fastvae.train import distributed, plots
 from fastvae.train.checkpoint import CheckpointError
 from fastvae.train.config import parse_config, pick_device
 from fastvae.train.data import DataError
+from fastvae.train.inductor_cache import isolate_inductor_cache
 from fastvae.train.progress import TrainProgress, summary_table
 from fastvae.train.trainer import final_evaluation, fit, prepare
 
@@ -29,6 +30,8 @@ def run_training(argv: list[str] | None = None) -> dict:
     """Everything main() does, raising instead of exiting; returns the test results."""
     started = time.perf_counter()
     cfg = parse_config(argv)
+    if cfg.compile:
+        isolate_inductor_cache()
     dist = distributed.setup(pick_device(cfg.device).type)
     try:
         # auto defers to $FASTVAE_BACKEND; a named backend wins over it.

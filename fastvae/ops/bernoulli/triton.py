@@ -3,8 +3,9 @@
 log p = x*l - softplus(l) = -(max(l, 0) - l*x + log1p(exp(-|l|)));  dlogp/dl = x - sigmoid(l).
 Only exp(-|l|) <= 1 is ever formed, so logits of any size stay finite. A target outside
 [0, 1] makes its element NaN, value and gradient (see reference.py).
-Logits and target may differ in dtype (bf16 logits from an AMP decoder against fp32 data
-is the common case); a float64 one makes both float64.
+Logits and target may differ in dtype when the target is float32 (bf16 logits from an AMP
+decoder against fp32 data is the common case); other mixes read the target as float32, and a
+float64 one makes both float64 (so the compiled variants stay few, see specializations()).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import triton
 import triton.language as tl
 
 from fastvae.ops.common import loss_dtype
-from fastvae.ops.triton_helpers import NUM_WARPS, Specialization, compute_dtype, log1p_small, tile, tiles
+from fastvae.ops.triton_helpers import LAUNCH_OPTIONS, Specialization, compute_dtype, log1p_small, tile, tiles
 
 
 @triton.jit
@@ -59,8 +60,8 @@ def bernoulli_forward(logits: torch.Tensor, target: torch.Tensor, elementwise: b
                       weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits, target [B, D] -> log p ([B, D] or [B]), weight * dlogp/dlogits | None."""
     B, D = logits.shape
-    compute = loss_dtype(logits, target)
-    l, x = (logits.to(compute), target.to(compute)) if compute == torch.float64 else (logits, target)
+    l, x = _storage(logits, target)
+    compute = loss_dtype(l)
     logp = torch.empty((B, D) if elementwise else (B,), dtype=compute, device=logits.device)
     dlogits = torch.empty((B, D), dtype=l.dtype, device=logits.device) if compute_grad else None
     block_b, block_d = tile(D)
@@ -68,14 +69,28 @@ def bernoulli_forward(logits: torch.Tensor, target: torch.Tensor, elementwise: b
         l, x, logp, dlogits if compute_grad else logp,
         B, D, l.stride(0), x.stride(0), float(weight),
         ELEMENTWISE=elementwise, COMPUTE_GRAD=compute_grad, COMPUTE=compute_dtype(l),
-        BLOCK_B=block_b, BLOCK_D=block_d, num_warps=NUM_WARPS)
+        BLOCK_B=block_b, BLOCK_D=block_d, **LAUNCH_OPTIONS)
     return logp, None if dlogits is None else dlogits.to(logits.dtype)
+
+
+def _storage(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tensors the kernel reads: float64 for both if either is; the target as is when it has
+    the logits' dtype or float32, else as float32."""
+    if torch.float64 in (logits.dtype, target.dtype):
+        return logits.to(torch.float64), target.to(torch.float64)
+    if target.dtype in (logits.dtype, torch.float32):
+        return logits, target
+    return logits, target.float()
+
+
+# (logits, target) dtypes the launcher passes on.
+DTYPE_PAIRS = ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+               (torch.float16, torch.float16), (torch.float16, torch.float32), (torch.float64, torch.float64))
 
 
 def specializations() -> list[Specialization]:
     """Every compiled form the launcher above can request."""
-    halves = (torch.float32, torch.bfloat16, torch.float16)
-    pairs = list(itertools.product(halves, halves)) + [(torch.float64, torch.float64)]
+    pairs = DTYPE_PAIRS
     out = []
     for (logits, target), (block_b, block_d) in itertools.product(pairs, tiles()):
         loss = torch.float64 if logits == torch.float64 else torch.float32

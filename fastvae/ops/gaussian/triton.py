@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from fastvae.ops.common import loss_dtype, storage_dtype
-from fastvae.ops.triton_helpers import (NUM_WARPS, STORAGE_DTYPES, Specialization, compute_dtype, philox_normal,
+from fastvae.ops.triton_helpers import (LAUNCH_OPTIONS, STORAGE_DTYPES, Specialization, compute_dtype, philox_normal,
                                         tile, tiles)
 
 
@@ -155,7 +155,7 @@ def reparameterize_kl_forward(mu: torch.Tensor, logvar: torch.Tensor, eps: torch
     e_arg = e if e is not None else m
     _reparameterize_kl_fwd_kernel[_grid(B, block_b)](
         m, lv, e_arg, seed, z, kl, B, L, m.stride(0), lv.stride(0), e_arg.stride(0),
-        HAS_EPS=e is not None, COMPUTE=compute_dtype(m), BLOCK_B=block_b, BLOCK_L=block_l, num_warps=NUM_WARPS)
+        HAS_EPS=e is not None, COMPUTE=compute_dtype(m), BLOCK_B=block_b, BLOCK_L=block_l, **LAUNCH_OPTIONS)
     return z.to(mu.dtype), kl
 
 
@@ -175,7 +175,7 @@ def reparameterize_kl_backward(grad_z: torch.Tensor | None, grad_kl: torch.Tenso
         gz_arg, gkl_arg, m, lv, e_arg, seed, grad_mu, grad_logvar,
         B, L, gz_arg.stride(0), gkl_arg.stride(0), m.stride(0), lv.stride(0), e_arg.stride(0),
         HAS_GRAD_Z=gz is not None, HAS_GRAD_KL=gkl is not None, HAS_EPS=gz is not None and e is not None,
-        COMPUTE=compute_dtype(m), BLOCK_B=block_b, BLOCK_L=block_l, num_warps=NUM_WARPS)
+        COMPUTE=compute_dtype(m), BLOCK_B=block_b, BLOCK_L=block_l, **LAUNCH_OPTIONS)
     return grad_mu.to(mu.dtype), grad_logvar.to(logvar.dtype)
 
 
@@ -193,7 +193,7 @@ def gaussian_kl_forward(mu: torch.Tensor, logvar: torch.Tensor, elementwise: boo
         m, lv, kl, dmu if compute_grad else kl, dlogvar if compute_grad else kl,
         B, L, m.stride(0), lv.stride(0),
         ELEMENTWISE=elementwise, COMPUTE_GRAD=compute_grad, COMPUTE=compute_dtype(m),
-        BLOCK_B=block_b, BLOCK_L=block_l, num_warps=NUM_WARPS)
+        BLOCK_B=block_b, BLOCK_L=block_l, **LAUNCH_OPTIONS)
     if not compute_grad:
         return kl, None, None
     return kl, dmu.to(mu.dtype), dlogvar.to(logvar.dtype)
