@@ -7,8 +7,8 @@ provider:
            and the closed-form KL as separate ops (unfused)
   fastvae  fastvae.train.trainer.ELBOObjective: the fused reparameterize_kl and elbo_loss
 modes: eager, torch.compile of the step's forward (backward through AOT autograd), and on CUDA
-compile with mode="reduce-overhead" (CUDA graphs); fp32 or AMP (bf16 autocast on CPU, fp16 on
-CUDA); batch 128 (and 1024 with --sweep or --gpu-run). extra_info records samples/s; nothing
+compile with mode="reduce-overhead" (CUDA graphs); fp32 or AMP (bf16 autocast); batch 128 (and
+1024 with --sweep or --gpu-run). extra_info records samples/s; nothing
 here asserts a speed. `python -m benchmarks.train_ab` measures the same steps interleaved.
 
     pytest benchmarks/bench_train.py --benchmark-only          # time it
@@ -70,8 +70,7 @@ def make_step(provider: str, compile_mode: str, amp: bool, device: torch.device,
         objective = (torch.compile(objective, backend="eager") if quick
                      else torch.compile(objective, mode=None if compile_mode == "default" else compile_mode))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    low = torch.float16 if device.type == "cuda" else torch.bfloat16
-    scaler = torch.amp.GradScaler(device.type, enabled=amp and low == torch.float16)
+    low = torch.bfloat16  # AMP is bf16 autocast on both devices: no GradScaler in the timed step
     x = (torch.rand(batch_size, *IMAGE_SHAPE, device=device) < 0.5).float()
     weight = torch.tensor(1.0, device=device)
 
@@ -81,10 +80,9 @@ def make_step(provider: str, compile_mode: str, amp: bool, device: torch.device,
         with torch.autocast(device.type, dtype=low, enabled=amp):
             loss, _ = objective(x, weight)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        loss.backward()
         if optimize:
-            scaler.step(optimizer)
-            scaler.update()
+            optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
 

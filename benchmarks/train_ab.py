@@ -2,6 +2,7 @@
 
     python -m benchmarks.train_ab [--blocks 150] [--steps 5] [--compile default|reduce-overhead]
                                   [--batch-size 128] [--no-optimizer] [--device cpu|cuda] [--json OUT]
+    python -m benchmarks.train_ab --report OUT          # the settings measured into OUT
 
 bench_train.py times each provider in its own pytest case, minutes apart; on a shared machine
 the load drifts between cases by more than the difference being measured. Here the two steps
@@ -60,8 +61,20 @@ def measure(compile_mode: str, amp: bool, batch_size: int, blocks: int, steps_pe
             "ratio_median": statistics.median(ratios), "ratio_q1": low, "ratio_q3": high}
 
 
+def print_report(path: str) -> None:
+    """The settings measured into a --json file, one line each."""
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    print(f"training step A/B ({len(rows)} settings; fastvae speed / plain, median of paired blocks)")
+    for r in rows:
+        print(f"  batch {r['batch_size']:5d}, {r['compile']:15s}, {'AMP ' if r['amp'] else 'fp32'}: plain "
+              f"{r['plain_ms']:.3f} ms, fastvae {r['fastvae_ms']:.3f} ms; {r['ratio_median']:.3f}x "
+              f"(quartiles {r['ratio_q1']:.3f} to {r['ratio_q3']:.3f}), {r['device']}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--report", default=None, metavar="JSONL",
+                        help="print the settings a --json file holds, measure nothing")
     parser.add_argument("--blocks", type=int, default=150, help="block pairs (default 150)")
     parser.add_argument("--steps", type=int, default=5, help="training steps per block (default 5)")
     parser.add_argument("--compile", choices=COMPILE_MODES, default="eager",
@@ -72,6 +85,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="time forward and backward only, without the Adam step that dilutes the loss side")
     parser.add_argument("--json", default=None, help="append each setting's result as one JSON line to this file")
     args = parser.parse_args(argv)
+    if args.report:
+        print_report(args.report)
+        return
     device = torch.device(args.device)
     if args.compile == "reduce-overhead" and device.type != "cuda":
         parser.error("--compile reduce-overhead captures CUDA graphs: it needs --device cuda")

@@ -1,7 +1,7 @@
 // Diagonal Gaussian posterior kernels: reparameterized sample + KL to N(0, I)
 // (forward and backward) and the KL alone.
 //   z   = mu + exp(0.5 lv) * eps
-//   kl  = 0.5 * (mu^2 + exp(lv) - lv - 1), written 0.5 * (mu^2 + (expm1(lv) - lv))
+//   kl  = 0.5 * (mu^2 + exp(lv) - lv - 1), with exp(lv) - 1 - lv from fv_expm1_minus_x
 //         so that lv near 0 loses no digits
 //   dz/dmu = 1, dz/dlv = 0.5 exp(0.5 lv) eps, dkl/dmu = mu, dkl/dlv = 0.5 expm1(lv)
 #include "fastvae_native.h"
@@ -101,7 +101,7 @@ FV_INLINE void reparameterize_kl_forward_rows(const ForwardArgs& a, int64_t b0, 
                 C std_dev, expm1_v;
                 exp_half_expm1_c(v, std_dev, expm1_v);
                 z[j0 + j] = narrow<T>(mv + std_dev * noise[j]);
-                terms[j] = C(0.5) * (mv * mv + (expm1_v - v));
+                terms[j] = C(0.5) * (mv * mv + fv_expm1_minus_x(v, expm1_v));
             }
             kl += chunk_sum(terms, m);
         }
@@ -167,7 +167,7 @@ FV_INLINE void gaussian_kl_rows(const KLArgs& a, int64_t b0, int64_t b1) {
             for (int64_t j = 0; j < m; ++j) {
                 const C mv = widen(mu[j0 + j]), v = widen(lv[j0 + j]);
                 const C em1 = expm1_c(v);
-                out[j] = C(0.5) * (mv * mv + (em1 - v));
+                out[j] = C(0.5) * (mv * mv + fv_expm1_minus_x(v, em1));
                 if constexpr (GRAD) {
                     grad_mu[j0 + j] = mu[j0 + j];  // dkl/dmu = mu, bit for bit
                     grad_lv[j0 + j] = narrow<T>(C(0.5) * em1);

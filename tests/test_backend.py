@@ -54,3 +54,10 @@ def test_triton_on_cpu_without_interpreter_raises_with_the_fix(monkeypatch):
 def test_native_on_a_non_cpu_device_raises(monkeypatch):
     with fastvae.use_backend("native"), pytest.raises(BackendUnavailableError, match="native"):
         resolve_backend_name(torch.device("meta"))
+
+
+def test_triton_on_an_unsupported_device_does_not_advise_what_is_already_set(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with fastvae.use_backend("triton"), pytest.raises(BackendUnavailableError) as info:
+        resolve_backend_name(torch.device("meta"))
+    assert "meta" in str(info.value) and "set TRITON_INTERPRET=1" not in str(info.value)

@@ -221,3 +221,41 @@ def test_a_weighted_bernoulli_op_is_not_elementwise():
     logits, target = torch.randn(2, 3), torch.rand(2, 3)
     with pytest.raises(ValueError, match="elementwise must be False"):
         bernoulli_log_likelihood_fused(logits, target, True, False, 0.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_stated_input_ranges_hold_per_dtype(backend):
+    """The README's ranges: logits within ±100 and logvar within [-30, 30] give finite, exact
+    results in float32 and bfloat16; in float16, whose largest value is 65504, logvar within
+    [-30, 11] does (exp(logvar) / 2, the KL's gradient, passes 65504 at logvar 11.8), and z
+    needs exp(logvar / 2) * |eps| below 65504."""
+    for dtype, logvar_max in ((torch.float32, 30.0), (torch.bfloat16, 30.0), (torch.float16, 11.0)):
+        logvar = leaf(torch.linspace(-30.0, logvar_max, 64, device=DEVICE).reshape(4, 16).to(dtype))
+        mu = leaf(torch.randn(4, 16, device=DEVICE).to(dtype))
+        logits = leaf(torch.linspace(-100.0, 100.0, 4 * 40, device=DEVICE).reshape(4, 40).to(dtype))
+        target = torch.rand(4, 40, device=DEVICE).round()
+        with fastvae.use_backend(backend):
+            kl = fastvae.gaussian_kl(mu, logvar, reduction="sum")
+            logp = fastvae.bernoulli_log_likelihood(logits, target, reduction="sum")
+            (kl - logp).backward()
+        expected_kl = oracle_kl(mu.double(), logvar.double()).sum()
+        assert_close_to(kl, expected_kl, f"{dtype} kl")
+        assert_close_to(logvar.grad, 0.5 * torch.expm1(logvar.double()), f"{dtype} grad_logvar")
+        assert_close_to(logits.grad, torch.sigmoid(logits.double()) - target.double(), f"{dtype} grad_logits")
+    # Past the float16 range the result is the rounding of a value float16 cannot hold: inf, not NaN.
+    logvar = leaf(torch.full((1, 4), 12.0, device=DEVICE, dtype=torch.float16))
+    with fastvae.use_backend(backend):
+        fastvae.gaussian_kl(torch.zeros_like(logvar), logvar, reduction="sum").backward()
+    assert torch.isinf(logvar.grad).all() and (logvar.grad > 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kl_near_logvar_zero_keeps_its_digits(backend):
+    """0.5 * (exp(logvar) - 1 - logvar) is about logvar^2 / 4 near 0: written with exp(logvar) - 1
+    it loses every digit in float32; every backend uses expm1."""
+    logvar = torch.tensor([[1e-4, -1e-4, 3e-3, -2e-3]], device=DEVICE)
+    mu = torch.zeros_like(logvar)
+    with fastvae.use_backend(backend):
+        kl = fastvae.gaussian_kl(mu, logvar, reduction="none")
+    expected = 0.5 * (torch.expm1(logvar.double()) - logvar.double())
+    torch.testing.assert_close(kl.double(), expected, rtol=1e-5, atol=0)

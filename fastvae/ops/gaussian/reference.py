@@ -2,7 +2,7 @@
 
     z    = mu + exp(0.5 * logvar) * eps,  eps the Philox stream of fastvae.ops.noise
     kl   = 0.5 * (mu^2 + exp(logvar) - logvar - 1)
-         = 0.5 * (mu^2 + expm1(logvar) - logvar)      (no digits lost near logvar = 0)
+         = 0.5 * (mu^2 + expm1_minus_x(logvar))         (no digits lost near logvar = 0)
     dz/dmu = 1,  dz/dlogvar = 0.5 * exp(0.5 * logvar) * eps,  dz/deps = exp(0.5 * logvar)
     dkl/dmu = mu,  dkl/dlogvar = 0.5 * expm1(logvar)
 
@@ -14,6 +14,8 @@ inputs' device, ignored when eps is given.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -21,9 +23,18 @@ from fastvae.ops.common import loss_dtype
 from fastvae.ops.noise import philox_normal
 
 
+def expm1_minus_x(x: Tensor) -> Tensor:
+    """exp(x) - 1 - x, about x^2 / 2 near 0, where expm1(x) - x would cancel (0.2% off at x = 1e-4
+    in float32): there its Taylor series x^2 (1/2 + x/6 + ... + x^16/18!), else expm1(x) - x."""
+    series = torch.zeros_like(x)
+    for k in range(18, 1, -1):
+        series = series * x + 1.0 / math.factorial(k)
+    return torch.where(x.abs() < 0.5, x * x * series, torch.expm1(x) - x)
+
+
 def kl_elements(mu: Tensor, logvar: Tensor) -> Tensor:
     """KL(N(mu, exp(logvar)) || N(0, 1)) per element, in mu's dtype (callers upcast)."""
-    return 0.5 * (mu * mu + (torch.expm1(logvar) - logvar))
+    return 0.5 * (mu * mu + expm1_minus_x(logvar))
 
 
 def noise(mu: Tensor, eps: Tensor | None, seed: Tensor, compute: torch.dtype) -> Tensor:

@@ -47,24 +47,37 @@ def _reparameterize_kl_fwd_kernel(
         b_std = tl.exp(0.5 * b_lv)
         b_z = b_mu + b_std * b_eps
         tl.store(z_ptr + o_b[:, None] * L + o_l[None, :], b_z.to(z_ptr.dtype.element_ty), mask=m)
-        b_kl_elem = 0.5 * (b_mu * b_mu + (_expm1(b_lv) - b_lv))
+        b_kl_elem = 0.5 * (b_mu * b_mu + _expm1_minus_x(b_lv))
         b_kl += tl.sum(tl.where(m, b_kl_elem, 0.0), axis=1)
     tl.store(kl_ptr + o_b, b_kl, mask=m_b)
 
 
 @triton.jit
-def _expm1(x):
-    """exp(x) - 1 without cancellation near 0: the Taylor series for |x| < 1/2 (to x^16:
-    truncation below 1e-19 relative, enough for float64), exp(x) - 1 beyond (no digit lost)."""
-    p = 1.0 / 1307674368000.0 + x * (1.0 / 20922789888000.0)
+def _series_after_x(x):
+    """(exp(x) - 1 - x) / x^2 = 1/2 + x/6 + ... + x^16/18!, the Taylor series behind _expm1 and
+    _expm1_minus_x (truncation below 1e-19 relative for |x| < 1/2: enough for float64)."""
+    p = 1.0 / 355687428096000.0 + x * (1.0 / 6402373705728000.0)
+    p = 1.0 / 1307674368000.0 + x * (1.0 / 20922789888000.0 + x * p)
     p = 1.0 / 6227020800.0 + x * (1.0 / 87178291200.0 + x * p)
     p = 1.0 / 39916800.0 + x * (1.0 / 479001600.0 + x * p)
     p = 1.0 / 362880.0 + x * (1.0 / 3628800.0 + x * p)
     p = 1.0 / 5040.0 + x * (1.0 / 40320.0 + x * p)
     p = 1.0 / 120.0 + x * (1.0 / 720.0 + x * p)
     p = 1.0 / 6.0 + x * (1.0 / 24.0 + x * p)
-    p = 1.0 + x * (0.5 + x * p)
-    return tl.where(tl.abs(x) < 0.5, p * x, tl.exp(x) - 1.0)
+    return 0.5 + x * p
+
+
+@triton.jit
+def _expm1(x):
+    """exp(x) - 1 without cancellation near 0: the series below |x| = 1/2, exp(x) - 1 above."""
+    return tl.where(tl.abs(x) < 0.5, x + x * x * _series_after_x(x), tl.exp(x) - 1.0)
+
+
+@triton.jit
+def _expm1_minus_x(x):
+    """exp(x) - 1 - x, the KL's exp(logvar) - 1 - logvar, about x^2 / 2 near 0 where expm1(x) - x
+    would cancel to noise."""
+    return tl.where(tl.abs(x) < 0.5, x * x * _series_after_x(x), tl.exp(x) - 1.0 - x)
 
 
 @triton.jit
@@ -126,7 +139,7 @@ def _gaussian_kl_fwd_kernel(
         b_mu = tl.load(mu_ptr + o_b[:, None] * stride_mu + o_l[None, :], mask=m, other=0.0).to(COMPUTE)
         b_lv = tl.load(logvar_ptr + o_b[:, None] * stride_logvar + o_l[None, :], mask=m, other=0.0).to(COMPUTE)
         b_em1 = _expm1(b_lv)
-        b_kl = 0.5 * (b_mu * b_mu + (b_em1 - b_lv))
+        b_kl = 0.5 * (b_mu * b_mu + _expm1_minus_x(b_lv))
         o_out = o_b[:, None] * L + o_l[None, :]
         if ELEMENTWISE:
             tl.store(kl_ptr + o_out, b_kl, mask=m)

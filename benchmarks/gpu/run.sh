@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The prepared GPU run: one command that, on a fresh H100/H200 machine with no network and its
+# preinstalled torch, builds fastvae and checks and measures it on the GPU in about 8 minutes:
+#
+#   bash benchmarks/gpu/run.sh OUTDIR
+#
+#   1. environment   device, driver, torch/triton versions, date        -> OUTDIR/environment.json
+#   2. build         the native CPU library (cmake); fastvae runs from this checkout (PYTHONPATH)
+#   3. tests         the whole suite on CUDA: CUDA-graph replays, reduce-overhead, fp16 with a
+#                    GradScaler, one-process NCCL DDP, Triton against the reference
+#   4. ops           the GPU benchmark sweep (--gpu-run)                -> OUTDIR/ops.json
+#   5. train A/B     eager, compile, compile reduce-overhead; fp32, bf16; batch 128, 1024
+#                                                                        -> OUTDIR/train_ab.jsonl
+#   6. report        tables, targets, plot                              -> OUTDIR/report.txt, ops.png
+#
+# Every stage has a time limit and appends to OUTDIR/run.log; OUTDIR/summary.txt says how each
+# ended. Without a CUDA device the same script is a rehearsal: each GPU stage runs at smoke
+# size on the CPU and says so, so the script itself is tested where no GPU is.
+set -uo pipefail
+OUT=${1:?usage: bash benchmarks/gpu/run.sh OUTDIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/../.."
+PY=${PYTHON:-python3}  # the interpreter that has torch and triton (the GPU machine's python3)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+: >"$OUT/summary.txt"
+: >"$OUT/run.log"
+
+say() { echo "$*" | tee -a "$OUT/summary.txt"; }
+
+# stage NAME SECONDS COMMAND...: run with a time limit, log to run.log, record how it ended.
+stage() {
+  local name=$1 limit=$2 start rc
+  shift 2
+  start=$(date +%s)
+  echo "==> $name: $*" >>"$OUT/run.log"
+  timeout --kill-after=15 "$limit" "$@" >>"$OUT/run.log" 2>&1
+  rc=$?
+  case $rc in
+    0) say "$name: ok ($(( $(date +%s) - start )) s)" ;;
+    124|137) say "$name: stopped at its ${limit} s limit (partial results kept)" ;;
+    *) say "$name: failed with exit code $rc ($(( $(date +%s) - start )) s); see run.log" ;;
+  esac
+}
+
+if ! "$PY" -c "import torch, triton" 2>>"$OUT/run.log"; then
+  say "$PY cannot import torch and triton: run with PYTHON=/path/to/python of the environment that has them"
+  exit 1
+fi
+"$PY" benchmarks/gpu/environment.py >"$OUT/environment.json" 2>>"$OUT/run.log" || say "environment: failed"
+if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  GPU=1
+  say "device: $("$PY" -c "import torch; print(torch.cuda.get_device_name(0))")"
+else
+  GPU=0
+  say "device: no CUDA device. REHEARSAL: the GPU stages run at smoke size on the CPU, and CUDA-only tests skip"
+fi
+
+stage build 120 bash -c 'cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null && cmake --build build -j"$(nproc)"'
+
+if [ "$GPU" = 1 ]; then
+  workers=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+  stage tests 200 "$PY" -m pytest -q -p no:cacheprovider $workers
+  stage ops 150 "$PY" -m pytest benchmarks/bench_ops.py --benchmark-only --gpu-run -q -p no:cacheprovider \
+    --benchmark-json="$OUT/ops.json"
+  for batch in 128 1024; do
+    for mode in eager default reduce-overhead; do
+      stage "train A/B batch $batch $mode" 60 "$PY" -m benchmarks.train_ab --compile "$mode" \
+        --batch-size "$batch" --blocks 30 --steps 5 --json "$OUT/train_ab.jsonl"
+    done
+  done
+else
+  stage "tests (CUDA and registry tests only)" 200 "$PY" -m pytest -q -p no:cacheprovider -rs \
+    tests/test_cuda.py tests/test_registry.py
+  stage "ops (smoke: one op, CPU)" 200 "$PY" -m pytest benchmarks/bench_ops.py --benchmark-only \
+    --benchmark-min-rounds=1 --bench-seconds=0.01 -q -p no:cacheprovider -k "vae_loss and B128 and fp32" \
+    --benchmark-json="$OUT/ops.json"
+  stage "train A/B (smoke: eager, CPU)" 120 "$PY" -m benchmarks.train_ab --compile eager --blocks 2 --steps 1 \
+    --json "$OUT/train_ab.jsonl"
+  say "train A/B reduce-overhead: skipped (CUDA graphs need a CUDA device)"
+fi
+
+stage report 60 bash -c "'$PY' -m benchmarks.report '$OUT/ops.json' --plot '$OUT/ops.png' > '$OUT/report.txt' \
+  && '$PY' -m benchmarks.train_ab --report '$OUT/train_ab.jsonl' >> '$OUT/report.txt'"
+say "results in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
