@@ -37,6 +37,12 @@ KNOWN_DATASETS = {
     "fashion-mnist": (Path("/usr/share/datasets/fashion-mnist"), "FashionMNIST"),
     "mnist": (None, "MNIST"),
 }
+# Class names by label, for the datasets whose labels mean something fixed.
+CLASS_NAMES = {
+    "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                      "Bag", "Ankle boot"),
+    "mnist": tuple(str(digit) for digit in range(10)),
+}
 DATA_ENV_VAR = "FASTVAE_DATA"
 DEFAULT_DOWNLOAD_ROOT = Path.home() / ".cache" / "fastvae"
 BINARIZE_CHOICES = ("dynamic", "static", "none")
