@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 from pathlib import Path
@@ -17,7 +18,7 @@ from fastvae.train import data
 from fastvae.train.eval_cli import main as eval_main
 from fastvae.train.evaluate import elbo_rows, evaluate_elbo
 from fastvae.train.models import VAEConfig, build_model
-from fastvae.train.cli import run_training
+from fastvae.train.cli import main, run_training
 from fastvae.train.config import TrainConfig
 from fastvae.train.trainer import ELBOObjective, kl_weight_at
 from app_helpers import SIDE, TEST_N, VAL_N, expect_exit, final_state, tiny_args, tiny_dataset
@@ -82,13 +83,21 @@ def test_resume_continues_to_the_same_result(dataset, tmp_path, split_at):
     assert_same_training(final_state(straight), final_state(resumed))
 
 
-def _ddp_worker(rank: int, world: int, port: int, args: list[str]) -> None:
-    import os
+def _gloo_threads() -> list[str]:
+    """The names of this process's gloo threads (Linux names them gloo_tcp_loop, pt_gloo_runloop)."""
+    tasks = Path("/proc/self/task")
+    names = ((tasks / thread / "comm").read_text().strip() for thread in os.listdir(tasks))
+    return [name for name in names if "gloo" in name]
 
+
+def _ddp_worker(rank: int, world: int, port: int, args: list[str]) -> None:
+    """One rank, as torchrun starts it: the environment, then the CLI's main()."""
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
     torch.set_num_threads(1)
-    run_training(args)
+    main(args)
+    # A gloo thread still running when Python shuts down can abort the process (distributed.teardown).
+    assert not _gloo_threads(), f"rank {rank}: the process group outlived the run: {_gloo_threads()}"
 
 
 def _free_port() -> int:

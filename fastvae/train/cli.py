@@ -59,6 +59,7 @@ def run_training(argv: list[str] | None = None) -> dict:
         message = _interrupted_message(run.run_dir if run else None) if dist.is_main else ""
         raise TrainingInterrupted(message) from None
     finally:
+        run = None  # the DDP module in it holds the process group, which teardown destroys
         distributed.teardown(dist)
 
 
@@ -69,14 +70,18 @@ def _interrupted_message(run_dir: Path | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # The exits happen after the except blocks: an exception kept alive as the context of
+    # SystemExit would keep its frames, and a DDP module in them, alive into interpreter shutdown.
     try:
         run_training(argv)
+        return
     except TrainingInterrupted as interrupted:
         if str(interrupted):
             print(f"fastvae-train: {interrupted}", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+        status: int | str = EXIT_INTERRUPTED
     except (RunFolderError, DataError, BackendUnavailableError, TrainingDiverged, ValueError) as error:
-        sys.exit(f"fastvae-train: error: {error}")
+        status = f"fastvae-train: error: {error}"
+    sys.exit(status)
 
 
 if __name__ == "__main__":
