@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import socket
@@ -20,6 +21,7 @@ from fastvae.train.evaluate import elbo_rows, evaluate_elbo
 from fastvae.train.models import VAEConfig, build_model
 from fastvae.train.cli import main, run_training
 from fastvae.train.config import TrainConfig
+from fastvae.train import trainer
 from fastvae.train.trainer import ELBOObjective, kl_weight_at
 from app_helpers import SIDE, TEST_N, VAL_N, expect_exit, final_state, tiny_args, tiny_dataset
 from helpers import RecordPointwiseSizes
@@ -256,6 +258,32 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(one_epoch_run)
                           f"fastvae-train --resume {one_epoch_run} --lr 1e+29")
     assert re.search(r"non-finite \(.*\) at step [67]\b", message), message
     assert {name: (one_epoch_run / name).read_bytes() for name in saved} == saved
+
+
+def test_steps_a_grad_scaler_skips_are_not_failures(dataset, tmp_path, monkeypatch):
+    """fp16's GradScaler skips steps whose gradients overflow; their losses are finite, and the run goes
+    on. fp16 needs CUDA, so a CPU scaler and two gradients made infinite by a hook stand in for it."""
+    real_scaler, real_build = torch.amp.GradScaler, trainer.build_model
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device, enabled: real_scaler(device, enabled=True))
+    overflowed = []
+
+    def overflow_twice(grad):
+        if len(overflowed) < 2:
+            overflowed.append(1)
+            return grad * math.inf
+        return grad
+
+    def build_model(config):
+        model = real_build(config)
+        next(model.parameters()).register_hook(overflow_twice)
+        return model
+
+    monkeypatch.setattr(trainer, "build_model", build_model)
+    out = tmp_path / "run"
+    run_training(tiny_args(dataset, out, "--epochs", "1", "--log-every", "1", "--iw-samples", "0"))
+    state = final_state(out)
+    assert state["step"] == 5 and state["scaler"]["scale"] == 2.0 ** 16 / 4  # two steps skipped, three taken
+    assert all(torch.isfinite(weights).all() for weights in state["model"].values())
 
 
 def test_a_run_diverging_before_its_first_checkpoint(dataset, tmp_path):
