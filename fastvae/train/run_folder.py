@@ -39,7 +39,7 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def fsync_folder(folder: Path) -> None:
+def _fsync_folder(folder: Path) -> None:
     """Make a rename inside `folder` durable (the rename lives in the folder's own data)."""
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -62,7 +62,7 @@ def write_file(path: str | os.PathLike, data: bytes | str) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(staged, path)
-        fsync_folder(path.parent)
+        _fsync_folder(path.parent)
     except OSError as error:
         staged.unlink(missing_ok=True)
         kept = f"the previous {path.name} is untouched" if path.exists() else f"no {path.name} was written"
@@ -84,23 +84,19 @@ def _fix(error: OSError) -> str:
     return "Check that the folder exists and is writable, or write to another folder"
 
 
-def remove_stale_temp_files(folder: Path) -> list[Path]:
-    """Delete the temporary files that killed writers left in `folder`; returns them.
+def remove_stale_temp_files(folder: Path) -> None:
+    """Delete the temporary files that killed writers left in `folder`.
 
     A temporary file of a live process other than this one is kept: a fastvae-eval
     may be writing its results beside a run. This process writes nothing while it
     cleans up, so its own pid on a leftover means an earlier process had that pid."""
-    removed = []
     for path in Path(folder).iterdir():
         match = _TEMP_NAME.match(path.name)
         if match is None:
             continue
         pid = int(match["pid"])
-        if pid != os.getpid() and _process_alive(pid):
-            continue
-        path.unlink(missing_ok=True)
-        removed.append(path)
-    return removed
+        if pid == os.getpid() or not _process_alive(pid):
+            path.unlink(missing_ok=True)
 
 
 def _process_alive(pid: int) -> bool:
