@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -74,13 +73,6 @@ def test_a_checkpoint_without_weights(trained, tmp_path):
     expect_eval_exit([str(path)], str(path), "lacks model", "not a complete fastvae-train checkpoint")
 
 
-def _copy_test_files(source: Path, folder: Path) -> Path:
-    folder.mkdir(parents=True)
-    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
-        shutil.copy(source / name, folder / name)
-    return folder
-
-
 def test_data_dir_replaces_a_moved_dataset_folder(tmp_path):
     moved, renamed = tmp_path / "data", tmp_path / "data-moved"
     tiny_dataset(moved)
@@ -94,12 +86,14 @@ def test_data_dir_replaces_a_moved_dataset_folder(tmp_path):
 
 
 def test_only_the_test_files_are_needed(trained, tmp_path):
-    """A folder with the test split alone (no training images, so no room for the run's --val-size)."""
-    run, dataset = trained
-    test_only = _copy_test_files(dataset, tmp_path / "test-only")
+    """A folder with a test split alone (no training images, so no room for the run's --val-size)."""
+    run, _ = trained
+    test_only = tiny_dataset(tmp_path / "test-only", test_n=7)
+    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        (test_only / f"{stem}.gz").unlink()
     output = tmp_path / "out.json"
     eval_main([str(run), "--iw-samples", "2", "--data-dir", str(test_only), "--output", str(output)])
-    assert json.loads(output.read_text())["test_examples"] == TEST_N
+    assert json.loads(output.read_text())["test_examples"] == 7
 
 
 def test_images_of_another_size_are_named(trained, tmp_path):
