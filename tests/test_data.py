@@ -79,6 +79,13 @@ def test_corrupt_magic_and_type_are_errors(tmp_path):
         data.read_idx(path)
 
 
+def test_an_empty_idx_file_names_the_file(tmp_path):
+    path = tmp_path / "t10k-images-idx3-ubyte.gz"
+    data.write_idx(path, torch.zeros(0, SIDE, SIDE, dtype=torch.uint8))
+    with pytest.raises(DataError, match=f"{path}.* holds no data .*\\(0, {SIDE}, {SIDE}\\)"):
+        data.read_idx(path)
+
+
 def test_labels_that_do_not_match_images_are_an_error(tmp_path):
     folder = make_dataset(tmp_path / "d")
     data.write_idx(folder / "train-labels-idx1-ubyte.gz", torch.zeros(TRAIN_N - 1, dtype=torch.uint8))
@@ -151,7 +158,7 @@ def test_validation_split_is_disjoint_and_seeded(tmp_path):
     assert torch.equal(a.val.images, b.val.images)
     train_rows = {bytes(img.numpy()) for img in a.train.images}
     assert not any(bytes(img.numpy()) in train_rows for img in a.val.images)
-    with pytest.raises(DataError, match="--val-size"):
+    with pytest.raises(ValueError, match=f"^val_size must be between 1 and {TRAIN_N - 1} .* got {TRAIN_N}"):
         data.load_datasets(str(folder), None, val_size=TRAIN_N, seed=3)
 
 

@@ -140,5 +140,5 @@ def test_evaluate_nll_mean_and_standard_error():
 
 
 def test_iw_samples_must_be_positive():
-    with pytest.raises(ValueError, match="--iw-samples must be >= 1"):
+    with pytest.raises(ValueError, match="^samples must be >= 1, got 0"):
         iw_log_likelihood(LinearLatent(), binary_data(2), 0, 10, torch.Generator())

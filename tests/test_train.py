@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-import errno
 import json
+import math
+import os
+import re
 import socket
 from pathlib import Path
 
+import PIL.Image
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -18,40 +21,15 @@ from fastvae.train.evaluate import elbo_rows, evaluate_elbo
 from fastvae.train.models import VAEConfig, build_model
 from fastvae.train.cli import main, run_training
 from fastvae.train.config import TrainConfig
+from fastvae.train import trainer
 from fastvae.train.trainer import ELBOObjective, kl_weight_at
+from app_helpers import SIDE, TEST_N, VAL_N, expect_exit, final_state, tiny_args, tiny_dataset
 from helpers import RecordPointwiseSizes
-
-SIDE, TRAIN_N, TEST_N, VAL_N, BATCH = 8, 96, 24, 16, 16  # 5 steps per epoch
-
-
-def tiny_dataset(folder: Path) -> Path:
-    g = torch.Generator().manual_seed(0)
-
-    def split(n):
-        # Two blob classes, so the model has something to learn in a few steps.
-        labels = torch.randint(0, 2, (n,), generator=g, dtype=torch.uint8)
-        base = torch.zeros(n, SIDE, SIDE)
-        base[labels == 0, : SIDE // 2] = 220.0
-        base[labels == 1, SIDE // 2:] = 220.0
-        noise = torch.randint(0, 30, (n, SIDE, SIDE), generator=g).float()
-        return (base + noise).clamp(0, 255).to(torch.uint8), labels
-
-    return data.write_idx_dataset(folder, split(TRAIN_N), split(TEST_N))
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     return tiny_dataset(tmp_path_factory.mktemp("idx"))
-
-
-def tiny_args(dataset: Path, out: Path, *extra: str) -> list[str]:
-    return ["--dataset", str(dataset), "--out", str(out), "--hidden-dims", "16", "--latent-dim", "2",
-            "--batch-size", str(BATCH), "--val-size", str(VAL_N), "--iw-samples", "4", "--iw-examples", "10",
-            "--eval-batch-size", "8", "--log-every", "2", "--no-plots", *extra]
-
-
-def final_state(run_dir: Path) -> dict:
-    return ckpt.load_checkpoint(run_dir / "last.pt")
 
 
 def assert_same_training(a: dict, b: dict) -> None:
@@ -71,7 +49,9 @@ def test_end_to_end_writes_the_run_folder(dataset, tmp_path):
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "metrics.jsonl", "last.pt", "best.pt", "test_metrics.json"} <= names
     assert {"reconstructions.png", "samples.png", "learning_curves.png", "latent_scatter.png",
-            "manifold.png"} <= names
+            "manifold.png", "latent_evolution.gif"} <= names
+    with PIL.Image.open(out / "latent_evolution.gif") as gif:
+        assert gif.n_frames == 2  # one per epoch
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and all(r["epoch_complete"] for r in rows)
     for key in ("train_neg_elbo", "train_kl", "train_recon", "val_neg_elbo", "val_kl", "val_recon",
@@ -105,13 +85,21 @@ def test_resume_continues_to_the_same_result(dataset, tmp_path, split_at):
     assert_same_training(final_state(straight), final_state(resumed))
 
 
-def _ddp_worker(rank: int, world: int, port: int, args: list[str]) -> None:
-    import os
+def _gloo_threads() -> list[str]:
+    """The names of this process's gloo threads (Linux names them gloo_tcp_loop, pt_gloo_runloop)."""
+    tasks = Path("/proc/self/task")
+    names = ((tasks / thread / "comm").read_text().strip() for thread in os.listdir(tasks))
+    return [name for name in names if "gloo" in name]
 
+
+def _ddp_worker(rank: int, world: int, port: int, args: list[str]) -> None:
+    """One rank, as torchrun starts it: the environment, then the CLI's main()."""
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
     torch.set_num_threads(1)
-    run_training(args)
+    main(args)
+    # A gloo thread still running when Python shuts down can abort the process (distributed.teardown).
+    assert not _gloo_threads(), f"rank {rank}: the process group outlived the run: {_gloo_threads()}"
 
 
 def _free_port() -> int:
@@ -192,15 +180,6 @@ def test_objective_gradient_matches_the_formula_without_a_pass_over_the_data():
 
 
 # --------------------------------------------------------------------------- bad input
-def expect_exit(argv: list[str], *fragments: str) -> None:
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    message = str(info.value.code)
-    assert message.startswith("fastvae-train: error:")
-    for fragment in fragments:
-        assert fragment in message, (fragment, message)
-
-
 def test_unknown_dataset(tmp_path):
     expect_exit(["--dataset", "cifar10", "--out", str(tmp_path / "r")], "unknown dataset 'cifar10'")
 
@@ -222,6 +201,96 @@ def test_bad_flag_values(dataset, tmp_path):
     expect_exit(tiny_args(dataset, tmp_path / "r", "--hidden-dims", "a"), "--hidden-dims takes")
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lr", "nan", "--lr must be a finite number, got nan"),
+    ("--lr", "inf", "--lr must be a finite number, got inf"),
+    ("--lr", "0", "--lr must be > 0, got 0"),
+    ("--beta", "nan", "--beta must be a finite number, got nan"),
+    ("--beta", "inf", "--beta must be a finite number, got inf"),
+    ("--free-bits", "nan", "--free-bits must be a finite number, got nan"),
+    ("--free-bits", "inf", "--free-bits must be a finite number, got inf"),
+    ("--free-bits", "-0.5", "--free-bits must be >= 0, got -0.5"),
+    ("--seed", str(2 ** 70), f"--seed must be between 0 and 2**63 - 1 (torch takes 64-bit seeds), got {2**70}"),
+    ("--seed", "-1", "--seed must be between 0 and 2**63 - 1"),
+], ids=lambda v: v if len(v) < 12 else v[:12])
+def test_numbers_are_checked_when_the_flags_are_read(dataset, tmp_path, flag, value, message):
+    out = tmp_path / "r"
+    expect_exit(tiny_args(dataset, out, flag, value), message)
+    assert not out.exists()  # refused before anything was written
+
+
+def test_val_size_too_large_names_the_flag(dataset, tmp_path):
+    expect_exit(tiny_args(dataset, tmp_path / "r", "--val-size", "500"), "--val-size 500",
+                "96 training images", "pass a smaller --val-size")
+
+
+def test_an_unavailable_backend_is_refused_before_anything_is_written(dataset, tmp_path, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("triton can run here")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # what a CPU machine without the interpreter has
+    out = tmp_path / "r"
+    expect_exit(tiny_args(dataset, out, "--backend", "triton", "--device", "cpu"),
+                "--backend triton cannot run on cpu", "TRITON_INTERPRET=1")
+    assert not out.exists()
+
+
+def test_a_resume_at_max_steps_trains_nothing(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_training(tiny_args(dataset, out, "--epochs", "2", "--max-steps", "3", "--iw-samples", "0"))
+    last, metrics = (out / "last.pt").read_bytes(), (out / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    for _ in range(2):
+        run_training(["--resume", str(out)])
+        assert "already at --max-steps 3 (step 3): nothing to train" in capsys.readouterr().out
+    assert (out / "last.pt").read_bytes() == last and (out / "metrics.jsonl").read_text() == metrics
+    assert json.loads((out / "test_metrics.json").read_text())["best_step"] == 3
+
+
+def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(one_epoch_run):
+    saved = {name: (one_epoch_run / name).read_bytes() for name in ("last.pt", "best.pt", "metrics.jsonl")}
+    # Adam moves every weight by about --lr per step: 1e30 overflows float32 in the next forward pass.
+    resume = ["--resume", str(one_epoch_run), "--epochs", "2", "--lr", "1e30", "--log-every", "1"]
+    message = expect_exit(resume, "the training loss became non-finite", "training stopped",
+                          "Try a lower --lr (this run: 1e+30)",
+                          f"{one_epoch_run / 'last.pt'} (step 5) is the last good checkpoint and is kept",
+                          f"fastvae-train --resume {one_epoch_run} --lr 1e+29")
+    assert re.search(r"non-finite \(.*\) at step [67]\b", message), message
+    assert {name: (one_epoch_run / name).read_bytes() for name in saved} == saved
+
+
+def test_steps_a_grad_scaler_skips_are_not_failures(dataset, tmp_path, monkeypatch):
+    """fp16's GradScaler skips steps whose gradients overflow; their losses are finite, and the run goes
+    on. fp16 needs CUDA, so a CPU scaler and two gradients made infinite by a hook stand in for it."""
+    real_scaler, real_build = torch.amp.GradScaler, trainer.build_model
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device, enabled: real_scaler(device, enabled=True))
+    overflowed = []
+
+    def overflow_twice(grad):
+        if len(overflowed) < 2:
+            overflowed.append(1)
+            return grad * math.inf
+        return grad
+
+    def build_model(config):
+        model = real_build(config)
+        next(model.parameters()).register_hook(overflow_twice)
+        return model
+
+    monkeypatch.setattr(trainer, "build_model", build_model)
+    out = tmp_path / "run"
+    run_training(tiny_args(dataset, out, "--epochs", "1", "--log-every", "1", "--iw-samples", "0"))
+    state = final_state(out)
+    assert state["step"] == 5 and state["scaler"]["scale"] == 2.0 ** 16 / 4  # two steps skipped, three taken
+    assert all(torch.isfinite(weights).all() for weights in state["model"].values())
+
+
+def test_a_run_diverging_before_its_first_checkpoint(dataset, tmp_path):
+    out = tmp_path / "run"
+    expect_exit(tiny_args(dataset, out, "--epochs", "1", "--lr", "1e30"), "became non-finite",
+                "no checkpoint was written yet; start again with a lower --lr (e.g. 1e+29)")
+    assert not (out / "last.pt").exists() and not (out / "best.pt").exists()
+
+
 @pytest.fixture()
 def one_epoch_run(dataset, tmp_path) -> Path:
     out = tmp_path / "run"
@@ -238,33 +307,7 @@ def test_truncated_checkpoint(one_epoch_run):
     last = one_epoch_run / "last.pt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
     expect_exit(["--resume", str(one_epoch_run), "--epochs", "2"], str(last), "truncated or corrupt")
-    with pytest.raises(SystemExit, match="truncated or corrupt"):
-            eval_main([str(last)])
-
-
-def _full_disk(monkeypatch) -> None:
-    def partial_then_enospc(obj, handle, *args, **kwargs):
-        handle.write(b"half a checkpoint")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(ckpt.torch, "save", partial_then_enospc)
-
-
-def test_full_disk_keeps_the_previous_checkpoint(one_epoch_run, monkeypatch):
-    last = one_epoch_run / "last.pt"
-    before = last.read_bytes()
-    _full_disk(monkeypatch)
-    expect_exit(["--resume", str(one_epoch_run), "--epochs", "2"], "No space left on device",
-                "previous last.pt is untouched")
-    assert last.read_bytes() == before
-    assert not [p for p in one_epoch_run.iterdir() if ".tmp" in p.name]
-
-
-def test_save_atomic_first_write_on_full_disk(tmp_path, monkeypatch):
-    _full_disk(monkeypatch)
-    with pytest.raises(ckpt.CheckpointError, match="no new.pt was written"):
-        ckpt.save_atomic({"a": 1}, tmp_path / "new.pt")
-    assert list(tmp_path.iterdir()) == []
+    expect_exit([str(last)], str(last), "truncated or corrupt", entry=eval_main, prog="fastvae-eval")
 
 
 def test_eval_rows_are_per_datapoint():

@@ -10,6 +10,7 @@ the library itself (`import fastvae`) never imports this package.
     models     MLP and conv VAEs
     trainer    objective, step, epochs, checkpoints
     evaluate   -ELBO and importance-sampled NLL in nats
-    checkpoint atomic, validated checkpoints
+    checkpoint checksummed checkpoints; last.pt and best.pt kept consistent
+    run_folder atomic files, one writer per run folder, strict JSON
     distributed, progress, plots
 """

@@ -6,6 +6,7 @@ The parser is built only inside `build_parser()` (called from main()), never at 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 
 from fastvae.backend import BACKEND_CHOICES
-from fastvae.train.checkpoint import load_checkpoint
+from fastvae.train.checkpoint import load_checkpoint, resolve_checkpoint
 from fastvae.train.data import BINARIZE_CHOICES, KNOWN_DATASETS
 from fastvae.train.models import ARCHS, VAEConfig, parse_widths
 
@@ -25,6 +26,10 @@ DEFAULT_IW_BATCH_SIZE = 16384
 DEFAULT_EVAL_BATCH_SIZE = 500
 # Flags that fix parameter shapes: a resumed run may not change them.
 MODEL_FIELDS = ("arch", "latent_dim", "hidden_dims", "conv_channels")
+# Flags about this invocation, never taken from the config of the run being resumed.
+INVOCATION_FIELDS = ("out", "resume", "overwrite")
+# Seeds are 64-bit in torch; the epoch is added to the seed for the batch order, so stay below 2**63.
+SEED_LIMIT = 2 ** 63
 
 
 @dataclass
@@ -57,6 +62,7 @@ class TrainConfig:
     # outputs and evaluation
     out: str | None = None
     resume: str | None = None
+    overwrite: bool = False
     iw_samples: int = DEFAULT_IW_SAMPLES
     iw_examples: int = 1000
     iw_batch_size: int = DEFAULT_IW_BATCH_SIZE
@@ -78,21 +84,19 @@ class TrainConfig:
                          conv_channels=parse_widths(self.conv_channels, "--conv-channels"))
 
     def validate(self) -> None:
-        """Raise ValueError with the fix for any flag combination that cannot run."""
-        positive = {"--epochs": self.epochs, "--batch-size": self.batch_size, "--latent-dim": self.latent_dim,
-                    "--val-size": self.val_size, "--iw-batch-size": self.iw_batch_size,
-                    "--eval-batch-size": self.eval_batch_size, "--log-every": self.log_every}
-        for flag, value in positive.items():
-            if value < 1:
-                raise ValueError(f"{flag} must be >= 1, got {value}")
-        non_negative = {"--max-steps": self.max_steps, "--kl-warmup": self.kl_warmup,
-                        "--iw-samples": self.iw_samples, "--iw-examples": self.iw_examples,
-                        "--beta": self.beta, "--free-bits": self.free_bits}
-        for flag, value in non_negative.items():
-            if value < 0:
-                raise ValueError(f"{flag} must be >= 0, got {value}")
-        if self.lr <= 0:
-            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        """Raise ValueError naming the flag and the fix for any value or combination that cannot run."""
+        for flag, value in {"--epochs": self.epochs, "--batch-size": self.batch_size,
+                            "--latent-dim": self.latent_dim, "--val-size": self.val_size,
+                            "--iw-batch-size": self.iw_batch_size, "--eval-batch-size": self.eval_batch_size,
+                            "--log-every": self.log_every}.items():
+            require_at_least(flag, value, 1)
+        for flag, value in {"--max-steps": self.max_steps, "--kl-warmup": self.kl_warmup,
+                            "--iw-samples": self.iw_samples, "--iw-examples": self.iw_examples}.items():
+            require_at_least(flag, value, 0)
+        require_finite("--lr", self.lr, above=0.0)
+        require_finite("--beta", self.beta, at_least=0.0)
+        require_finite("--free-bits", self.free_bits, at_least=0.0)
+        require_seed("--seed", self.seed)
         parse_widths(self.hidden_dims, "--hidden-dims")
         parse_widths(self.conv_channels, "--conv-channels")
 
@@ -104,6 +108,27 @@ class TrainConfig:
             raise ValueError("--amp-dtype fp16 needs a CUDA device (fp16 autocast with a GradScaler); on "
                              f"{device.type} use the default --amp-dtype bf16")
         return AMP_DTYPES[self.amp_dtype]
+
+
+def require_at_least(flag: str, value: int, lowest: int) -> None:
+    if value < lowest:
+        raise ValueError(f"{flag} must be >= {lowest}, got {value}")
+
+
+def require_finite(flag: str, value: float, *, above: float | None = None,
+                   at_least: float | None = None) -> None:
+    """value must be a finite number, > above or >= at_least (argparse's float() takes nan and inf)."""
+    if not math.isfinite(value):
+        raise ValueError(f"{flag} must be a finite number, got {value}")
+    if above is not None and not value > above:
+        raise ValueError(f"{flag} must be > {above:g}, got {value:g}")
+    if at_least is not None and not value >= at_least:
+        raise ValueError(f"{flag} must be >= {at_least:g}, got {value:g}")
+
+
+def require_seed(flag: str, value: int) -> None:
+    if not 0 <= value < SEED_LIMIT:
+        raise ValueError(f"{flag} must be between 0 and 2**63 - 1 (torch takes 64-bit seeds), got {value}")
 
 
 def pick_device(name: str) -> torch.device:
@@ -163,9 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", choices=BACKEND_CHOICES, default=d.backend,
                    help=f"fastvae backend; torch trains with the reference; auto defers to $FASTVAE_BACKEND (default: {d.backend})")
     g = p.add_argument_group("outputs and evaluation")
-    g.add_argument("--out", default=d.out, help="run folder (default: runs/<timestamp>)")
+    g.add_argument("--out", default=d.out, help="run folder; with --resume, the resumed run's folder "
+                   "(default: runs/<timestamp>)")
     g.add_argument("--resume", default=d.resume, metavar="RUN_OR_CHECKPOINT",
                    help="continue a run folder (its last.pt) or a checkpoint; its config fills unset flags (default: none)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --out folder that holds one, deleting its checkpoints, metrics "
+                        "and pictures (default: refuse)")
     g.add_argument("--iw-samples", type=int, default=d.iw_samples,
                    help=f"importance samples per test image for the NLL; 0 skips it (default: {d.iw_samples})")
     g.add_argument("--iw-examples", type=int, default=d.iw_examples,
@@ -181,12 +210,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_config(argv: list[str] | None) -> TrainConfig:
-    """Flags -> TrainConfig. With --resume, the saved run's config is the default for every flag not given."""
+    """Flags -> a validated TrainConfig. With --resume, the saved run's config is the default for every
+    flag not given, and --out defaults to the folder of the resumed checkpoint."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.resume:
-        saved = load_checkpoint(args.resume)["config"]
-        keep = {key: value for key, value in saved.items() if key not in ("resume",)}
-        parser.set_defaults(**keep)
+        source = resolve_checkpoint(args.resume)
+        saved = load_checkpoint(source)["config"]
+        known = {f.name for f in fields(TrainConfig)} - set(INVOCATION_FIELDS)
+        inherited = {key: value for key, value in saved.items() if key in known}
+        parser.set_defaults(**inherited, out=str(source.parent))
         args = parser.parse_args(argv)
-    return TrainConfig(**vars(args))
+    cfg = TrainConfig(**vars(args))
+    cfg.validate()
+    return cfg

@@ -37,6 +37,12 @@ KNOWN_DATASETS = {
     "fashion-mnist": (Path("/usr/share/datasets/fashion-mnist"), "FashionMNIST"),
     "mnist": (None, "MNIST"),
 }
+# Class names by label, for the datasets whose labels mean something fixed.
+CLASS_NAMES = {
+    "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                      "Bag", "Ankle boot"),
+    "mnist": tuple(str(digit) for digit in range(10)),
+}
 DATA_ENV_VAR = "FASTVAE_DATA"
 DEFAULT_DOWNLOAD_ROOT = Path.home() / ".cache" / "fastvae"
 BINARIZE_CHOICES = ("dynamic", "static", "none")
@@ -85,6 +91,9 @@ def read_idx(path: str | os.PathLike) -> Tensor:
     if len(raw) != expected:
         raise DataError(f"{path} has {len(raw)} bytes but its header {dims} needs {expected}: the file is "
                         f"truncated or corrupt; delete it and fetch it again")
+    if math.prod(dims) == 0:
+        raise DataError(f"{path} holds no data (its header says {dims}); a dataset needs at least one image "
+                        f"per split: write the file again with the images in it")
     data = torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8)
     return data.reshape(dims)
 
@@ -120,9 +129,9 @@ def find_idx_file(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def missing_files(folder: Path) -> list[str]:
-    """The IDX file names that `folder` lacks (empty when it holds all four)."""
-    stems = [stem for pair in SPLIT_FILES.values() for stem in pair]
+def missing_files(folder: Path, splits: tuple[str, ...] = tuple(SPLIT_FILES)) -> list[str]:
+    """The IDX file names of `splits` that `folder` lacks (empty when it holds them all)."""
+    stems = [stem for split in splits for stem in SPLIT_FILES[split]]
     return [stem for stem in stems if find_idx_file(folder, stem) is None]
 
 
@@ -161,10 +170,10 @@ def _torchvision_download(root: Path, torchvision_name: str) -> Path:
     return root / torchvision_name / "raw"
 
 
-def _how_to_get(name: str, torchvision_name: str) -> str:
-    hints = [f"pass --data-dir FOLDER (or set ${DATA_ENV_VAR}) to a folder holding "
-             f"train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz] "
-             f"and t10k-labels-idx1-ubyte[.gz]"]
+def _how_to_get(name: str, torchvision_name: str, splits: tuple[str, ...]) -> str:
+    files = [f"{stem}[.gz]" for split in splits for stem in SPLIT_FILES[split]]
+    hints = [f"pass data_dir (fastvae-train/fastvae-eval: --data-dir FOLDER, or set ${DATA_ENV_VAR}) to a "
+             f"folder holding {', '.join(files)}"]
     system_dir = KNOWN_DATASETS[name][0]
     if system_dir is not None:
         hints.append(f"or install the Debian package: sudo apt-get install dataset-{name}")
@@ -172,16 +181,18 @@ def _how_to_get(name: str, torchvision_name: str) -> str:
     return "; ".join(hints)
 
 
-def locate_dataset(dataset: str, data_dir: str | None = None, download: bool = True) -> Path:
-    """The folder holding the four IDX files of `dataset` (a known name or a folder path).
+def locate_dataset(dataset: str, data_dir: str | None = None, download: bool = True,
+                   splits: tuple[str, ...] = tuple(SPLIT_FILES)) -> Path:
+    """The folder holding the IDX files of `splits` (train and test) of `dataset`, a known name or a folder
+    path; `data_dir` is the first place to look for a known name.
 
     Raises DataError naming every place looked at and how to get the data."""
     if dataset not in KNOWN_DATASETS:
         folder = Path(dataset).expanduser()
         if not folder.is_dir():
             raise DataError(f"unknown dataset {dataset!r}: choose {' or '.join(KNOWN_DATASETS)}, or pass a "
-                            f"folder that holds the four IDX files")
-        missing = missing_files(folder)
+                            f"folder that holds the IDX files")
+        missing = missing_files(folder, splits)
         if missing:
             raise DataError(f"dataset folder {folder} lacks {', '.join(m + '[.gz]' for m in missing)}")
         return folder
@@ -190,11 +201,11 @@ def locate_dataset(dataset: str, data_dir: str | None = None, download: bool = T
     looked: list[str] = []
     for root in roots:
         for folder in _candidate_folders(root, torchvision_name):
-            if folder.is_dir() and not missing_files(folder):
+            if folder.is_dir() and not missing_files(folder, splits):
                 return folder
             looked.append(str(folder))
     if system_dir is not None:
-        if system_dir.is_dir() and not missing_files(system_dir):
+        if system_dir.is_dir() and not missing_files(system_dir, splits):
             return system_dir
         looked.append(f"{system_dir} (Debian package dataset-{dataset})")
     if download:
@@ -204,7 +215,7 @@ def locate_dataset(dataset: str, data_dir: str | None = None, download: bool = T
         except Exception as error:  # noqa: BLE001 - any download failure is reported with the rest
             looked.append(f"torchvision download into {root} failed: {type(error).__name__}: {error}")
     raise DataError(f"cannot find the {dataset} IDX files. Looked in:\n  " + "\n  ".join(looked)
-                    + f"\nTo fix: {_how_to_get(dataset, torchvision_name)}.")
+                    + f"\nTo fix: {_how_to_get(dataset, torchvision_name, splits)}.")
 
 
 # ---------------------------------------------------------------------------
@@ -246,7 +257,10 @@ class Datasets:
 def load_datasets(dataset: str, data_dir: str | None, val_size: int, seed: int,
                   download: bool = True) -> Datasets:
     """Train/validation/test splits; the validation set is `val_size` images held out of train
-    by a permutation that depends on `seed` only."""
+    by a permutation that depends on `seed` only.
+
+    Raises DataError when the data cannot be found or read, and ValueError (only) when
+    `val_size` does not leave at least one training image."""
     folder = locate_dataset(dataset, data_dir, download)
     train_images, train_labels = load_split(folder, "train")
     test_images, test_labels = load_split(folder, "test")
@@ -254,13 +268,19 @@ def load_datasets(dataset: str, data_dir: str | None, val_size: int, seed: int,
         raise DataError(f"train images are {tuple(train_images.shape[2:])} but test images are "
                         f"{tuple(test_images.shape[2:])} in {folder}")
     if not 0 < val_size < len(train_images):
-        raise DataError(f"--val-size {val_size} must be between 1 and {len(train_images) - 1} "
-                        f"(the training set has {len(train_images)} images)")
+        raise ValueError(f"val_size must be between 1 and {len(train_images) - 1} for the {len(train_images)} "
+                         f"training images in {folder}, got {val_size}")
     order = torch.randperm(len(train_images), generator=generator_for("val-split", seed))
     val_idx, train_idx = order[:val_size], order[val_size:]
     return Datasets(train=Split(train_images[train_idx], train_labels[train_idx]),
                     val=Split(train_images[val_idx], train_labels[val_idx]),
                     test=Split(test_images, test_labels), folder=folder)
+
+
+def load_test_split(dataset: str, data_dir: str | None, download: bool = True) -> tuple[Split, Path]:
+    """The test split of `dataset` (see `locate_dataset`) and its folder; the training files may be absent."""
+    folder = locate_dataset(dataset, data_dir, download, splits=("test",))
+    return Split(*load_split(folder, "test")), folder
 
 
 def to_unit(images: Tensor) -> Tensor:
@@ -328,6 +348,8 @@ class EpochBatches:
 def eval_batches(split: Split, batch_size: int, rank: int = 0,
                  world_size: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
     """(images [b, C, H, W], labels [b]) of this rank's contiguous shard, in order, no padding."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     per_rank = math.ceil(len(split) / world_size)
     lo, hi = rank * per_rank, min(len(split), (rank + 1) * per_rank)
     for start in range(lo, hi, batch_size):

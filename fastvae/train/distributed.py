@@ -6,6 +6,7 @@ Under `torchrun` the environment carries RANK, WORLD_SIZE and LOCAL_RANK; a plai
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 
@@ -42,11 +43,23 @@ def setup(device_type: str) -> DistInfo:
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(info.local_rank)
+        # DDP imports torch.distributed.nn.functional on first use, and its functions take
+        # `group=group.WORLD` as a default argument: imported after init_process_group, they
+        # would hold the default group forever, and teardown could not destroy it (see there).
+        importlib.import_module("torch.distributed.nn.functional")
         dist.init_process_group(backend=backend)
     return info
 
 
 def teardown(info: DistInfo) -> None:
+    """Destroy the process group; call it once nothing (no DDP module) holds the group any more.
+
+    The group must really go here, not at interpreter exit: gloo's worker threads release the
+    work of each collective after running it, and the work of a DDP gradient all-reduce holds
+    a Python object (the context torch keeps in thread-local state during backward). A thread
+    that releases one while Python shuts down is ended by the interpreter inside a C++
+    destructor, which aborts the process ("terminate called without an active exception").
+    Destroying the group joins those threads while the interpreter still runs."""
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
 

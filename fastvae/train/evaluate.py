@@ -46,7 +46,9 @@ def iw_log_likelihood(model, x: Tensor, samples: int, iw_batch_size: int,
                       generator: torch.Generator) -> Tensor:
     """Importance-sampled log p(x) [B] float64 for x [B, C, H, W] with `samples` draws each."""
     if samples < 1:
-        raise ValueError(f"--iw-samples must be >= 1, got {samples}")
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    if iw_batch_size < 1:
+        raise ValueError(f"iw_batch_size must be >= 1, got {iw_batch_size}")
     mu, logvar = model.encode(x)
     batch, latent = mu.shape
     per_chunk = max(1, iw_batch_size // batch)
@@ -113,7 +115,10 @@ def evaluate_nll(model, split, samples: int, iw_batch_size: int, batch_size: int
 def evaluate_test(model, split, *, iw_samples: int, iw_examples: int, iw_batch_size: int, batch_size: int,
                   device: torch.device, seed: int, dist_info=None, progress=None) -> dict[str, float]:
     """Test -ELBO (+ its terms) over the whole split and IW NLL over its first `iw_examples`
-    images (0: all), in nats per datapoint, in float32 math."""
+    images (0: all) with `iw_samples` samples each (0: no NLL), in nats per datapoint, in float32 math."""
+    for name, value in (("iw_samples", iw_samples), ("iw_examples", iw_examples)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
     elbo = evaluate_elbo(model, split, batch_size, device, seed, dist_info)
     result = {f"test_{key}": value for key, value in elbo.items()}
     result["test_examples"] = len(split)

@@ -144,13 +144,13 @@ def build_model(config: VAEConfig) -> VAE:
     return {"mlp": MLPVAE, "conv": ConvVAE}[config.arch](config)
 
 
-def parse_widths(text: str, flag: str) -> tuple[int, ...]:
-    """'512,256' -> (512, 256); raises ValueError naming the flag on bad input."""
+def parse_widths(text: str, name: str) -> tuple[int, ...]:
+    """'512,256' -> (512, 256); raises ValueError naming `name` (the caller's name for the text) on bad input."""
     try:
         widths = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise ValueError(f"{flag} takes comma-separated integers like 512,256; got {text!r}") from None
+        raise ValueError(f"{name} takes comma-separated integers like 512,256; got {text!r}") from None
     if not widths or any(w < 1 for w in widths):
-        raise ValueError(f"{flag} needs at least one positive width; got {text!r}")
+        raise ValueError(f"{name} needs at least one positive width; got {text!r}")
     return widths
 

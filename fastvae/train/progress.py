@@ -48,6 +48,11 @@ class TrainProgress:
             self.bar.console.log(f"epoch {row['epoch']}: train -ELBO {row['train_neg_elbo']:.2f}, "
                                  f"val -ELBO {row['val_neg_elbo']:.2f} nats, {row['samples_per_s']:.0f} samples/s")
 
+    def note(self, text: str) -> None:
+        """A line of its own above the bars (rank 0 only)."""
+        if self.enabled:
+            self.bar.console.print(text)
+
     @contextlib.contextmanager
     def evaluating(self, images: int) -> Iterator[Callable[[int], None]]:
         """A bar over the images that get the importance-sampled NLL; yields advance(n)."""

@@ -4,14 +4,18 @@ Everything random in a step is keyed so a resumed run continues bit for bit:
 batch order and dynamic binarization by (seed, epoch, rank), the fused op's noise
 by torch's default CPU generator (saved per rank in every checkpoint), and all
 evaluation noise by generators of its own that never touch the training stream.
+
+Each segment (an epoch, or its part up to --max-steps) ends with validation and a
+save: last.pt, then best.pt when validation improved, then metrics.jsonl (see
+checkpoint.py for why in that order). Nothing is saved from weights whose losses
+are not finite; training stops there instead, keeping the last good checkpoint.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,13 +23,26 @@ import torch
 from torch import Tensor, nn
 
 import fastvae
+from fastvae.backend import unavailable_reason
+from fastvae.errors import BackendUnavailableError
 from fastvae.train import checkpoint as ckpt
-from fastvae.train.data import Datasets, EpochBatches, derive_seed, load_datasets, prepare_targets
+from fastvae.train import plots
+from fastvae.train.data import Datasets, EpochBatches, derive_seed, load_datasets, prepare_targets, to_unit
 from fastvae.train.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object
 from fastvae.train.evaluate import evaluate_elbo, evaluate_test
 from fastvae.train.models import VAE, build_model
 from fastvae.train.progress import TrainProgress
 from fastvae.train.config import MODEL_FIELDS, TrainConfig, default_run_dir, pick_device
+from fastvae.train.run_folder import RunFolderError, RunFolderLock, remove_stale_temp_files, to_json, write_file
+
+# What a run writes into its folder besides pictures; a folder holding any of the first four holds a run.
+METRICS_FILE, TEST_METRICS_FILE, CONFIG_FILE = "metrics.jsonl", "test_metrics.json", "config.json"
+RUN_RESULTS = ("last.pt", "best.pt", METRICS_FILE, TEST_METRICS_FILE)
+EVAL_RESULTS_GLOB = "eval-*.json"  # what fastvae-eval writes beside a checkpoint
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights stopped being finite; the message names the step and what to try."""
 
 
 class ELBOObjective(nn.Module):
@@ -60,7 +77,10 @@ class Progress:
     batch: int = 0  # batches of that epoch already done
     step: int = 0  # optimizer steps in all
     best_val: float = math.inf
+    best_step: int = -1  # the step of the checkpoint in best.pt (-1: none yet)
     history: list[dict] = field(default_factory=list)
+    # Posterior means [n, 2] of the first test images after each completed epoch (2-D latent with pictures).
+    latent_frames: list[Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -105,30 +125,62 @@ def train_step(run: Run, x: Tensor) -> Tensor:
 
 
 def train_epoch(run: Run, progress: TrainProgress) -> tuple[dict, bool, bool]:
-    """Train the rest of epoch run.state.epoch; returns (train metrics, stopped by --max-steps, epoch done)."""
+    """Train the rest of epoch run.state.epoch; returns (train metrics, stopped by --max-steps, epoch done).
+
+    The loss sums are read on the host only every --log-every steps (and at the end), which is
+    also when they are checked for NaN and inf: a non-finite loss poisons the sums for good."""
     cfg, state = run.config, run.state
     batches = EpochBatches(run.data.train, cfg.batch_size, state.epoch, cfg.seed, cfg.binarize,
                            run.dist.rank, run.dist.world_size)
     progress.start_epoch(state.epoch, len(batches), state.batch)
     sums = torch.zeros(3, dtype=torch.float64, device=run.device)  # recon, kl, count
     started, stopped = time.perf_counter(), False
+    checked_step = state.step  # the sums were finite up to here
     for x in batches.batches(state.batch):
         stats = train_step(run, x.to(run.device, non_blocking=True))
         sums[:2] += stats.double()
         sums[2] += x.shape[0]
         state.batch += 1
         if state.step % cfg.log_every == 0 or state.batch == len(batches):
-            progress.update(state.batch, sums.tolist(), time.perf_counter() - started)
+            totals = sums.tolist()
+            stop_unless_finite(run, "training loss", totals[:2], checked_step)
+            checked_step = state.step
+            progress.update(state.batch, totals, time.perf_counter() - started)
         if cfg.max_steps and state.step >= cfg.max_steps:
             stopped = True
             break
     seconds = time.perf_counter() - started
     recon, kl, count = all_reduce_sum(sums, run.dist).tolist()
+    stop_unless_finite(run, "training loss", [recon, kl], checked_step)
     count = max(count, 1.0)
     metrics = {"train_neg_elbo": (recon + kl) / count, "train_recon": recon / count, "train_kl": kl / count,
                "kl_weight": kl_weight_at(cfg, state.step - 1), "samples_per_s": count / seconds,
                "train_seconds": seconds}
     return metrics, stopped, state.batch >= len(batches)
+
+
+def stop_unless_finite(run: Run, what: str, values: list[float], checked_step: int) -> None:
+    """Raise TrainingDiverged if any of `values` is NaN or inf; they were finite at `checked_step`.
+
+    Steps that fp16's GradScaler skips for inf gradients have finite losses and pass."""
+    if all(math.isfinite(value) for value in values):
+        return
+    state, cfg = run.state, run.config
+    first = checked_step + 1
+    when = f"at step {state.step}" if first >= state.step else f"between steps {first} and {state.step}"
+    last = ckpt.checkpoint_path(run.run_dir, ckpt.LAST)
+    if state.history:
+        kept = (f"{last} (step {state.history[-1]['step']}) is the last good checkpoint and is kept; continue "
+                f"from it with fastvae-train --resume {run.run_dir} --lr {cfg.lr / 10:g}")
+    else:
+        kept = f"no checkpoint was written yet; start again with a lower --lr (e.g. {cfg.lr / 10:g})"
+    tries = [f"a lower --lr (this run: {cfg.lr:g})"]
+    if run.amp_dtype == torch.float16:
+        tries.append("--amp-dtype bf16 (fp16 overflows where bf16 does not)")
+    if cfg.beta > 1:
+        tries.append(f"a smaller --beta (this run: {cfg.beta:g})")
+    raise TrainingDiverged(f"the {what} became non-finite ({', '.join(f'{v:g}' for v in values)}) {when}; "
+                           f"training stopped. Try {', or '.join(tries)}. {kept}")
 
 
 def checkpoint_state(run: Run) -> dict:
@@ -140,27 +192,26 @@ def checkpoint_state(run: Run) -> dict:
     else:
         gathered = [rng]
     s = run.state
-    return {"format_version": ckpt.FORMAT_VERSION, "config": run.config.to_dict(),
-            "model_config": run.model.config.to_dict(), "model": run.model.state_dict(),
-            "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(), "rng": gathered,
-            "epoch": s.epoch, "batch": s.batch, "step": s.step, "best_val": s.best_val, "history": s.history,
-            "world_size": run.dist.world_size}
+    return {"config": run.config.to_dict(), "model_config": run.model.config.to_dict(),
+            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict(), "rng": gathered, "epoch": s.epoch, "batch": s.batch,
+            "step": s.step, "best_val": s.best_val, "best_step": s.best_step, "history": s.history,
+            "latent_frames": s.latent_frames, "world_size": run.dist.world_size}
 
 
 def save_checkpoints(run: Run, improved: bool) -> None:
+    """last.pt, then best.pt when validation improved, then metrics.jsonl (rank 0 writes)."""
     state = checkpoint_state(run)
     if run.dist.is_main:
-        ckpt.save_atomic(state, ckpt.checkpoint_path(run.run_dir, "last"))
-        if improved:
-            ckpt.save_atomic(state, ckpt.checkpoint_path(run.run_dir, "best"))
+        last, best = (ckpt.checkpoint_path(run.run_dir, name) for name in (ckpt.LAST, ckpt.BEST))
+        ckpt.save_checkpoint(state, *((last, best) if improved else (last,)))
+        write_metrics(run)
     barrier(run.dist)
 
 
 def write_metrics(run: Run) -> None:
     """metrics.jsonl from the history (rewritten whole, so a resume never duplicates rows)."""
-    if run.dist.is_main:
-        lines = "".join(json.dumps(row) + "\n" for row in run.state.history)
-        (run.run_dir / "metrics.jsonl").write_text(lines)
+    write_file(run.run_dir / METRICS_FILE, "".join(to_json(row) + "\n" for row in run.state.history))
 
 
 def end_of_segment(run: Run, train_metrics: dict, started: float, val_split, epoch_done: bool) -> dict:
@@ -170,20 +221,34 @@ def end_of_segment(run: Run, train_metrics: dict, started: float, val_split, epo
     cfg, state = run.config, run.state
     val = evaluate_elbo(run.model, val_split, cfg.eval_batch_size, run.device, derive_seed("val", cfg.seed),
                         run.dist)
+    # The last look at the weights before they are saved: never checkpoint a model that gives NaN.
+    stop_unless_finite(run, "validation -ELBO", [val["neg_elbo"]], state.step - 1)
     row = {"epoch": state.epoch + 1, "epoch_complete": epoch_done, "step": state.step, **train_metrics,
            **{f"val_{key}": value for key, value in val.items()}, "seconds": time.perf_counter() - started}
     state.history.append(row)
     improved = val["neg_elbo"] < state.best_val
-    state.best_val = min(state.best_val, val["neg_elbo"])
+    if improved:
+        state.best_val, state.best_step = val["neg_elbo"], state.step
     if epoch_done:
         state.epoch, state.batch = state.epoch + 1, 0
-    write_metrics(run)
+        if run.dist.is_main and cfg.plots and run.model.config.latent_dim == 2:
+            images = to_unit(run.data.test.images[:plots.FRAME_POINTS])
+            state.latent_frames.append(plots.posterior_means(run.model, images))
     save_checkpoints(run, improved)
     return row
 
 
 def fit(run: Run, progress: TrainProgress) -> None:
+    """Train until --epochs or --max-steps; a run resumed there trains nothing and says so."""
     cfg, state = run.config, run.state
+    if cfg.max_steps and state.step >= cfg.max_steps:
+        progress.note(f"already at --max-steps {cfg.max_steps} (step {state.step}): nothing to train, "
+                      f"evaluating best.pt. Pass a larger --max-steps (or 0) to train on")
+        return
+    if state.epoch >= cfg.epochs:
+        progress.note(f"all {cfg.epochs} --epochs are trained: nothing to train, evaluating best.pt. Pass a "
+                      f"larger --epochs to train on")
+        return
     val_split = prepare_targets(run.data.val, cfg.binarize, "val")
     while state.epoch < cfg.epochs:
         started = time.perf_counter()
@@ -195,27 +260,93 @@ def fit(run: Run, progress: TrainProgress) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Building a run
+# The run folder
 # ---------------------------------------------------------------------------
-def make_run_dir(cfg: TrainConfig, dist: DistInfo) -> Path:
+def open_run_folder(cfg: TrainConfig, dist: DistInfo, resources: ExitStack) -> Path:
+    """The run folder, ready for this run; every rank returns once it is.
+
+    Rank 0 creates the folder, locks it until `resources` closes, removes the temporary files
+    of killed writers, and then: a new run refuses a folder that holds one (unless --overwrite,
+    which clears it); a run resumed in its own folder finishes any save a kill interrupted; a
+    run resumed into another folder starts that folder with copies of its last and best
+    checkpoints."""
     run_dir = Path(cfg.out) if cfg.out else default_run_dir()
     run_dir = Path(broadcast_object(str(run_dir), dist))
     if dist.is_main:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise ckpt.CheckpointError(f"cannot create run folder {run_dir}: {error}; pass another --out") from error
+            raise RunFolderError(f"cannot create run folder {run_dir}: {error.strerror or error}; "
+                                 f"pass another --out") from error
+        resources.enter_context(RunFolderLock(run_dir))
+        remove_stale_temp_files(run_dir)
+        _prepare_contents(cfg, run_dir)
     barrier(dist)
     return run_dir
 
 
-def build_run(cfg: TrainConfig, dist: DistInfo) -> Run:
+def _prepare_contents(cfg: TrainConfig, run_dir: Path) -> None:
+    last = ckpt.checkpoint_path(run_dir, ckpt.LAST)
+    source = ckpt.resolve_checkpoint(cfg.resume) if cfg.resume else None
+    if source is not None and source.resolve() == last.resolve():
+        if cfg.overwrite:
+            raise ValueError(f"--overwrite would delete {last}, the checkpoint --resume continues; drop "
+                             f"--overwrite to continue the run, or drop --resume to start it over")
+        ckpt.check_run_checkpoints(run_dir, repair=True)
+        return
+    if source is not None and source.parent.resolve() == run_dir.resolve():
+        raise ValueError(f"--resume {source} would continue from {source.name} inside its own run folder and "
+                         f"replace the run's later last.pt; pass --out NEW_FOLDER to branch a new run from it")
+    held = [name for name in RUN_RESULTS if (run_dir / name).exists()]
+    if held and not cfg.overwrite:
+        raise ValueError(f"run folder {run_dir} already holds a run ({', '.join(held)}). Continue it with "
+                         f"--resume {run_dir}, start it over with --overwrite (deleting its checkpoints, metrics "
+                         f"and pictures), or pass another --out")
+    if held:
+        _clear_run(run_dir)
+    if source is not None:
+        _branch_from(source, run_dir)
+
+
+def _clear_run(run_dir: Path) -> None:
+    """Delete what an earlier run wrote (and fastvae-eval beside it), nothing else."""
+    names = [*RUN_RESULTS, CONFIG_FILE, *plots.PICTURE_FILES]
+    for path in [run_dir / name for name in names] + sorted(run_dir.glob(EVAL_RESULTS_GLOB)):
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as error:
+            raise RunFolderError(f"--overwrite could not delete {path}: {error.strerror or error}") from error
+
+
+def _branch_from(source: Path, run_dir: Path) -> None:
+    """Start `run_dir` with the checkpoint `source` and the best checkpoint it names (beside it, or itself)."""
+    state = ckpt.load_checkpoint(source)
+    best_source = source
+    if state["best_step"] != state["step"]:
+        best_source = ckpt.checkpoint_path(source.parent, ckpt.BEST)
+        found = ckpt.load_checkpoint(best_source)["step"] if best_source.is_file() else None
+        if found != state["best_step"]:
+            held = "nothing" if found is None else f"step {found}"
+            raise ckpt.CheckpointError(f"{source} names step {state['best_step']} as its best checkpoint, but "
+                                       f"{best_source} holds {held}; resume from a run folder whose best.pt "
+                                       f"belongs to its last.pt")
+    write_file(ckpt.checkpoint_path(run_dir, ckpt.LAST), source.read_bytes())
+    write_file(ckpt.checkpoint_path(run_dir, ckpt.BEST), best_source.read_bytes())
+
+
+# ---------------------------------------------------------------------------
+# Building a run
+# ---------------------------------------------------------------------------
+def build_run(cfg: TrainConfig, dist: DistInfo, resources: ExitStack) -> Run:
     device = pick_device(cfg.device)
     if device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     amp_dtype = cfg.amp_dtype_for(device)
-    resume_state = _load_resume(cfg, dist)
-    data = load_datasets(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.seed)
+    if cfg.backend != "auto" and (reason := unavailable_reason(cfg.backend, device)) is not None:
+        raise BackendUnavailableError(f"--backend {cfg.backend} cannot run on {device}: {reason}")
+    data = _load_data(cfg)
+    run_dir = open_run_folder(cfg, dist, resources)
+    resume_state = _load_resume(cfg, dist, run_dir)
     if cfg.binarize != "dynamic":
         data.train = prepare_targets(data.train, cfg.binarize, "train")
     torch.manual_seed(derive_seed("torch", cfg.seed, dist.rank))
@@ -227,21 +358,35 @@ def build_run(cfg: TrainConfig, dist: DistInfo) -> Run:
     step_fn = torch.compile(objective) if cfg.compile else objective
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    cfg.out = str(make_run_dir(cfg, dist))
-    run = Run(cfg, data, model, step_fn, optimizer, scaler, device, amp_dtype, dist, Path(cfg.out), Progress())
+    cfg.out = str(run_dir)
+    run = Run(cfg, data, model, step_fn, optimizer, scaler, device, amp_dtype, dist, run_dir, Progress())
     if resume_state is not None:
         _restore(run, resume_state)
     return run
 
 
-def _load_resume(cfg: TrainConfig, dist: DistInfo) -> dict | None:
+def _load_data(cfg: TrainConfig) -> Datasets:
+    try:
+        return load_datasets(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.seed)
+    except ValueError as error:  # load_datasets raises ValueError for val_size only
+        raise ValueError(f"--val-size {cfg.val_size} leaves no training images: {error}; pass a smaller "
+                         f"--val-size") from error
+
+
+def _load_resume(cfg: TrainConfig, dist: DistInfo, run_dir: Path) -> dict | None:
+    """The state to continue from: the run folder's last.pt, which open_run_folder checked (or copied)."""
     if not cfg.resume:
         return None
-    path = ckpt.resolve_checkpoint(cfg.resume)
+    path = ckpt.checkpoint_path(run_dir, ckpt.LAST)
     state = ckpt.load_checkpoint(path)
     saved = {key: state["config"].get(key) for key in MODEL_FIELDS}
     wanted = {key: getattr(cfg, key) for key in MODEL_FIELDS}
-    ckpt.check_same_model(saved, wanted, path)
+    diffs = [f"{key}: checkpoint {saved[key]!r}, this run {wanted[key]!r}" for key in MODEL_FIELDS
+             if saved[key] != wanted[key]]
+    if diffs:
+        raise ckpt.CheckpointError(f"checkpoint {path} was trained with another model config "
+                                   f"({'; '.join(diffs)}). Drop the conflicting flags to use the checkpoint's "
+                                   f"values, or start a new run with another --out")
     if state["world_size"] != dist.world_size:
         raise ckpt.CheckpointError(f"{path} was written by {state['world_size']} processes and this run has "
                                    f"{dist.world_size}; resume with the same count (torchrun --nproc-per-node "
@@ -255,19 +400,27 @@ def _restore(run: Run, state: dict) -> None:
         run.optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as error:
         raise ckpt.CheckpointError(f"checkpoint {run.config.resume} does not fit this model: {error}") from error
+    # The optimizer state brings the saved learning rate; a --lr given on resume wins over it.
+    for group in run.optimizer.param_groups:
+        group["lr"] = run.config.lr
     run.scaler.load_state_dict(state["scaler"])
     ckpt.restore_rng(state["rng"][run.dist.rank])
-    run.state = Progress(epoch=state["epoch"], batch=state["batch"], step=state["step"],
-                         best_val=state["best_val"], history=list(state["history"]))
+    run.state = Progress(epoch=state["epoch"], batch=state["batch"], step=state["step"], best_val=state["best_val"],
+                         best_step=state["best_step"], history=list(state["history"]),
+                         latent_frames=list(state["latent_frames"]))
 
 
 def final_evaluation(run: Run, progress: TrainProgress) -> tuple[dict, VAE]:
     """Test numbers of the best checkpoint (by validation -ELBO), saved as test_metrics.json;
     returns them and the best model."""
     cfg = run.config
-    best = ckpt.load_checkpoint(ckpt.checkpoint_path(run.run_dir, "best"), map_location=run.device)
-    model = build_model(run.model.config).to(run.device)
-    model.load_state_dict(best["model"])
+    path = ckpt.checkpoint_path(run.run_dir, ckpt.BEST)
+    best = ckpt.load_checkpoint(path)
+    if best["step"] != run.state.best_step:
+        raise ckpt.CheckpointError(f"{path} holds step {best['step']}, but this run's best checkpoint is step "
+                                   f"{run.state.best_step}: best.pt was replaced while the run was going. "
+                                   f"Use last.pt, or train again")
+    model = ckpt.model_from_checkpoint(best, path).to(run.device)
     test = prepare_targets(run.data.test, cfg.binarize, "test")
     nll_examples = cfg.iw_examples if 0 < cfg.iw_examples < len(test) else len(test)
     with progress.evaluating(nll_examples if cfg.iw_samples else 0) as advance:
@@ -275,20 +428,24 @@ def final_evaluation(run: Run, progress: TrainProgress) -> tuple[dict, VAE]:
                                iw_batch_size=cfg.iw_batch_size, batch_size=cfg.eval_batch_size,
                                device=run.device, seed=derive_seed("test", cfg.seed), dist_info=run.dist,
                                progress=advance)
-    result["checkpoint"] = "best.pt"
-    result["best_epoch"] = best["history"][-1]["epoch"] if best["history"] else 0
+    result.update({"checkpoint": path.name, "checkpoint_sha256": best["sha256"], "best_step": best["step"],
+                   "best_epoch": best["history"][-1]["epoch"]})
     if run.dist.is_main:
-        (run.run_dir / "test_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_file(run.run_dir / TEST_METRICS_FILE, to_json(result, indent=2) + "\n")
     return result, model
 
 
-def prepare(cfg: TrainConfig, dist: DistInfo) -> Run:
-    """Validate flags, build the run, and write config.json (rank 0)."""
-    cfg.validate()
-    run = build_run(cfg, dist)
+def prepare(cfg: TrainConfig, dist: DistInfo, resources: ExitStack) -> Run:
+    """Build the run and (rank 0) write config.json, and metrics.jsonl of a resumed run.
+
+    resources: closed when the run ends; it holds the run folder's lock."""
+    run = build_run(cfg, dist, resources)
     if dist.is_main:
         info = {**cfg.to_dict(), "model_config": run.model.config.to_dict(), "data_folder": str(run.data.folder),
                 "world_size": dist.world_size, "device": str(run.device), "torch": torch.__version__,
                 "fastvae": fastvae.__version__}
-        (run.run_dir / "config.json").write_text(json.dumps(info, indent=2) + "\n")
+        write_file(run.run_dir / CONFIG_FILE, to_json(info, indent=2) + "\n")
+        # A kill between last.pt and metrics.jsonl leaves the rows one save behind; last.pt decides.
+        if run.state.history:
+            write_metrics(run)
     return run
