@@ -92,3 +92,33 @@ def test_triton_on_the_gpu_matches_the_reference(dtype):
     tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
     for got, want in zip(results["triton"], results["torch"]):
         torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+def _tiny_run_args(tmp_path, *extra):
+    from app_helpers import tiny_args, tiny_dataset
+
+    return tiny_args(tiny_dataset(tmp_path / "data"), tmp_path / "run", "--device", "cuda", "--epochs", "1", *extra)
+
+
+def test_fp16_autocast_with_a_grad_scaler_trains(tmp_path):
+    from fastvae.train.cli import run_training
+
+    test = run_training(_tiny_run_args(tmp_path, "--amp", "--amp-dtype", "fp16"))
+    assert all(value == value for key, value in test.items() if key.startswith("test_") and isinstance(value, float))
+
+
+def test_one_process_nccl_ddp_run(tmp_path):
+    """torchrun with one process takes the process group and DDP path, NCCL on the GPU."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    args = _tiny_run_args(tmp_path)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
+                           "-m", "fastvae.train", *args], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["distributed_backend"] == "nccl" and config["world_size"] == 1
+    assert (tmp_path / "run" / "test_metrics.json").is_file()

@@ -314,3 +314,20 @@ def test_eval_rows_are_per_datapoint():
     model = build_model(VAEConfig(image_shape=(1, SIDE, SIDE), latent_dim=2, hidden_dims=(8,)))
     recon, kl = elbo_rows(model, torch.rand(3, 1, SIDE, SIDE).round(), torch.Generator().manual_seed(0))
     assert recon.shape == kl.shape == (3,) and (recon > 0).all() and (kl >= 0).all()
+
+
+def test_torchrun_with_one_process_takes_the_process_group_path(dataset, tmp_path):
+    """torchrun --nproc-per-node 1 joins a process group and trains through DDP (gloo here, NCCL on
+    a GPU: tests/test_cuda.py), the path several processes take."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "one"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "-m",
+                           "fastvae.train", *tiny_args(dataset, out, "--epochs", "1", "--device", "cpu")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["distributed_backend"] == "gloo" and config["world_size"] == 1
+    assert final_state(out)["world_size"] == 1

@@ -1,7 +1,10 @@
 """torchrun support: one process per device, DDP, metric reduction, rank-0-only output.
 
 Under `torchrun` the environment carries RANK, WORLD_SIZE and LOCAL_RANK; a plain
-`fastvae-train` has none of them and runs as the single rank 0.
+`fastvae-train` has none of them and runs as the single rank 0, without a process group.
+Under torchrun the run always joins the process group and wraps the model in DDP, one
+process included: `torchrun --nproc-per-node 1` then exercises the same path (NCCL on a GPU)
+that several processes take.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    backend: str | None = None  # the process group's (nccl, gloo), None without torchrun
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.backend is not None
 
     @property
     def is_main(self) -> bool:
@@ -38,9 +42,10 @@ def setup(device_type: str) -> DistInfo:
     """Join the process group torchrun prepared (NCCL for CUDA, gloo for CPU); no-op otherwise."""
     if not launched_by_torchrun():
         return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
-    if info.world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)),
+                    backend)
+    if not dist.is_initialized():
         if device_type == "cuda":
             torch.cuda.set_device(info.local_rank)
         # DDP imports torch.distributed.nn.functional on first use, and its functions take

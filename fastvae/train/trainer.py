@@ -442,8 +442,8 @@ def prepare(cfg: TrainConfig, dist: DistInfo, resources: ExitStack) -> Run:
     run = build_run(cfg, dist, resources)
     if dist.is_main:
         info = {**cfg.to_dict(), "model_config": run.model.config.to_dict(), "data_folder": str(run.data.folder),
-                "world_size": dist.world_size, "device": str(run.device), "torch": torch.__version__,
-                "fastvae": fastvae.__version__}
+                "world_size": dist.world_size, "distributed_backend": dist.backend, "device": str(run.device),
+                "torch": torch.__version__, "fastvae": fastvae.__version__}
         write_file(run.run_dir / CONFIG_FILE, to_json(info, indent=2) + "\n")
         # A kill between last.pt and metrics.jsonl leaves the rows one save behind; last.pt decides.
         if run.state.history:
