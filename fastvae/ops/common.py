@@ -66,6 +66,14 @@ def likelihood_storage(param: torch.dtype, target: torch.dtype) -> tuple[torch.d
     return param, target if target in (param, torch.float32) else torch.float32
 
 
+def likelihood_inputs(params: Sequence[Tensor | None], target: Tensor) -> tuple[list[Tensor | None], Tensor]:
+    """A likelihood kernel's inputs as it reads them: the params (a decoder's outputs, e.g. mean and
+    log-variance; None passes through) in their one storage dtype (storage_dtype), the target
+    in the dtype likelihood_storage pairs with it. No copy when the dtypes already fit."""
+    param_dtype, target_dtype = likelihood_storage(storage_dtype(*params), target.dtype)
+    return [None if p is None else p.to(param_dtype) for p in params], target.to(target_dtype)
+
+
 def tile_rows(t: Tensor, rows: int) -> Tensor:
     """t [T, N] -> [rows, N] with row r = t[r % T] (T divides rows): a row-periodic target as
     the likelihood kernels read it (e.g. the data [B, D] against K samples' logits [K * B, D])."""

@@ -3,7 +3,7 @@
 log p = x*l - softplus(l) = -(max(l, 0) - l*x + log1p(exp(-|l|)));  dlogp/dl = x - sigmoid(l).
 Only exp(-|l|) <= 1 is ever formed, so logits of any size stay finite. A target outside
 [0, 1] makes its element NaN, value and gradient (see reference.py).
-Logits and target are read in the dtypes of common.likelihood_storage (bf16 logits from an AMP
+Logits and target are read in the dtypes of common.likelihood_inputs (bf16 logits from an AMP
 decoder against fp32 data without a copy; the compiled variants stay few, see specializations()).
 """
 
@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastvae.ops.common import LIKELIHOOD_DTYPE_PAIRS, likelihood_storage, loss_dtype
+from fastvae.ops.common import LIKELIHOOD_DTYPE_PAIRS, likelihood_inputs, loss_dtype
 from fastvae.ops.triton_helpers import LAUNCH_OPTIONS, Specialization, compute_dtype, log1p_small, tile, tiles
 
 
@@ -59,8 +59,7 @@ def bernoulli_forward(logits: torch.Tensor, target: torch.Tensor, elementwise: b
                       weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits, target [B, D] -> log p ([B, D] or [B]), weight * dlogp/dlogits | None."""
     B, D = logits.shape
-    logits_dtype, target_dtype = likelihood_storage(logits.dtype, target.dtype)
-    l, x = logits.to(logits_dtype), target.to(target_dtype)
+    (l,), x = likelihood_inputs((logits,), target)
     compute = loss_dtype(l)
     logp = torch.empty((B, D) if elementwise else (B,), dtype=compute, device=logits.device)
     dlogits = torch.empty((B, D), dtype=l.dtype, device=logits.device) if compute_grad else None
