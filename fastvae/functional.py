@@ -12,12 +12,14 @@ from torch import Tensor
 
 from fastvae import validation as check
 from fastvae.ops.bernoulli.op import bernoulli_log_likelihood_fused
+from fastvae.ops.continuous_bernoulli.op import continuous_bernoulli_log_likelihood_fused
 from fastvae.ops.gaussian.op import gaussian_kl_fused, reparameterize_kl_fused
+from fastvae.ops.gaussian_likelihood.op import gaussian_log_likelihood_fused
 from fastvae.ops.noise import draw_seed
 
 
-def _needs_grad(*tensors: Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _reduction_weight(reduction: str, rows: Tensor, elements: int) -> float:
@@ -108,6 +110,37 @@ def gaussian_kl(mu: Tensor, logvar: Tensor, reduction: str = "batchmean") -> Ten
     return kl if elementwise else _reduce_rows(kl, reduction, mu.numel())
 
 
+# The fused ops of the likelihoods from logits against a target in [0, 1], by name.
+_LOGITS_LIKELIHOODS = {"bernoulli": bernoulli_log_likelihood_fused,
+                       "continuous_bernoulli": continuous_bernoulli_log_likelihood_fused}
+
+
+def _log_likelihood(likelihood: str, output: Tensor, target: Tensor, decoder_logvar: Tensor | None,
+                    elementwise: bool, weight: float | None, target_name: str = "target") -> Tensor:
+    """log p(target | output) of `likelihood` (validation.LIKELIHOODS), per element or per datapoint
+    [B] for a loss that adds `weight` * their sum (its kernel writes the gradient so scaled).
+
+    A target outside [0, 1] of a likelihood from logits is a ValueError naming target_name where
+    that can be checked for free (validation.check_unit_interval), NaN elsewhere."""
+    if likelihood == "gaussian":
+        return gaussian_log_likelihood_fused(output, target, decoder_logvar, elementwise,
+                                             _needs_grad(output, decoder_logvar), weight)[0]
+    result = _LOGITS_LIKELIHOODS[likelihood](output, target, elementwise, _needs_grad(output), weight)[0]
+    check.check_unit_interval(target_name, result, target)
+    return result
+
+
+def _reduced_log_likelihood(likelihood: str, output: Tensor, target: Tensor, decoder_logvar: Tensor | None,
+                            reduction: str, target_name: str = "target") -> Tensor:
+    """_log_likelihood per element for "none", else the per-datapoint rows reduced; their kernel is
+    told the reduction's weight, so that backward can hand its gradient over."""
+    if reduction == "none":
+        return _log_likelihood(likelihood, output, target, decoder_logvar, True, None, target_name)
+    weight = _reduction_weight(reduction, output, output.numel())
+    rows = _log_likelihood(likelihood, output, target, decoder_logvar, False, weight, target_name)
+    return _reduce_rows(rows, reduction, output.numel())
+
+
 def bernoulli_log_likelihood(logits: Tensor, target: Tensor, reduction: str = "batchmean") -> Tensor:
     """log p(target | logits) = target * logits - softplus(logits) <= 0, stable for any logits.
 
@@ -127,15 +160,65 @@ def bernoulli_log_likelihood(logits: Tensor, target: Tensor, reduction: str = "b
     """
     check.check_pair("logits", logits, "target", target)
     check.check_reduction(reduction)
-    needs_grad = _needs_grad(logits)
-    if reduction == "none":
-        result = bernoulli_log_likelihood_fused(logits, target, True, needs_grad, None)[0]
-        check.check_unit_interval("target", result, target)
-        return result
-    weight = _reduction_weight(reduction, logits, logits.numel())
-    rows = bernoulli_log_likelihood_fused(logits, target, False, needs_grad, weight)[0]
-    check.check_unit_interval("target", rows, target)
-    return _reduce_rows(rows, reduction, logits.numel())
+    return _reduced_log_likelihood("bernoulli", logits, target, None, reduction)
+
+
+def continuous_bernoulli_log_likelihood(logits: Tensor, x: Tensor, *, reduction: str = "batchmean") -> Tensor:
+    """log p(x | logits) of the continuous Bernoulli (Loaiza-Ganem & Cunningham, 2019), a density on [0, 1]:
+    x * logits - softplus(logits) + log C(logits), C(l) = l / tanh(l / 2) (2 at l = 0).
+
+    Accurate for every finite logit: a series near 0 (where the closed form is 0/0) and
+    closed forms without overflow for large |logits| (torch.distributions.ContinuousBernoulli
+    is off by about 1% at |logits| = 30 to 80).
+
+    Args:
+        logits: [B, ...] the decoder's output.
+        x: [B, ...] the data in [0, 1] (grey levels: the density's support). Values outside are a
+            ValueError on CPU tensors (see fastvae.set_validate_args) and NaN elsewhere.
+        reduction: "none" (elementwise, logits' shape), "sum", "mean" (over all elements) or
+            "batchmean" (sum / B, the default).
+
+    Returns:
+        log p in float32 (float64 for float64 inputs): logits' shape, or a scalar. A density:
+        it may be positive.
+
+    Example:
+        >>> logp = fastvae.continuous_bernoulli_log_likelihood(decoder(z), x)   # x in [0, 1]
+        >>> loss = -logp + fastvae.gaussian_kl(mu, logvar)
+    """
+    check.check_pair("logits", logits, "x", x)
+    check.check_reduction(reduction)
+    return _reduced_log_likelihood("continuous_bernoulli", logits, x, None, reduction, target_name="x")
+
+
+def gaussian_log_likelihood(mean: Tensor, x: Tensor, logvar: Tensor | None = None, *,
+                            reduction: str = "batchmean") -> Tensor:
+    """log N(x; mean, exp(logvar)) = -0.5 * ((x - mean)^2 * exp(-logvar) + logvar + log 2pi) per element.
+
+    Args:
+        mean: [B, ...] the decoder's mean.
+        x: [B, ...] the data, any real values.
+        logvar: the log-variance: None for unit variance; [B, ...] (a decoder output); or any
+            shape that broadcasts to x's, such as a learned scalar [] or per-feature [D] or
+            [1, C, 1, 1] parameter, whose gradient is summed over the broadcast dims (in
+            float32) and which is never expanded to [B, ...].
+        reduction: "none" (elementwise, mean's shape), "sum", "mean" (over all elements) or
+            "batchmean" (sum / B, the default).
+
+    Returns:
+        log p in float32 (float64 for float64 inputs): mean's shape, or a scalar. A density:
+        it may be positive.
+
+    Example:
+        >>> mean, logvar = decoder(z).chunk(2, dim=1)                     # [B, D] each
+        >>> logp = fastvae.gaussian_log_likelihood(mean, x, logvar)       # mean over the batch
+        >>> logp = fastvae.gaussian_log_likelihood(mean, x, log_sigma2)   # a learned [] or [D]
+    """
+    check.check_pair("mean", mean, "x", x)
+    check.check_reduction(reduction)
+    if logvar is not None:
+        check.check_broadcastable("logvar", logvar, "x", x)
+    return _reduced_log_likelihood("gaussian", mean, x, logvar, reduction)
 
 
 def _check_posterior(logits: Tensor, mu: Tensor, logvar: Tensor) -> None:
@@ -154,9 +237,7 @@ def _check_kl_rows(kl: Tensor, logits: Tensor) -> None:
 
 def _log_likelihood_rows(logits: Tensor, target: Tensor, weight: float | None) -> Tensor:
     """log p(x | logits) per datapoint [B], for a loss that adds `weight` * their sum."""
-    rows = bernoulli_log_likelihood_fused(logits, target, False, _needs_grad(logits), weight)[0]
-    check.check_unit_interval("target", rows, target)
-    return rows
+    return _log_likelihood("bernoulli", logits, target, None, False, weight)
 
 
 def elbo_terms(logits: Tensor, target: Tensor, mu: Tensor, logvar: Tensor) -> tuple[Tensor, Tensor]:

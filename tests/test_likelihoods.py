@@ -1,0 +1,154 @@
+"""The continuous Bernoulli and Gaussian likelihood families beyond the op suite (test_ops.py runs their
+specs on every backend, dtype, shape and reduction): row-periodic targets at the kernel level,
+the storage dtype pairs, log-variance shapes and their gradients' dtype, strided decoder outputs,
+thread-count independence, and elbo_loss's hand-over of their gradients. Everything against a
+float64 oracle on fresh random inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastvae
+from fastvae.ops import library
+from fastvae.ops.continuous_bernoulli.spec import oracle_log_prob as oracle_cb
+from fastvae.ops.gaussian_likelihood.spec import oracle_log_prob as oracle_gaussian
+from fastvae.ops.registry import family
+from helpers import BACKENDS, DEVICE, assert_close_to, leaf
+
+SAMPLES, BATCH, DATA = 3, 4, 37  # K samples' decoder outputs [K * B, D] against data [B, D]
+WEIGHT = -0.37  # what a loss weights the rows' sum by: the kernels write weight * dlogp
+
+
+def _kernel(family_name: str, backend: str):
+    name = {"continuous_bernoulli": "continuous_bernoulli_forward",
+            "gaussian_likelihood": "gaussian_likelihood_forward"}[family_name]
+    return getattr(family(family_name).module(backend), name)
+
+
+def _oracle_rows_and_grads(log_prob, inputs, elementwise):
+    """The oracle's log p ([N, D] or [N]) and weight * dlogp/d(each input), from float64 leaves."""
+    leaves = [leaf(t.double()) for t in inputs]
+    logp = log_prob(*leaves)
+    grads = torch.autograd.grad(logp.sum() * WEIGHT, leaves)
+    return (logp if elementwise else logp.sum(dim=1)), grads
+
+
+@pytest.mark.parametrize("elementwise", [False, True], ids=["rows", "elementwise"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_continuous_bernoulli_scores_a_row_periodic_target(backend, elementwise):
+    """logits [K * B, D] against a target [B, D]: row r is scored against target row r % B, as
+    against the target repeated K times."""
+    logits = 3 * torch.randn(SAMPLES * BATCH, DATA, device=DEVICE)
+    target = torch.rand(BATCH, DATA, device=DEVICE)
+    logp, grad = _kernel("continuous_bernoulli", backend)(logits, target, elementwise, True, WEIGHT)
+    expected, (expected_grad, _) = _oracle_rows_and_grads(oracle_cb, (logits, target.repeat(SAMPLES, 1)),
+                                                          elementwise)
+    assert_close_to(logp, expected, "logp")
+    assert_close_to(grad, expected_grad, "grad_logits")
+
+
+@pytest.mark.parametrize("logvar_rows", [BATCH, 1], ids=["logvar-per-datapoint", "logvar-shared"])
+@pytest.mark.parametrize("elementwise", [False, True], ids=["rows", "elementwise"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gaussian_scores_a_row_periodic_target_and_logvar(backend, elementwise, logvar_rows):
+    """mean [K * B, D] against x [B, D] and a log-variance of B rows or one: mean row r reads row
+    r % B of x and r % R of the log-variance; the kernel's dlogp/dlogvar is per element [K * B, D]."""
+    mean = torch.randn(SAMPLES * BATCH, DATA, device=DEVICE)
+    x = 1.5 * torch.randn(BATCH, DATA, device=DEVICE)
+    logvar = torch.randn(logvar_rows, DATA, device=DEVICE)
+    logp, dmean, dlogvar = _kernel("gaussian_likelihood", backend)(mean, x, logvar, elementwise, True, WEIGHT)
+    rows = SAMPLES * BATCH
+    expanded = (mean, x.repeat(SAMPLES, 1), logvar.repeat(rows // logvar_rows, 1))
+    expected, (expected_dmean, _, expected_dlogvar) = _oracle_rows_and_grads(oracle_gaussian, expanded, elementwise)
+    assert_close_to(logp, expected, "logp")
+    assert_close_to(dmean, expected_dmean, "grad_mean")
+    assert_close_to(dlogvar, expected_dlogvar, "grad_logvar")
+
+
+def _likelihood_calls(backend, first, second):
+    """Each family's kernel on params of dtype `first` and a target of dtype `second`, with its
+    float64 oracle: [(name, outputs, expected outputs)]."""
+    logits = (3 * torch.randn(5, 67, device=DEVICE)).to(first)
+    unit = torch.rand(5, 67, device=DEVICE).to(second)
+    mean, logvar = torch.randn(5, 67, device=DEVICE).to(first), torch.randn(5, 67, device=DEVICE).to(first)
+    x = torch.randn(5, 67, device=DEVICE).to(second)
+    cb = _kernel("continuous_bernoulli", backend)(logits, unit, False, True, WEIGHT)
+    gaussian = _kernel("gaussian_likelihood", backend)(mean, x, logvar, False, True, WEIGHT)
+    cb_rows, cb_grads = _oracle_rows_and_grads(oracle_cb, (logits, unit), False)
+    g_rows, (g_dmean, _, g_dlogvar) = _oracle_rows_and_grads(oracle_gaussian, (mean, x, logvar), False)
+    return [("continuous_bernoulli", cb, (cb_rows, cb_grads[0])),
+            ("gaussian", gaussian, (g_rows, g_dmean, g_dlogvar))]
+
+
+PAIRS = [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.bfloat16, torch.float32),
+         (torch.float32, torch.float16), (torch.float16, torch.bfloat16), (torch.float32, torch.float64)]
+
+
+@pytest.mark.parametrize("first, second", PAIRS, ids=[f"{a}-{b}".replace("torch.", "") for a, b in PAIRS])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_any_pair_of_storage_dtypes_is_read(backend, first, second):
+    """The kernels read the pairs of common.LIKELIHOOD_DTYPE_PAIRS as they are and convert the
+    others; log p comes back in the compute dtype, each gradient in its input's dtype."""
+    compute = torch.float64 if torch.float64 in (first, second) else torch.float32
+    for name, outputs, expected in _likelihood_calls(backend, first, second):
+        assert outputs[0].dtype == compute, f"{name}: log p is {outputs[0].dtype}"
+        for i, (out, want) in enumerate(zip(outputs, expected)):
+            if i:
+                assert out.dtype == first, f"{name}: gradient {i} is {out.dtype}, not the param's {first}"
+            assert_close_to(out, want, f"{name} output {i}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_shared_log_variance_gradient_sums_unrounded_values(backend):
+    """A per-feature float16 log-variance under "mean": each element's share of its gradient is
+    about 1e-7, below float16's normal range, so the kernel writes it in float32 and the sum
+    over the batch is rounded to float16 once."""
+    mean, x = leaf(torch.randn(64, 512, device=DEVICE).half()), torch.randn(64, 512, device=DEVICE)
+    logvar = leaf(torch.randn(512, device=DEVICE).half())
+    kernel_logvar_grad = _kernel("gaussian_likelihood", backend)(mean.detach(), x, logvar.detach().reshape(1, -1),
+                                                                 False, True, 1e-5)[2]
+    assert kernel_logvar_grad.dtype == torch.float32
+    with fastvae.use_backend(backend):
+        fastvae.gaussian_log_likelihood(mean, x, logvar, reduction="mean").backward()
+    mean64, logvar64 = leaf(mean.detach().double()), leaf(logvar.detach().double())
+    oracle_gaussian(mean64, x.double(), logvar64).mean().backward()
+    assert logvar.grad.dtype == torch.float16
+    assert_close_to(logvar.grad, logvar64.grad, "grad_logvar")
+    assert_close_to(mean.grad, mean64.grad, "grad_mean")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gaussian_of_strided_decoder_halves(backend):
+    """mean, logvar = decoder(z).chunk(2, dim=1): strided rows, read without a copy."""
+    h = leaf(torch.randn(6, 2 * 29, device=DEVICE))
+    mean, logvar = h.chunk(2, dim=1)
+    x = torch.randn(6, 29, device=DEVICE)
+    with fastvae.use_backend(backend):
+        fastvae.gaussian_log_likelihood(mean, x, logvar, reduction="sum").backward()
+    h64 = leaf(h.detach().double())
+    oracle_gaussian(*h64.chunk(2, dim=1)[:1], x.double(), h64.chunk(2, dim=1)[1]).sum().backward()
+    assert_close_to(h.grad, h64.grad, "grad_h")
+
+
+@pytest.mark.skipif(library.load_error() is not None, reason=f"native library not built: {library.load_error()}")
+def test_native_results_do_not_depend_on_the_thread_count():
+    shape = (257, 401)  # large enough to run in parallel
+    logits, unit = 3 * torch.randn(shape), torch.rand(shape[0] // 257, shape[1])
+    mean, x, logvar = torch.randn(shape), torch.randn(shape), torch.randn(1, shape[1])
+
+    def run_all():
+        return (*_kernel("continuous_bernoulli", "native")(logits, unit, False, True, WEIGHT),
+                *_kernel("gaussian_likelihood", "native")(mean, x, logvar, False, True, WEIGHT),
+                *_kernel("gaussian_likelihood", "native")(mean, x, None, True, True, WEIGHT)[:2])
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run_all()
+        torch.set_num_threads(2)
+        double = run_all()
+    finally:
+        torch.set_num_threads(before)
+    for index, (a, b) in enumerate(zip(single, double)):
+        assert torch.equal(a, b), f"output {index} differs between 1 and 2 threads"
