@@ -235,32 +235,39 @@ def _check_kl_rows(kl: Tensor, logits: Tensor) -> None:
                          f"returns it), got {list(kl.shape)}")
 
 
-def _log_likelihood_rows(logits: Tensor, target: Tensor, weight: float | None) -> Tensor:
-    """log p(x | logits) per datapoint [B], for a loss that adds `weight` * their sum."""
-    return _log_likelihood("bernoulli", logits, target, None, False, weight)
+def _check_decoder(logits: Tensor, target: Tensor, likelihood: str, decoder_logvar: Tensor | None) -> None:
+    check.check_pair("logits", logits, "target", target)
+    check.check_likelihood(likelihood, decoder_logvar)
+    if decoder_logvar is not None:
+        check.check_broadcastable("decoder_logvar", decoder_logvar, "target", target)
 
 
-def elbo_terms(logits: Tensor, target: Tensor, mu: Tensor, logvar: Tensor) -> tuple[Tensor, Tensor]:
-    """The two terms of the negative ELBO per datapoint: -log p(x|z) [B] and KL [B], float32.
+def elbo_terms(logits: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, *, likelihood: str = "bernoulli",
+               decoder_logvar: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The two terms of the negative ELBO per datapoint: -log p(x|z) [B] and KL [B], float32;
+    the arguments of elbo_loss.
 
     Example:
         >>> recon, kl = fastvae.elbo_terms(decoder(z), x, mu, logvar)
         >>> print(f"recon {recon.mean():.1f} nats, KL {kl.mean():.1f} nats")
     """
-    check.check_pair("logits", logits, "target", target)
+    _check_decoder(logits, target, likelihood, decoder_logvar)
     _check_posterior(logits, mu, logvar)
-    logp = _log_likelihood_rows(logits, target, None)
+    logp = _log_likelihood(likelihood, logits, target, decoder_logvar, False, None)
     kl, _, _ = gaussian_kl_fused(mu, logvar, False, _needs_grad(mu, logvar))
     return -logp, kl
 
 
 def elbo_loss(logits: Tensor, target: Tensor, mu: Tensor | None = None, logvar: Tensor | None = None, *,
-              kl: Tensor | None = None, beta: float | Tensor = 1.0, reduction: str = "batchmean") -> Tensor:
+              kl: Tensor | None = None, beta: float | Tensor = 1.0, reduction: str = "batchmean",
+              likelihood: str = "bernoulli", decoder_logvar: Tensor | None = None) -> Tensor:
     """The negative ELBO, -log p(x|z) + beta * KL(q(z|x) || N(0, I)), per datapoint then reduced.
 
     Args:
-        logits: [B, ...] Bernoulli logits of p(x|z), the decoder's output on z ~ q(z|x).
-        target: [B, ...] the data x, in [0, 1].
+        logits: [B, ...] the decoder's output on z ~ q(z|x): the logits of p(x|z), or its mean
+            for likelihood="gaussian".
+        target: [B, ...] the data x: in [0, 1] for the likelihoods from logits, any real values
+            for the Gaussian.
         mu, logvar: [B, L] the encoder's q(z|x), same B; or instead
         kl: [B] the per-datapoint KL that reparameterize_kl returned with z, so that it is
             not computed a second time.
@@ -268,6 +275,11 @@ def elbo_loss(logits: Tensor, target: Tensor, mu: Tensor | None = None, logvar: 
             (which avoids recompiles under torch.compile when it changes).
         reduction: "none" (per datapoint, [B]), "sum", "mean" or "batchmean" (both: the mean
             over datapoints, the default).
+        likelihood: p(x|z): "bernoulli" (the default), "continuous_bernoulli" (both from
+            logits) or "gaussian" (a mean, see gaussian_log_likelihood).
+        decoder_logvar: the Gaussian's log-variance, [B, ...] or anything that broadcasts to
+            target's shape (a learned scalar or per-feature parameter); None: unit variance.
+            Only with likelihood="gaussian".
 
     Returns:
         The loss in float32 (float64 for float64 inputs): a scalar, or [B].
@@ -275,10 +287,10 @@ def elbo_loss(logits: Tensor, target: Tensor, mu: Tensor | None = None, logvar: 
     Example:
         >>> z, kl = fastvae.reparameterize_kl(mu, logvar)
         >>> loss = fastvae.elbo_loss(decoder(z), x, kl=kl, beta=0.5)
-        >>> loss.backward()
+        >>> loss = fastvae.elbo_loss(mean, x, kl=kl, likelihood="gaussian", decoder_logvar=log_sigma2)
     """
     check.check_reduction(reduction)
-    check.check_pair("logits", logits, "target", target)
+    _check_decoder(logits, target, likelihood, decoder_logvar)
     check.check_beta(beta, logits.device)
     if kl is None:
         if mu is None or logvar is None:
@@ -291,11 +303,11 @@ def elbo_loss(logits: Tensor, target: Tensor, mu: Tensor | None = None, logvar: 
             raise TypeError("elbo_loss takes mu and logvar or kl=, not both: the KL would count twice")
         _check_kl_rows(kl, logits)
     if reduction == "none":
-        return -_log_likelihood_rows(logits, target, None) + beta * kl
+        return -_log_likelihood(likelihood, logits, target, decoder_logvar, False, None) + beta * kl
     divisor = 1 if reduction == "sum" else max(logits.shape[0], 1)
     # The likelihood's kernel is told the loss's weight on it, -1/divisor: its saved gradient
     # then is d(loss)/d(logits), and loss.backward() hands it over with no pass over [B, D].
-    logp = _log_likelihood_rows(logits, target, -1.0 / divisor)
+    logp = _log_likelihood(likelihood, logits, target, decoder_logvar, False, -1.0 / divisor)
     weighted_kl = kl.sum() if isinstance(beta, (int, float)) and beta == 1 else beta * kl.sum()
     loss = weighted_kl - logp.sum()
     return loss if divisor == 1 else loss / divisor

@@ -20,6 +20,7 @@ from torch import Tensor
 from fastvae.ops.common import transform_active
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
+LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "gaussian")
 
 _validate_values = True
 
@@ -91,6 +92,15 @@ def check_broadcastable(name: str, t: object, to_name: str, to: Tensor) -> None:
                          f"give one value per element ({list(to.shape)}), per feature "
                          f"({list(to.shape[1:])}) or a scalar ([])")
     check_same_device(**{to_name: to, name: t})
+
+
+def check_likelihood(likelihood: object, decoder_logvar: Tensor | None) -> None:
+    """elbo_loss's likelihood is one of LIKELIHOODS; a decoder log-variance goes with the Gaussian only."""
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"unknown likelihood {likelihood!r}; choose one of {', '.join(map(repr, LIKELIHOODS))}")
+    if decoder_logvar is not None and likelihood != "gaussian":
+        raise ValueError(f"decoder_logvar is the log-variance of a Gaussian p(x|z), but likelihood={likelihood!r}; "
+                         f"pass likelihood='gaussian' with it, or leave decoder_logvar out")
 
 
 def check_same_batch(a_name: str, a: Tensor, b_name: str, b: Tensor, why: str) -> None:

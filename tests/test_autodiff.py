@@ -30,6 +30,15 @@ def plain_elbo(logits, mu, logvar, target):
     return (recon + 0.7 * kl).mean()
 
 
+def fused_elbo_with(likelihood):
+    """elbo_loss with `likelihood`, as a function of the decoder output, mu, logvar (and for the
+    Gaussian its log-variance, a learned per-feature parameter [D] here)."""
+    def loss(output, mu, logvar, target, *decoder_logvar):
+        return fastvae.elbo_loss(output, target, mu, logvar, beta=0.7, likelihood=likelihood,
+                                 decoder_logvar=decoder_logvar[0] if decoder_logvar else None)
+    return loss
+
+
 def plain_continuous_bernoulli(logits, target):
     """x*l - softplus(l) + log(l / tanh(l/2)) per element: exact in float64 for logits away from 0."""
     return target * logits - F.softplus(logits) + torch.log(logits / torch.tanh(0.5 * logits))
@@ -37,6 +46,13 @@ def plain_continuous_bernoulli(logits, target):
 
 def plain_gaussian(mean, x, logvar):
     return torch.distributions.Normal(mean, torch.exp(0.5 * logvar)).log_prob(x)
+
+
+def plain_elbo_with(log_prob):
+    def loss(output, mu, logvar, target, *decoder_logvar):
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).sum(1)
+        return (-log_prob(output, target, *decoder_logvar).sum(1) + 0.7 * kl).mean()
+    return loss
 
 
 def fused_sample(mu, logvar, eps):
@@ -73,6 +89,8 @@ def test_gradgradcheck_every_op(backend):
             (lambda m, v: fastvae.gaussian_log_likelihood(m, target, v, reduction="sum"), (logits, logvar_d)),
             (lambda m, v: fastvae.gaussian_log_likelihood(m, target, v, reduction="none"), (logits, logvar_full)),
             (lambda m: fastvae.gaussian_log_likelihood(m, target), (logits,)),
+            (lambda l, m, v: fused_elbo_with("continuous_bernoulli")(l, m, v, target), (logits, mu, logvar)),
+            (lambda l, m, v, d: fused_elbo_with("gaussian")(l, m, v, target, d), (logits, mu, logvar, logvar_d)),
         ]
         for fn, inputs in cases:
             assert torch.autograd.gradgradcheck(fn, inputs)
@@ -147,6 +165,12 @@ def test_every_torch_func_transform_matches_plain_pytorch(backend):
                                  lambda l: plain_continuous_bernoulli(l, target).sum() / 3, (logits,)),
         "gaussian_log_likelihood": (lambda m, v: fastvae.gaussian_log_likelihood(m, target, v, reduction="mean"),
                                     lambda m, v: plain_gaussian(m, target, v).mean(), (logits, logvar_d)),
+        "elbo_loss_continuous_bernoulli": (
+            lambda l, m, v: fused_elbo_with("continuous_bernoulli")(l, m, v, target),
+            lambda l, m, v: plain_elbo_with(plain_continuous_bernoulli)(l, m, v, target), (logits, mu, logvar)),
+        "elbo_loss_gaussian": (
+            lambda l, m, v, d: fused_elbo_with("gaussian")(l, m, v, target, d),
+            lambda l, m, v, d: plain_elbo_with(plain_gaussian)(l, m, v, target, d), (logits, mu, logvar, logvar_d)),
     }
     with fastvae.use_backend(backend):
         for op, (fused, plain, inputs) in cases.items():

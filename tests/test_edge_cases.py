@@ -37,13 +37,16 @@ def test_empty_batch_gives_zeros_of_the_right_shape(backend, reduction):
         kl_none = fastvae.gaussian_kl(mu, logvar, reduction=reduction)
         cb = fastvae.continuous_bernoulli_log_likelihood(logits, target, reduction=reduction)
         gaussian = fastvae.gaussian_log_likelihood(logits, target, shared_logvar, reduction=reduction)
-        (loss.sum() + logp.sum() + kl_none.sum() + z.sum() + kl.sum() + cb.sum() + gaussian.sum()).backward()
+        gaussian_loss = fastvae.elbo_loss(logits, target, mu, logvar, reduction=reduction, likelihood="gaussian",
+                                          decoder_logvar=shared_logvar)
+        (loss.sum() + logp.sum() + kl_none.sum() + z.sum() + kl.sum() + cb.sum() + gaussian.sum()
+         + gaussian_loss.sum()).backward()
     assert z.shape == (0, 4) and kl.shape == (0,)
     if reduction == "none":
         assert loss.shape == (0,) and logp.shape == (0, 12) and kl_none.shape == (0, 4)
-        assert cb.shape == (0, 12) and gaussian.shape == (0, 12)
+        assert cb.shape == (0, 12) and gaussian.shape == (0, 12) and gaussian_loss.shape == (0,)
     else:
-        for value in (loss, logp, kl_none, cb, gaussian):
+        for value in (loss, logp, kl_none, cb, gaussian, gaussian_loss):
             assert value.shape == () and value.item() == 0.0
     assert logits.grad.shape == (0, 12) and mu.grad.shape == (0, 4)
     assert shared_logvar.grad.shape == (12,) and not shared_logvar.grad.any()

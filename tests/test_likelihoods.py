@@ -12,9 +12,10 @@ import torch
 import fastvae
 from fastvae.ops import library
 from fastvae.ops.continuous_bernoulli.spec import oracle_log_prob as oracle_cb
+from fastvae.ops.gaussian.spec import oracle_kl
 from fastvae.ops.gaussian_likelihood.spec import oracle_log_prob as oracle_gaussian
 from fastvae.ops.registry import family
-from helpers import BACKENDS, DEVICE, assert_close_to, leaf
+from helpers import BACKENDS, DEVICE, RecordPointwiseSizes, assert_close_to, leaf
 
 SAMPLES, BATCH, DATA = 3, 4, 37  # K samples' decoder outputs [K * B, D] against data [B, D]
 WEIGHT = -0.37  # what a loss weights the rows' sum by: the kernels write weight * dlogp
@@ -152,3 +153,75 @@ def test_native_results_do_not_depend_on_the_thread_count():
         torch.set_num_threads(before)
     for index, (a, b) in enumerate(zip(single, double)):
         assert torch.equal(a, b), f"output {index} differs between 1 and 2 threads"
+
+
+# --------------------------------------------------------------------------- elbo_loss
+def _decoder_case(likelihood):
+    """A decoder-like graph (logits or mean = h @ W, a non-leaf) and what the likelihood needs."""
+    weights = leaf(torch.randn(11, 11, device=DEVICE) * 0.3)
+    h = torch.randn(6, 11, device=DEVICE)
+    mu, logvar = leaf(torch.randn(6, 3, device=DEVICE)), leaf(torch.randn(6, 3, device=DEVICE))
+    if likelihood == "gaussian":
+        return weights, h, torch.randn(6, 11, device=DEVICE), mu, logvar, leaf(torch.randn(6, 11, device=DEVICE))
+    return weights, h, torch.rand(6, 11, device=DEVICE), mu, logvar, None
+
+
+def _oracle_elbo_grads(likelihood, weights, h, target, mu, logvar, decoder_logvar):
+    """d(mean -ELBO)/d(weights, mu[, decoder_logvar]) in float64."""
+    w, m = leaf(weights.double()), leaf(mu.double())
+    wrt = [w, m]
+    output = h.double() @ w
+    if likelihood == "gaussian":
+        dlv = leaf(decoder_logvar.double())
+        wrt.append(dlv)
+        logp = oracle_gaussian(output, target.double(), dlv)
+    else:
+        logp = oracle_cb(output, target.double())
+    loss = (-logp.sum(1) + oracle_kl(m, logvar.double()).sum(1)).mean()
+    return torch.autograd.grad(loss, wrt)
+
+
+@pytest.mark.parametrize("likelihood", ["continuous_bernoulli", "gaussian"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_elbo_loss_hands_over_the_likelihood_gradients(backend, likelihood):
+    """With the reduction's weight passed to the likelihood kernel, loss.backward() on the CPU
+    returns its forward-pass gradients (both of the Gaussian's) with no pass over [B, D]; a
+    second backward over the retained graph recomputes them, and an upstream 2.5 scales them."""
+    weights, h, target, mu, logvar, decoder_logvar = _decoder_case(likelihood)
+    wrt = (weights, mu) + (() if decoder_logvar is None else (decoder_logvar,))
+    with fastvae.use_backend(backend):
+        loss = fastvae.elbo_loss(h @ weights, target, mu, logvar, likelihood=likelihood, decoder_logvar=decoder_logvar)
+        with RecordPointwiseSizes() as recorder:
+            first = torch.autograd.grad(loss, wrt, retain_graph=True)
+        second = torch.autograd.grad(loss, wrt, retain_graph=True)
+        scaled = torch.autograd.grad(2.5 * loss, wrt)
+    expected = _oracle_elbo_grads(likelihood, weights, h, target, mu, logvar, decoder_logvar)
+    for name, got, again, times, want in zip(("weights", "mu", "decoder_logvar"), first, second, scaled, expected):
+        assert_close_to(got, want, f"grad_{name}")
+        assert torch.equal(got, again), f"grad_{name}: a second backward differs from the first"
+        assert_close_to(times, 2.5 * want, f"grad_{name} for upstream 2.5")
+    if DEVICE.type == "cpu":
+        assert h.numel() not in recorder.sizes, "backward ran a pointwise op over [B, D] (scaling a saved gradient)"
+
+
+@pytest.mark.parametrize("logvar_shape", [(6, 11), (11,), ()], ids=["per-element", "per-feature", "scalar"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eager_gaussian_elbo_matches_the_traced_one(backend, logvar_shape):
+    """Eager, the Gaussian likelihood may hand its saved gradients over; traced (what torch.compile
+    runs: the custom op and its fake), it scales them. Same loss and gradients either way."""
+    mean, x = leaf(torch.randn(6, 11, device=DEVICE)), torch.randn(6, 11, device=DEVICE)
+    decoder_logvar = leaf(torch.randn(logvar_shape, device=DEVICE))
+    kl = leaf(torch.rand(6, device=DEVICE) + 0.1)
+    traced = torch.compile(fastvae.elbo_loss, backend="aot_eager", fullgraph=True)
+    results = {}
+    with fastvae.use_backend(backend):
+        for path, call in (("eager", fastvae.elbo_loss), ("traced", traced)):
+            loss = call(mean, x, kl=kl, likelihood="gaussian", decoder_logvar=decoder_logvar)
+            results[path] = (loss, *torch.autograd.grad(loss, (mean, decoder_logvar, kl)))
+    mean64, dlv64, kl64 = (leaf(t.detach().double()) for t in (mean, decoder_logvar, kl))
+    loss64 = (-oracle_gaussian(mean64, x.double(), dlv64).sum(1) + kl64).mean()
+    expected = (loss64, *torch.autograd.grad(loss64, (mean64, dlv64, kl64)))
+    for name, a, b, want in zip(("loss", "grad_mean", "grad_decoder_logvar", "grad_kl"), results["eager"],
+                                results["traced"], expected):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+        assert_close_to(a, want, name)

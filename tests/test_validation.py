@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import fastvae
+from fastvae.ops.elbo_spec import elbo_from
+from fastvae.ops.gaussian_likelihood.spec import oracle_log_prob as oracle_gaussian
 
 B, D, L = 4, 10, 3
 
@@ -185,9 +187,37 @@ def test_continuous_bernoulli_refuses_data_outside_the_unit_interval(bad):
         fastvae.continuous_bernoulli_log_likelihood(args["logits"], args["target"])
     with pytest.raises(ValueError, match=r"x must lie in \[0, 1\].*x\[2, 7\]"):
         fastvae.continuous_bernoulli_log_likelihood(args["logits"], args["target"], reduction="none")
+    with pytest.raises(ValueError, match=r"target must lie in \[0, 1\].*target\[2, 7\]"):
+        fastvae.elbo_loss(**args, likelihood="continuous_bernoulli")
     fastvae.set_validate_args(False)
     try:
         rows = fastvae.continuous_bernoulli_log_likelihood(args["logits"], args["target"], reduction="none")
     finally:
         fastvae.set_validate_args(True)
     assert torch.isnan(rows[2, 7]) and torch.isfinite(rows[[0, 1, 3]]).all()
+
+
+def test_the_gaussian_takes_any_real_data():
+    args = _args(target=torch.randn(B, D) * 100)
+    decoder_logvar = torch.randn(B, D)
+    loss = fastvae.elbo_loss(**args, likelihood="gaussian", decoder_logvar=decoder_logvar, beta=0.7)
+    logp = oracle_gaussian(args["logits"].double(), args["target"].double(), decoder_logvar.double())
+    expected = elbo_from(logp, args["mu"].double(), args["logvar"].double(), beta=0.7)
+    torch.testing.assert_close(loss.double(), expected, rtol=2e-6, atol=0.0)
+    with pytest.raises(ValueError, match=r"target must lie in \[0, 1\]"):
+        fastvae.elbo_loss(**args)  # the Bernoulli default still refuses it
+
+
+def test_elbo_loss_refuses_an_unknown_likelihood_or_a_stray_log_variance():
+    with pytest.raises(ValueError, match=r"unknown likelihood 'normal'; choose one of 'bernoulli', "
+                                         r"'continuous_bernoulli', 'gaussian'"):
+        fastvae.elbo_loss(**_args(), likelihood="normal")
+    with pytest.raises(ValueError, match="unknown likelihood"):
+        fastvae.ELBOLoss(likelihood="laplace")
+    with pytest.raises(ValueError, match=r"decoder_logvar is the log-variance of a Gaussian.*likelihood='bernoulli'.*"
+                                         r"pass likelihood='gaussian'"):
+        fastvae.elbo_loss(**_args(), decoder_logvar=torch.randn(B, D))
+    with pytest.raises(ValueError, match="likelihood='continuous_bernoulli'"):
+        fastvae.ELBOLoss(likelihood="continuous_bernoulli")(**_args(), decoder_logvar=torch.randn(D))
+    with pytest.raises(ValueError, match=r"decoder_logvar \[3\] must broadcast to the shape of target \[4, 10\]"):
+        fastvae.elbo_loss(**_args(), likelihood="gaussian", decoder_logvar=torch.randn(3))

@@ -9,7 +9,8 @@ import torch
 import fastvae
 from fastvae.ops.bernoulli.spec import LOGITS, TARGET
 from fastvae.ops.bernoulli.spec import oracle_log_prob as oracle_bernoulli_log_prob
-from fastvae.ops.gaussian.spec import reduce
+from fastvae.ops.elbo_spec import BETA, elbo_from
+from fastvae.ops.gaussian.spec import LOGVAR, MU, reduce
 from fastvae.ops.spec import Arg, OpSpec
 
 ORACLE_SERIES_BELOW = 1e-2
@@ -48,6 +49,18 @@ OPS = (
         fastvae=fastvae.continuous_bernoulli_log_likelihood,
         oracle=lambda logits, target, reduction="batchmean": reduce(oracle_log_prob(logits, target), reduction),
         eager=lambda logits, target, reduction="batchmean": reduce(eager_log_prob(logits, target), reduction),
+        reductions=("none", "sum", "mean", "batchmean"),
+    ),
+    OpSpec(
+        name="elbo_loss_continuous_bernoulli",
+        inputs=(LOGITS, TARGET, MU, LOGVAR),
+        outputs=(Arg("loss", (), kind="loss"),),
+        fastvae=lambda logits, target, mu, logvar, reduction="batchmean": fastvae.elbo_loss(
+            logits, target, mu, logvar, beta=BETA, reduction=reduction, likelihood="continuous_bernoulli"),
+        oracle=lambda logits, target, mu, logvar, reduction="batchmean": elbo_from(
+            oracle_log_prob(logits, target), mu, logvar, reduction=reduction),
+        eager=lambda logits, target, mu, logvar, reduction="batchmean": elbo_from(
+            eager_log_prob(logits, target), mu, logvar, reduction=reduction),
         reductions=("none", "sum", "mean", "batchmean"),
     ),
 )

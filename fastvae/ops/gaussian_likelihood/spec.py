@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 import fastvae
-from fastvae.ops.gaussian.spec import reduce
+from fastvae.ops.elbo_spec import BETA, elbo_from
+from fastvae.ops.gaussian.spec import LOGVAR, MU, reduce
 from fastvae.ops.spec import Arg, OpSpec
 
 MEAN = Arg("mean", ("batch", "data"))
@@ -46,4 +47,17 @@ OPS = (
     _log_likelihood_spec("gaussian_log_likelihood", (MEAN, X, DECODER_LOGVAR)),
     _log_likelihood_spec("gaussian_log_likelihood_shared_logvar", (MEAN, X, SHARED_LOGVAR)),
     _log_likelihood_spec("gaussian_log_likelihood_unit_variance", (MEAN, X), benchmark=False),
+    OpSpec(
+        name="elbo_loss_gaussian",
+        inputs=(MEAN, X, MU, LOGVAR, DECODER_LOGVAR),
+        outputs=(Arg("loss", (), kind="loss"),),
+        fastvae=lambda mean, x, mu, logvar, decoder_logvar, reduction="batchmean": fastvae.elbo_loss(
+            mean, x, mu, logvar, beta=BETA, reduction=reduction, likelihood="gaussian",
+            decoder_logvar=decoder_logvar),
+        oracle=lambda mean, x, mu, logvar, decoder_logvar, reduction="batchmean": elbo_from(
+            oracle_log_prob(mean, x, decoder_logvar), mu, logvar, reduction=reduction),
+        eager=lambda mean, x, mu, logvar, decoder_logvar, reduction="batchmean": elbo_from(
+            eager_log_prob(mean, x, decoder_logvar), mu, logvar, reduction=reduction),
+        reductions=("none", "sum", "mean", "batchmean"),
+    ),
 )
