@@ -1,8 +1,8 @@
 """The continuous Bernoulli and Gaussian likelihood families beyond the op suite (test_ops.py runs their
 specs on every backend, dtype, shape and reduction): row-periodic targets at the kernel level,
-the storage dtype pairs, log-variance shapes and their gradients' dtype, strided decoder outputs,
-thread-count independence, and elbo_loss's hand-over of their gradients. Everything against a
-float64 oracle on fresh random inputs."""
+the storage dtype pairs, log-variance shapes and their gradients' dtype, strided decoder
+outputs, and elbo_loss's hand-over of their gradients (thread-count independence is in
+test_native.py). Everything against a float64 oracle on fresh random inputs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import fastvae
-from fastvae.ops import library
 from fastvae.ops.continuous_bernoulli.spec import oracle_log_prob as oracle_cb
 from fastvae.ops.gaussian.spec import oracle_kl
 from fastvae.ops.gaussian_likelihood.spec import oracle_log_prob as oracle_gaussian
@@ -130,29 +129,6 @@ def test_gaussian_of_strided_decoder_halves(backend):
     h64 = leaf(h.detach().double())
     oracle_gaussian(*h64.chunk(2, dim=1)[:1], x.double(), h64.chunk(2, dim=1)[1]).sum().backward()
     assert_close_to(h.grad, h64.grad, "grad_h")
-
-
-@pytest.mark.skipif(library.load_error() is not None, reason=f"native library not built: {library.load_error()}")
-def test_native_results_do_not_depend_on_the_thread_count():
-    shape = (257, 401)  # large enough to run in parallel
-    logits, unit = 3 * torch.randn(shape), torch.rand(shape[0] // 257, shape[1])
-    mean, x, logvar = torch.randn(shape), torch.randn(shape), torch.randn(1, shape[1])
-
-    def run_all():
-        return (*_kernel("continuous_bernoulli", "native")(logits, unit, False, True, WEIGHT),
-                *_kernel("gaussian_likelihood", "native")(mean, x, logvar, False, True, WEIGHT),
-                *_kernel("gaussian_likelihood", "native")(mean, x, None, True, True, WEIGHT)[:2])
-
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        single = run_all()
-        torch.set_num_threads(2)
-        double = run_all()
-    finally:
-        torch.set_num_threads(before)
-    for index, (a, b) in enumerate(zip(single, double)):
-        assert torch.equal(a, b), f"output {index} differs between 1 and 2 threads"
 
 
 # --------------------------------------------------------------------------- elbo_loss

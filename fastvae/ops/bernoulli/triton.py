@@ -9,14 +9,13 @@ decoder against fp32 data without a copy; the compiled variants stay few, see sp
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import triton
 import triton.language as tl
 
-from fastvae.ops.common import LIKELIHOOD_DTYPE_PAIRS, likelihood_inputs, loss_dtype
-from fastvae.ops.triton_helpers import LAUNCH_OPTIONS, Specialization, compute_dtype, log1p_small, tile, tiles
+from fastvae.ops.common import likelihood_inputs, loss_dtype
+from fastvae.ops.triton_helpers import (LAUNCH_OPTIONS, Specialization, compute_dtype, log1p_small,
+                                        logits_likelihood_specializations, tile)
 
 
 @triton.jit
@@ -74,14 +73,4 @@ def bernoulli_forward(logits: torch.Tensor, target: torch.Tensor, elementwise: b
 
 def specializations() -> list[Specialization]:
     """Every compiled form the launcher above can request."""
-    out = []
-    for (logits, target), (block_b, block_d) in itertools.product(LIKELIHOOD_DTYPE_PAIRS, tiles()):
-        loss = torch.float64 if logits == torch.float64 else torch.float32
-        for elementwise, grad in itertools.product((False, True), repeat=2):
-            pointers = {"logits_ptr": logits, "target_ptr": target, "logp_ptr": loss,
-                        "dlogits_ptr": logits if grad else loss}
-            out.append(Specialization(_bernoulli_fwd_kernel, pointers,
-                                      {"ELEMENTWISE": elementwise, "COMPUTE_GRAD": grad,
-                                       "COMPUTE": compute_dtype(torch.empty(0, dtype=logits)),
-                                       "BLOCK_B": block_b, "BLOCK_D": block_d}, floats=("weight",)))
-    return out
+    return logits_likelihood_specializations(_bernoulli_fwd_kernel)

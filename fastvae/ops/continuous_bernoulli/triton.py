@@ -10,14 +10,13 @@ dtypes of common.likelihood_inputs.
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import triton
 import triton.language as tl
 
-from fastvae.ops.common import LIKELIHOOD_DTYPE_PAIRS, likelihood_inputs, loss_dtype
-from fastvae.ops.triton_helpers import LAUNCH_OPTIONS, Specialization, compute_dtype, tile, tiles
+from fastvae.ops.common import likelihood_inputs, loss_dtype
+from fastvae.ops.triton_helpers import (LAUNCH_OPTIONS, Specialization, compute_dtype,
+                                        logits_likelihood_specializations, tile)
 
 
 @triton.jit
@@ -119,14 +118,4 @@ def continuous_bernoulli_forward(logits: torch.Tensor, target: torch.Tensor, ele
 
 def specializations() -> list[Specialization]:
     """Every compiled form the launcher above can request."""
-    out = []
-    for (logits, target), (block_b, block_d) in itertools.product(LIKELIHOOD_DTYPE_PAIRS, tiles()):
-        loss = torch.float64 if logits == torch.float64 else torch.float32
-        for elementwise, grad in itertools.product((False, True), repeat=2):
-            pointers = {"logits_ptr": logits, "target_ptr": target, "logp_ptr": loss,
-                        "dlogits_ptr": logits if grad else loss}
-            out.append(Specialization(_continuous_bernoulli_fwd_kernel, pointers,
-                                      {"ELEMENTWISE": elementwise, "COMPUTE_GRAD": grad,
-                                       "COMPUTE": compute_dtype(torch.empty(0, dtype=logits)),
-                                       "BLOCK_B": block_b, "BLOCK_D": block_d}, floats=("weight",)))
-    return out
+    return logits_likelihood_specializations(_continuous_bernoulli_fwd_kernel)
