@@ -119,6 +119,24 @@ def test_a_shared_log_variance_gradient_sums_unrounded_values(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_nan_input_gives_nan_where_the_oracle_has_it(backend):
+    """A NaN logit, mean, datum or log-variance makes its own element NaN (value and gradient) and
+    its row's sum NaN, and nothing else: no select may turn it into a plausible number."""
+    logits, unit = 3 * torch.randn(3, 9, device=DEVICE), torch.rand(3, 9, device=DEVICE)
+    mean, x, logvar = (torch.randn(3, 9, device=DEVICE) for _ in range(3))
+    logits[0, 4] = mean[1, 2] = x[2, 7] = logvar[0, 0] = float("nan")
+    cb = _kernel("continuous_bernoulli", backend)(logits, unit, True, True, WEIGHT)
+    gaussian = _kernel("gaussian_likelihood", backend)(mean, x, logvar, True, True, WEIGHT)
+    cb_expected, (cb_grad, _) = _oracle_rows_and_grads(oracle_cb, (logits, unit), True)
+    g_expected, (g_dmean, _, g_dlogvar) = _oracle_rows_and_grads(oracle_gaussian, (mean, x, logvar), True)
+    for name, got, want in zip(("cb logp", "cb grad", "gaussian logp", "grad_mean", "grad_logvar"),
+                               (*cb, *gaussian), (cb_expected, cb_grad, g_expected, g_dmean, g_dlogvar)):
+        assert_close_to(got, want, name)
+    rows = _kernel("gaussian_likelihood", backend)(mean, x, logvar, False, False, WEIGHT)[0]
+    assert torch.isnan(rows).all(), "each row holds a NaN element, so each row's sum is NaN"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_gaussian_of_strided_decoder_halves(backend):
     """mean, logvar = decoder(z).chunk(2, dim=1): strided rows, read without a copy."""
     h = leaf(torch.randn(6, 2 * 29, device=DEVICE))
