@@ -10,9 +10,11 @@ from fastvae.backend import available_backends, use_backend
 from fastvae.errors import BackendUnavailableError
 from fastvae.functional import (
     bernoulli_log_likelihood,
+    continuous_bernoulli_log_likelihood,
     elbo_loss,
     elbo_terms,
     gaussian_kl,
+    gaussian_log_likelihood,
     reparameterize,
     reparameterize_kl,
 )
@@ -26,9 +28,11 @@ __all__ = [
     "ELBOLoss",
     "available_backends",
     "bernoulli_log_likelihood",
+    "continuous_bernoulli_log_likelihood",
     "elbo_loss",
     "elbo_terms",
     "gaussian_kl",
+    "gaussian_log_likelihood",
     "reparameterize",
     "reparameterize_kl",
     "set_validate_args",

@@ -12,12 +12,14 @@ from torch import Tensor
 
 from fastvae import validation as check
 from fastvae.ops.bernoulli.op import bernoulli_log_likelihood_fused
+from fastvae.ops.continuous_bernoulli.op import continuous_bernoulli_log_likelihood_fused
 from fastvae.ops.gaussian.op import gaussian_kl_fused, reparameterize_kl_fused
+from fastvae.ops.gaussian_likelihood.op import gaussian_log_likelihood_fused
 from fastvae.ops.noise import draw_seed
 
 
-def _needs_grad(*tensors: Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _reduction_weight(reduction: str, rows: Tensor, elements: int) -> float:
@@ -108,6 +110,37 @@ def gaussian_kl(mu: Tensor, logvar: Tensor, reduction: str = "batchmean") -> Ten
     return kl if elementwise else _reduce_rows(kl, reduction, mu.numel())
 
 
+# The fused ops of the likelihoods from logits against a target in [0, 1], by name.
+_LOGITS_LIKELIHOODS = {"bernoulli": bernoulli_log_likelihood_fused,
+                       "continuous_bernoulli": continuous_bernoulli_log_likelihood_fused}
+
+
+def _log_likelihood(likelihood: str, output: Tensor, target: Tensor, decoder_logvar: Tensor | None,
+                    elementwise: bool, weight: float | None, target_name: str = "target") -> Tensor:
+    """log p(target | output) of `likelihood` (validation.LIKELIHOODS), per element or per datapoint
+    [B] for a loss that adds `weight` * their sum (its kernel writes the gradient so scaled).
+
+    A target outside [0, 1] of a likelihood from logits is a ValueError naming target_name where
+    that can be checked for free (validation.check_unit_interval), NaN elsewhere."""
+    if likelihood == "gaussian":
+        return gaussian_log_likelihood_fused(output, target, decoder_logvar, elementwise,
+                                             _needs_grad(output, decoder_logvar), weight)[0]
+    result = _LOGITS_LIKELIHOODS[likelihood](output, target, elementwise, _needs_grad(output), weight)[0]
+    check.check_unit_interval(target_name, result, target)
+    return result
+
+
+def _reduced_log_likelihood(likelihood: str, output: Tensor, target: Tensor, decoder_logvar: Tensor | None,
+                            reduction: str, target_name: str = "target") -> Tensor:
+    """_log_likelihood per element for "none", else the per-datapoint rows reduced; their kernel is
+    told the reduction's weight, so that backward can hand its gradient over."""
+    if reduction == "none":
+        return _log_likelihood(likelihood, output, target, decoder_logvar, True, None, target_name)
+    weight = _reduction_weight(reduction, output, output.numel())
+    rows = _log_likelihood(likelihood, output, target, decoder_logvar, False, weight, target_name)
+    return _reduce_rows(rows, reduction, output.numel())
+
+
 def bernoulli_log_likelihood(logits: Tensor, target: Tensor, reduction: str = "batchmean") -> Tensor:
     """log p(target | logits) = target * logits - softplus(logits) <= 0, stable for any logits.
 
@@ -127,15 +160,65 @@ def bernoulli_log_likelihood(logits: Tensor, target: Tensor, reduction: str = "b
     """
     check.check_pair("logits", logits, "target", target)
     check.check_reduction(reduction)
-    needs_grad = _needs_grad(logits)
-    if reduction == "none":
-        result = bernoulli_log_likelihood_fused(logits, target, True, needs_grad, None)[0]
-        check.check_unit_interval("target", result, target)
-        return result
-    weight = _reduction_weight(reduction, logits, logits.numel())
-    rows = bernoulli_log_likelihood_fused(logits, target, False, needs_grad, weight)[0]
-    check.check_unit_interval("target", rows, target)
-    return _reduce_rows(rows, reduction, logits.numel())
+    return _reduced_log_likelihood("bernoulli", logits, target, None, reduction)
+
+
+def continuous_bernoulli_log_likelihood(logits: Tensor, x: Tensor, *, reduction: str = "batchmean") -> Tensor:
+    """log p(x | logits) of the continuous Bernoulli (Loaiza-Ganem & Cunningham, 2019), a density on [0, 1]:
+    x * logits - softplus(logits) + log C(logits), C(l) = l / tanh(l / 2) (2 at l = 0).
+
+    Accurate for every finite logit: a series near 0 (where the closed form is 0/0) and
+    closed forms without overflow for large |logits| (torch.distributions.ContinuousBernoulli
+    is off by about 1% at |logits| = 30 to 80).
+
+    Args:
+        logits: [B, ...] the decoder's output.
+        x: [B, ...] the data in [0, 1] (grey levels: the density's support). Values outside are a
+            ValueError on CPU tensors (see fastvae.set_validate_args) and NaN elsewhere.
+        reduction: "none" (elementwise, logits' shape), "sum", "mean" (over all elements) or
+            "batchmean" (sum / B, the default).
+
+    Returns:
+        log p in float32 (float64 for float64 inputs): logits' shape, or a scalar. A density:
+        it may be positive.
+
+    Example:
+        >>> logp = fastvae.continuous_bernoulli_log_likelihood(decoder(z), x)   # x in [0, 1]
+        >>> loss = -logp + fastvae.gaussian_kl(mu, logvar)
+    """
+    check.check_pair("logits", logits, "x", x)
+    check.check_reduction(reduction)
+    return _reduced_log_likelihood("continuous_bernoulli", logits, x, None, reduction, target_name="x")
+
+
+def gaussian_log_likelihood(mean: Tensor, x: Tensor, logvar: Tensor | None = None, *,
+                            reduction: str = "batchmean") -> Tensor:
+    """log N(x; mean, exp(logvar)) = -0.5 * ((x - mean)^2 * exp(-logvar) + logvar + log 2pi) per element.
+
+    Args:
+        mean: [B, ...] the decoder's mean.
+        x: [B, ...] the data, any real values.
+        logvar: the log-variance: None for unit variance; [B, ...] (a decoder output); or any
+            shape that broadcasts to x's, such as a learned scalar [] or per-feature [D] or
+            [1, C, 1, 1] parameter, whose gradient is summed over the broadcast dims (in
+            float32) and which is never expanded to [B, ...].
+        reduction: "none" (elementwise, mean's shape), "sum", "mean" (over all elements) or
+            "batchmean" (sum / B, the default).
+
+    Returns:
+        log p in float32 (float64 for float64 inputs): mean's shape, or a scalar. A density:
+        it may be positive.
+
+    Example:
+        >>> mean, logvar = decoder(z).chunk(2, dim=1)                     # [B, D] each
+        >>> logp = fastvae.gaussian_log_likelihood(mean, x, logvar)       # mean over the batch
+        >>> logp = fastvae.gaussian_log_likelihood(mean, x, log_sigma2)   # a learned [] or [D]
+    """
+    check.check_pair("mean", mean, "x", x)
+    check.check_reduction(reduction)
+    if logvar is not None:
+        check.check_broadcastable("logvar", logvar, "x", x)
+    return _reduced_log_likelihood("gaussian", mean, x, logvar, reduction)
 
 
 def _check_posterior(logits: Tensor, mu: Tensor, logvar: Tensor) -> None:
@@ -152,34 +235,39 @@ def _check_kl_rows(kl: Tensor, logits: Tensor) -> None:
                          f"returns it), got {list(kl.shape)}")
 
 
-def _log_likelihood_rows(logits: Tensor, target: Tensor, weight: float | None) -> Tensor:
-    """log p(x | logits) per datapoint [B], for a loss that adds `weight` * their sum."""
-    rows = bernoulli_log_likelihood_fused(logits, target, False, _needs_grad(logits), weight)[0]
-    check.check_unit_interval("target", rows, target)
-    return rows
+def _check_decoder(logits: Tensor, target: Tensor, likelihood: str, decoder_logvar: Tensor | None) -> None:
+    check.check_pair("logits", logits, "target", target)
+    check.check_likelihood(likelihood, decoder_logvar)
+    if decoder_logvar is not None:
+        check.check_broadcastable("decoder_logvar", decoder_logvar, "target", target)
 
 
-def elbo_terms(logits: Tensor, target: Tensor, mu: Tensor, logvar: Tensor) -> tuple[Tensor, Tensor]:
-    """The two terms of the negative ELBO per datapoint: -log p(x|z) [B] and KL [B], float32.
+def elbo_terms(logits: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, *, likelihood: str = "bernoulli",
+               decoder_logvar: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The two terms of the negative ELBO per datapoint: -log p(x|z) [B] and KL [B], float32;
+    the arguments of elbo_loss.
 
     Example:
         >>> recon, kl = fastvae.elbo_terms(decoder(z), x, mu, logvar)
         >>> print(f"recon {recon.mean():.1f} nats, KL {kl.mean():.1f} nats")
     """
-    check.check_pair("logits", logits, "target", target)
+    _check_decoder(logits, target, likelihood, decoder_logvar)
     _check_posterior(logits, mu, logvar)
-    logp = _log_likelihood_rows(logits, target, None)
+    logp = _log_likelihood(likelihood, logits, target, decoder_logvar, False, None)
     kl, _, _ = gaussian_kl_fused(mu, logvar, False, _needs_grad(mu, logvar))
     return -logp, kl
 
 
 def elbo_loss(logits: Tensor, target: Tensor, mu: Tensor | None = None, logvar: Tensor | None = None, *,
-              kl: Tensor | None = None, beta: float | Tensor = 1.0, reduction: str = "batchmean") -> Tensor:
+              kl: Tensor | None = None, beta: float | Tensor = 1.0, reduction: str = "batchmean",
+              likelihood: str = "bernoulli", decoder_logvar: Tensor | None = None) -> Tensor:
     """The negative ELBO, -log p(x|z) + beta * KL(q(z|x) || N(0, I)), per datapoint then reduced.
 
     Args:
-        logits: [B, ...] Bernoulli logits of p(x|z), the decoder's output on z ~ q(z|x).
-        target: [B, ...] the data x, in [0, 1].
+        logits: [B, ...] the decoder's output on z ~ q(z|x): the logits of p(x|z), or its mean
+            for likelihood="gaussian".
+        target: [B, ...] the data x: in [0, 1] for the likelihoods from logits, any real values
+            for the Gaussian.
         mu, logvar: [B, L] the encoder's q(z|x), same B; or instead
         kl: [B] the per-datapoint KL that reparameterize_kl returned with z, so that it is
             not computed a second time.
@@ -187,6 +275,11 @@ def elbo_loss(logits: Tensor, target: Tensor, mu: Tensor | None = None, logvar: 
             (which avoids recompiles under torch.compile when it changes).
         reduction: "none" (per datapoint, [B]), "sum", "mean" or "batchmean" (both: the mean
             over datapoints, the default).
+        likelihood: p(x|z): "bernoulli" (the default), "continuous_bernoulli" (both from
+            logits) or "gaussian" (a mean, see gaussian_log_likelihood).
+        decoder_logvar: the Gaussian's log-variance, [B, ...] or anything that broadcasts to
+            target's shape (a learned scalar or per-feature parameter); None: unit variance.
+            Only with likelihood="gaussian".
 
     Returns:
         The loss in float32 (float64 for float64 inputs): a scalar, or [B].
@@ -194,10 +287,10 @@ def elbo_loss(logits: Tensor, target: Tensor, mu: Tensor | None = None, logvar: 
     Example:
         >>> z, kl = fastvae.reparameterize_kl(mu, logvar)
         >>> loss = fastvae.elbo_loss(decoder(z), x, kl=kl, beta=0.5)
-        >>> loss.backward()
+        >>> loss = fastvae.elbo_loss(mean, x, kl=kl, likelihood="gaussian", decoder_logvar=log_sigma2)
     """
     check.check_reduction(reduction)
-    check.check_pair("logits", logits, "target", target)
+    _check_decoder(logits, target, likelihood, decoder_logvar)
     check.check_beta(beta, logits.device)
     if kl is None:
         if mu is None or logvar is None:
@@ -210,11 +303,11 @@ def elbo_loss(logits: Tensor, target: Tensor, mu: Tensor | None = None, logvar: 
             raise TypeError("elbo_loss takes mu and logvar or kl=, not both: the KL would count twice")
         _check_kl_rows(kl, logits)
     if reduction == "none":
-        return -_log_likelihood_rows(logits, target, None) + beta * kl
+        return -_log_likelihood(likelihood, logits, target, decoder_logvar, False, None) + beta * kl
     divisor = 1 if reduction == "sum" else max(logits.shape[0], 1)
     # The likelihood's kernel is told the loss's weight on it, -1/divisor: its saved gradient
     # then is d(loss)/d(logits), and loss.backward() hands it over with no pass over [B, D].
-    logp = _log_likelihood_rows(logits, target, -1.0 / divisor)
+    logp = _log_likelihood(likelihood, logits, target, decoder_logvar, False, -1.0 / divisor)
     weighted_kl = kl.sum() if isinstance(beta, (int, float)) and beta == 1 else beta * kl.sum()
     loss = weighted_kl - logp.sum()
     return loss if divisor == 1 else loss / divisor

@@ -20,6 +20,7 @@ from torch import Tensor
 from fastvae.ops.common import transform_active
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
+LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "gaussian")
 
 _validate_values = True
 
@@ -45,13 +46,14 @@ def _values_readable(t: Tensor) -> bool:
             and not torch.compiler.is_compiling() and not transform_active())
 
 
-def check_float_tensor(name: str, t: object) -> None:
+def check_float_tensor(name: str, t: object, *, batched: bool = True) -> None:
+    """A float tensor, with a batch dimension (dim 0) unless batched is False."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16 or "
                         f"float64), got {t.dtype}; convert it with {name}.float()")
-    if t.dim() == 0:
+    if batched and t.dim() == 0:
         raise ValueError(f"{name} must have a batch dimension (dim 0), got a 0-d tensor; "
                          f"use {name}.reshape(1, -1) for a single datapoint")
 
@@ -75,6 +77,30 @@ def check_pair(a_name: str, a: Tensor, b_name: str, b: Tensor) -> None:
     check_float_tensor(b_name, b)
     check_same_shape(a_name, a, b_name, b)
     check_same_device(**{a_name: a, b_name: b})
+
+
+def check_broadcastable(name: str, t: object, to_name: str, to: Tensor) -> None:
+    """A float tensor on to's device that broadcasts to to's shape without enlarging it: one value
+    per element, or one shared along some dims (a scalar, per-feature or per-channel parameter)."""
+    check_float_tensor(name, t, batched=False)
+    try:
+        fits = torch.broadcast_shapes(t.shape, to.shape) == to.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"{name} {list(t.shape)} must broadcast to the shape of {to_name} {list(to.shape)}: "
+                         f"give one value per element ({list(to.shape)}), per feature "
+                         f"({list(to.shape[1:])}) or a scalar ([])")
+    check_same_device(**{to_name: to, name: t})
+
+
+def check_likelihood(likelihood: object, decoder_logvar: Tensor | None) -> None:
+    """elbo_loss's likelihood is one of LIKELIHOODS; a decoder log-variance goes with the Gaussian only."""
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"unknown likelihood {likelihood!r}; choose one of {', '.join(map(repr, LIKELIHOODS))}")
+    if decoder_logvar is not None and likelihood != "gaussian":
+        raise ValueError(f"decoder_logvar is the log-variance of a Gaussian p(x|z), but likelihood={likelihood!r}; "
+                         f"pass likelihood='gaussian' with it, or leave decoder_logvar out")
 
 
 def check_same_batch(a_name: str, a: Tensor, b_name: str, b: Tensor, why: str) -> None:

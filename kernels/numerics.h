@@ -268,5 +268,7 @@ FV_INLINE float exp_nonpos_c(float x) { return fv_exp_nonpos(x); }
 FV_INLINE double exp_nonpos_c(double x) { return std::exp(x); }
 FV_INLINE float log1p_unit_c(float y) { return fv_log1p_unit(y); }
 FV_INLINE double log1p_unit_c(double y) { return std::log1p(y); }
+FV_INLINE float log_c(float u) { return fv_log(u); }  // u a positive normal float
+FV_INLINE double log_c(double u) { return std::log(u); }
 
 }  // namespace fastvae

@@ -30,6 +30,31 @@ def plain_elbo(logits, mu, logvar, target):
     return (recon + 0.7 * kl).mean()
 
 
+def fused_elbo_with(likelihood):
+    """elbo_loss with `likelihood`, as a function of the decoder output, mu, logvar (and for the
+    Gaussian its log-variance, a learned per-feature parameter [D] here)."""
+    def loss(output, mu, logvar, target, *decoder_logvar):
+        return fastvae.elbo_loss(output, target, mu, logvar, beta=0.7, likelihood=likelihood,
+                                 decoder_logvar=decoder_logvar[0] if decoder_logvar else None)
+    return loss
+
+
+def plain_continuous_bernoulli(logits, target):
+    """x*l - softplus(l) + log(l / tanh(l/2)) per element: exact in float64 for logits away from 0."""
+    return target * logits - F.softplus(logits) + torch.log(logits / torch.tanh(0.5 * logits))
+
+
+def plain_gaussian(mean, x, logvar):
+    return torch.distributions.Normal(mean, torch.exp(0.5 * logvar)).log_prob(x)
+
+
+def plain_elbo_with(log_prob):
+    def loss(output, mu, logvar, target, *decoder_logvar):
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).sum(1)
+        return (-log_prob(output, target, *decoder_logvar).sum(1) + 0.7 * kl).mean()
+    return loss
+
+
 def fused_sample(mu, logvar, eps):
     z, kl = fastvae.reparameterize_kl(mu, logvar, eps)
     return (z.sin() * 1.3).sum() + (kl * kl).sum()
@@ -50,6 +75,7 @@ def _elbo_inputs():
 def test_gradgradcheck_every_op(backend):
     logits, mu, logvar, target = (t.requires_grad_(i < 3) for i, t in enumerate(_elbo_inputs()))
     eps = _eps((3, 4)).requires_grad_()
+    logvar_d, logvar_full = torch.randn(7, **F64).requires_grad_(), torch.randn(3, 7, **F64).requires_grad_()
     with fastvae.use_backend(backend):
         cases = [
             (lambda l: fastvae.bernoulli_log_likelihood(l, target, "sum"), (logits,)),
@@ -58,6 +84,13 @@ def test_gradgradcheck_every_op(backend):
             (lambda m, v: fastvae.gaussian_kl(m, v), (mu, logvar)),
             (lambda m, v, e: fastvae.reparameterize_kl(m, v, e), (mu, logvar, eps)),
             (lambda l, m, v: fused_elbo(l, m, v, target), (logits, mu, logvar)),
+            (lambda l: fastvae.continuous_bernoulli_log_likelihood(l, target, reduction="sum"), (logits,)),
+            (lambda l: fastvae.continuous_bernoulli_log_likelihood(l, target, reduction="none"), (logits,)),
+            (lambda m, v: fastvae.gaussian_log_likelihood(m, target, v, reduction="sum"), (logits, logvar_d)),
+            (lambda m, v: fastvae.gaussian_log_likelihood(m, target, v, reduction="none"), (logits, logvar_full)),
+            (lambda m: fastvae.gaussian_log_likelihood(m, target), (logits,)),
+            (lambda l, m, v: fused_elbo_with("continuous_bernoulli")(l, m, v, target), (logits, mu, logvar)),
+            (lambda l, m, v, d: fused_elbo_with("gaussian")(l, m, v, target, d), (logits, mu, logvar, logvar_d)),
         ]
         for fn, inputs in cases:
             assert torch.autograd.gradgradcheck(fn, inputs)
@@ -119,6 +152,7 @@ def _transforms(fused, plain, inputs):
 def test_every_torch_func_transform_matches_plain_pytorch(backend):
     logits, mu, logvar, target = _elbo_inputs()
     eps = _eps((3, 4))
+    logvar_d = torch.randn(7, **F64)
     cases = {
         "elbo_loss": (lambda l, m, v: fused_elbo(l, m, v, target), lambda l, m, v: plain_elbo(l, m, v, target),
                       (logits, mu, logvar)),
@@ -127,6 +161,16 @@ def test_every_torch_func_transform_matches_plain_pytorch(backend):
         "gaussian_kl": (lambda m, v: fastvae.gaussian_kl(m, v, "sum"),
                         lambda m, v: 0.5 * (m.pow(2) + v.exp() - v - 1).sum(), (mu, logvar)),
         "reparameterize_kl": (lambda m, v: fused_sample(m, v, eps), lambda m, v: plain_sample(m, v, eps), (mu, logvar)),
+        "continuous_bernoulli": (lambda l: fastvae.continuous_bernoulli_log_likelihood(l, target),
+                                 lambda l: plain_continuous_bernoulli(l, target).sum() / 3, (logits,)),
+        "gaussian_log_likelihood": (lambda m, v: fastvae.gaussian_log_likelihood(m, target, v, reduction="mean"),
+                                    lambda m, v: plain_gaussian(m, target, v).mean(), (logits, logvar_d)),
+        "elbo_loss_continuous_bernoulli": (
+            lambda l, m, v: fused_elbo_with("continuous_bernoulli")(l, m, v, target),
+            lambda l, m, v: plain_elbo_with(plain_continuous_bernoulli)(l, m, v, target), (logits, mu, logvar)),
+        "elbo_loss_gaussian": (
+            lambda l, m, v, d: fused_elbo_with("gaussian")(l, m, v, target, d),
+            lambda l, m, v, d: plain_elbo_with(plain_gaussian)(l, m, v, target, d), (logits, mu, logvar, logvar_d)),
     }
     with fastvae.use_backend(backend):
         for op, (fused, plain, inputs) in cases.items():

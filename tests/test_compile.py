@@ -8,8 +8,10 @@ from torch import nn
 
 import fastvae
 from fastvae.ops.bernoulli.op import bernoulli_log_likelihood_fused, bernoulli_log_likelihood_op
+from fastvae.ops.continuous_bernoulli.op import continuous_bernoulli_log_likelihood_fused
 from fastvae.ops.gaussian.op import (gaussian_kl_fused, gaussian_kl_op, reparameterize_kl_backward_op,
                                      reparameterize_kl_fused, reparameterize_kl_op)
+from fastvae.ops.gaussian_likelihood.op import gaussian_log_likelihood_fused
 from helpers import BACKENDS, DEVICE, assert_close_to
 
 
@@ -31,6 +33,11 @@ def test_opcheck(backend):
         (gaussian_kl_op, (mu, logvar, True, False)),
         (bernoulli_log_likelihood_op, (logits, target, False, True)),
         (bernoulli_log_likelihood_op, (logits, target, True, True)),
+        (continuous_bernoulli_log_likelihood_fused.custom_op, (logits, target, False, True, -0.5)),
+        (continuous_bernoulli_log_likelihood_fused.custom_op, (logits, target, True, True)),
+        (gaussian_log_likelihood_fused.custom_op, (logits, target, None, True, True)),
+        (gaussian_log_likelihood_fused.custom_op, (mu, logvar, logvar.detach()[0].requires_grad_(), False, True, 0.3)),
+        (gaussian_log_likelihood_fused.custom_op, (mu, logvar, torch.randn(3, 5, device=DEVICE), True, False)),
     ]
     with fastvae.use_backend(backend):
         for op, args in cases:
@@ -48,7 +55,12 @@ def _fused_op_cases():
             (gaussian_kl_fused, (mu, logvar, False, True)),
             (gaussian_kl_fused, (mu, logvar, True, False)),
             (bernoulli_log_likelihood_fused, (logits, target, False, True)),
-            (bernoulli_log_likelihood_fused, (logits, target, True, False))]
+            (bernoulli_log_likelihood_fused, (logits, target, True, False)),
+            (continuous_bernoulli_log_likelihood_fused, (logits, target, False, True)),
+            (continuous_bernoulli_log_likelihood_fused, (logits, target, True, False)),
+            (gaussian_log_likelihood_fused, (logits, target, torch.randn(9, device=DEVICE, requires_grad=True),
+                                             False, True)),
+            (gaussian_log_likelihood_fused, (mu, logvar, None, True, False))]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -123,6 +135,11 @@ def test_gradcheck_float64(backend):
         assert torch.autograd.gradcheck(lambda m, v: fastvae.gaussian_kl(m, v, "none"), (mu, logvar))
         assert torch.autograd.gradcheck(lambda l, x: fastvae.bernoulli_log_likelihood(l, x, "none"),
                                         (logits, target))
+        assert torch.autograd.gradcheck(
+            lambda l, x: fastvae.continuous_bernoulli_log_likelihood(l, x, reduction="none"), (logits, target))
+        per_feature_logvar = torch.randn(7, device=DEVICE, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda m, x, v: fastvae.gaussian_log_likelihood(m, x, v, reduction="sum"),
+                                        (logits, target, per_feature_logvar))
         assert torch.autograd.gradcheck(
             lambda l, m, v: fastvae.elbo_loss(l, target.detach(), m, v, beta=0.5, reduction="none"),
             (logits, mu, logvar))

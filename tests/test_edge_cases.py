@@ -9,7 +9,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastvae
 from fastvae.ops.bernoulli.op import bernoulli_log_likelihood_fused
 from fastvae.ops.bernoulli.spec import oracle_log_prob as oracle_logp
+from fastvae.ops.continuous_bernoulli.spec import oracle_log_prob as oracle_cb
 from fastvae.ops.gaussian.spec import oracle_kl
+from fastvae.ops.gaussian_likelihood.spec import oracle_log_prob as oracle_gaussian
 from fastvae.ops.registry import family
 from helpers import BACKENDS, DEVICE, RecordPointwiseSizes, assert_close_to, leaf
 
@@ -27,19 +29,27 @@ def rows_sum(t):
 def test_empty_batch_gives_zeros_of_the_right_shape(backend, reduction):
     logits, target = leaf(torch.randn(0, 12, device=DEVICE)), torch.rand(0, 12, device=DEVICE)
     mu, logvar = leaf(torch.randn(0, 4, device=DEVICE)), leaf(torch.randn(0, 4, device=DEVICE))
+    shared_logvar = leaf(torch.randn(12, device=DEVICE))
     with fastvae.use_backend(backend):
         z, kl = fastvae.reparameterize_kl(mu, logvar)
         loss = fastvae.elbo_loss(logits, target, mu, logvar, reduction=reduction)
         logp = fastvae.bernoulli_log_likelihood(logits, target, reduction=reduction)
         kl_none = fastvae.gaussian_kl(mu, logvar, reduction=reduction)
-        (loss.sum() + logp.sum() + kl_none.sum() + z.sum() + kl.sum()).backward()
+        cb = fastvae.continuous_bernoulli_log_likelihood(logits, target, reduction=reduction)
+        gaussian = fastvae.gaussian_log_likelihood(logits, target, shared_logvar, reduction=reduction)
+        gaussian_loss = fastvae.elbo_loss(logits, target, mu, logvar, reduction=reduction, likelihood="gaussian",
+                                          decoder_logvar=shared_logvar)
+        (loss.sum() + logp.sum() + kl_none.sum() + z.sum() + kl.sum() + cb.sum() + gaussian.sum()
+         + gaussian_loss.sum()).backward()
     assert z.shape == (0, 4) and kl.shape == (0,)
     if reduction == "none":
         assert loss.shape == (0,) and logp.shape == (0, 12) and kl_none.shape == (0, 4)
+        assert cb.shape == (0, 12) and gaussian.shape == (0, 12) and gaussian_loss.shape == (0,)
     else:
-        for value in (loss, logp, kl_none):
+        for value in (loss, logp, kl_none, cb, gaussian, gaussian_loss):
             assert value.shape == () and value.item() == 0.0
     assert logits.grad.shape == (0, 12) and mu.grad.shape == (0, 4)
+    assert shared_logvar.grad.shape == (12,) and not shared_logvar.grad.any()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -86,6 +96,62 @@ def test_extreme_inputs_stay_finite_and_exact(backend):
         assert torch.isfinite(t).all(), f"{name} is not finite"
 
 
+# Logits where the continuous Bernoulli's closed form is 0/0 (0), its derivative cancels (near 0),
+# the series meets the closed forms (1), and torch.distributions' clamped version drifts (30 to 88).
+CB_EXTREME_LOGITS = [0.0, 1e-8, -1e-8, 1e-3, -1e-3, 0.1, -0.1, 1.0, -1.0, 30.0, -30.0, 88.0, -88.0, 100.0, -100.0]
+LOW_PRECISION = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _per_column(actual, expected, name):
+    """Each column checked on its own scale: a tiny log p beside a large one must be exact too."""
+    for j in range(expected.shape[1]):
+        assert_close_to(actual[:, j], expected[:, j], f"{name}[:, {j}]")
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_continuous_bernoulli_is_accurate_at_every_logit(backend, dtype):
+    logits = leaf(torch.tensor([CB_EXTREME_LOGITS] * 4, device=DEVICE).to(dtype))
+    target = torch.rand(4, len(CB_EXTREME_LOGITS), device=DEVICE)
+    target[0], target[1] = 0.0, 1.0  # the support's ends, beside grey levels
+    with fastvae.use_backend(backend):
+        logp = fastvae.continuous_bernoulli_log_likelihood(logits, target, reduction="none")
+        logp.backward(torch.ones_like(logp))
+    logits64 = leaf(logits.detach().double())
+    expected = oracle_cb(logits64, target.double())
+    expected.sum().backward()
+    _per_column(logp, expected, "logp")
+    _per_column(logits.grad, logits64.grad, "grad_logits")
+
+
+# (logvar, x - mean) pairs: log-variances of +-30, data far from the mean, and x == mean exactly.
+# Float16 holds gradients up to 65504 only, so its extremes are milder.
+GAUSSIAN_EXTREMES = {
+    torch.float32: [(-30.0, 1e-3), (-30.0, 0.0), (30.0, 1e4), (30.0, 0.0), (0.0, 1e4), (0.0, -1e4), (12.5, 3e3),
+                    (-30.0, -2e-3)],
+    torch.float16: [(-10.0, 1e-2), (-10.0, 0.0), (10.0, 3e2), (10.0, 0.0), (0.0, 2e2), (0.0, -2e2)],
+}
+GAUSSIAN_EXTREMES[torch.bfloat16] = GAUSSIAN_EXTREMES[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gaussian_is_accurate_at_extreme_log_variances_and_distances(backend, dtype):
+    logvar_values, distances = zip(*GAUSSIAN_EXTREMES[dtype])
+    mean = leaf(torch.randn(3, len(distances), device=DEVICE).to(dtype))
+    logvar = leaf(torch.tensor([logvar_values] * 3, device=DEVICE).to(dtype))
+    x = (mean.detach().double() + torch.tensor(distances, dtype=torch.float64, device=DEVICE)).float()
+    with fastvae.use_backend(backend):
+        logp = fastvae.gaussian_log_likelihood(mean, x, logvar, reduction="none")
+        logp.backward(torch.ones_like(logp))
+    mean64, logvar64 = leaf(mean.detach().double()), leaf(logvar.detach().double())
+    expected = oracle_gaussian(mean64, x.double(), logvar64)
+    expected.sum().backward()
+    _per_column(logp, expected, "logp")
+    _per_column(mean.grad, mean64.grad, "grad_mean")
+    _per_column(logvar.grad, logvar64.grad, "grad_logvar")
+
+
 @pytest.fixture
 def poisoned_outputs(monkeypatch):
     """Make every torch.empty / empty_like float output start as NaN, so an unwritten element shows."""
@@ -102,9 +168,11 @@ def poisoned_outputs(monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_output_element_is_written(backend, shape, poisoned_outputs):
     gaussian, bernoulli = family("gaussian").module(backend), family("bernoulli").module(backend)
+    cb, likelihood = family("continuous_bernoulli").module(backend), family("gaussian_likelihood").module(backend)
     a = torch.randn(shape, device=DEVICE)
     b = torch.rand(shape, device=DEVICE)
     seed = torch.tensor(1234, device=DEVICE)
+    one_row = b[:1]  # a row-periodic target or log-variance
     outputs = [
         *gaussian.reparameterize_kl_forward(a, b, None, seed),
         *gaussian.reparameterize_kl_backward(a, b[:, 0].contiguous(), a, b, None, seed),
@@ -112,6 +180,11 @@ def test_every_output_element_is_written(backend, shape, poisoned_outputs):
         *gaussian.gaussian_kl_forward(a, b, False, True),
         *bernoulli.bernoulli_forward(a, b, True, True),
         *bernoulli.bernoulli_forward(a, b, False, True),
+        *cb.continuous_bernoulli_forward(a, b, True, True),
+        *cb.continuous_bernoulli_forward(a, one_row, False, True),
+        *likelihood.gaussian_likelihood_forward(a, b, b, True, True),
+        *likelihood.gaussian_likelihood_forward(a, one_row, one_row, False, True),
+        *likelihood.gaussian_likelihood_forward(a, b, None, True, True)[:2],
     ]
     assert torch.isnan(torch.empty(3)).all(), "the poison fixture is not active"
     for i, out in enumerate(outputs):

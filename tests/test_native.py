@@ -20,8 +20,10 @@ from fastvae.errors import BackendUnavailableError
 from fastvae.ops import library
 from fastvae.ops.bernoulli import native as bernoulli
 from fastvae.ops.bernoulli import reference as bernoulli_reference
+from fastvae.ops.continuous_bernoulli import native as continuous_bernoulli
 from fastvae.ops.gaussian import native as gaussian
 from fastvae.ops.gaussian import reference as gaussian_reference
+from fastvae.ops.gaussian_likelihood import native as gaussian_likelihood
 from fastvae.ops.noise import philox_normal, philox_uint32x4
 from helpers import assert_close_to
 
@@ -333,12 +335,16 @@ def test_results_do_not_depend_on_the_thread_count():
     mu, logvar = _posterior(shape, torch.float32, strided=True)
     logits, target = 3 * torch.randn(shape), torch.rand(shape)
     grad_z, grad_kl = torch.randn(shape), torch.rand(shape[0])
+    data, shared_logvar = torch.randn(shape), torch.randn(1, shape[1])
 
     def run_all():
         return (*gaussian.reparameterize_kl_forward(mu, logvar, None, SEED),
                 *gaussian.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, None, SEED),
                 *gaussian.gaussian_kl_forward(mu, logvar, False, True),
-                *bernoulli.bernoulli_forward(logits, target, False, True))
+                *bernoulli.bernoulli_forward(logits, target, False, True),
+                *continuous_bernoulli.continuous_bernoulli_forward(logits, target[:1], False, True, -0.3),
+                *gaussian_likelihood.gaussian_likelihood_forward(logits, data, shared_logvar, False, True, -0.3),
+                *gaussian_likelihood.gaussian_likelihood_forward(logits, data, None, True, True)[:2])
 
     before = torch.get_num_threads()
     try:

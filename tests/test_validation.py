@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import fastvae
+from fastvae.ops.elbo_spec import elbo_from
+from fastvae.ops.gaussian_likelihood.spec import oracle_log_prob as oracle_gaussian
 
 B, D, L = 4, 10, 3
 
@@ -137,3 +139,85 @@ def test_nan_logits_are_not_blamed_on_the_targets():
 def test_set_validate_args_takes_a_bool():
     with pytest.raises(TypeError, match="True or False"):
         fastvae.set_validate_args("no")
+
+
+# --------------------------------------------------------------------------- the likelihood families
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: fastvae.continuous_bernoulli_log_likelihood(torch.randn(B, D), torch.rand(B, D + 1)), ValueError,
+     r"logits \[4, 10\] and x \[4, 11\] must have the same shape"),
+    (lambda: fastvae.continuous_bernoulli_log_likelihood(torch.randn(B, D), torch.ones(B, D, dtype=torch.uint8)),
+     TypeError, "x must be a floating-point tensor"),
+    (lambda: fastvae.continuous_bernoulli_log_likelihood(torch.randn(B, D), torch.rand(B, D), reduction="avg"),
+     ValueError, "unknown reduction 'avg'"),
+    (lambda: fastvae.gaussian_log_likelihood(torch.randn(B, D), torch.randn(B + 1, D)), ValueError,
+     r"mean \[4, 10\] and x \[5, 10\] must have the same shape"),
+    (lambda: fastvae.gaussian_log_likelihood(torch.randn(B, D), torch.randn(B, D), torch.randn(D + 1)), ValueError,
+     r"logvar \[11\] must broadcast to the shape of x \[4, 10\].*per feature \(\[10\]\) or a scalar"),
+    (lambda: fastvae.gaussian_log_likelihood(torch.randn(B, D), torch.randn(B, D), torch.randn(2, D)), ValueError,
+     r"logvar \[2, 10\] must broadcast to the shape of x \[4, 10\]"),
+    (lambda: fastvae.gaussian_log_likelihood(torch.randn(B, D), torch.randn(B, D), torch.randn(3, B, D)), ValueError,
+     r"logvar \[3, 4, 10\] must broadcast to the shape of x \[4, 10\]"),
+    (lambda: fastvae.gaussian_log_likelihood(torch.randn(B, D), torch.randn(B, D), torch.zeros(D, dtype=torch.long)),
+     TypeError, "logvar must be a floating-point tensor"),
+    (lambda: fastvae.gaussian_log_likelihood(torch.randn(B, D), torch.randn(B, D), [0.0] * D), TypeError,
+     "logvar must be a torch.Tensor, got list"),
+    (lambda: fastvae.gaussian_log_likelihood(torch.randn(B, D), torch.randn(B, D), torch.randn(D, device="meta")),
+     ValueError, "one device.*x on cpu, logvar on meta"),
+], ids=["cb-shapes", "cb-int-target", "cb-reduction", "gaussian-shapes", "logvar-width", "logvar-rows",
+        "logvar-more-dims", "logvar-int", "logvar-list", "logvar-device"])
+def test_likelihoods_reject_bad_inputs(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_a_log_variance_broadcasts_from_any_shared_shape():
+    mean, x = torch.randn(B, 2, 5), torch.randn(B, 2, 5)
+    for shape in [(), (5,), (2, 1), (1, 2, 5), (B, 1, 1), (B, 2, 5)]:
+        logvar = torch.randn(shape)
+        expected = torch.distributions.Normal(mean.double(), torch.exp(0.5 * logvar.double())).log_prob(x.double())
+        got = fastvae.gaussian_log_likelihood(mean, x, logvar, reduction="none")
+        torch.testing.assert_close(got.double(), expected, rtol=2e-6, atol=1e-6, msg=lambda m: f"{shape}: {m}")
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.25, float("nan")], ids=["above", "below", "nan"])
+def test_continuous_bernoulli_refuses_data_outside_the_unit_interval(bad):
+    args = _args()
+    args["target"][2, 7] = bad
+    with pytest.raises(ValueError, match=r"x must lie in \[0, 1\].*x\[2, 7\]"):
+        fastvae.continuous_bernoulli_log_likelihood(args["logits"], args["target"])
+    with pytest.raises(ValueError, match=r"x must lie in \[0, 1\].*x\[2, 7\]"):
+        fastvae.continuous_bernoulli_log_likelihood(args["logits"], args["target"], reduction="none")
+    with pytest.raises(ValueError, match=r"target must lie in \[0, 1\].*target\[2, 7\]"):
+        fastvae.elbo_loss(**args, likelihood="continuous_bernoulli")
+    fastvae.set_validate_args(False)
+    try:
+        rows = fastvae.continuous_bernoulli_log_likelihood(args["logits"], args["target"], reduction="none")
+    finally:
+        fastvae.set_validate_args(True)
+    assert torch.isnan(rows[2, 7]) and torch.isfinite(rows[[0, 1, 3]]).all()
+
+
+def test_the_gaussian_takes_any_real_data():
+    args = _args(target=torch.randn(B, D) * 100)
+    decoder_logvar = torch.randn(B, D)
+    loss = fastvae.elbo_loss(**args, likelihood="gaussian", decoder_logvar=decoder_logvar, beta=0.7)
+    logp = oracle_gaussian(args["logits"].double(), args["target"].double(), decoder_logvar.double())
+    expected = elbo_from(logp, args["mu"].double(), args["logvar"].double(), beta=0.7)
+    torch.testing.assert_close(loss.double(), expected, rtol=2e-6, atol=0.0)
+    with pytest.raises(ValueError, match=r"target must lie in \[0, 1\]"):
+        fastvae.elbo_loss(**args)  # the Bernoulli default still refuses it
+
+
+def test_elbo_loss_refuses_an_unknown_likelihood_or_a_stray_log_variance():
+    with pytest.raises(ValueError, match=r"unknown likelihood 'normal'; choose one of 'bernoulli', "
+                                         r"'continuous_bernoulli', 'gaussian'"):
+        fastvae.elbo_loss(**_args(), likelihood="normal")
+    with pytest.raises(ValueError, match="unknown likelihood"):
+        fastvae.ELBOLoss(likelihood="laplace")
+    with pytest.raises(ValueError, match=r"decoder_logvar is the log-variance of a Gaussian.*likelihood='bernoulli'.*"
+                                         r"pass likelihood='gaussian'"):
+        fastvae.elbo_loss(**_args(), decoder_logvar=torch.randn(B, D))
+    with pytest.raises(ValueError, match="likelihood='continuous_bernoulli'"):
+        fastvae.ELBOLoss(likelihood="continuous_bernoulli")(**_args(), decoder_logvar=torch.randn(D))
+    with pytest.raises(ValueError, match=r"decoder_logvar \[3\] must broadcast to the shape of target \[4, 10\]"):
+        fastvae.elbo_loss(**_args(), likelihood="gaussian", decoder_logvar=torch.randn(3))

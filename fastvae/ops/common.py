@@ -50,6 +50,36 @@ def storage_dtype(*tensors: Tensor | None) -> torch.dtype:
     return first if all(t.dtype == first for t in present) else loss_dtype(*present)
 
 
+# (parameter, target) dtypes a likelihood kernel reads, a decoder's output against the data:
+# see likelihood_storage. Listing them keeps the compiled and native variants few.
+LIKELIHOOD_DTYPE_PAIRS = ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                          (torch.bfloat16, torch.float32), (torch.float16, torch.float16),
+                          (torch.float16, torch.float32), (torch.float64, torch.float64))
+
+
+def likelihood_storage(param: torch.dtype, target: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+    """The (param, target) dtypes a likelihood kernel reads, one of LIKELIHOOD_DTYPE_PAIRS: float64
+    for both if either is; the target as it is when it has the param dtype or float32 (bf16 logits
+    of an AMP decoder against float32 data is the common mix), else as float32."""
+    if torch.float64 in (param, target):
+        return torch.float64, torch.float64
+    return param, target if target in (param, torch.float32) else torch.float32
+
+
+def likelihood_inputs(params: Sequence[Tensor | None], target: Tensor) -> tuple[list[Tensor | None], Tensor]:
+    """A likelihood kernel's inputs as it reads them: the params (a decoder's outputs, e.g. mean and
+    log-variance; None passes through) in their one storage dtype (storage_dtype), the target
+    in the dtype likelihood_storage pairs with it. No copy when the dtypes already fit."""
+    param_dtype, target_dtype = likelihood_storage(storage_dtype(*params), target.dtype)
+    return [None if p is None else p.to(param_dtype) for p in params], target.to(target_dtype)
+
+
+def tile_rows(t: Tensor, rows: int) -> Tensor:
+    """t [T, N] -> [rows, N] with row r = t[r % T] (T divides rows): a row-periodic target as
+    the likelihood kernels read it (e.g. the data [B, D] against K samples' logits [K * B, D])."""
+    return t if t.shape[0] == rows else t.repeat(rows // t.shape[0], 1)
+
+
 def rows_shape(t: Tensor, elementwise: bool) -> tuple[int, ...]:
     """The shape of a per-element (t's shape) or per-datapoint ([B]) result for t [B, ...]."""
     return tuple(t.shape) if elementwise else tuple(t.shape[:1])
@@ -92,6 +122,18 @@ def is_the_weight(grad_rows: Tensor, weight: float) -> bool:
             and grad_rows.stride(0) == 0 and grad_rows.device.type == "cpu"
             and not torch.compiler.is_compiling() and not torch.is_grad_enabled()
             and grad_rows[0].item() == _in_dtype(weight, grad_rows.dtype))
+
+
+def saved_grad_factor(grad_rows: Tensor, weight: float | None, handed_over: bool) -> Tensor | None:
+    """What a gradient saved in the forward pass, weight * d(rows)/d(input) (d(rows)/d(input) when
+    weight is None), is multiplied by in backward for the upstream gradient grad_rows: None when
+    grad_rows is the weight itself and the saved gradient can be handed over as it is (once: after
+    that its receiver owns it, see is_the_weight)."""
+    if weight is None:
+        return grad_rows
+    if not handed_over and is_the_weight(grad_rows, weight):
+        return None
+    return grad_rows / weight
 
 
 # --------------------------------------------------------------------------- how a call is observed

@@ -208,6 +208,17 @@ def check_rows(name: str, t: Tensor, shape: torch.Size | None = None) -> Tensor:
     return t
 
 
+def check_periodic_rows(name: str, t: Tensor, like: Tensor) -> Tensor:
+    """t as check_rows returns it, with like's column count and a row count that divides like's:
+    row r of like is paired with row r % t.shape[0] of t (a row-periodic target)."""
+    t = check_rows(name, t)
+    rows, cols = like.shape
+    if t.shape[1] != cols or t.shape[0] == 0 or rows % t.shape[0]:
+        raise ValueError(f"native backend: {name} {list(t.shape)} must have {cols} columns and a row count "
+                         f"that divides {rows}, the rows of the first input")
+    return t
+
+
 def pointer(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 

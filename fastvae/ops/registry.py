@@ -49,6 +49,8 @@ class Family:
 FAMILIES: tuple[Family, ...] = (
     Family("gaussian", ("reparameterize_kl_forward", "reparameterize_kl_backward", "gaussian_kl_forward")),
     Family("bernoulli", ("bernoulli_forward",)),
+    Family("continuous_bernoulli", ("continuous_bernoulli_forward",)),
+    Family("gaussian_likelihood", ("gaussian_likelihood_forward",)),
 )
 
 

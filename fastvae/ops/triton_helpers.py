@@ -4,12 +4,15 @@ tests/test_triton_compile.py compiles for real GPUs)."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
+
+from fastvae.ops.common import LIKELIHOOD_DTYPE_PAIRS
 
 # Philox4x32-10 constants; the stream is specified in fastvae.ops.noise.
 PHILOX_MUL_A: tl.constexpr = tl.constexpr(0xD2511F53)
@@ -125,3 +128,21 @@ class Specialization:
             else:
                 out[arg] = "fp32" if arg in self.floats else "i32"
         return out
+
+
+def logits_likelihood_specializations(kernel) -> list[Specialization]:
+    """Every compiled form of a likelihood-from-logits kernel (the Bernoulli's, the continuous
+    Bernoulli's): pointers logits_ptr, target_ptr (a pair of LIKELIHOOD_DTYPE_PAIRS), logp_ptr
+    (the compute dtype) and dlogits_ptr (the logits' dtype, or logp's when unused), the float
+    `weight`, and constexprs ELEMENTWISE, COMPUTE_GRAD, COMPUTE, BLOCK_B and BLOCK_D."""
+    out = []
+    for (logits, target), (block_b, block_d) in itertools.product(LIKELIHOOD_DTYPE_PAIRS, tiles()):
+        loss = torch.float64 if logits == torch.float64 else torch.float32
+        for elementwise, grad in itertools.product((False, True), repeat=2):
+            pointers = {"logits_ptr": logits, "target_ptr": target, "logp_ptr": loss,
+                        "dlogits_ptr": logits if grad else loss}
+            out.append(Specialization(kernel, pointers,
+                                      {"ELEMENTWISE": elementwise, "COMPUTE_GRAD": grad,
+                                       "COMPUTE": compute_dtype(torch.empty(0, dtype=logits)),
+                                       "BLOCK_B": block_b, "BLOCK_D": block_d}, floats=("weight",)))
+    return out

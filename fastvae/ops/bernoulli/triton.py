@@ -3,21 +3,19 @@
 log p = x*l - softplus(l) = -(max(l, 0) - l*x + log1p(exp(-|l|)));  dlogp/dl = x - sigmoid(l).
 Only exp(-|l|) <= 1 is ever formed, so logits of any size stay finite. A target outside
 [0, 1] makes its element NaN, value and gradient (see reference.py).
-Logits and target may differ in dtype when the target is float32 (bf16 logits from an AMP
-decoder against fp32 data is the common case); other mixes read the target as float32, and a
-float64 one makes both float64 (so the compiled variants stay few, see specializations()).
+Logits and target are read in the dtypes of common.likelihood_inputs (bf16 logits from an AMP
+decoder against fp32 data without a copy; the compiled variants stay few, see specializations()).
 """
 
 from __future__ import annotations
-
-import itertools
 
 import torch
 import triton
 import triton.language as tl
 
-from fastvae.ops.common import loss_dtype
-from fastvae.ops.triton_helpers import LAUNCH_OPTIONS, Specialization, compute_dtype, log1p_small, tile, tiles
+from fastvae.ops.common import likelihood_inputs, loss_dtype
+from fastvae.ops.triton_helpers import (LAUNCH_OPTIONS, Specialization, compute_dtype, log1p_small,
+                                        logits_likelihood_specializations, tile)
 
 
 @triton.jit
@@ -60,7 +58,7 @@ def bernoulli_forward(logits: torch.Tensor, target: torch.Tensor, elementwise: b
                       weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits, target [B, D] -> log p ([B, D] or [B]), weight * dlogp/dlogits | None."""
     B, D = logits.shape
-    l, x = _storage(logits, target)
+    (l,), x = likelihood_inputs((logits,), target)
     compute = loss_dtype(l)
     logp = torch.empty((B, D) if elementwise else (B,), dtype=compute, device=logits.device)
     dlogits = torch.empty((B, D), dtype=l.dtype, device=logits.device) if compute_grad else None
@@ -73,32 +71,6 @@ def bernoulli_forward(logits: torch.Tensor, target: torch.Tensor, elementwise: b
     return logp, None if dlogits is None else dlogits.to(logits.dtype)
 
 
-def _storage(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tensors the kernel reads: float64 for both if either is; the target as is when it has
-    the logits' dtype or float32, else as float32."""
-    if torch.float64 in (logits.dtype, target.dtype):
-        return logits.to(torch.float64), target.to(torch.float64)
-    if target.dtype in (logits.dtype, torch.float32):
-        return logits, target
-    return logits, target.float()
-
-
-# (logits, target) dtypes the launcher passes on.
-DTYPE_PAIRS = ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
-               (torch.float16, torch.float16), (torch.float16, torch.float32), (torch.float64, torch.float64))
-
-
 def specializations() -> list[Specialization]:
     """Every compiled form the launcher above can request."""
-    pairs = DTYPE_PAIRS
-    out = []
-    for (logits, target), (block_b, block_d) in itertools.product(pairs, tiles()):
-        loss = torch.float64 if logits == torch.float64 else torch.float32
-        for elementwise, grad in itertools.product((False, True), repeat=2):
-            pointers = {"logits_ptr": logits, "target_ptr": target, "logp_ptr": loss,
-                        "dlogits_ptr": logits if grad else loss}
-            out.append(Specialization(_bernoulli_fwd_kernel, pointers,
-                                      {"ELEMENTWISE": elementwise, "COMPUTE_GRAD": grad,
-                                       "COMPUTE": compute_dtype(torch.empty(0, dtype=logits)),
-                                       "BLOCK_B": block_b, "BLOCK_D": block_d}, floats=("weight",)))
-    return out
+    return logits_likelihood_specializations(_bernoulli_fwd_kernel)

@@ -1,0 +1,121 @@
+"""The custom op of a likelihood from logits against a target in [0, 1], with its gradient computed
+in the forward pass: what the Bernoulli and the continuous Bernoulli families share.
+
+Such an op takes (logits, target, elementwise, compute_grad, weight) and returns log p
+(logits' shape if elementwise, else per datapoint [B]) and weight * dlogp/dlogits. Computing
+the gradient while logits and target are in registers saves the backward pass a second read
+of both: backward is one multiply by the upstream gradient, or nothing.
+
+With a `weight`, the caller's loss term is weight * (sum of the per-row log p) and the kernel
+writes weight * dlogp/dl. elbo_loss calls it so (weight -1/B): when backward then receives
+the rows' gradient that loss.backward() gives (weight itself, broadcast), the saved gradient
+already is d(loss)/d(logits) and is handed over as is, with no pass over [B, D] left to make
+(see fastvae.ops.common.is_the_weight). dlogp/dtarget = logits for both families (their
+normalizers do not depend on the target).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from fastvae.ops.common import (FusedOp, as_rows, composite_vjp, loss_dtype, no_grad_placeholder, rows_shape,
+                                saved_grad_factor, scale_saved_grad, view_as_shape)
+from fastvae.ops.registry import implementation
+
+
+def logits_likelihood_op(name: str, family: str, kernel: str, log_prob: Callable[[Tensor, Tensor], Tensor],
+                         grad_logits: Callable[[Tensor, Tensor], Tensor]) -> FusedOp:
+    """The FusedOp `fastvae::<name>` that runs `kernel` of op family `family` (see registry.py).
+
+    log_prob(l, x) and grad_logits(l, x) are the reference's per-element log p and dlogp/dl in
+    torch ops: the composite (torch.func transforms, double backward) is built from them."""
+
+    def forward(logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool,
+                weight: Optional[float] = None) -> tuple[Tensor, Tensor]:
+        """logits, target [B, ...] -> log p (logits' shape if elementwise else [B]), and
+        weight * dlogp/dlogits (weight 1 when None; an empty tensor unless compute_grad)."""
+        if weight is not None and elementwise:
+            raise ValueError(f"{name}: a weight scales the rows' sum, so elementwise must be False")
+        if logits.numel() == 0:
+            logp = logits.new_zeros(rows_shape(logits, elementwise), dtype=loss_dtype(logits, target))
+            return logp, torch.zeros_like(logits) if compute_grad else no_grad_placeholder(logits)
+        run = implementation(family, kernel, logits.device)
+        logp, dlogits = run(as_rows(logits), as_rows(target), elementwise, compute_grad,
+                            1.0 if weight is None else weight)
+        logp = view_as_shape(logp, rows_shape(logits, elementwise))
+        if not compute_grad:
+            return logp, no_grad_placeholder(logits)
+        return logp, view_as_shape(dlogits, logits.shape)
+
+    def composite(logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool,
+                  weight: Optional[float] = None) -> tuple[Tensor, Tensor]:
+        """The same outputs from torch ops, differentiable by every autograd mode."""
+        compute = loss_dtype(logits, target)
+        l, x = logits.to(compute), target.to(compute)
+        logp = log_prob(l, x)
+        logp = logp if elementwise else logp.reshape(logits.shape[0], -1).sum(dim=1)
+        if not compute_grad:
+            return logp, no_grad_placeholder(logits)
+        return logp, ((1.0 if weight is None else weight) * grad_logits(l, x)).to(logits.dtype)
+
+    custom_op = torch.library.custom_op(f"fastvae::{name}", forward, mutates_args=())
+
+    @custom_op.register_fake
+    def _(logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool,
+          weight: Optional[float] = None) -> tuple[Tensor, Tensor]:
+        logp = logits.new_empty(rows_shape(logits, elementwise), dtype=loss_dtype(logits, target))
+        if not compute_grad:
+            return logp, no_grad_placeholder(logits)
+        return logp, torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+    def setup_context(ctx, inputs, output) -> None:
+        logits, target, elementwise, compute_grad, *rest = inputs
+        ctx.compute_grad, ctx.elementwise = compute_grad, elementwise
+        ctx.weight = rest[0] if rest else None
+        ctx.handed_over = False
+        # Nothing differentiates through the gradient output: without this, autograd hands
+        # backward a zero-filled [B, D] tensor for it on every call.
+        ctx.set_materialize_grads(False)
+        ctx.target_dtype = target.dtype
+        # logits serve dlogp/dtarget (rare in a VAE) and, with target, recomputing dlogp/dlogits
+        # when the op was called with compute_grad=False; saving inputs costs no memory.
+        if getattr(ctx, "eager", False):
+            # Eager, the gradient output is kept on ctx rather than saved: backward may give it
+            # away, and its receiver may change it in place (a hook, an optimizer's zero_grad),
+            # which would make a saved tensor fail a second backward's version check.
+            ctx.mark_non_differentiable(output[1])
+            ctx.dlogits = output[1]
+            ctx.save_for_backward(logits, target)
+        else:
+            ctx.save_for_backward(logits, target, output[1])
+
+    def backward(ctx, grad_logp: Tensor | None, _grad_dlogits: Tensor | None):
+        if grad_logp is None:  # only the gradient output was used: it carries no gradient
+            return None, None, None, None, None
+        logits, target, *saved = ctx.saved_tensors
+        dlogits = saved[0] if saved else ctx.dlogits
+        if torch.is_grad_enabled():  # create_graph=True: record a differentiable backward
+            inputs = (logits, target, ctx.elementwise, False, None)
+            return tuple(composite_vjp(composite, inputs, (grad_logp,), ctx.needs_input_grad[:2] + (False,) * 3))
+        grad_logits_out = grad_target = None
+        if ctx.needs_input_grad[0]:
+            if not ctx.compute_grad or ctx.handed_over:
+                # Called with compute_grad=False, or a second backward (retain_graph) after the
+                # saved gradient was handed over and may have been changed by its receiver.
+                _, dlogits = fused(logits, target, ctx.elementwise, True, ctx.weight)
+            factor = saved_grad_factor(grad_logp, ctx.weight, ctx.handed_over)
+            if factor is None:
+                ctx.handed_over = True
+                ctx.dlogits = None  # given away: the receiver owns it now
+                grad_logits_out = dlogits
+            else:
+                grad_logits_out = scale_saved_grad(dlogits, factor)
+        if ctx.needs_input_grad[1]:
+            grad_target = scale_saved_grad(logits, grad_logp).to(ctx.target_dtype)
+        return grad_logits_out, grad_target, None, None, None
+
+    fused = FusedOp(custom_op, forward, composite, setup_context, backward)
+    return fused
