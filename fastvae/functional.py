@@ -39,50 +39,63 @@ def _reduce_rows(rows: Tensor, reduction: str, elements: int) -> Tensor:
 
 
 # --------------------------------------------------------------------------- sampling
-def reparameterize_kl(mu: Tensor, logvar: Tensor, eps: Tensor | None = None, *,
+def reparameterize_kl(mu: Tensor, logvar: Tensor, eps: Tensor | None = None, *, samples: int | None = None,
                       generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Sample z ~ q(z|x) = N(mu, exp(logvar)) and its KL to N(0, I), in one fused pass.
 
     Args:
         mu, logvar: [B, ...] mean and log-variance of q(z|x), any float dtype
             (`mu, logvar = h.chunk(2, dim=1)` costs no copy).
-        eps: optional [B, ...] standard-normal noise. When None the kernel draws it
-            (Philox, seeded from `generator` or torch's default generator of mu's device,
-            so torch.manual_seed reproduces it) and regenerates it in backward rather than
-            storing it.
+        eps: optional standard-normal noise, [B, ...] ([K, B, ...] with samples=K). When
+            None the kernel draws it (Philox, seeded from `generator` or torch's default
+            generator of mu's device, so torch.manual_seed reproduces it) and regenerates it
+            in backward rather than storing it.
+        samples: K, to draw K samples per datapoint (importance-weighted bounds, see
+            iwae_loss): z gets a leading samples dim. mu and logvar are read in place for
+            every sample, never copied K times, and backward sums the K samples' gradients
+            inside the kernel. The noise of z[k, b] is what the rows k * B + b of a K * B-row
+            call would draw. None (the default): one sample, z [B, ...].
         generator: a torch.Generator for the seed of the noise.
 
     Returns:
-        z: [B, ...] in mu's dtype, mu + exp(0.5 * logvar) * eps.
+        z: [B, ...] ([K, B, ...] with samples=K) in mu's dtype, mu + exp(0.5 * logvar) * eps.
         kl: [B] float32, per datapoint sum of 0.5 * (mu^2 + exp(logvar) - logvar - 1).
 
     Example:
         >>> mu, logvar = encoder(x).chunk(2, dim=1)          # [B, 32] each
         >>> z, kl = fastvae.reparameterize_kl(mu, logvar)    # z [B, 32], kl [B]
         >>> loss = fastvae.elbo_loss(decoder(z), x, kl=kl)
+        >>> z, _ = fastvae.reparameterize_kl(mu, logvar, samples=5)   # z [5, B, 32]
     """
     check.check_pair("mu", mu, "logvar", logvar)
+    check.check_samples(samples)
     if eps is not None:
         check.check_float_tensor("eps", eps)
-        check.check_same_shape("eps", eps, "mu", mu)
         check.check_same_device(mu=mu, eps=eps)
+        if samples is None:
+            check.check_same_shape("eps", eps, "mu", mu)
+        elif eps.shape != (samples,) + mu.shape:
+            raise ValueError(f"eps {list(eps.shape)} must have shape [samples, *mu.shape] = "
+                             f"{[samples, *mu.shape]} with samples={samples}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     seed = draw_seed(mu.device, generator) if (generator is not None and eps is None) else None
-    z, kl, _ = reparameterize_kl_fused(mu, logvar, eps, seed)
+    z, kl, _ = reparameterize_kl_fused(mu, logvar, eps, seed, samples)
     return z, kl
 
 
-def reparameterize(mu: Tensor, logvar: Tensor, eps: Tensor | None = None, *,
+def reparameterize(mu: Tensor, logvar: Tensor, eps: Tensor | None = None, *, samples: int | None = None,
                    generator: torch.Generator | None = None) -> Tensor:
-    """z = mu + exp(0.5 * logvar) * eps, [B, ...] in mu's dtype; the arguments of reparameterize_kl.
+    """z = mu + exp(0.5 * logvar) * eps in mu's dtype, [B, ...] ([K, B, ...] with samples=K); the
+    arguments of reparameterize_kl.
 
     It runs the same kernel: the KL costs no extra read, only a [B] write.
 
     Example:
-        >>> z = fastvae.reparameterize(mu, logvar)           # z ~ N(mu, exp(logvar))
+        >>> z = fastvae.reparameterize(mu, logvar)              # z ~ N(mu, exp(logvar)), [B, L]
+        >>> zs = fastvae.reparameterize(mu, logvar, samples=5)  # 5 samples per datapoint, [5, B, L]
     """
-    return reparameterize_kl(mu, logvar, eps, generator=generator)[0]
+    return reparameterize_kl(mu, logvar, eps, samples=samples, generator=generator)[0]
 
 
 # --------------------------------------------------------------------------- losses

@@ -41,6 +41,11 @@ def plain_sample(mu, logvar, eps):
     return (z.sin() * 1.3).sum() + (kl * kl).sum()
 
 
+def fused_samples(mu, logvar, eps):
+    z, kl = fastvae.reparameterize_kl(mu, logvar, eps, samples=eps.shape[0])
+    return (z.sin() * 1.3).sum() + (kl * kl).sum()
+
+
 def _elbo_inputs():
     return (torch.randn(3, 7, **F64) * 2, torch.randn(3, 4, **F64), torch.randn(3, 4, **F64),
             torch.rand(3, 7, **F64).round())
@@ -64,7 +69,12 @@ def test_gradgradcheck_every_op(backend):
         # The Philox path: the noise is regenerated from the seed in both backwards.
         from fastvae.ops.gaussian.op import reparameterize_kl_fused
 
-        assert torch.autograd.gradgradcheck(lambda m, v: reparameterize_kl_fused(m, v, None, SEED)[:2], (mu, logvar))
+        assert torch.autograd.gradgradcheck(lambda m, v: reparameterize_kl_fused(m, v, None, SEED, None)[:2], (mu, logvar))
+        # K samples per row: backward sums them inside the kernel.
+        assert torch.autograd.gradgradcheck(lambda m, v: reparameterize_kl_fused(m, v, None, SEED, 3)[:2], (mu, logvar))
+        eps_samples = _eps((2, 3, 4)).requires_grad_()
+        assert torch.autograd.gradgradcheck(lambda m, v, e: fastvae.reparameterize_kl(m, v, e, samples=2),
+                                            (mu, logvar, eps_samples))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -118,7 +128,7 @@ def _transforms(fused, plain, inputs):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_torch_func_transform_matches_plain_pytorch(backend):
     logits, mu, logvar, target = _elbo_inputs()
-    eps = _eps((3, 4))
+    eps, eps_samples = _eps((3, 4)), _eps((2, 3, 4))
     cases = {
         "elbo_loss": (lambda l, m, v: fused_elbo(l, m, v, target), lambda l, m, v: plain_elbo(l, m, v, target),
                       (logits, mu, logvar)),
@@ -127,6 +137,8 @@ def test_every_torch_func_transform_matches_plain_pytorch(backend):
         "gaussian_kl": (lambda m, v: fastvae.gaussian_kl(m, v, "sum"),
                         lambda m, v: 0.5 * (m.pow(2) + v.exp() - v - 1).sum(), (mu, logvar)),
         "reparameterize_kl": (lambda m, v: fused_sample(m, v, eps), lambda m, v: plain_sample(m, v, eps), (mu, logvar)),
+        "reparameterize_kl_samples": (lambda m, v: fused_samples(m, v, eps_samples),
+                                      lambda m, v: plain_sample(m, v, eps_samples), (mu, logvar)),  # broadcast
     }
     with fastvae.use_backend(backend):
         for op, (fused, plain, inputs) in cases.items():

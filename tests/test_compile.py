@@ -23,10 +23,14 @@ def test_opcheck(backend):
     logits, target = torch.randn(3, 7, device=DEVICE, requires_grad=True), torch.rand(3, 7, device=DEVICE)
     seed = torch.tensor(99, device=DEVICE)
     cases = [
-        (reparameterize_kl_op, (mu, logvar, None, seed)),
-        (reparameterize_kl_op, (mu, logvar, torch.randn(3, 5, device=DEVICE), None)),
+        (reparameterize_kl_op, (mu, logvar, None, seed, None)),
+        (reparameterize_kl_op, (mu, logvar, torch.randn(3, 5, device=DEVICE), None, None)),
         (reparameterize_kl_backward_op, (torch.randn(3, 5, device=DEVICE), torch.randn(3, device=DEVICE),
-                                         mu.detach(), logvar.detach(), None, seed)),
+                                         mu.detach(), logvar.detach(), None, seed, None)),
+        (reparameterize_kl_op, (mu, logvar, None, seed, 4)),
+        (reparameterize_kl_op, (mu, logvar, torch.randn(2, 3, 5, device=DEVICE), None, 2)),
+        (reparameterize_kl_backward_op, (torch.randn(2, 3, 5, device=DEVICE), torch.randn(3, device=DEVICE),
+                                         mu.detach(), logvar.detach(), None, seed, 2)),
         (gaussian_kl_op, (mu, logvar, False, True)),
         (gaussian_kl_op, (mu, logvar, True, False)),
         (bernoulli_log_likelihood_op, (logits, target, False, True)),
@@ -43,8 +47,9 @@ def _fused_op_cases():
     logits = torch.randn(4, 9, device=DEVICE, requires_grad=True)
     target = torch.rand(4, 9, device=DEVICE)
     seed = torch.tensor(1234, device=DEVICE)
-    return [(reparameterize_kl_fused, (mu, logvar, None, seed)),
-            (reparameterize_kl_fused, (mu, logvar, torch.randn(4, 6, device=DEVICE), None)),
+    return [(reparameterize_kl_fused, (mu, logvar, None, seed, None)),
+            (reparameterize_kl_fused, (mu, logvar, torch.randn(4, 6, device=DEVICE), None, None)),
+            (reparameterize_kl_fused, (mu, logvar, None, seed, 3)),
             (gaussian_kl_fused, (mu, logvar, False, True)),
             (gaussian_kl_fused, (mu, logvar, True, False)),
             (bernoulli_log_likelihood_fused, (logits, target, False, True)),
@@ -118,7 +123,7 @@ def test_gradcheck_float64(backend):
     target = torch.rand(3, 7, device=DEVICE, dtype=torch.float64, requires_grad=True)
     seed = torch.tensor(2024, device=DEVICE)
     with fastvae.use_backend(backend):
-        assert torch.autograd.gradcheck(lambda m, v: reparameterize_kl_op(m, v, None, seed)[:2], (mu, logvar))
+        assert torch.autograd.gradcheck(lambda m, v: reparameterize_kl_op(m, v, None, seed, None)[:2], (mu, logvar))
         assert torch.autograd.gradcheck(lambda m, v, e: fastvae.reparameterize_kl(m, v, e), (mu, logvar, eps))
         assert torch.autograd.gradcheck(lambda m, v: fastvae.gaussian_kl(m, v, "none"), (mu, logvar))
         assert torch.autograd.gradcheck(lambda l, x: fastvae.bernoulli_log_likelihood(l, x, "none"),

@@ -105,37 +105,41 @@ def test_bad_library_path_gives_a_clear_error_and_fastvae_still_imports(kind, tm
 # reparameterize_kl forward / backward
 # ---------------------------------------------------------------------------
 @needs_library
+@pytest.mark.parametrize("samples", [1, 3])
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("with_eps", [False, True], ids=["philox", "eps"])
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-def test_reparameterize_kl_forward_matches_float64(dtype, shape, with_eps, strided):
+def test_reparameterize_kl_forward_matches_float64(dtype, shape, with_eps, strided, samples):
     mu, logvar = _posterior(shape, dtype, strided)
-    eps = torch.randn(shape).to(dtype) if with_eps else None
-    z, kl = gaussian.reparameterize_kl_forward(mu, logvar, eps, SEED)
-    assert z.dtype == dtype and z.shape == shape and kl.dtype == _loss_dtype(dtype) and kl.shape == shape[:1]
-    eps64 = eps.double() if with_eps else _noise_oracle(shape, dtype)
-    z64, kl64 = gaussian_reference.reparameterize_kl_forward(mu.double(), logvar.double(), eps64, 0)
+    z_shape = (samples * shape[0], shape[1])
+    eps = torch.randn(z_shape).to(dtype) if with_eps else None
+    z, kl = gaussian.reparameterize_kl_forward(mu, logvar, eps, SEED, samples)
+    assert z.dtype == dtype and z.shape == z_shape and kl.dtype == _loss_dtype(dtype) and kl.shape == shape[:1]
+    eps64 = eps.double() if with_eps else _noise_oracle(z_shape, dtype)
+    z64, kl64 = gaussian_reference.reparameterize_kl_forward(mu.double(), logvar.double(), eps64, 0, samples)
     assert_close_to(z, z64, "z")
     assert_close_to(kl, kl64, "kl")
 
 
 @needs_library
+@pytest.mark.parametrize("samples", [1, 3])
 @pytest.mark.parametrize("grads", ["z+kl", "z", "kl", "none"])
 @pytest.mark.parametrize("with_eps", [False, True], ids=["philox", "eps"])
 @pytest.mark.parametrize("shape", [(3, 7), (41, 401)], ids=_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-def test_reparameterize_kl_backward_matches_float64(dtype, shape, with_eps, grads):
+def test_reparameterize_kl_backward_matches_float64(dtype, shape, with_eps, grads, samples):
     mu, logvar = _posterior(shape, dtype, strided=True)
-    eps = torch.randn(shape).to(dtype) if with_eps else None
-    grad_z = torch.randn(shape).to(dtype) if "z" in grads else None
+    z_shape = (samples * shape[0], shape[1])
+    eps = torch.randn(z_shape).to(dtype) if with_eps else None
+    grad_z = torch.randn(z_shape).to(dtype) if "z" in grads else None
     grad_kl = (torch.rand(shape[0]) + 0.5) if "kl" in grads else None  # [B] float32, an upstream scale != 1
-    grad_mu, grad_logvar = gaussian.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, eps, SEED)
+    grad_mu, grad_logvar = gaussian.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, eps, SEED, samples)
     assert grad_mu.dtype == dtype and grad_logvar.dtype == dtype and grad_mu.shape == shape
-    eps64 = eps.double() if with_eps else _noise_oracle(shape, dtype)
+    eps64 = eps.double() if with_eps else _noise_oracle(z_shape, dtype)
     expected = gaussian_reference.reparameterize_kl_backward(
         None if grad_z is None else grad_z.double(), None if grad_kl is None else grad_kl.double(),
-        mu.double(), logvar.double(), eps64, 0)
+        mu.double(), logvar.double(), eps64, 0, samples)
     assert_close_to(grad_mu, expected[0], "grad_mu")
     assert_close_to(grad_logvar, expected[1], "grad_logvar")
 
@@ -333,10 +337,13 @@ def test_results_do_not_depend_on_the_thread_count():
     mu, logvar = _posterior(shape, torch.float32, strided=True)
     logits, target = 3 * torch.randn(shape), torch.rand(shape)
     grad_z, grad_kl = torch.randn(shape), torch.rand(shape[0])
+    grad_z_samples = torch.randn(3 * shape[0], shape[1])  # 3 samples: one noise cursor per sample and thread
 
     def run_all():
         return (*gaussian.reparameterize_kl_forward(mu, logvar, None, SEED),
                 *gaussian.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, None, SEED),
+                *gaussian.reparameterize_kl_forward(mu, logvar, None, SEED, 3),
+                *gaussian.reparameterize_kl_backward(grad_z_samples, grad_kl, mu, logvar, None, SEED, 3),
                 *gaussian.gaussian_kl_forward(mu, logvar, False, True),
                 *bernoulli.bernoulli_forward(logits, target, False, True))
 

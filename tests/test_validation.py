@@ -68,6 +68,25 @@ def test_reparameterize_rejects_bad_inputs():
         fastvae.reparameterize(mu, logvar.long())
 
 
+@pytest.mark.parametrize("samples, error, message", [
+    (0, ValueError, "samples must be >= 1, got 0"),
+    (-3, ValueError, "samples must be >= 1, got -3"),
+    (2.0, TypeError, "samples must be an int >= 1.*got float"),
+    (True, TypeError, "samples must be an int >= 1.*got bool"),
+])
+def test_reparameterize_samples_is_a_positive_int(samples, error, message):
+    with pytest.raises(error, match=message):
+        fastvae.reparameterize(torch.randn(B, L), torch.randn(B, L), samples=samples)
+
+
+def test_reparameterize_eps_has_the_samples_dim():
+    mu, logvar = torch.randn(B, L), torch.randn(B, L)
+    with pytest.raises(ValueError, match=r"eps \[4, 3\] must have shape \[samples, \*mu.shape\] = \[2, 4, 3\]"):
+        fastvae.reparameterize(mu, logvar, torch.randn(B, L), samples=2)
+    with pytest.raises(ValueError, match=r"eps \[3, 4, 3\] must have shape.*\[2, 4, 3\] with samples=2"):
+        fastvae.reparameterize_kl(mu, logvar, torch.randn(3, B, L), samples=2)
+
+
 def test_unknown_backend_names():
     with pytest.raises(ValueError, match="unknown fastvae backend 'cuda'.*auto, triton, native, torch"):
         with fastvae.use_backend("cuda"):

@@ -30,6 +30,18 @@ def rows_or_none(t: Tensor | None) -> Tensor | None:
     return None if t is None else as_rows(t)
 
 
+def as_sample_rows(t: Tensor, samples: int | None) -> Tensor:
+    """K samples of B rows, [K, B, ...], as rows [K * B, N] (sample k of row b at row k * B + b,
+    the layout of the kernels that read B-row inputs with a row period); [B, ...] as [B, N]
+    when samples is None. A view whenever the layout allows one."""
+    return as_rows(t if samples is None else t.flatten(0, 1))
+
+
+def sample_shape(like: Tensor, samples: int | None) -> tuple[int, ...]:
+    """The shape of K samples of `like` [B, ...]: [K, B, ...], or like's own for samples None."""
+    return tuple(like.shape) if samples is None else (samples,) + tuple(like.shape)
+
+
 def view_as_shape(t: Tensor, shape: Sequence[int]) -> Tensor:
     """t viewed as `shape`; t itself when it already has it (a view call costs microseconds)."""
     return t if t.shape == shape else t.view(shape)

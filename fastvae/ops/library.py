@@ -34,7 +34,7 @@ from fastvae.errors import BackendUnavailableError
 
 ENV_LIB = "FASTVAE_NATIVE_LIB"
 LIBRARY_MODULE = "fastvae._native_cpu"
-ABI_VERSION = 5  # FASTVAE_ABI_VERSION in kernels/fastvae_native.h
+ABI_VERSION = 6  # FASTVAE_ABI_VERSION in kernels/fastvae_native.h
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_HINT = ("build it with `pip install -e .` (or `pip install .`) in the fastvae checkout, or "
               "`cmake -S . -B build && cmake --build build` there, or set "
