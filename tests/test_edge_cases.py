@@ -118,6 +118,29 @@ def test_every_output_element_is_written(backend, shape, poisoned_outputs):
         assert not torch.isnan(out).any(), f"output {i} has unwritten (NaN) elements"
 
 
+@pytest.mark.parametrize("logits_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_row_periodic_target_scores_logits_row_r_against_target_row_r_mod_t(backend, logits_dtype):
+    """The Bernoulli kernel with a target of fewer rows T (dividing the logits' rows): row r is
+    scored against target row r % T, read in place (strided rows here), for rows and elements,
+    with the gradient, against the float64 oracle on the target repeated."""
+    periods, rows, cols = 3, 5, 37
+    bernoulli = family("bernoulli").module(backend)
+    logits = (3 * torch.randn(periods * rows, cols, device=DEVICE)).to(logits_dtype)
+    wide = torch.rand(rows, cols + 6, device=DEVICE)
+    wide[:, ::3] = wide[:, ::3].round()
+    target = wide[:, 2:2 + cols]  # strided rows, as a slice of wider data
+    repeated = target.double().repeat(periods, 1)
+    logits64 = logits.double().requires_grad_()
+    expected = oracle_logp(logits64, repeated)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), logits64)
+    for elementwise in (False, True):
+        logp, grad = bernoulli.bernoulli_forward(logits, target, elementwise, True, 0.5)
+        assert_close_to(logp, expected if elementwise else expected.sum(1), f"logp (elementwise={elementwise})")
+        assert grad.dtype == logits_dtype
+        assert_close_to(grad, 0.5 * expected_grad, f"grad (elementwise={elementwise})")
+
+
 class _RecordOps(TorchDispatchMode):
     """The names of the aten ops dispatched while active (the autograd engine's included)."""
 

@@ -369,6 +369,10 @@ def test_bad_arguments_raise_clear_errors():
         gaussian.gaussian_kl_forward(x, torch.randn(4, 6), False, False)
     with pytest.raises(ValueError, match=r"2-D row view"):
         bernoulli.bernoulli_forward(torch.randn(2, 3, 4), torch.rand(2, 3, 4), False, False)
+    with pytest.raises(ValueError, match=r"target \[3, 5\] must have 5 columns and a row count that divides 4"):
+        bernoulli.bernoulli_forward(x, torch.rand(3, 5), False, False)
+    with pytest.raises(ValueError, match=r"target \[2, 4\] must have 5 columns"):
+        bernoulli.bernoulli_forward(x, torch.rand(2, 4), False, False)
     with pytest.raises(TypeError, match="int64; use float32"):
         bernoulli.bernoulli_forward(x, torch.ones(4, 5, dtype=torch.int64), False, False)
     with pytest.raises(ValueError, match="meta; the native kernels take CPU tensors"):

@@ -208,6 +208,18 @@ def check_rows(name: str, t: Tensor, shape: torch.Size | None = None) -> Tensor:
     return t
 
 
+def check_periodic_rows(name: str, t: Tensor, rows_of: Tensor) -> Tensor:
+    """t as check_rows gives it, with the columns of `rows_of` (a checked [R, N]) and a row count T
+    that divides R: row r of rows_of pairs with row r % T of t (a row-periodic input, e.g. the
+    data [B, N] scored against K samples' logits [K * B, N])."""
+    t = check_rows(name, t)
+    rows, cols = rows_of.shape
+    if t.shape[1] != cols or (t.shape[0] == 0 and rows != 0) or (t.shape[0] and rows % t.shape[0]):
+        raise ValueError(f"native backend: {name} {list(t.shape)} must have {cols} columns and a row count "
+                         f"that divides {rows} (row r is read as row r % {name} rows)")
+    return t
+
+
 def pointer(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
