@@ -94,9 +94,14 @@ def check_samples(samples: object) -> None:
         raise ValueError(f"samples must be >= 1, got {samples}")
 
 
+def check_choice(name: str, value: object, choices) -> None:
+    """value is one of `choices` (names), else a ValueError that lists them."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(map(repr, choices))}")
+
+
 def check_reduction(reduction: str) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"unknown reduction {reduction!r}; choose one of {', '.join(map(repr, REDUCTIONS))}")
+    check_choice("reduction", reduction, REDUCTIONS)
 
 
 def check_beta(beta: object, device: torch.device | None = None) -> None:

@@ -85,6 +85,14 @@ def scale_saved_grad(saved: Tensor, grad_output: Tensor) -> Tensor:
     return saved * g.to(saved.dtype)
 
 
+def scale_saved_grad_(saved: Tensor, grad_output: Tensor) -> Tensor:
+    """scale_saved_grad in place, for a saved gradient that backward owns and gives away: no new
+    tensor the size of `saved`. Half-precision gradients are multiplied in float32 and rounded
+    once here too (the float32 factor makes the multiply run in float32)."""
+    g = grad_output.reshape(grad_output.shape + (1,) * (saved.dim() - grad_output.dim()))
+    return saved.mul_(g.float() if saved.dtype in (torch.float16, torch.bfloat16) else g.to(saved.dtype))
+
+
 # --------------------------------------------------------------------------- the saved gradient
 def _in_dtype(value: float, dtype: torch.dtype) -> float:
     """`value` rounded to float32 unless dtype is float64 (the losses' two dtypes), as a Python float."""

@@ -67,7 +67,8 @@ class OpSpec:
     `reductions` is passed as reduction=...; an op that draws noise gets generator= (fastvae)
     and eps= (oracle: the noise the generator's seed gives, of the size axes `noise_dims`).
     Each of `size_kwargs` (size axes no input has, e.g. "samples" of a sampler) is passed to
-    all three by name, as an int."""
+    all three by name, as an int. `min_tolerance` is a floor under the oracle tests' relative
+    tolerance, for an op whose math amplifies float32 rounding (0: the dtype's own)."""
 
     name: str
     inputs: tuple[Arg, ...]
@@ -78,6 +79,7 @@ class OpSpec:
     reductions: tuple[str, ...] = ()
     noise_dims: tuple[str, ...] | None = None
     size_kwargs: tuple[str, ...] = ()
+    min_tolerance: float = 0.0
     benchmark: bool = True
     extra: dict = field(default_factory=dict)
 
