@@ -51,9 +51,9 @@ def ptxas_resources(ptx: str, arch: str) -> dict:
 
 
 def _specializations() -> list:
-    from fastvae.ops.registry import KERNEL_FAMILIES
+    from fastvae.ops.registry import FAMILIES
 
-    return [s for family in KERNEL_FAMILIES for s in family.module("triton").specializations()]
+    return [s for family in FAMILIES for s in family.module("triton").specializations()]
 
 
 def _compile_chunk(indices: list[int], archs: tuple[int, ...]) -> list[dict]:

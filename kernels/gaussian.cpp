@@ -255,30 +255,6 @@ FV_GAUSSIAN_ENTRIES(double, f64)
 FV_GAUSSIAN_ENTRIES(bf16_t, bf16)
 FV_GAUSSIAN_ENTRIES(f16_t, f16)
 
-template <class Args>
-using RowsFn = void (*)(const Args&, int64_t, int64_t);
-
-// The entry of `table` ({f32, f64, bf16, f16}) for a dtype code; null for an unknown code.
-template <class Args>
-RowsFn<Args> for_dtype(int dtype, RowsFn<Args> f32, RowsFn<Args> f64, RowsFn<Args> bf16, RowsFn<Args> f16) {
-    switch (dtype) {
-        case FASTVAE_F32: return f32;
-        case FASTVAE_F64: return f64;
-        case FASTVAE_BF16: return bf16;
-        case FASTVAE_F16: return f16;
-        default: return nullptr;
-    }
-}
-
-// Calls fn over `rows` rows split across threads; each row touches `row_elements` elements
-// (which decides whether threads pay off).
-template <class Args>
-int run(RowsFn<Args> fn, const Args& a, int64_t rows, int64_t row_elements, int num_threads) {
-    if (fn == nullptr) return FASTVAE_ERR_DTYPE;
-    parallel_rows(rows, row_elements, num_threads, [&](int64_t b0, int64_t b1) { fn(a, b0, b1); });
-    return FASTVAE_OK;
-}
-
 }  // namespace
 }  // namespace fastvae
 
@@ -294,8 +270,8 @@ extern "C" FASTVAE_API int fastvae_reparameterize_kl_forward(
     void* z, void* kl, int num_threads) {
     const ForwardArgs a{.q = {cols, mu, mu_stride, logvar, logvar_stride}, .samples = {rows, samples},
                         .noise = {eps, eps_stride, seed}, .z = z, .kl = kl};
-    return run(for_dtype<ForwardArgs>(dtype, forward_f32, forward_f64, forward_bf16, forward_f16), a, rows,
-               samples * cols, num_threads);
+    return run_rows(kernel_for_dtype<ForwardArgs>(dtype, forward_f32, forward_f64, forward_bf16, forward_f16), a,
+                    rows, samples * cols, num_threads);
 }
 
 // grad_mu, grad_logvar [rows, cols] (dtype) from grad_z [samples * rows, cols] (dtype, or
@@ -313,8 +289,8 @@ extern "C" FASTVAE_API int fastvae_reparameterize_kl_backward(
                          .grad_z = grad_z, .grad_z_stride = grad_z_stride,
                          .grad_kl = grad_kl, .grad_kl_stride = grad_kl_stride,
                          .grad_mu = grad_mu, .grad_logvar = grad_logvar};
-    return run(for_dtype<BackwardArgs>(dtype, backward_f32, backward_f64, backward_bf16, backward_f16), a, rows,
-               samples * cols, num_threads);
+    return run_rows(kernel_for_dtype<BackwardArgs>(dtype, backward_f32, backward_f64, backward_bf16, backward_f16),
+                    a, rows, samples * cols, num_threads);
 }
 
 // kl: [rows, cols] if elementwise else [rows] (compute type); grad_mu, grad_logvar
@@ -325,5 +301,5 @@ extern "C" FASTVAE_API int fastvae_gaussian_kl_forward(
     int elementwise, void* kl, void* grad_mu, void* grad_logvar, int num_threads) {
     const KLArgs a{.q = {cols, mu, mu_stride, logvar, logvar_stride}, .elementwise = elementwise != 0,
                    .kl = kl, .grad_mu = grad_mu, .grad_logvar = grad_logvar};
-    return run(for_dtype<KLArgs>(dtype, kl_f32, kl_f64, kl_bf16, kl_f16), a, rows, cols, num_threads);
+    return run_rows(kernel_for_dtype<KLArgs>(dtype, kl_f32, kl_f64, kl_bf16, kl_f16), a, rows, cols, num_threads);
 }

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from fastvae.ops import library
-from fastvae.ops.registry import KERNEL_FAMILIES
+from fastvae.ops.registry import FAMILIES
 
 KERNELS = Path(__file__).resolve().parent.parent / "kernels"
 
@@ -24,7 +24,7 @@ def _defined_in_c() -> dict:
 
 
 def test_python_prototypes_equal_the_c_definitions():
-    for family in KERNEL_FAMILIES:
+    for family in FAMILIES:
         family.module("native")  # declares its functions
     defined, declared = _defined_in_c(), dict(library.DECLARED)
     assert set(declared) == set(defined), (f"declared in Python only: {sorted(set(declared) - set(defined))}; "

@@ -12,11 +12,6 @@ Each backend module implements the family's `kernels`, the functions the ops cal
 the reference's signatures. Dispatch (`implementation`), the backend conformance test,
 the op tests and the benchmarks all read FAMILIES, so a backend that lacks a kernel
 fails a test rather than a user. docs/adding-an-op.md walks through adding a family.
-
-A family may declare no kernels of its own when its op composes other families' kernels
-(iwae: the likelihood kernels on K samples, and torch ops for the [K, B, L] latent terms).
-It then has only op.py and spec.py: KERNEL_FAMILIES, the families with backend modules,
-is what the conformance, ABI and GPU compile checks iterate.
 """
 
 from __future__ import annotations
@@ -44,9 +39,6 @@ class Family:
 
     def module(self, backend: str) -> ModuleType:
         """The module of `backend` (triton, native or torch) in this family's folder."""
-        if not self.kernels:
-            raise LookupError(f"op family {self.name!r} declares no kernels, so it has no {backend} module: "
-                              f"its op runs other families' kernels (see fastvae/ops/{self.name}/op.py)")
         return _module(self.name, BACKEND_MODULES[backend])
 
     def spec(self) -> ModuleType:
@@ -57,12 +49,10 @@ class Family:
 FAMILIES: tuple[Family, ...] = (
     Family("gaussian", ("reparameterize_kl_forward", "reparameterize_kl_backward", "gaussian_kl_forward")),
     Family("bernoulli", ("bernoulli_forward",)),
-    # No kernels of its own: the likelihood families' forward kernels score its K samples
-    # (row-periodic targets), and its [K, B, L] latent terms are torch ops.
-    Family("iwae", ()),
+    # The likelihood families' kernels score its K samples (row-periodic targets); its own
+    # kernels are the [K, B, L] latent terms with the weights, and their backward.
+    Family("iwae", ("iwae_forward", "iwae_backward")),
 )
-# The families with backend modules of their own.
-KERNEL_FAMILIES: tuple[Family, ...] = tuple(f for f in FAMILIES if f.kernels)
 
 
 @functools.cache
@@ -88,5 +78,4 @@ def op_specs() -> list:
     return [spec for fam in FAMILIES for spec in fam.spec().OPS]
 
 
-__all__ = ["BACKENDS", "BACKEND_MODULES", "FAMILIES", "KERNEL_FAMILIES", "Family", "family", "implementation",
-           "op_specs"]
+__all__ = ["BACKENDS", "BACKEND_MODULES", "FAMILIES", "Family", "family", "implementation", "op_specs"]
