@@ -22,6 +22,9 @@ from fastvae.ops.bernoulli import native as bernoulli
 from fastvae.ops.bernoulli import reference as bernoulli_reference
 from fastvae.ops.gaussian import native as gaussian
 from fastvae.ops.gaussian import reference as gaussian_reference
+from fastvae.ops.iwae import native as iwae
+from fastvae.ops.iwae import reference as iwae_reference
+from fastvae.ops.iwae.spec import FLOAT32_WEIGHTS_TOLERANCE
 from fastvae.ops.noise import philox_normal, philox_uint32x4
 from helpers import assert_close_to
 
@@ -252,6 +255,52 @@ def test_bernoulli_log_likelihood_matches_float64(dtype, shape, elementwise, com
         assert grad is None
 
 
+def _samples_of(posterior_shape: tuple[int, int], samples: int, dtype: torch.dtype):
+    """z [K * B, L] as strided rows (a slice of a wider tensor), log p [K, B] in the compute dtype."""
+    rows, cols = posterior_shape
+    z = torch.randn(samples * rows, cols + 3).to(dtype)[:, 1:cols + 1]
+    return z, 20 * torch.randn(samples, rows, dtype=_loss_dtype(dtype))
+
+
+@needs_library
+@pytest.mark.parametrize("samples", [1, 5])
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+def test_iwae_forward_matches_float64(dtype, shape, samples):
+    mu, logvar = _posterior(shape, dtype, strided=True)
+    z, logp = _samples_of(shape, samples, dtype)
+    loss, weights = iwae.iwae_forward(logp, z, mu, logvar)
+    assert loss.dtype == weights.dtype == _loss_dtype(dtype)
+    assert loss.shape == shape[:1] and weights.shape == (samples, shape[0])
+    loss64, weights64 = iwae_reference.iwae_forward(logp.double(), z.double(), mu.double(), logvar.double())
+    assert_close_to(loss, loss64, "loss")
+    # A softmax of float32 log weights summed over hundreds of latent dims: see the spec.
+    assert_close_to(weights, weights64, "weights", FLOAT32_WEIGHTS_TOLERANCE)
+
+
+@needs_library
+@pytest.mark.parametrize("dreg", [False, True], ids=["iwae", "dreg"])
+@pytest.mark.parametrize("layout", ["contiguous", "broadcast", "strided"])
+@pytest.mark.parametrize("shape", [(3, 7), (41, 401)], ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+def test_iwae_backward_matches_float64(dtype, shape, layout, dreg):
+    """grad_rows as given, as the backward of a mean gives it (one value, stride 0) and strided."""
+    samples = 4
+    mu, logvar = _posterior(shape, dtype, strided=True)
+    z, _ = _samples_of(shape, samples, dtype)
+    weights = torch.softmax(torch.randn(samples, shape[0], dtype=_loss_dtype(dtype)), dim=0)
+    grad_rows = {"contiguous": torch.rand(shape[0]) + 0.5, "broadcast": torch.tensor(0.3).expand(shape[0]),
+                 "strided": (torch.rand(2 * shape[0]) + 0.5)[::2]}[layout]
+    grads = iwae.iwae_backward(grad_rows, weights, z, mu, logvar, dreg)
+    expected = iwae_reference.iwae_backward(grad_rows.double(), weights.double(), z.double(), mu.double(),
+                                            logvar.double(), dreg)
+    for name, got, want in zip(("z", "mu", "logvar"), grads, expected):
+        assert got.dtype == dtype and got.shape == want.shape
+        assert_close_to(got, want, f"grad_{name}")
+    if dreg:
+        assert not grads[1].any() and not grads[2].any()
+
+
 MIXED = [(torch.bfloat16, torch.float32), (torch.float32, torch.float16), (torch.float16, torch.bfloat16),
          (torch.float32, torch.float64), (torch.bfloat16, torch.float64)]
 
@@ -339,8 +388,13 @@ def test_results_do_not_depend_on_the_thread_count():
     grad_z, grad_kl = torch.randn(shape), torch.rand(shape[0])
     grad_z_samples = torch.randn(3 * shape[0], shape[1])  # 3 samples: one noise cursor per sample and thread
 
+    z_samples, logp = 0.5 * torch.randn(3 * shape[0], shape[1]), 10 * torch.randn(3, shape[0])
+    weights = torch.softmax(torch.randn(3, shape[0]), dim=0)
+
     def run_all():
-        return (*gaussian.reparameterize_kl_forward(mu, logvar, None, SEED),
+        return (*iwae.iwae_forward(logp, z_samples, mu, logvar),
+                *iwae.iwae_backward(grad_kl, weights, z_samples, mu, logvar, False),
+                *gaussian.reparameterize_kl_forward(mu, logvar, None, SEED),
                 *gaussian.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, None, SEED),
                 *gaussian.reparameterize_kl_forward(mu, logvar, None, SEED, 3),
                 *gaussian.reparameterize_kl_backward(grad_z_samples, grad_kl, mu, logvar, None, SEED, 3),
@@ -381,6 +435,10 @@ def test_bad_arguments_raise_clear_errors():
         gaussian.reparameterize_kl_forward(x, x, None, torch.tensor(-1))
     with pytest.raises(ValueError, match=r"grad_kl \[5\] must have shape \[4\]"):
         gaussian.reparameterize_kl_backward(None, torch.ones(5), x, x, None, SEED)
+    with pytest.raises(ValueError, match=r"z \[8, 5\] must have the shape \[12, 5\]"):
+        iwae.iwae_forward(torch.randn(3, 4), torch.randn(8, 5), x, x)
+    with pytest.raises(ValueError, match=r"grad_rows \[3\] must have shape \[4\]"):
+        iwae.iwae_backward(torch.ones(3), torch.rand(2, 4), torch.randn(8, 5), x, x, False)
 
 
 def test_missing_library_makes_every_function_raise(monkeypatch):

@@ -72,7 +72,7 @@ import torch
 from torch import Tensor
 
 from fastvae.ops.common import (FusedOp, as_rows, as_sample_rows, composite_vjp, loss_dtype, no_grad_placeholder,
-                                scale_saved_grad, scale_saved_grad_)
+                                scale_saved_grad, scale_saved_grad_, view_as_shape)
 from fastvae.ops.iwae import reference
 from fastvae.ops.registry import family, implementation
 
@@ -159,7 +159,8 @@ def _iwae_loss(logits: Tensor, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor,
                compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     """logits [K, B, ...], x [B, ...], z [K, B, ...], mu and logvar [B, ...] -> the loss rows [B], the
     normalized weights [K, B] (both in the compute dtype) and dlogp/dlogits, unweighted, in the
-    logits' shape and dtype (an empty tensor unless compute_grad)."""
+    logits' shape and dtype (an empty tensor unless compute_grad; an eager call's backward scales
+    it in place into the logits' gradient and hands it over)."""
     entry = LIKELIHOODS[likelihood]
     compute = loss_dtype(logits, x, z, mu, logvar)
     samples, batch = logits.shape[:2]
@@ -203,14 +204,40 @@ def _setup(ctx, inputs, output) -> None:
         ctx.save_for_backward(logits, x, z, mu, logvar, weights, dlogits)
 
 
-def _logits_grad(ctx, logits: Tensor, x: Tensor, saved: list[Tensor], coef: Tensor) -> Tensor:
+def _iwae_backward(grad_rows: Tensor, weights: Tensor, z: Tensor, mu: Tensor, logvar: Tensor,
+                   dreg: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """grad_rows [B], weights [K, B] -> grad_z [K, B, ...], grad_mu and grad_logvar (their inputs'
+    shapes; zero for DReG)."""
+    if weights.numel() == 0:
+        return torch.zeros_like(z), torch.zeros_like(mu), torch.zeros_like(logvar)
+    kernel = implementation("iwae", "iwae_backward", z.device)
+    grads = kernel(grad_rows, weights, *_latent_rows(z, mu, logvar), dreg)
+    return tuple(view_as_shape(g, t.shape) for g, t in zip(grads, (z, mu, logvar)))
+
+
+iwae_backward_op = torch.library.custom_op("fastvae::iwae_backward", _iwae_backward, mutates_args=())
+
+
+@iwae_backward_op.register_fake
+def _(grad_rows: Tensor, weights: Tensor, z: Tensor, mu: Tensor, logvar: Tensor,
+      dreg: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (z, mu, logvar))
+
+
+def _no_composite(*args):
+    raise RuntimeError("fastvae::iwae_backward has no derivative of its own: differentiate fastvae.iwae_loss, "
+                       "whose backward recomputes in torch ops when a graph is recorded")
+
+
+# A custom op of its own, so that a traced backward (torch.compile) sees one opaque node.
+iwae_backward_fused = FusedOp(iwae_backward_op, _iwae_backward, _no_composite)
+
+
+def _logits_grad(ctx, inputs: tuple, saved: list[Tensor], coef: Tensor) -> Tensor:
     """dL/dlogits = coef_kb * dlogp/dlogits from the forward's gradient (recomputed when the forward
     did not write it, or gave it away in an earlier backward of a retained graph)."""
-    entry = LIKELIHOODS[ctx.likelihood]
-
     def recompute() -> Tensor:
-        kernel = implementation(entry.family, entry.kernel, logits.device)
-        return _score(kernel, logits, x, True, coef.dtype)[1]
+        return iwae_loss_fused(*inputs[:7], True)[2]
 
     if saved:  # traced: a saved output must stay as it is
         return scale_saved_grad(saved[0] if ctx.compute_grad else recompute(), coef)
@@ -230,15 +257,11 @@ def _grads(ctx, grad_rows: Tensor | None, _grad_weights: Tensor | None, _grad_dl
         return tuple(composite_vjp(iwae_loss_composite, inputs, (grad_rows, None, None), needs[:5] + (False,) * 3))
     grad_logits = grad_x = grad_z = grad_mu = grad_logvar = None
     if needs[0]:
-        grad_logits = _logits_grad(ctx, logits, x, saved, -grad_rows.to(weights.dtype) * weights)  # c_kb
+        grad_logits = _logits_grad(ctx, inputs, saved, -grad_rows.to(weights.dtype) * weights)  # c_kb
     if needs[1]:  # the data's gradient (rare): from the likelihood's reference in torch ops
         grad_x = composite_vjp(iwae_loss_composite, inputs, (grad_rows, None, None), (False, True) + (False,) * 6)[1]
-    if (needs[2] or needs[3] or needs[4]) and weights.numel():
-        kernel = implementation("iwae", "iwae_backward", logits.device)
-        grads = kernel(grad_rows, weights, *_latent_rows(z, mu, logvar), ctx.estimator == "dreg")
-        grad_z, grad_mu, grad_logvar = (g.view(t.shape) for g, t in zip(grads, (z, mu, logvar)))
-    elif needs[2] or needs[3] or needs[4]:  # an empty batch
-        grad_z, grad_mu, grad_logvar = torch.zeros_like(z), torch.zeros_like(mu), torch.zeros_like(logvar)
+    if needs[2] or needs[3] or needs[4]:
+        grad_z, grad_mu, grad_logvar = iwae_backward_fused(grad_rows, weights, z, mu, logvar, ctx.estimator == "dreg")
     return grad_logits, grad_x, grad_z, grad_mu, grad_logvar, None, None, None
 
 
