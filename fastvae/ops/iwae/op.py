@@ -99,7 +99,7 @@ LIKELIHOODS: dict[str, Likelihood] = {
 }
 
 
-# --------------------------------------------------------------------------- the composite
+# --------------------------------------------------------------------------- scoring the samples; the composite
 def _score(kernel: Callable, logits: Tensor, x: Tensor, compute_grad: bool,
            compute: torch.dtype) -> tuple[Tensor, Tensor | None]:
     """log p(x | logits) per sample and datapoint [K, B] (compute dtype) and dlogp/dlogits (logits'
