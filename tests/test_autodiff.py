@@ -107,9 +107,10 @@ def test_gradgradcheck_every_op(backend):
         # The Philox path: the noise is regenerated from the seed in both backwards.
         from fastvae.ops.gaussian.op import reparameterize_kl_fused
 
-        assert torch.autograd.gradgradcheck(lambda m, v: reparameterize_kl_fused(m, v, None, SEED, None)[:2], (mu, logvar))
-        # K samples per row: backward sums them inside the kernel.
-        assert torch.autograd.gradgradcheck(lambda m, v: reparameterize_kl_fused(m, v, None, SEED, 3)[:2], (mu, logvar))
+        # One sample, and K samples per row (backward sums them inside the kernel).
+        for samples in (None, 3):
+            assert torch.autograd.gradgradcheck(lambda m, v: reparameterize_kl_fused(m, v, None, SEED, samples)[:2],
+                                                (mu, logvar))
         eps_samples = _eps((2, 3, 4)).requires_grad_()
         assert torch.autograd.gradgradcheck(lambda m, v, e: fastvae.reparameterize_kl(m, v, e, samples=2),
                                             (mu, logvar, eps_samples))

@@ -97,7 +97,8 @@ def test_samples_draw_what_copies_of_the_rows_draw(backend):
     eps = philox_normal(int(seed), (samples, rows, cols), torch.float64, DEVICE)
     half_std = 0.5 * torch.exp(0.5 * logvar64)
     expected_mu = grad_z.double().sum(0) + grad_kl.double()[:, None] * mu64
-    expected_logvar = half_std * (grad_z.double() * eps).sum(0) + grad_kl.double()[:, None] * 0.5 * torch.expm1(logvar64)
+    expected_logvar = (half_std * (grad_z.double() * eps).sum(0)
+                       + grad_kl.double()[:, None] * 0.5 * torch.expm1(logvar64))
     assert_close_to(z, mu64 + 2 * half_std * eps, "z")
     assert_close_to(grad_mu, expected_mu, "grad_mu")
     assert_close_to(grad_logvar, expected_logvar, "grad_logvar")
