@@ -16,9 +16,11 @@ import torch
 
 MODES = ("forward", "backward", "full")
 
-# Sizes. 784 is a flattened 28x28 image; 12288 a 3x64x64 RGB image.
+# Sizes. 784 is a flattened 28x28 image; 12288 a 3x64x64 RGB image. K = 5 and 50 samples per
+# datapoint are the importance-weighted bound's settings in Burda et al. (ICLR 2016).
 MNIST_PIXELS = 28 * 28
 RGB64_PIXELS = 3 * 64 * 64
+IWAE_SAMPLES = (5, 50)
 
 
 @dataclass(frozen=True)
@@ -74,30 +76,38 @@ def providers_for(device: torch.device, sweep: bool = False) -> tuple[Provider, 
 
 @dataclass(frozen=True)
 class Grid:
-    """A product of sizes, precisions and modes; an op takes only the size axes it uses."""
+    """A product of sizes, precisions and modes; an op takes only the size axes it uses.
+
+    `samples` (K of an importance-weighted op) makes a grid of its own: a grid with samples
+    sizes runs only the ops with a samples axis, and those run only on such grids."""
 
     batch: tuple[int, ...]
     data: tuple[int, ...]
     latent: tuple[int, ...]
     precisions: tuple[str, ...]
     modes: tuple[str, ...] = ("full",)
+    samples: tuple[int, ...] = ()
 
 
 # The headline: forward + backward at a training batch and at throughput batches, and the
-# low precisions at one batch. This is what the README's table quotes.
+# low precisions at one batch. This is what the README's table quotes. Then the IWAE
+# setting: a training batch with IWAE_SAMPLES samples per datapoint.
 DEFAULT_GRIDS = (
     Grid((128, 1024, 4096), (MNIST_PIXELS,), (32,), ("fp32",)),
     Grid((4096,), (MNIST_PIXELS,), (32,), ("bf16", "amp")),
+    Grid((128,), (MNIST_PIXELS,), (32,), ("fp32",), samples=IWAE_SAMPLES),
 )
 SWEEP_GRIDS = (
     Grid((64, 256, 1024, 4096, 16384), (MNIST_PIXELS,), (32,), ("fp32",), MODES),
     Grid((4096,), (MNIST_PIXELS, RGB64_PIXELS), (32, 64, 128), ("fp32", "bf16", "fp16", "amp"), MODES),
+    Grid((32, 128, 512), (MNIST_PIXELS,), (32,), ("fp32", "bf16", "amp"), MODES, samples=(1,) + IWAE_SAMPLES),
 )
 # The prepared GPU run: the memory-bound sizes where the GPU targets are set, in the time the
 # run has (each compiled provider's shape costs a compile).
 GPU_RUN_GRIDS = (
     Grid((128, 4096, 16384, 65536), (MNIST_PIXELS,), (32,), ("fp32", "bf16")),
     Grid((4096,), (RGB64_PIXELS,), (128,), ("fp32", "amp")),
+    Grid((128, 1024), (MNIST_PIXELS,), (32,), ("fp32", "bf16"), samples=IWAE_SAMPLES),
 )
 
 # The setting the report plots and the README quotes: the first default grid.
@@ -106,7 +116,7 @@ HEADLINE = {"data": MNIST_PIXELS, "latent": 32, "precision": "fp32"}
 
 @dataclass(frozen=True)
 class Case:
-    """One benchmark: `data` / `latent` are None for an op that has no such axis."""
+    """One benchmark: `data` / `latent` / `samples` are None for an op that has no such axis."""
 
     op: str
     mode: str
@@ -115,14 +125,15 @@ class Case:
     batch: int
     data: int | None
     latent: int | None
+    samples: int | None = None
 
     @property
     def sizes(self) -> dict[str, int | None]:
-        return {"batch": self.batch, "data": self.data, "latent": self.latent}
+        return {"batch": self.batch, "data": self.data, "latent": self.latent, "samples": self.samples}
 
     @property
     def id(self) -> str:
-        sizes = [f"B{self.batch}"]
+        sizes = [f"B{self.batch}"] if self.samples is None else [f"K{self.samples}", f"B{self.batch}"]
         if self.data is not None:
             sizes.append(f"D{self.data}")
         if self.latent is not None:
@@ -141,14 +152,17 @@ def cases(op: str, op_axes: tuple[str, ...], device: torch.device, selection: st
     precisions = precisions_for(device)
     shapes = []
     for grid in grids(selection):
+        if bool(grid.samples) != ("samples" in op_axes):
+            continue  # a samples grid is for the ops with a samples axis only, and they for it only
         data = grid.data if "data" in op_axes else (None,)
         latent = grid.latent if "latent" in op_axes else (None,)
+        samples = grid.samples or (None,)
         names = [p for p in grid.precisions if p in precisions]
-        for name, batch, d, lat in itertools.product(names, grid.batch, data, latent):
+        for name, k, batch, d, lat in itertools.product(names, samples, grid.batch, data, latent):
             for mode in grid.modes:
-                shapes.append((precisions[name], batch, d, lat, mode))
+                shapes.append((precisions[name], batch, d, lat, k, mode))
     out = []
-    for precision, batch, d, lat, mode in dict.fromkeys(shapes):
+    for precision, batch, d, lat, k, mode in dict.fromkeys(shapes):
         for provider in providers_for(device, sweep=selection == "sweep"):
-            out.append(Case(op, mode, provider, precision, batch, d, lat))
+            out.append(Case(op, mode, provider, precision, batch, d, lat, k))
     return list(dict.fromkeys(out))

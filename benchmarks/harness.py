@@ -11,6 +11,7 @@ device reports it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from typing import Callable
@@ -153,6 +154,13 @@ def provider_unavailable(case: Case, device: torch.device) -> str | None:
 
 
 def provider_fn(spec: OpSpec, case: Case) -> Callable:
+    """The provider's callable of the op's inputs (sizes no input carries, like samples, bound)."""
+    fn = _provider_fn(spec, case)
+    size_arguments = spec.size_arguments(case.sizes)
+    return functools.partial(fn, **size_arguments) if size_arguments else fn
+
+
+def _provider_fn(spec: OpSpec, case: Case) -> Callable:
     if case.provider.kind == "eager":
         return spec.eager
     if case.provider.kind == "compiled":
@@ -283,6 +291,7 @@ def record(benchmark, spec: OpSpec, case: Case, device: torch.device, peak: int 
         "batch": case.batch,
         "data": case.data,
         "latent": case.latent,
+        "samples": case.samples,
         "precision": case.precision.name,
         "param_dtype": str(case.precision.param).removeprefix("torch."),
         "target_dtype": str(case.precision.target).removeprefix("torch."),

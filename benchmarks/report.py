@@ -37,7 +37,7 @@ class Row:
     def setting(self) -> tuple:
         """Everything but the provider: rows with the same setting are compared."""
         i = self.info
-        return (i["op"], i["mode"], i["precision"], i["data"], i["latent"], i["batch"])
+        return (i["op"], i["mode"], i["precision"], i["data"], i["latent"], i.get("samples"), i["batch"])
 
     @property
     def provider(self) -> str:
@@ -111,7 +111,7 @@ def _sorted(rows: list[Row]) -> list[Row]:
     def key(r: Row):
         i = r.info
         return (i["precision"] != HEADLINE["precision"], i["precision"], i["data"] or 0,
-                i["latent"] or 0, i["batch"], _provider_rank(r.provider))
+                i["latent"] or 0, i.get("samples") or 0, i["batch"], _provider_rank(r.provider))
     return sorted(rows, key=key)
 
 
@@ -172,7 +172,7 @@ def print_tables(machine: dict, rows: list[Row], console) -> None:
     console.print(_machine_line(machine, rows))
     for op, mode, group in _groups(rows):
         table = Table(title=f"{op} — {mode}", title_justify="left")
-        for column in ("batch", "data", "latent", "precision", "provider", "time", "GB/s",
+        for column in ("samples", "batch", "data", "latent", "precision", "provider", "time", "GB/s",
                        "% copy", "vs eager", "vs compiled", "extra memory"):
             table.add_column(column, justify="left" if column in ("precision", "provider") else "right")
         previous = None
@@ -182,7 +182,7 @@ def print_tables(machine: dict, rows: list[Row], console) -> None:
                 table.add_section()
             previous = r.setting
             s = ratios[(r.setting, r.provider)]
-            table.add_row(str(i["batch"]), str(i["data"] or "-"), str(i["latent"] or "-"),
+            table.add_row(str(i.get("samples") or "-"), str(i["batch"]), str(i["data"] or "-"), str(i["latent"] or "-"),
                           i["precision"], r.provider, format_time(r.seconds), f"{i['gbps']:.1f}",
                           f"{i['pct_of_copy']:.0f}%", format_ratio(s["eager"]),
                           format_ratio(s["compiled"]), format_extra_memory(i))
@@ -285,8 +285,11 @@ def train_steps_markdown(steps: list[TrainStep]) -> str:
 
 
 def headline_rows(rows: list[Row]) -> list[Row]:
+    """The rows of the headline setting; the importance-weighted ops' K samples are a setting of
+    their own (the tables show them)."""
     return [r for r in rows if r.info["precision"] == HEADLINE["precision"]
-            and r.info["data"] in (None, HEADLINE["data"]) and r.info["latent"] in (None, HEADLINE["latent"])]
+            and r.info["data"] in (None, HEADLINE["data"]) and r.info["latent"] in (None, HEADLINE["latent"])
+            and r.info.get("samples") is None]
 
 
 def markdown(machine: dict, rows: list[Row], mode: str = "full") -> str:

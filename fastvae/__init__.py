@@ -4,6 +4,8 @@
     z, kl = fastvae.reparameterize_kl(mu, logvar)          # one pass: sample and KL [B]
     loss = -fastvae.bernoulli_log_likelihood(logits, x) + kl.mean()
     loss = fastvae.elbo_loss(logits, x, mu, logvar)         # or all at once
+    z = fastvae.reparameterize(mu, logvar, samples=5)        # K = 5 samples: [5, B, L]
+    loss = fastvae.iwae_loss(decoder(z), x, z, mu, logvar)  # the importance-weighted bound
 """
 
 from fastvae.backend import available_backends, use_backend
@@ -15,10 +17,11 @@ from fastvae.functional import (
     elbo_terms,
     gaussian_kl,
     gaussian_log_likelihood,
+    iwae_loss,
     reparameterize,
     reparameterize_kl,
 )
-from fastvae.nn import ELBOLoss
+from fastvae.nn import ELBOLoss, IWAELoss
 from fastvae.validation import set_validate_args
 
 __version__ = "0.1.0"
@@ -26,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError",
     "ELBOLoss",
+    "IWAELoss",
     "available_backends",
     "bernoulli_log_likelihood",
     "continuous_bernoulli_log_likelihood",
@@ -33,6 +37,7 @@ __all__ = [
     "elbo_terms",
     "gaussian_kl",
     "gaussian_log_likelihood",
+    "iwae_loss",
     "reparameterize",
     "reparameterize_kl",
     "set_validate_args",

@@ -15,6 +15,7 @@ from fastvae.ops.bernoulli.op import bernoulli_log_likelihood_fused
 from fastvae.ops.continuous_bernoulli.op import continuous_bernoulli_log_likelihood_fused
 from fastvae.ops.gaussian.op import gaussian_kl_fused, reparameterize_kl_fused
 from fastvae.ops.gaussian_likelihood.op import gaussian_log_likelihood_fused
+from fastvae.ops.iwae.op import ESTIMATORS, LIKELIHOODS, iwae_loss_fused
 from fastvae.ops.noise import draw_seed
 
 
@@ -41,50 +42,63 @@ def _reduce_rows(rows: Tensor, reduction: str, elements: int) -> Tensor:
 
 
 # --------------------------------------------------------------------------- sampling
-def reparameterize_kl(mu: Tensor, logvar: Tensor, eps: Tensor | None = None, *,
+def reparameterize_kl(mu: Tensor, logvar: Tensor, eps: Tensor | None = None, *, samples: int | None = None,
                       generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Sample z ~ q(z|x) = N(mu, exp(logvar)) and its KL to N(0, I), in one fused pass.
 
     Args:
         mu, logvar: [B, ...] mean and log-variance of q(z|x), any float dtype
             (`mu, logvar = h.chunk(2, dim=1)` costs no copy).
-        eps: optional [B, ...] standard-normal noise. When None the kernel draws it
-            (Philox, seeded from `generator` or torch's default generator of mu's device,
-            so torch.manual_seed reproduces it) and regenerates it in backward rather than
-            storing it.
+        eps: optional standard-normal noise, [B, ...] ([K, B, ...] with samples=K). When
+            None the kernel draws it (Philox, seeded from `generator` or torch's default
+            generator of mu's device, so torch.manual_seed reproduces it) and regenerates it
+            in backward rather than storing it.
+        samples: K, to draw K samples per datapoint (importance-weighted bounds, see
+            iwae_loss): z gets a leading samples dim. mu and logvar are read in place for
+            every sample, never copied K times, and backward sums the K samples' gradients
+            inside the kernel. The noise of z[k, b] is what the rows k * B + b of a K * B-row
+            call would draw. None (the default): one sample, z [B, ...].
         generator: a torch.Generator for the seed of the noise.
 
     Returns:
-        z: [B, ...] in mu's dtype, mu + exp(0.5 * logvar) * eps.
+        z: [B, ...] ([K, B, ...] with samples=K) in mu's dtype, mu + exp(0.5 * logvar) * eps.
         kl: [B] float32, per datapoint sum of 0.5 * (mu^2 + exp(logvar) - logvar - 1).
 
     Example:
         >>> mu, logvar = encoder(x).chunk(2, dim=1)          # [B, 32] each
         >>> z, kl = fastvae.reparameterize_kl(mu, logvar)    # z [B, 32], kl [B]
         >>> loss = fastvae.elbo_loss(decoder(z), x, kl=kl)
+        >>> z, _ = fastvae.reparameterize_kl(mu, logvar, samples=5)   # z [5, B, 32]
     """
     check.check_pair("mu", mu, "logvar", logvar)
+    check.check_samples(samples)
     if eps is not None:
         check.check_float_tensor("eps", eps)
-        check.check_same_shape("eps", eps, "mu", mu)
         check.check_same_device(mu=mu, eps=eps)
+        if samples is None:
+            check.check_same_shape("eps", eps, "mu", mu)
+        elif eps.shape != (samples,) + mu.shape:
+            raise ValueError(f"eps {list(eps.shape)} must have shape [samples, *mu.shape] = "
+                             f"{[samples, *mu.shape]} with samples={samples}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     seed = draw_seed(mu.device, generator) if (generator is not None and eps is None) else None
-    z, kl, _ = reparameterize_kl_fused(mu, logvar, eps, seed)
+    z, kl, _ = reparameterize_kl_fused(mu, logvar, eps, seed, samples)
     return z, kl
 
 
-def reparameterize(mu: Tensor, logvar: Tensor, eps: Tensor | None = None, *,
+def reparameterize(mu: Tensor, logvar: Tensor, eps: Tensor | None = None, *, samples: int | None = None,
                    generator: torch.Generator | None = None) -> Tensor:
-    """z = mu + exp(0.5 * logvar) * eps, [B, ...] in mu's dtype; the arguments of reparameterize_kl.
+    """z = mu + exp(0.5 * logvar) * eps in mu's dtype, [B, ...] ([K, B, ...] with samples=K); the
+    arguments of reparameterize_kl.
 
     It runs the same kernel: the KL costs no extra read, only a [B] write.
 
     Example:
-        >>> z = fastvae.reparameterize(mu, logvar)           # z ~ N(mu, exp(logvar))
+        >>> z = fastvae.reparameterize(mu, logvar)              # z ~ N(mu, exp(logvar)), [B, L]
+        >>> zs = fastvae.reparameterize(mu, logvar, samples=5)  # 5 samples per datapoint, [5, B, L]
     """
-    return reparameterize_kl(mu, logvar, eps, generator=generator)[0]
+    return reparameterize_kl(mu, logvar, eps, samples=samples, generator=generator)[0]
 
 
 # --------------------------------------------------------------------------- losses
@@ -311,3 +325,84 @@ def elbo_loss(logits: Tensor, target: Tensor, mu: Tensor | None = None, logvar: 
     weighted_kl = kl.sum() if isinstance(beta, (int, float)) and beta == 1 else beta * kl.sum()
     loss = weighted_kl - logp.sum()
     return loss if divisor == 1 else loss / divisor
+
+
+# --------------------------------------------------------------------------- importance-weighted bound
+def _check_iwae_inputs(logits: Tensor, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor) -> None:
+    """Shapes (K, B, D, L), dtypes and devices of iwae_loss's tensors, each error naming its argument."""
+    for name, t in (("logits", logits), ("x", x), ("z", z), ("mu", mu), ("logvar", logvar)):
+        check.check_float_tensor(name, t)
+    for name, t in (("logits", logits), ("z", z)):
+        if t.dim() < 2:
+            raise ValueError(f"{name} must be [K, B, ...], K samples of B datapoints (z from "
+                             f"fastvae.reparameterize(mu, logvar, samples=K)), got shape {list(t.shape)}")
+    samples, batch = logits.shape[:2]
+    if samples == 0:
+        raise ValueError(f"logits {list(logits.shape)} has no sample (K = 0 in dim 0); the bound needs K >= 1")
+    if z.shape[0] != samples:
+        raise ValueError(f"z {list(z.shape)} and logits {list(logits.shape)} must have the same number of "
+                         f"samples K (dim 0)")
+    if z.shape[1] != batch:
+        raise ValueError(f"z {list(z.shape)} and logits {list(logits.shape)} must have the same batch size "
+                         f"B (dim 1)")
+    if x.shape != logits.shape[1:]:
+        axis = "batch size B (dim 0)" if x.dim() == 0 or x.shape[0] != batch else "data shape D"
+        raise ValueError(f"x {list(x.shape)} must have the shape {list(logits.shape[1:])} of one sample of "
+                         f"logits {list(logits.shape)}: its {axis} differs")
+    if mu.shape != z.shape[1:]:
+        axis = "batch size B (dim 0)" if mu.dim() == 0 or mu.shape[0] != batch else "latent shape L"
+        raise ValueError(f"mu {list(mu.shape)} must have the shape {list(z.shape[1:])} of one sample of "
+                         f"z {list(z.shape)}: its {axis} differs")
+    check.check_same_shape("logvar", logvar, "mu", mu)
+    check.check_same_device(logits=logits, x=x, z=z, mu=mu, logvar=logvar)
+
+
+def iwae_loss(logits: Tensor, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, *, likelihood: str = "bernoulli",
+              estimator: str = "iwae", reduction: str = "batchmean") -> Tensor:
+    """The negative importance-weighted bound (IWAE, Burda et al., ICLR 2016) on K samples per datapoint:
+
+        loss_b = -(logsumexp_k [log p(x_b | z_kb) + log N(z_kb; 0, I) - log N(z_kb; mu_b, exp(logvar_b))] - log K)
+
+    K = 1 is the single-sample ELBO on z; as K grows the bound tightens towards log p(x). The
+    likelihood kernel reads x for all K samples in place (never a K-fold copy) and computes
+    log p and its gradient in one pass over [K, B, D]; the gradient comes out in the
+    normalized weights w~_kb = softmax_k(log w_kb) in backward.
+
+    Args:
+        logits: [K, B, ...] the decoder's output on z (Bernoulli logits).
+        x: [B, ...] the data, in [0, 1] for the Bernoulli likelihood (outside: a ValueError on
+            CPU tensors, see fastvae.set_validate_args, and NaN elsewhere).
+        z: [K, B, L] the samples from q(z|x), e.g. fastvae.reparameterize(mu, logvar, samples=K).
+        mu, logvar: [B, L] q(z|x)'s mean and log-variance.
+        likelihood: the decoder's likelihood: "bernoulli".
+        estimator: "iwae" (the default): the gradients are exactly those of the bound w.r.t.
+            logits, z, mu and logvar. "dreg": the doubly-reparameterized gradients of Tucker et
+            al. (ICLR 2019) for the encoder: the gradient for z weights each sample by w~^2
+            instead of w~, and mu and logvar get no direct gradient (log q's score function is
+            stopped; the encoder's gradient reaches them through z). The logits keep the IWAE
+            gradient, so the decoder trains on the IWAE bound. The value is the same for both.
+            fastvae.ops.iwae.op's docstring has the derivation, and what reaches z through the
+            decoder.
+        reduction: "none" (per datapoint, [B]), "sum", "mean" or "batchmean" (both: the mean over
+            datapoints, the default).
+
+    Returns:
+        The loss in float32 (float64 for float64 inputs): a scalar, or [B].
+
+    Example:
+        >>> mu, logvar = encoder(x).chunk(2, dim=1)                   # [B, 32] each
+        >>> z = fastvae.reparameterize(mu, logvar, samples=5)         # [5, B, 32]
+        >>> loss = fastvae.iwae_loss(decoder(z), x, z, mu, logvar)    # decoder(z): [5, B, 784]
+        >>> loss.backward()
+    """
+    check.check_choice("likelihood", likelihood, LIKELIHOODS)
+    check.check_choice("estimator", estimator, ESTIMATORS)
+    check.check_reduction(reduction)
+    _check_iwae_inputs(logits, x, z, mu, logvar)
+    rows = iwae_loss_fused(logits, x, z, mu, logvar, likelihood, estimator, _needs_grad(logits))[0]
+    if LIKELIHOODS[likelihood].target_in_unit_interval:
+        check.check_unit_interval("x", rows, x)
+    if reduction == "none":
+        return rows
+    # "mean" is the mean over datapoints, as for the other per-datapoint loss, elbo_loss.
+    return _reduce_rows(rows, "sum" if reduction == "sum" else "batchmean", rows.shape[0])

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from fastvae.functional import elbo_loss
-from fastvae.validation import check_beta, check_likelihood, check_reduction
+from fastvae.functional import elbo_loss, iwae_loss
+from fastvae.ops.iwae.op import ESTIMATORS, LIKELIHOODS
+from fastvae.validation import check_beta, check_choice, check_likelihood, check_reduction
 
 
 class ELBOLoss(nn.Module):
@@ -43,3 +44,35 @@ class ELBOLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, reduction={self.reduction!r}, likelihood={self.likelihood!r}"
+
+
+class IWAELoss(nn.Module):
+    """The negative importance-weighted bound (IWAE) on K samples per datapoint; see fastvae.iwae_loss.
+
+    Args:
+        likelihood: the decoder's likelihood, "bernoulli".
+        estimator: "iwae" (the bound's own gradients) or "dreg" (doubly-reparameterized
+            gradients for the encoder).
+        reduction: "none" ([B]), "sum", "mean" or "batchmean" (the mean over datapoints).
+
+    forward(logits [K, B, ...], x [B, ...], z [K, B, L], mu [B, L], logvar [B, L]) -> loss.
+
+    Example:
+        >>> criterion = fastvae.IWAELoss(estimator="dreg")
+        >>> z = fastvae.reparameterize(mu, logvar, samples=5)
+        >>> loss = criterion(decoder(z), x, z, mu, logvar)
+    """
+
+    def __init__(self, likelihood: str = "bernoulli", estimator: str = "iwae", reduction: str = "batchmean") -> None:
+        super().__init__()
+        check_choice("likelihood", likelihood, LIKELIHOODS)
+        check_choice("estimator", estimator, ESTIMATORS)
+        check_reduction(reduction)
+        self.likelihood, self.estimator, self.reduction = likelihood, estimator, reduction
+
+    def forward(self, logits: Tensor, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
+        return iwae_loss(logits, x, z, mu, logvar, likelihood=self.likelihood, estimator=self.estimator,
+                         reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"likelihood={self.likelihood!r}, estimator={self.estimator!r}, reduction={self.reduction!r}"

@@ -109,9 +109,25 @@ def check_same_batch(a_name: str, a: Tensor, b_name: str, b: Tensor, why: str) -
                          f"size (dim 0): {why}")
 
 
+def check_samples(samples: object) -> None:
+    """The number of samples per datapoint: None (one, without a samples dim) or an int >= 1."""
+    if samples is None:
+        return
+    if isinstance(samples, bool) or not isinstance(samples, numbers.Integral):
+        raise TypeError(f"samples must be an int >= 1 (or None for one sample without a samples dim), "
+                        f"got {type(samples).__name__}")
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+
+
+def check_choice(name: str, value: object, choices) -> None:
+    """value is one of `choices` (names), else a ValueError that lists them."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(map(repr, choices))}")
+
+
 def check_reduction(reduction: str) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"unknown reduction {reduction!r}; choose one of {', '.join(map(repr, REDUCTIONS))}")
+    check_choice("reduction", reduction, REDUCTIONS)
 
 
 def check_beta(beta: object, device: torch.device | None = None) -> None:

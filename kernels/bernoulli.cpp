@@ -7,6 +7,9 @@
 // makes its element NaN, value and gradient (x l - softplus(l) is then no log-likelihood).
 // Logits and target may have different storage types (bf16 logits from an AMP
 // decoder against fp32 data is the common case), so no upcast copy is needed.
+// The target may have fewer rows than the logits (target_rows dividing rows): logits
+// row r is scored against target row r % target_rows, so K decoder samples per
+// datapoint read the data without a K-fold copy (importance-weighted bounds).
 #include <limits>
 
 #include "fastvae_native.h"
@@ -20,8 +23,9 @@ struct BernoulliArgs {
     int64_t cols;
     const void* logits;  // [rows, cols], row stride logits_stride
     int64_t logits_stride;
-    const void* target;  // [rows, cols], row stride target_stride
+    const void* target;  // [target_rows, cols], row stride target_stride
     int64_t target_stride;
+    int64_t target_rows;  // divides rows: logits row b reads target row b % target_rows
     void* logp;          // [rows, cols] if elementwise else [rows], compute type
     void* grad;          // [rows, cols] logits' type, or NULL
     double weight;       // grad = weight * dlogp/dlogits
@@ -33,9 +37,10 @@ FV_INLINE void bernoulli_rows(const BernoulliArgs& a, int64_t b0, int64_t b1) {
     alignas(64) C terms[CHUNK];
     const C scale = C(a.weight);
     const C nan = std::numeric_limits<C>::quiet_NaN();
-    for (int64_t b = b0; b < b1; ++b) {
+    // t = b % target_rows, stepped rather than divided per row.
+    for (int64_t b = b0, t = b0 % a.target_rows; b < b1; ++b, t = t + 1 == a.target_rows ? 0 : t + 1) {
         const TL* __restrict logits = static_cast<const TL*>(a.logits) + b * a.logits_stride;
-        const TX* __restrict target = static_cast<const TX*>(a.target) + b * a.target_stride;
+        const TX* __restrict target = static_cast<const TX*>(a.target) + t * a.target_stride;
         C* __restrict logp_el = static_cast<C*>(a.logp) + b * a.cols;
         TL* __restrict grad = GRAD ? static_cast<TL*>(a.grad) + b * a.cols : nullptr;
         double logp = 0.0;
@@ -103,13 +108,18 @@ RowsFn entry_for(int logits_dtype, int target_dtype) {
 // logp: [rows, cols] if elementwise else [rows] (compute type); grad_logits [rows, cols]
 // (logits_dtype) = weight * (target - sigmoid(logits)) when non-NULL, scaled in the compute
 // type before rounding. logits and target may differ in dtype unless one is FASTVAE_F64.
+// target is [target_rows, cols] with target_rows dividing rows (row r reads target row
+// r % target_rows); target_rows = rows for one target row per logits row.
 extern "C" FASTVAE_API int fastvae_bernoulli_forward(
     int logits_dtype, int target_dtype, int64_t rows, int64_t cols,
-    const void* logits, int64_t logits_stride, const void* target, int64_t target_stride,
+    const void* logits, int64_t logits_stride, const void* target, int64_t target_stride, int64_t target_rows,
     int elementwise, void* logp, void* grad_logits, double weight, int num_threads) {
     const fastvae::RowsFn fn = fastvae::entry_for(logits_dtype, target_dtype);
     if (fn == nullptr) return FASTVAE_ERR_DTYPE;
-    const fastvae::BernoulliArgs a{cols, logits, logits_stride, target, target_stride, logp, grad_logits, weight};
+    if (rows == 0) return FASTVAE_OK;  // nothing to write (and target_rows may be 0)
+    const fastvae::BernoulliArgs a{.cols = cols, .logits = logits, .logits_stride = logits_stride,
+                                   .target = target, .target_stride = target_stride, .target_rows = target_rows,
+                                   .logp = logp, .grad = grad_logits, .weight = weight};
     fastvae::parallel_rows(rows, cols, num_threads,
                            [&](int64_t b0, int64_t b1) { fn(a, elementwise != 0, b0, b1); });
     return FASTVAE_OK;

@@ -4,6 +4,12 @@
 //   kl  = 0.5 * (mu^2 + exp(lv) - lv - 1), with exp(lv) - 1 - lv from fv_expm1_minus_x
 //         so that lv near 0 loses no digits
 //   dz/dmu = 1, dz/dlv = 0.5 exp(0.5 lv) eps, dkl/dmu = mu, dkl/dlv = 0.5 expm1(lv)
+// K samples per posterior row (importance-weighted bounds): z row k * rows + b is sample k
+// of row b and reads mu, logvar row b (the posterior is never copied K times); its noise
+// is the Philox stream at flat index (k * rows + b) * cols + j. Backward sums the K
+// samples' grad_z into grad_mu and grad_logvar inside the kernel, in the compute type.
+#include <vector>
+
 #include "fastvae_native.h"
 #include "noise.h"
 #include "numerics.h"
@@ -28,17 +34,26 @@ struct Noise {
     uint64_t seed;
 };
 
+// K samples of each of the posterior's rows: sample k of row b is row k * rows + b of
+// z, eps and grad_z.
+struct Samples {
+    int64_t rows;         // the posterior's rows (B)
+    int64_t count;        // K >= 1
+};
+
 struct ForwardArgs {
     Posterior q;
-    Noise noise;
-    void* z;              // [rows, cols] contiguous
+    Samples samples;
+    Noise noise;          // eps [K * rows, cols]
+    void* z;              // [K * rows, cols] contiguous
     void* kl;             // [rows], compute type
 };
 
 struct BackwardArgs {
     Posterior q;
-    Noise noise;
-    const void* grad_z;   // [rows, cols], row stride grad_z_stride, or NULL
+    Samples samples;
+    Noise noise;          // eps [K * rows, cols]
+    const void* grad_z;   // [K * rows, cols], row stride grad_z_stride, or NULL
     int64_t grad_z_stride;
     const void* grad_kl;  // [rows] compute type, element stride grad_kl_stride, or NULL
     int64_t grad_kl_stride;
@@ -59,8 +74,8 @@ FV_INLINE const T* row_of(const void* base, int64_t stride, int64_t b) {
     return static_cast<const T*>(base) + b * stride;
 }
 
-// The noise of a chunk: the caller's eps row from j0 on, or the next m normals of the
-// thread's Philox cursor (chunks are visited in flat index order).
+// The noise of a chunk: the caller's eps row from j0 on, or the next m normals of a
+// Philox cursor (each cursor's chunks are visited in flat index order).
 template <class T, bool NOISE>
 struct ChunkNoise {
     using C = typename Compute<T>::type;
@@ -74,58 +89,90 @@ struct ChunkNoise {
 
 static_assert(CHUNK <= NoiseCursor<float>::MAX_TAKE, "a chunk's noise must fit one cursor run");
 
+// One Philox cursor per sample for posterior rows b0 .. b1 (a thread's rows): sample k's
+// rows are consecutive in its stream, from flat index (k * rows + b0) * cols on. Empty
+// when the caller gave eps.
 template <class T, bool NOISE>
-FV_INLINE ChunkNoise<T, NOISE> chunk_noise(const T* eps_row, int64_t j0, int64_t m,
-                                           NoiseCursor<typename Compute<T>::type>& cursor) {
-    if constexpr (NOISE) return {nullptr, cursor.take(m)};
-    else return {eps_row + j0, nullptr};
+std::vector<NoiseCursor<typename Compute<T>::type>> sample_cursors(const Samples& samples, int64_t cols,
+                                                                   uint64_t seed, int64_t b0) {
+    std::vector<NoiseCursor<typename Compute<T>::type>> cursors;
+    if constexpr (NOISE) {
+        cursors.reserve(size_t(samples.count));
+        for (int64_t k = 0; k < samples.count; ++k)
+            cursors.emplace_back(seed, uint64_t(k * samples.rows + b0) * uint64_t(cols));
+    }
+    return cursors;
 }
 
+// The noise of columns j0 .. j0 + m of sample k of row b (z row r = k * rows + b).
+template <class T, bool NOISE>
+FV_INLINE ChunkNoise<T, NOISE> chunk_noise(const Noise& noise, std::vector<NoiseCursor<typename Compute<T>::type>>& cursors,
+                                           int64_t k, int64_t r, int64_t j0, int64_t m) {
+    if constexpr (NOISE) return {nullptr, cursors[size_t(k)].take(m)};
+    else return {row_of<T>(noise.eps, noise.eps_stride, r) + j0, nullptr};
+}
+
+// Posterior rows b0 .. b1: each chunk of a row computes the std and the KL once, then
+// writes the chunk of each of the K samples.
 template <class T, bool NOISE>
 FV_INLINE void reparameterize_kl_forward_rows(const ForwardArgs& a, int64_t b0, int64_t b1) {
     using C = typename Compute<T>::type;
-    alignas(64) C terms[CHUNK];
-    const int64_t cols = a.q.cols;
-    NoiseCursor<C> cursor(a.noise.seed, uint64_t(b0) * uint64_t(cols));
+    const int64_t cols = a.q.cols, rows = a.samples.rows, samples = a.samples.count;
+    auto cursors = sample_cursors<T, NOISE>(a.samples, cols, a.noise.seed, b0);
+    alignas(64) C terms[CHUNK], std_dev[CHUNK];
     for (int64_t b = b0; b < b1; ++b) {
         const T* __restrict mu = row_of<T>(a.q.mu, a.q.mu_stride, b);
         const T* __restrict lv = row_of<T>(a.q.logvar, a.q.logvar_stride, b);
-        const T* __restrict eps = NOISE ? nullptr : row_of<T>(a.noise.eps, a.noise.eps_stride, b);
-        T* __restrict z = static_cast<T*>(a.z) + b * cols;
         double kl = 0.0;
         for (int64_t j0 = 0; j0 < cols; j0 += CHUNK) {
             const int64_t m = std::min(CHUNK, cols - j0);
-            const ChunkNoise<T, NOISE> noise = chunk_noise<T, NOISE>(eps, j0, m, cursor);
             for (int64_t j = 0; j < m; ++j) {
                 const C mv = widen(mu[j0 + j]), v = widen(lv[j0 + j]);
-                C std_dev, expm1_v;
-                exp_half_expm1_c(v, std_dev, expm1_v);
-                z[j0 + j] = narrow<T>(mv + std_dev * noise[j]);
+                C expm1_v;
+                exp_half_expm1_c(v, std_dev[j], expm1_v);
                 terms[j] = C(0.5) * (mv * mv + fv_expm1_minus_x(v, expm1_v));
             }
             kl += chunk_sum(terms, m);
+            for (int64_t k = 0; k < samples; ++k) {
+                const int64_t r = k * rows + b;
+                const ChunkNoise<T, NOISE> noise = chunk_noise<T, NOISE>(a.noise, cursors, k, r, j0, m);
+                T* __restrict z = static_cast<T*>(a.z) + r * cols + j0;
+                for (int64_t j = 0; j < m; ++j) z[j] = narrow<T>(widen(mu[j0 + j]) + std_dev[j] * noise[j]);
+            }
         }
         static_cast<C*>(a.kl)[b] = C(kl);
     }
 }
 
+// Posterior rows b0 .. b1. Each chunk of a row first sums grad_z and grad_z * eps over the
+// K samples, then applies the chain rule once.
 template <class T, bool GRAD_Z, bool GRAD_KL, bool NOISE>
 FV_INLINE void reparameterize_kl_backward_rows(const BackwardArgs& a, int64_t b0, int64_t b1) {
     using C = typename Compute<T>::type;
-    const int64_t cols = a.q.cols;
-    NoiseCursor<C> cursor(a.noise.seed, uint64_t(b0) * uint64_t(cols));
+    const int64_t cols = a.q.cols, rows = a.samples.rows, samples = a.samples.count;
+    auto cursors = sample_cursors<T, GRAD_Z && NOISE>(a.samples, cols, a.noise.seed, b0);
+    alignas(64) C sum_g[CHUNK], sum_g_eps[CHUNK];
     for (int64_t b = b0; b < b1; ++b) {
         const T* __restrict mu = row_of<T>(a.q.mu, a.q.mu_stride, b);
         const T* __restrict lv = row_of<T>(a.q.logvar, a.q.logvar_stride, b);
-        const T* __restrict eps = NOISE || !GRAD_Z ? nullptr : row_of<T>(a.noise.eps, a.noise.eps_stride, b);
-        const T* __restrict gz = GRAD_Z ? row_of<T>(a.grad_z, a.grad_z_stride, b) : nullptr;
         const C gkl = GRAD_KL ? static_cast<const C*>(a.grad_kl)[b * a.grad_kl_stride] : C(0);
         T* __restrict grad_mu = static_cast<T*>(a.grad_mu) + b * cols;
         T* __restrict grad_lv = static_cast<T*>(a.grad_logvar) + b * cols;
         for (int64_t j0 = 0; j0 < cols; j0 += CHUNK) {
             const int64_t m = std::min(CHUNK, cols - j0);
-            ChunkNoise<T, NOISE> noise{};  // only the grad_z term reads the noise
-            if constexpr (GRAD_Z) noise = chunk_noise<T, NOISE>(eps, j0, m, cursor);
+            if constexpr (GRAD_Z) {
+                for (int64_t j = 0; j < m; ++j) sum_g[j] = sum_g_eps[j] = C(0);
+                for (int64_t k = 0; k < samples; ++k) {
+                    const int64_t r = k * rows + b;
+                    const T* __restrict gz = row_of<T>(a.grad_z, a.grad_z_stride, r) + j0;
+                    const ChunkNoise<T, NOISE> noise = chunk_noise<T, NOISE>(a.noise, cursors, k, r, j0, m);
+                    for (int64_t j = 0; j < m; ++j) {
+                        const C g = widen(gz[j]);
+                        sum_g[j] += g;
+                        sum_g_eps[j] += g * noise[j];
+                    }
+                }
+            }
             for (int64_t j = 0; j < m; ++j) {
                 const C mv = widen(mu[j0 + j]), v = widen(lv[j0 + j]);
                 C gm = C(0), gv = C(0), std_dev, expm1_v;
@@ -133,9 +180,8 @@ FV_INLINE void reparameterize_kl_backward_rows(const BackwardArgs& a, int64_t b0
                 else if constexpr (GRAD_Z) std_dev = exp_c(C(0.5) * v);
                 else if constexpr (GRAD_KL) expm1_v = expm1_c(v);
                 if constexpr (GRAD_Z) {
-                    const C g = widen(gz[j0 + j]);
-                    gm = g;
-                    gv = g * C(0.5) * std_dev * noise[j];
+                    gm = sum_g[j];
+                    gv = C(0.5) * std_dev * sum_g_eps[j];
                 }
                 // Added only when grad_kl exists: 0 * expm1(lv) is NaN for lv = +inf.
                 if constexpr (GRAD_KL) {
@@ -209,62 +255,42 @@ FV_GAUSSIAN_ENTRIES(double, f64)
 FV_GAUSSIAN_ENTRIES(bf16_t, bf16)
 FV_GAUSSIAN_ENTRIES(f16_t, f16)
 
-template <class Args>
-using RowsFn = void (*)(const Args&, int64_t, int64_t);
-
-// The entry of `table` ({f32, f64, bf16, f16}) for a dtype code; null for an unknown code.
-template <class Args>
-RowsFn<Args> for_dtype(int dtype, RowsFn<Args> f32, RowsFn<Args> f64, RowsFn<Args> bf16, RowsFn<Args> f16) {
-    switch (dtype) {
-        case FASTVAE_F32: return f32;
-        case FASTVAE_F64: return f64;
-        case FASTVAE_BF16: return bf16;
-        case FASTVAE_F16: return f16;
-        default: return nullptr;
-    }
-}
-
-template <class Args>
-int run(RowsFn<Args> fn, const Args& a, int64_t rows, int num_threads) {
-    if (fn == nullptr) return FASTVAE_ERR_DTYPE;
-    parallel_rows(rows, a.q.cols, num_threads, [&](int64_t b0, int64_t b1) { fn(a, b0, b1); });
-    return FASTVAE_OK;
-}
-
 }  // namespace
 }  // namespace fastvae
 
 using namespace fastvae;
 
-// z [rows, cols] (dtype) = mu + exp(0.5 logvar) * eps; kl [rows] (compute type) = sum_j KL.
-// eps may be NULL: then eps[b, j] is the Philox normal at flat index b * cols + j under seed.
+// z [samples * rows, cols] (dtype): row k * rows + b = mu[b] + exp(0.5 logvar[b]) * eps[k * rows + b];
+// kl [rows] (compute type) = sum_j KL. eps may be NULL: then eps[r, j] is the Philox normal
+// at flat index r * cols + j under seed.
 extern "C" FASTVAE_API int fastvae_reparameterize_kl_forward(
-    int dtype, int64_t rows, int64_t cols,
+    int dtype, int64_t rows, int64_t cols, int64_t samples,
     const void* mu, int64_t mu_stride, const void* logvar, int64_t logvar_stride,
     const void* eps, int64_t eps_stride, uint64_t seed,
     void* z, void* kl, int num_threads) {
-    const ForwardArgs a{.q = {cols, mu, mu_stride, logvar, logvar_stride},
+    const ForwardArgs a{.q = {cols, mu, mu_stride, logvar, logvar_stride}, .samples = {rows, samples},
                         .noise = {eps, eps_stride, seed}, .z = z, .kl = kl};
-    return run(for_dtype<ForwardArgs>(dtype, forward_f32, forward_f64, forward_bf16, forward_f16), a, rows,
-               num_threads);
+    return run_rows(kernel_for_dtype<ForwardArgs>(dtype, forward_f32, forward_f64, forward_bf16, forward_f16), a,
+                    rows, samples * cols, num_threads);
 }
 
-// grad_mu, grad_logvar [rows, cols] (dtype) from grad_z [rows, cols] (dtype, or NULL) and
-// grad_kl [rows] (compute type, element stride grad_kl_stride: 0 broadcasts one value, as
-// the backward of a sum gives it; or NULL); eps NULL regenerates the noise from seed.
+// grad_mu, grad_logvar [rows, cols] (dtype) from grad_z [samples * rows, cols] (dtype, or
+// NULL; summed over the samples) and grad_kl [rows] (compute type, element stride
+// grad_kl_stride: 0 broadcasts one value, as the backward of a sum gives it; or NULL);
+// eps NULL regenerates the noise from seed.
 extern "C" FASTVAE_API int fastvae_reparameterize_kl_backward(
-    int dtype, int64_t rows, int64_t cols,
+    int dtype, int64_t rows, int64_t cols, int64_t samples,
     const void* grad_z, int64_t grad_z_stride, const void* grad_kl, int64_t grad_kl_stride,
     const void* mu, int64_t mu_stride, const void* logvar, int64_t logvar_stride,
     const void* eps, int64_t eps_stride, uint64_t seed,
     void* grad_mu, void* grad_logvar, int num_threads) {
-    const BackwardArgs a{.q = {cols, mu, mu_stride, logvar, logvar_stride},
+    const BackwardArgs a{.q = {cols, mu, mu_stride, logvar, logvar_stride}, .samples = {rows, samples},
                          .noise = {eps, eps_stride, seed},
                          .grad_z = grad_z, .grad_z_stride = grad_z_stride,
                          .grad_kl = grad_kl, .grad_kl_stride = grad_kl_stride,
                          .grad_mu = grad_mu, .grad_logvar = grad_logvar};
-    return run(for_dtype<BackwardArgs>(dtype, backward_f32, backward_f64, backward_bf16, backward_f16), a, rows,
-               num_threads);
+    return run_rows(kernel_for_dtype<BackwardArgs>(dtype, backward_f32, backward_f64, backward_bf16, backward_f16),
+                    a, rows, samples * cols, num_threads);
 }
 
 // kl: [rows, cols] if elementwise else [rows] (compute type); grad_mu, grad_logvar
@@ -275,5 +301,5 @@ extern "C" FASTVAE_API int fastvae_gaussian_kl_forward(
     int elementwise, void* kl, void* grad_mu, void* grad_logvar, int num_threads) {
     const KLArgs a{.q = {cols, mu, mu_stride, logvar, logvar_stride}, .elementwise = elementwise != 0,
                    .kl = kl, .grad_mu = grad_mu, .grad_logvar = grad_logvar};
-    return run(for_dtype<KLArgs>(dtype, kl_f32, kl_f64, kl_bf16, kl_f16), a, rows, num_threads);
+    return run_rows(kernel_for_dtype<KLArgs>(dtype, kl_f32, kl_f64, kl_bf16, kl_f16), a, rows, cols, num_threads);
 }

@@ -74,4 +74,30 @@ void parallel_rows(int64_t rows, int64_t cols, int num_threads, RowsFn rows_fn) 
     rows_fn(int64_t(0), rows);
 }
 
+// A kernel's body for one storage type: fn(args, b0, b1) handles rows b0 .. b1.
+template <class Args>
+using RowKernel = void (*)(const Args&, int64_t, int64_t);
+
+// The body for a dtype code, among one per storage type; null for an unknown code.
+template <class Args>
+RowKernel<Args> kernel_for_dtype(int dtype, RowKernel<Args> f32, RowKernel<Args> f64, RowKernel<Args> bf16,
+                                 RowKernel<Args> f16) {
+    switch (dtype) {
+        case FASTVAE_F32: return f32;
+        case FASTVAE_F64: return f64;
+        case FASTVAE_BF16: return bf16;
+        case FASTVAE_F16: return f16;
+        default: return nullptr;
+    }
+}
+
+// Runs fn over `rows` rows split across threads, each row touching `row_elements` elements
+// (which decides whether threads pay off); FASTVAE_ERR_DTYPE for a null fn.
+template <class Args>
+int run_rows(RowKernel<Args> fn, const Args& a, int64_t rows, int64_t row_elements, int num_threads) {
+    if (fn == nullptr) return FASTVAE_ERR_DTYPE;
+    parallel_rows(rows, row_elements, num_threads, [&](int64_t b0, int64_t b1) { fn(a, b0, b1); });
+    return FASTVAE_OK;
+}
+
 }  // namespace fastvae

@@ -37,16 +37,16 @@ TOLERANCE = {
 }
 
 
-def assert_close_to(actual: Tensor, expected: Tensor, name: str) -> None:
+def assert_close_to(actual: Tensor, expected: Tensor, name: str, min_tolerance: float = 0.0) -> None:
     """actual vs the float64 oracle, relative to the oracle's scale: |a - e| <= tol * (|e| + max|e|/10),
-    tol by actual's dtype (TOLERANCE).
+    tol by actual's dtype (TOLERANCE), at least min_tolerance (an op whose math amplifies rounding).
 
     Plus a few subnormal steps of actual's dtype: a "mean" over thousands of elements gives
     fp16 gradients below its smallest normal number. NaN must stand where the oracle's NaN
     stands, and nowhere else."""
     assert actual.shape == expected.shape, f"{name}: shape {list(actual.shape)} != {list(expected.shape)}"
     dtype = actual.dtype
-    tol, finfo = TOLERANCE[dtype], torch.finfo(dtype)
+    tol, finfo = max(TOLERANCE[dtype], min_tolerance), torch.finfo(dtype)
     expected, actual = expected.detach().double(), actual.detach().double()
     nan = torch.isnan(expected)
     assert torch.equal(torch.isnan(actual), nan), f"{name}: NaN where the oracle has none, or the other way"

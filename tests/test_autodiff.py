@@ -3,6 +3,8 @@ AD and every torch.func transform, on every backend, against plain PyTorch."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -66,6 +68,41 @@ def plain_sample(mu, logvar, eps):
     return (z.sin() * 1.3).sum() + (kl * kl).sum()
 
 
+def fused_samples(mu, logvar, eps):
+    z, kl = fastvae.reparameterize_kl(mu, logvar, eps, samples=eps.shape[0])
+    return (z.sin() * 1.3).sum() + (kl * kl).sum()
+
+
+def _iwae_inputs():
+    """logits [K, B, D], z [K, B, L] (K = 2, B = 3, D = 7, L = 4) beside _elbo_inputs' mu and logvar."""
+    return torch.randn(2, 3, 7, **F64) * 2, torch.randn(2, 3, 4, **F64)
+
+
+def fused_iwae(logits, z, mu, logvar, target, estimator="iwae"):
+    return fastvae.iwae_loss(logits, target, z, mu, logvar, estimator=estimator)
+
+
+def _plain_log_weights(logits, z, mu, logvar, target):
+    """log w [K, B]; the two log(2 pi) of the Gaussian densities cancel."""
+    log_px = -F.binary_cross_entropy_with_logits(logits, target.expand_as(logits), reduction="none").sum(-1)
+    return log_px - 0.5 * (z.pow(2) - (z - mu).pow(2) / logvar.exp() - logvar).sum(-1)
+
+
+def plain_iwae(logits, z, mu, logvar, target):
+    return (math.log(logits.shape[0]) - torch.logsumexp(_plain_log_weights(logits, z, mu, logvar, target), 0)).mean()
+
+
+def plain_dreg(logits, z, mu, logvar, target):
+    """The IWAE value with DReG's gradients, from the surrogate losses (weights detached; the
+    encoder's with log q's parameters and the decoder's output detached)."""
+    weights = torch.softmax(_plain_log_weights(logits, z, mu, logvar, target), 0).detach()
+    encoder = -(weights ** 2 * _plain_log_weights(logits.detach(), z, mu.detach(), logvar.detach(), target))
+    log_px = -F.binary_cross_entropy_with_logits(logits, target.expand_as(logits), reduction="none").sum(-1)
+    surrogate = (encoder - weights * log_px).sum(0).mean()
+    value = plain_iwae(logits, z, mu, logvar, target)
+    return value.detach() + (surrogate - surrogate.detach()) + 0.0 * (mu.sum() + logvar.sum())
+
+
 def _elbo_inputs():
     return (torch.randn(3, 7, **F64) * 2, torch.randn(3, 4, **F64), torch.randn(3, 4, **F64),
             torch.rand(3, 7, **F64).round())
@@ -76,8 +113,14 @@ def test_gradgradcheck_every_op(backend):
     logits, mu, logvar, target = (t.requires_grad_(i < 3) for i, t in enumerate(_elbo_inputs()))
     eps = _eps((3, 4)).requires_grad_()
     logvar_d, logvar_full = torch.randn(7, **F64).requires_grad_(), torch.randn(3, 7, **F64).requires_grad_()
+    samples_logits, z = (t.requires_grad_() for t in _iwae_inputs())
     with fastvae.use_backend(backend):
         cases = [
+            (lambda lk, zk, m, v: fastvae.iwae_loss(lk, target, zk, m, v, reduction="none"),
+             (samples_logits, z, mu, logvar)),
+            # DReG's backward is a formula of its own (not the value's derivative): its double
+            # backward must be the derivative of that formula.
+            (lambda lk, zk, m, v: fused_iwae(lk, zk, m, v, target, "dreg"), (samples_logits, z, mu, logvar)),
             (lambda l: fastvae.bernoulli_log_likelihood(l, target, "sum"), (logits,)),
             (lambda l: fastvae.bernoulli_log_likelihood(l, target, "none"), (logits,)),
             (lambda m, v: fastvae.gaussian_kl(m, v, "none"), (mu, logvar)),
@@ -97,7 +140,13 @@ def test_gradgradcheck_every_op(backend):
         # The Philox path: the noise is regenerated from the seed in both backwards.
         from fastvae.ops.gaussian.op import reparameterize_kl_fused
 
-        assert torch.autograd.gradgradcheck(lambda m, v: reparameterize_kl_fused(m, v, None, SEED)[:2], (mu, logvar))
+        # One sample, and K samples per row (backward sums them inside the kernel).
+        for samples in (None, 3):
+            assert torch.autograd.gradgradcheck(lambda m, v: reparameterize_kl_fused(m, v, None, SEED, samples)[:2],
+                                                (mu, logvar))
+        eps_samples = _eps((2, 3, 4)).requires_grad_()
+        assert torch.autograd.gradgradcheck(lambda m, v, e: fastvae.reparameterize_kl(m, v, e, samples=2),
+                                            (mu, logvar, eps_samples))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -153,7 +202,11 @@ def test_every_torch_func_transform_matches_plain_pytorch(backend):
     logits, mu, logvar, target = _elbo_inputs()
     eps = _eps((3, 4))
     logvar_d = torch.randn(7, **F64)
+    eps, eps_samples = _eps((3, 4)), _eps((2, 3, 4))
+    samples_logits, z = _iwae_inputs()
     cases = {
+        "iwae_loss": (lambda lk, zk, m, v: fused_iwae(lk, zk, m, v, target),
+                      lambda lk, zk, m, v: plain_iwae(lk, zk, m, v, target), (samples_logits, z, mu, logvar)),
         "elbo_loss": (lambda l, m, v: fused_elbo(l, m, v, target), lambda l, m, v: plain_elbo(l, m, v, target),
                       (logits, mu, logvar)),
         "bernoulli": (lambda l: fastvae.bernoulli_log_likelihood(l, target),
@@ -171,11 +224,41 @@ def test_every_torch_func_transform_matches_plain_pytorch(backend):
         "elbo_loss_gaussian": (
             lambda l, m, v, d: fused_elbo_with("gaussian")(l, m, v, target, d),
             lambda l, m, v, d: plain_elbo_with(plain_gaussian)(l, m, v, target, d), (logits, mu, logvar, logvar_d)),
+        "reparameterize_kl_samples": (lambda m, v: fused_samples(m, v, eps_samples),
+                                      lambda m, v: plain_sample(m, v, eps_samples), (mu, logvar)),  # broadcast
     }
     with fastvae.use_backend(backend):
         for op, (fused, plain, inputs) in cases.items():
             for name, got, want in _transforms(fused, plain, inputs):
                 torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, msg=lambda m: f"{op} {name}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reverse_mode_transforms_of_dreg_match_a_plain_dreg(backend):
+    """DReG defines reverse-mode gradients (not the value's derivative), so its transforms are the
+    reverse-mode ones, and vmap; each against the surrogate-loss DReG in plain PyTorch."""
+    _, mu, logvar, target = _elbo_inputs()
+    samples_logits, z = _iwae_inputs()
+    inputs, argnums = (samples_logits, z, mu, logvar), (0, 1, 2, 3)
+
+    def fused(lk, zk, m, v):
+        return fused_iwae(lk, zk, m, v, target, "dreg")
+
+    def plain(lk, zk, m, v):
+        return plain_dreg(lk, zk, m, v, target)
+
+    with fastvae.use_backend(backend):
+        value, vjp_fn = torch.func.vjp(fused, *inputs)
+        results = {
+            "grad": (torch.func.grad(fused, argnums)(*inputs), torch.func.grad(plain, argnums)(*inputs)),
+            "vjp": (vjp_fn(torch.ones_like(value)), torch.func.vjp(plain, *inputs)[1](torch.ones_like(value))),
+            "jacrev": (torch.func.jacrev(fused, argnums)(*inputs), torch.func.jacrev(plain, argnums)(*inputs)),
+            "vmap(grad)": tuple(torch.func.vmap(torch.func.grad(f, argnums))(*(torch.stack([t, t * 0.5])
+                                                                                for t in inputs))
+                                for f in (fused, plain)),
+        }
+    for name, (got, want) in results.items():
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, msg=lambda m: f"dreg {name}: {m}")
 
 
 def test_the_noise_under_vmap_follows_torch_randomness_modes():

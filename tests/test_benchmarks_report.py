@@ -51,6 +51,22 @@ def test_default_cases_are_the_headline_and_the_sweep_adds_every_mode_and_the_re
     assert len(ids) == len(set(ids))
 
 
+def test_samples_grids_run_the_importance_weighted_ops_and_only_them():
+    """The IWAE setting (K = 5 and 50 at batch 128) is a grid of its own: the ops with a samples axis
+    run on it and nowhere else, and the others never see it."""
+    iwae = SPECS["iwae_loss"]
+    cases = axes.cases(iwae.name, iwae.axes, CPU)
+    assert {(c.samples, c.batch, c.data, c.latent) for c in cases} == {(5, 128, 784, 32), (50, 128, 784, 32)}
+    assert "iwae_loss-full-eager-fp32-K50-B128-D784-L32" in {c.id for c in cases}
+    assert all(c.samples is None for c in axes.cases(ELBO.name, ELBO.axes, CPU, "sweep"))
+    case = cases[0]
+    samples, batch, data, latent = case.samples, case.batch, case.data, case.latent
+    # logits, x, z, mu, logvar read; grads of logits, z, mu, logvar written; the loss and its gradient.
+    reads = (samples * batch * data + batch * data + samples * batch * latent + 2 * batch * latent) * 4
+    writes = (samples * batch * data + samples * batch * latent + 2 * batch * latent) * 4
+    assert min_bytes(iwae, case) == reads + writes + 4 + 4
+
+
 def test_cuda_providers_are_the_competitors_and_triton():
     names = [p.name for p in axes.providers_for(torch.device("cuda"))]
     assert names == ["eager", "compiled", "fastvae-triton"]

@@ -12,6 +12,7 @@ from fastvae.ops.continuous_bernoulli.op import continuous_bernoulli_log_likelih
 from fastvae.ops.gaussian.op import (gaussian_kl_fused, gaussian_kl_op, reparameterize_kl_backward_op,
                                      reparameterize_kl_fused, reparameterize_kl_op)
 from fastvae.ops.gaussian_likelihood.op import gaussian_log_likelihood_fused
+from fastvae.ops.iwae.op import iwae_loss_fused, iwae_loss_op
 from helpers import BACKENDS, DEVICE, assert_close_to
 
 
@@ -25,10 +26,14 @@ def test_opcheck(backend):
     logits, target = torch.randn(3, 7, device=DEVICE, requires_grad=True), torch.rand(3, 7, device=DEVICE)
     seed = torch.tensor(99, device=DEVICE)
     cases = [
-        (reparameterize_kl_op, (mu, logvar, None, seed)),
-        (reparameterize_kl_op, (mu, logvar, torch.randn(3, 5, device=DEVICE), None)),
+        (reparameterize_kl_op, (mu, logvar, None, seed, None)),
+        (reparameterize_kl_op, (mu, logvar, torch.randn(3, 5, device=DEVICE), None, None)),
         (reparameterize_kl_backward_op, (torch.randn(3, 5, device=DEVICE), torch.randn(3, device=DEVICE),
-                                         mu.detach(), logvar.detach(), None, seed)),
+                                         mu.detach(), logvar.detach(), None, seed, None)),
+        (reparameterize_kl_op, (mu, logvar, None, seed, 4)),
+        (reparameterize_kl_op, (mu, logvar, torch.randn(2, 3, 5, device=DEVICE), None, 2)),
+        (reparameterize_kl_backward_op, (torch.randn(2, 3, 5, device=DEVICE), torch.randn(3, device=DEVICE),
+                                         mu.detach(), logvar.detach(), None, seed, 2)),
         (gaussian_kl_op, (mu, logvar, False, True)),
         (gaussian_kl_op, (mu, logvar, True, False)),
         (bernoulli_log_likelihood_op, (logits, target, False, True)),
@@ -38,10 +43,21 @@ def test_opcheck(backend):
         (gaussian_log_likelihood_fused.custom_op, (logits, target, None, True, True)),
         (gaussian_log_likelihood_fused.custom_op, (mu, logvar, logvar.detach()[0].requires_grad_(), False, True, 0.3)),
         (gaussian_log_likelihood_fused.custom_op, (mu, logvar, torch.randn(3, 5, device=DEVICE), True, False)),
+        *_iwae_cases(iwae_loss_op),
     ]
     with fastvae.use_backend(backend):
         for op, args in cases:
             torch.library.opcheck(op, args)
+
+
+def _iwae_cases(op):
+    """(op, args) of iwae_loss for both estimators, with and without the forward-pass gradient."""
+    samples_logits = torch.randn(4, 3, 7, device=DEVICE, requires_grad=True)
+    z = torch.randn(4, 3, 5, device=DEVICE, requires_grad=True)
+    mu, logvar = _latent()
+    x = torch.rand(3, 7, device=DEVICE)
+    return [(op, (samples_logits, x, z, mu, logvar, "bernoulli", estimator, compute_grad))
+            for estimator in ("iwae", "dreg") for compute_grad in (True, False)]
 
 
 def _fused_op_cases():
@@ -50,8 +66,9 @@ def _fused_op_cases():
     logits = torch.randn(4, 9, device=DEVICE, requires_grad=True)
     target = torch.rand(4, 9, device=DEVICE)
     seed = torch.tensor(1234, device=DEVICE)
-    return [(reparameterize_kl_fused, (mu, logvar, None, seed)),
-            (reparameterize_kl_fused, (mu, logvar, torch.randn(4, 6, device=DEVICE), None)),
+    return [(reparameterize_kl_fused, (mu, logvar, None, seed, None)),
+            (reparameterize_kl_fused, (mu, logvar, torch.randn(4, 6, device=DEVICE), None, None)),
+            (reparameterize_kl_fused, (mu, logvar, None, seed, 3)),
             (gaussian_kl_fused, (mu, logvar, False, True)),
             (gaussian_kl_fused, (mu, logvar, True, False)),
             (bernoulli_log_likelihood_fused, (logits, target, False, True)),
@@ -60,7 +77,8 @@ def _fused_op_cases():
             (continuous_bernoulli_log_likelihood_fused, (logits, target, True, False)),
             (gaussian_log_likelihood_fused, (logits, target, torch.randn(9, device=DEVICE, requires_grad=True),
                                              False, True)),
-            (gaussian_log_likelihood_fused, (mu, logvar, None, True, False))]
+            (gaussian_log_likelihood_fused, (mu, logvar, None, True, False)),
+            *_iwae_cases(iwae_loss_fused)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -74,10 +92,13 @@ def test_eager_path_matches_the_custom_op_bit_for_bit(backend):
         with fastvae.use_backend(backend):
             for path, call in (("eager", fused), ("custom_op", fused.custom_op)):
                 outputs = call(*args)
+                # As the forward returned them: an eager backward may reuse a gradient output it
+                # owns as its result's memory (iwae_loss scales its unweighted gradient in place).
+                returned = tuple(o.detach().clone() for o in outputs)
                 generator = torch.Generator(DEVICE).manual_seed(7)
                 upstream = torch.randn(outputs[0].shape, device=DEVICE, generator=generator)
                 grads = torch.autograd.grad(outputs[0], leaves, upstream)
-                results[path] = (outputs, grads, type(outputs[0].grad_fn).__name__)
+                results[path] = (returned, grads, type(outputs[0].grad_fn).__name__)
         eager, custom = results["eager"], results["custom_op"]
         assert "_eager" in eager[2] and "_eager" not in custom[2], (eager[2], custom[2])
         for a, b in zip(eager[0] + eager[1], custom[0] + custom[1]):
@@ -130,7 +151,7 @@ def test_gradcheck_float64(backend):
     target = torch.rand(3, 7, device=DEVICE, dtype=torch.float64, requires_grad=True)
     seed = torch.tensor(2024, device=DEVICE)
     with fastvae.use_backend(backend):
-        assert torch.autograd.gradcheck(lambda m, v: reparameterize_kl_op(m, v, None, seed)[:2], (mu, logvar))
+        assert torch.autograd.gradcheck(lambda m, v: reparameterize_kl_op(m, v, None, seed, None)[:2], (mu, logvar))
         assert torch.autograd.gradcheck(lambda m, v, e: fastvae.reparameterize_kl(m, v, e), (mu, logvar, eps))
         assert torch.autograd.gradcheck(lambda m, v: fastvae.gaussian_kl(m, v, "none"), (mu, logvar))
         assert torch.autograd.gradcheck(lambda l, x: fastvae.bernoulli_log_likelihood(l, x, "none"),
@@ -143,6 +164,11 @@ def test_gradcheck_float64(backend):
         assert torch.autograd.gradcheck(
             lambda l, m, v: fastvae.elbo_loss(l, target.detach(), m, v, beta=0.5, reduction="none"),
             (logits, mu, logvar))
+        samples_logits = torch.randn(2, 3, 7, device=DEVICE, dtype=torch.float64, requires_grad=True)
+        z = torch.randn(2, 3, 5, device=DEVICE, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(  # the IWAE estimator's gradients are the bound's derivatives
+            lambda l, zz, m, v: fastvae.iwae_loss(l, target.detach(), zz, m, v, reduction="none"),
+            (samples_logits, z, mu, logvar))
 
 
 class TinyVAE(nn.Module):
@@ -178,6 +204,34 @@ def test_compile_fullgraph_matches_eager(backend):
         # the inductor run below covers code generation around the opaque ops.
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
         loss, grads = _loss_and_grads(model, compiled, x)
+    assert_close_to(loss, eager_loss.double(), "loss")
+    for i, (g, g_eager) in enumerate(zip(grads, eager_grads)):
+        assert_close_to(g, g_eager.double(), f"grad of parameter {i}")
+
+
+class TinyIWAE(TinyVAE):
+    """TinyVAE's networks with the importance-weighted bound on K = 3 samples."""
+
+    def forward(self, x: torch.Tensor, estimator: str = "iwae") -> torch.Tensor:
+        mu, logvar = self.encoder(x).chunk(2, dim=1)
+        z = fastvae.reparameterize(mu, logvar, samples=3)
+        return fastvae.iwae_loss(self.decoder(z), x, z, mu, logvar, estimator=estimator)
+
+
+@pytest.mark.parametrize("estimator", ["iwae", "dreg"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph_iwae_matches_eager(backend, estimator):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TinyIWAE().to(DEVICE)
+    x = torch.rand(8, 20, device=DEVICE).round()
+
+    def step(x):
+        return model(x, estimator)
+
+    with fastvae.use_backend(backend):
+        eager_loss, eager_grads = _loss_and_grads(model, step, x)
+        loss, grads = _loss_and_grads(model, torch.compile(step, fullgraph=True, backend="aot_eager"), x)
     assert_close_to(loss, eager_loss.double(), "loss")
     for i, (g, g_eager) in enumerate(zip(grads, eager_grads)):
         assert_close_to(g, g_eager.double(), f"grad of parameter {i}")

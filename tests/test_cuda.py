@@ -24,13 +24,13 @@ def _model():
 def _loss(encoder, decoder, x):
     """A VAE's loss side; returns the loss, z and the seed the sampler drew (to replay it eagerly)."""
     mu, logvar = encoder(x).chunk(2, dim=1)
-    z, kl, seed = reparameterize_kl_fused(mu, logvar, None, None)
+    z, kl, seed = reparameterize_kl_fused(mu, logvar, None, None, None)
     return fastvae.elbo_loss(decoder(z), x, kl=kl), z, seed
 
 
 def test_seeds_stay_on_the_device():
     mu = torch.randn(4, 3, device=DEVICE)
-    z, kl, seed = reparameterize_kl_fused(mu, mu, None, None)
+    z, kl, seed = reparameterize_kl_fused(mu, mu, None, None, None)
     assert seed.device.type == "cuda" and seed.dtype == torch.int64 and seed.dim() == 0
 
 
@@ -58,7 +58,7 @@ def test_cuda_graph_replays_draw_fresh_noise_and_the_gradients_of_eager():
     assert not torch.equal(replays[0][0], replays[1][0]), "two replays drew the same noise"
     for z_replay, seed_replay, grads_replay in replays:
         mu, logvar = encoder(x).chunk(2, dim=1)
-        z_eager, kl, _ = reparameterize_kl_fused(mu, logvar, None, seed_replay)
+        z_eager, kl, _ = reparameterize_kl_fused(mu, logvar, None, seed_replay, None)
         eager = torch.autograd.grad(fastvae.elbo_loss(decoder(z_eager), x, kl=kl), params)
         torch.testing.assert_close(z_replay, z_eager)
         for got, want in zip(grads_replay, eager):
@@ -86,7 +86,7 @@ def test_triton_on_the_gpu_matches_the_reference(dtype):
     results = {}
     for backend in ("triton", "torch"):
         with fastvae.use_backend(backend):
-            z, kl, _ = reparameterize_kl_fused(mu, logvar, None, seed)
+            z, kl, _ = reparameterize_kl_fused(mu, logvar, None, seed, None)
             loss = fastvae.elbo_loss(logits, target, kl=kl) + z.float().square().mean()
             results[backend] = (loss, z, *torch.autograd.grad(loss, (logits, mu, logvar)))
     tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]

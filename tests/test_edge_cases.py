@@ -150,6 +150,30 @@ def test_gaussian_is_accurate_at_extreme_log_variances_and_distances(backend, dt
     _per_column(logp, expected, "logp")
     _per_column(mean.grad, mean64.grad, "grad_mean")
     _per_column(logvar.grad, logvar64.grad, "grad_logvar")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_iwae_loss_with_extreme_inputs(backend):
+    """Saturated logits (log p of -100 for a sample: a normalized weight of 0), a posterior far from
+    the prior and log-variances of +-30, with z drawn from q as a sampler would: the bound and
+    every gradient match the float64 oracle and stay finite."""
+    from fastvae.ops.iwae.spec import oracle_iwae_rows
+
+    logits = leaf(torch.tensor([[[-100.0, 100.0, 30.0, -1e-3]] * 2, [[0.0, -30.0, 100.0, 1e-3]] * 2],
+                               device=DEVICE))
+    x = torch.tensor([[0.0, 1.0, 1.0, 0.5], [1.0, 0.0, 0.0, 1.0]], device=DEVICE)
+    mu = leaf(torch.tensor([[19.0, 0.0], [0.0, 1e-4]], device=DEVICE))
+    logvar = leaf(torch.tensor([[1e-6, -30.0], [30.0, 2.0]], device=DEVICE))
+    eps = torch.tensor([[[1.5, -0.5], [0.1, 2.0]], [[-1.0, 0.5], [0.0, -3.0]]], device=DEVICE)
+    z = leaf(mu.detach() + torch.exp(0.5 * logvar.detach()) * eps)
+    inputs = (logits, z, mu, logvar)
+    with fastvae.use_backend(backend):
+        rows = fastvae.iwae_loss(logits, x, z, mu, logvar, reduction="none")
+        grads = torch.autograd.grad(rows.sum(), inputs)
+    leaves64 = [leaf(t.detach().double()) for t in inputs]
+    expected = oracle_iwae_rows(leaves64[0], x.double(), *leaves64[1:])
+    assert_close_to(rows, expected, "rows")
+    for name, got, want in zip(("logits", "z", "mu", "logvar"), grads, torch.autograd.grad(expected.sum(), leaves64)):
+        assert torch.isfinite(got).all(), f"grad_{name} is not finite"
+        assert_close_to(got, want, f"grad_{name}")
 
 
 @pytest.fixture
@@ -173,7 +197,16 @@ def test_every_output_element_is_written(backend, shape, poisoned_outputs):
     b = torch.rand(shape, device=DEVICE)
     seed = torch.tensor(1234, device=DEVICE)
     one_row = b[:1]  # a row-periodic target or log-variance
+    iwae = family("iwae").module(backend)
+    a = torch.randn(shape, device=DEVICE)
+    b = torch.rand(shape, device=DEVICE)
+    seed = torch.tensor(1234, device=DEVICE)
+    samples = torch.randn((3 * shape[0], shape[1]), device=DEVICE)
+    weights = torch.softmax(torch.randn(3, shape[0], device=DEVICE), dim=0)
     outputs = [
+        *iwae.iwae_forward(torch.randn(3, shape[0], device=DEVICE), samples, a, b),
+        *iwae.iwae_backward(b[:, 0].contiguous(), weights, samples, a, b, False),
+        *iwae.iwae_backward(b[:, 0].contiguous(), weights, samples, a, b, True),
         *gaussian.reparameterize_kl_forward(a, b, None, seed),
         *gaussian.reparameterize_kl_backward(a, b[:, 0].contiguous(), a, b, None, seed),
         *gaussian.gaussian_kl_forward(a, b, True, True),
@@ -189,6 +222,29 @@ def test_every_output_element_is_written(backend, shape, poisoned_outputs):
     assert torch.isnan(torch.empty(3)).all(), "the poison fixture is not active"
     for i, out in enumerate(outputs):
         assert not torch.isnan(out).any(), f"output {i} has unwritten (NaN) elements"
+
+
+@pytest.mark.parametrize("logits_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_row_periodic_target_scores_logits_row_r_against_target_row_r_mod_t(backend, logits_dtype):
+    """The Bernoulli kernel with a target of fewer rows T (dividing the logits' rows): row r is
+    scored against target row r % T, read in place (strided rows here), for rows and elements,
+    with the gradient, against the float64 oracle on the target repeated."""
+    periods, rows, cols = 3, 5, 37
+    bernoulli = family("bernoulli").module(backend)
+    logits = (3 * torch.randn(periods * rows, cols, device=DEVICE)).to(logits_dtype)
+    wide = torch.rand(rows, cols + 6, device=DEVICE)
+    wide[:, ::3] = wide[:, ::3].round()
+    target = wide[:, 2:2 + cols]  # strided rows, as a slice of wider data
+    repeated = target.double().repeat(periods, 1)
+    logits64 = logits.double().requires_grad_()
+    expected = oracle_logp(logits64, repeated)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), logits64)
+    for elementwise in (False, True):
+        logp, grad = bernoulli.bernoulli_forward(logits, target, elementwise, True, 0.5)
+        assert_close_to(logp, expected if elementwise else expected.sum(1), f"logp (elementwise={elementwise})")
+        assert grad.dtype == logits_dtype
+        assert_close_to(grad, 0.5 * expected_grad, f"grad (elementwise={elementwise})")
 
 
 class _RecordOps(TorchDispatchMode):

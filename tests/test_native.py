@@ -24,6 +24,9 @@ from fastvae.ops.continuous_bernoulli import native as continuous_bernoulli
 from fastvae.ops.gaussian import native as gaussian
 from fastvae.ops.gaussian import reference as gaussian_reference
 from fastvae.ops.gaussian_likelihood import native as gaussian_likelihood
+from fastvae.ops.iwae import native as iwae
+from fastvae.ops.iwae import reference as iwae_reference
+from fastvae.ops.iwae.spec import FLOAT32_WEIGHTS_TOLERANCE
 from fastvae.ops.noise import philox_normal, philox_uint32x4
 from helpers import assert_close_to
 
@@ -107,37 +110,41 @@ def test_bad_library_path_gives_a_clear_error_and_fastvae_still_imports(kind, tm
 # reparameterize_kl forward / backward
 # ---------------------------------------------------------------------------
 @needs_library
+@pytest.mark.parametrize("samples", [1, 3])
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("with_eps", [False, True], ids=["philox", "eps"])
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-def test_reparameterize_kl_forward_matches_float64(dtype, shape, with_eps, strided):
+def test_reparameterize_kl_forward_matches_float64(dtype, shape, with_eps, strided, samples):
     mu, logvar = _posterior(shape, dtype, strided)
-    eps = torch.randn(shape).to(dtype) if with_eps else None
-    z, kl = gaussian.reparameterize_kl_forward(mu, logvar, eps, SEED)
-    assert z.dtype == dtype and z.shape == shape and kl.dtype == _loss_dtype(dtype) and kl.shape == shape[:1]
-    eps64 = eps.double() if with_eps else _noise_oracle(shape, dtype)
-    z64, kl64 = gaussian_reference.reparameterize_kl_forward(mu.double(), logvar.double(), eps64, 0)
+    z_shape = (samples * shape[0], shape[1])
+    eps = torch.randn(z_shape).to(dtype) if with_eps else None
+    z, kl = gaussian.reparameterize_kl_forward(mu, logvar, eps, SEED, samples)
+    assert z.dtype == dtype and z.shape == z_shape and kl.dtype == _loss_dtype(dtype) and kl.shape == shape[:1]
+    eps64 = eps.double() if with_eps else _noise_oracle(z_shape, dtype)
+    z64, kl64 = gaussian_reference.reparameterize_kl_forward(mu.double(), logvar.double(), eps64, 0, samples)
     assert_close_to(z, z64, "z")
     assert_close_to(kl, kl64, "kl")
 
 
 @needs_library
+@pytest.mark.parametrize("samples", [1, 3])
 @pytest.mark.parametrize("grads", ["z+kl", "z", "kl", "none"])
 @pytest.mark.parametrize("with_eps", [False, True], ids=["philox", "eps"])
 @pytest.mark.parametrize("shape", [(3, 7), (41, 401)], ids=_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-def test_reparameterize_kl_backward_matches_float64(dtype, shape, with_eps, grads):
+def test_reparameterize_kl_backward_matches_float64(dtype, shape, with_eps, grads, samples):
     mu, logvar = _posterior(shape, dtype, strided=True)
-    eps = torch.randn(shape).to(dtype) if with_eps else None
-    grad_z = torch.randn(shape).to(dtype) if "z" in grads else None
+    z_shape = (samples * shape[0], shape[1])
+    eps = torch.randn(z_shape).to(dtype) if with_eps else None
+    grad_z = torch.randn(z_shape).to(dtype) if "z" in grads else None
     grad_kl = (torch.rand(shape[0]) + 0.5) if "kl" in grads else None  # [B] float32, an upstream scale != 1
-    grad_mu, grad_logvar = gaussian.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, eps, SEED)
+    grad_mu, grad_logvar = gaussian.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, eps, SEED, samples)
     assert grad_mu.dtype == dtype and grad_logvar.dtype == dtype and grad_mu.shape == shape
-    eps64 = eps.double() if with_eps else _noise_oracle(shape, dtype)
+    eps64 = eps.double() if with_eps else _noise_oracle(z_shape, dtype)
     expected = gaussian_reference.reparameterize_kl_backward(
         None if grad_z is None else grad_z.double(), None if grad_kl is None else grad_kl.double(),
-        mu.double(), logvar.double(), eps64, 0)
+        mu.double(), logvar.double(), eps64, 0, samples)
     assert_close_to(grad_mu, expected[0], "grad_mu")
     assert_close_to(grad_logvar, expected[1], "grad_logvar")
 
@@ -250,6 +257,52 @@ def test_bernoulli_log_likelihood_matches_float64(dtype, shape, elementwise, com
         assert grad is None
 
 
+def _samples_of(posterior_shape: tuple[int, int], samples: int, dtype: torch.dtype):
+    """z [K * B, L] as strided rows (a slice of a wider tensor), log p [K, B] in the compute dtype."""
+    rows, cols = posterior_shape
+    z = torch.randn(samples * rows, cols + 3).to(dtype)[:, 1:cols + 1]
+    return z, 20 * torch.randn(samples, rows, dtype=_loss_dtype(dtype))
+
+
+@needs_library
+@pytest.mark.parametrize("samples", [1, 5])
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+def test_iwae_forward_matches_float64(dtype, shape, samples):
+    mu, logvar = _posterior(shape, dtype, strided=True)
+    z, logp = _samples_of(shape, samples, dtype)
+    loss, weights = iwae.iwae_forward(logp, z, mu, logvar)
+    assert loss.dtype == weights.dtype == _loss_dtype(dtype)
+    assert loss.shape == shape[:1] and weights.shape == (samples, shape[0])
+    loss64, weights64 = iwae_reference.iwae_forward(logp.double(), z.double(), mu.double(), logvar.double())
+    assert_close_to(loss, loss64, "loss")
+    # A softmax of float32 log weights summed over hundreds of latent dims: see the spec.
+    assert_close_to(weights, weights64, "weights", FLOAT32_WEIGHTS_TOLERANCE)
+
+
+@needs_library
+@pytest.mark.parametrize("dreg", [False, True], ids=["iwae", "dreg"])
+@pytest.mark.parametrize("layout", ["contiguous", "broadcast", "strided"])
+@pytest.mark.parametrize("shape", [(3, 7), (41, 401)], ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+def test_iwae_backward_matches_float64(dtype, shape, layout, dreg):
+    """grad_rows as given, as the backward of a mean gives it (one value, stride 0) and strided."""
+    samples = 4
+    mu, logvar = _posterior(shape, dtype, strided=True)
+    z, _ = _samples_of(shape, samples, dtype)
+    weights = torch.softmax(torch.randn(samples, shape[0], dtype=_loss_dtype(dtype)), dim=0)
+    grad_rows = {"contiguous": torch.rand(shape[0]) + 0.5, "broadcast": torch.tensor(0.3).expand(shape[0]),
+                 "strided": (torch.rand(2 * shape[0]) + 0.5)[::2]}[layout]
+    grads = iwae.iwae_backward(grad_rows, weights, z, mu, logvar, dreg)
+    expected = iwae_reference.iwae_backward(grad_rows.double(), weights.double(), z.double(), mu.double(),
+                                            logvar.double(), dreg)
+    for name, got, want in zip(("z", "mu", "logvar"), grads, expected):
+        assert got.dtype == dtype and got.shape == want.shape
+        assert_close_to(got, want, f"grad_{name}")
+    if dreg:
+        assert not grads[1].any() and not grads[2].any()
+
+
 MIXED = [(torch.bfloat16, torch.float32), (torch.float32, torch.float16), (torch.float16, torch.bfloat16),
          (torch.float32, torch.float64), (torch.bfloat16, torch.float64)]
 
@@ -336,10 +389,18 @@ def test_results_do_not_depend_on_the_thread_count():
     logits, target = 3 * torch.randn(shape), torch.rand(shape)
     grad_z, grad_kl = torch.randn(shape), torch.rand(shape[0])
     data, shared_logvar = torch.randn(shape), torch.randn(1, shape[1])
+    grad_z_samples = torch.randn(3 * shape[0], shape[1])  # 3 samples: one noise cursor per sample and thread
+
+    z_samples, logp = 0.5 * torch.randn(3 * shape[0], shape[1]), 10 * torch.randn(3, shape[0])
+    weights = torch.softmax(torch.randn(3, shape[0]), dim=0)
 
     def run_all():
-        return (*gaussian.reparameterize_kl_forward(mu, logvar, None, SEED),
+        return (*iwae.iwae_forward(logp, z_samples, mu, logvar),
+                *iwae.iwae_backward(grad_kl, weights, z_samples, mu, logvar, False),
+                *gaussian.reparameterize_kl_forward(mu, logvar, None, SEED),
                 *gaussian.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, None, SEED),
+                *gaussian.reparameterize_kl_forward(mu, logvar, None, SEED, 3),
+                *gaussian.reparameterize_kl_backward(grad_z_samples, grad_kl, mu, logvar, None, SEED, 3),
                 *gaussian.gaussian_kl_forward(mu, logvar, False, True),
                 *bernoulli.bernoulli_forward(logits, target, False, True),
                 *continuous_bernoulli.continuous_bernoulli_forward(logits, target[:1], False, True, -0.3),
@@ -368,6 +429,10 @@ def test_bad_arguments_raise_clear_errors():
         gaussian.gaussian_kl_forward(x, torch.randn(4, 6), False, False)
     with pytest.raises(ValueError, match=r"2-D row view"):
         bernoulli.bernoulli_forward(torch.randn(2, 3, 4), torch.rand(2, 3, 4), False, False)
+    with pytest.raises(ValueError, match=r"target \[3, 5\] must have 5 columns and a row count that divides 4"):
+        bernoulli.bernoulli_forward(x, torch.rand(3, 5), False, False)
+    with pytest.raises(ValueError, match=r"target \[2, 4\] must have 5 columns"):
+        bernoulli.bernoulli_forward(x, torch.rand(2, 4), False, False)
     with pytest.raises(TypeError, match="int64; use float32"):
         bernoulli.bernoulli_forward(x, torch.ones(4, 5, dtype=torch.int64), False, False)
     with pytest.raises(ValueError, match="meta; the native kernels take CPU tensors"):
@@ -376,6 +441,10 @@ def test_bad_arguments_raise_clear_errors():
         gaussian.reparameterize_kl_forward(x, x, None, torch.tensor(-1))
     with pytest.raises(ValueError, match=r"grad_kl \[5\] must have shape \[4\]"):
         gaussian.reparameterize_kl_backward(None, torch.ones(5), x, x, None, SEED)
+    with pytest.raises(ValueError, match=r"z \[8, 5\] must have the shape \[12, 5\]"):
+        iwae.iwae_forward(torch.randn(3, 4), torch.randn(8, 5), x, x)
+    with pytest.raises(ValueError, match=r"grad_rows \[3\] must have shape \[4\]"):
+        iwae.iwae_backward(torch.ones(3), torch.rand(2, 4), torch.randn(8, 5), x, x, False)
 
 
 def test_missing_library_makes_every_function_raise(monkeypatch):

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import fastvae
-from fastvae.ops.gaussian.op import reparameterize_kl_op
+from fastvae.ops.gaussian.op import reparameterize_kl_fused, reparameterize_kl_op
 from fastvae.ops.noise import philox_normal, philox_uint32x4
-from helpers import BACKENDS, DEVICE
+from helpers import BACKENDS, DEVICE, assert_close_to
 
 N_ROWS, N_COLS = 256, 129  # 33k samples: statistics resolve to about 0.006 per standard error
 
@@ -55,7 +55,7 @@ def test_same_seed_same_noise_as_the_reference_stream(backend):
     zeros = torch.zeros(33, 65, device=DEVICE)
     seed = torch.tensor(2**40 + 12345, device=DEVICE)  # high key word non-zero
     with fastvae.use_backend(backend):
-        z, _, used = reparameterize_kl_op(zeros, zeros, None, seed)
+        z, _, used = reparameterize_kl_op(zeros, zeros, None, seed, None)
     assert int(used) == int(seed)
     expected = philox_normal(int(seed), (33, 65), torch.float64, DEVICE)
     torch.testing.assert_close(z.double(), expected, rtol=1e-5, atol=1e-5)
@@ -70,6 +70,57 @@ def test_backward_regenerates_the_forward_noise(backend):
         z = fastvae.reparameterize(mu, logvar)
         z.sum().backward()
     torch.testing.assert_close(logvar.grad, 0.5 * (z - mu).detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_samples_draw_what_copies_of_the_rows_draw(backend):
+    """samples=K is K copies of the rows through the one-sample kernel: the same noise (flat index
+    (k * B + b) * L + j), the same KL, and gradients that are the copies' gradients summed,
+    with the KL's gradient once; all against the float64 oracle."""
+    samples, rows, cols = 3, 5, 37
+    generator = torch.Generator().manual_seed(11)
+    mu = torch.randn(rows, cols, generator=generator).to(DEVICE).requires_grad_()
+    logvar = torch.randn(rows, cols, generator=generator).to(DEVICE).requires_grad_()
+    grad_z = torch.randn(samples, rows, cols, generator=generator).to(DEVICE)
+    grad_kl = torch.rand(rows, generator=generator).to(DEVICE) + 0.5
+    seed = torch.tensor(2**40 + 99, device=DEVICE)
+    copies = [t.detach().repeat(samples, 1).requires_grad_() for t in (mu, logvar)]
+    with fastvae.use_backend(backend):
+        z, kl, _ = reparameterize_kl_fused(mu, logvar, None, seed, samples)
+        grad_mu, grad_logvar = torch.autograd.grad((z, kl), (mu, logvar), (grad_z, grad_kl))
+        z_copies, kl_copies, _ = reparameterize_kl_fused(*copies, None, seed, None)
+        copy_grads = torch.autograd.grad(z_copies, copies, grad_z.reshape(samples * rows, cols))
+    assert z.shape == (samples, rows, cols) and kl.shape == (rows,)
+    assert torch.equal(z.reshape(samples * rows, cols), z_copies)
+    assert torch.equal(kl, kl_copies[:rows])
+    mu64, logvar64 = mu.detach().double(), logvar.detach().double()
+    eps = philox_normal(int(seed), (samples, rows, cols), torch.float64, DEVICE)
+    half_std = 0.5 * torch.exp(0.5 * logvar64)
+    expected_mu = grad_z.double().sum(0) + grad_kl.double()[:, None] * mu64
+    expected_logvar = (half_std * (grad_z.double() * eps).sum(0)
+                       + grad_kl.double()[:, None] * 0.5 * torch.expm1(logvar64))
+    assert_close_to(z, mu64 + 2 * half_std * eps, "z")
+    assert_close_to(grad_mu, expected_mu, "grad_mu")
+    assert_close_to(grad_logvar, expected_logvar, "grad_logvar")
+    for name, summed, total, kl_term in (("mu", copy_grads[0], grad_mu, grad_kl[:, None] * mu),
+                                         ("logvar", copy_grads[1], grad_logvar,
+                                          grad_kl[:, None] * 0.5 * torch.expm1(logvar))):
+        torch.testing.assert_close(summed.reshape(samples, rows, cols).sum(0) + kl_term.detach(), total,
+                                   rtol=1e-5, atol=1e-5, msg=lambda m: f"grad_{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_samples_with_the_callers_eps(backend):
+    """eps [K, B, L] with samples=K: z[k] = mu + std * eps[k], and eps gets its gradient."""
+    samples, rows, cols = 2, 4, 9
+    mu, logvar = torch.randn(rows, cols, device=DEVICE), torch.randn(rows, cols, device=DEVICE)
+    eps = torch.randn(samples, rows, cols, device=DEVICE, requires_grad=True)
+    with fastvae.use_backend(backend):
+        z = fastvae.reparameterize(mu, logvar, eps, samples=samples)
+        (grad_eps,) = torch.autograd.grad(z, eps, torch.ones_like(z))
+    std64 = torch.exp(0.5 * logvar.double())
+    assert_close_to(z, mu.double() + std64 * eps.detach().double(), "z")
+    assert_close_to(grad_eps, std64.expand(samples, rows, cols), "grad_eps")
 
 
 def test_philox_reference_matches_known_answer():

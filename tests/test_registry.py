@@ -30,7 +30,7 @@ def test_every_public_op_has_a_spec():
     neither tested against an oracle nor benchmarked."""
     tested = {spec.fastvae for spec in op_specs()} | {spec.name for spec in op_specs()}
     public_ops = ["reparameterize_kl", "gaussian_kl", "bernoulli_log_likelihood", "continuous_bernoulli_log_likelihood",
-                  "gaussian_log_likelihood", "elbo_loss"]
+                  "gaussian_log_likelihood", "elbo_loss", "iwae_loss"]
     for name in public_ops:
         assert getattr(fastvae, name) in tested or name in tested, f"fastvae.{name} has no OpSpec"
 

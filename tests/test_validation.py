@@ -70,6 +70,86 @@ def test_reparameterize_rejects_bad_inputs():
         fastvae.reparameterize(mu, logvar.long())
 
 
+@pytest.mark.parametrize("samples, error, message", [
+    (0, ValueError, "samples must be >= 1, got 0"),
+    (-3, ValueError, "samples must be >= 1, got -3"),
+    (2.0, TypeError, "samples must be an int >= 1.*got float"),
+    (True, TypeError, "samples must be an int >= 1.*got bool"),
+])
+def test_reparameterize_samples_is_a_positive_int(samples, error, message):
+    with pytest.raises(error, match=message):
+        fastvae.reparameterize(torch.randn(B, L), torch.randn(B, L), samples=samples)
+
+
+def test_reparameterize_eps_has_the_samples_dim():
+    mu, logvar = torch.randn(B, L), torch.randn(B, L)
+    with pytest.raises(ValueError, match=r"eps \[4, 3\] must have shape \[samples, \*mu.shape\] = \[2, 4, 3\]"):
+        fastvae.reparameterize(mu, logvar, torch.randn(B, L), samples=2)
+    with pytest.raises(ValueError, match=r"eps \[3, 4, 3\] must have shape.*\[2, 4, 3\] with samples=2"):
+        fastvae.reparameterize_kl(mu, logvar, torch.randn(3, B, L), samples=2)
+
+
+K = 5
+
+
+def _iwae_args(**override):
+    args = {"logits": torch.randn(K, B, D), "x": torch.rand(B, D), "z": torch.randn(K, B, L), "mu": torch.randn(B, L),
+            "logvar": torch.randn(B, L)}
+    args.update(override)
+    return args
+
+
+@pytest.mark.parametrize("override, error, message", [
+    ({"z": torch.randn(K + 1, B, L)}, ValueError,
+     r"z \[6, 4, 3\] and logits \[5, 4, 10\] must have the same number of samples K \(dim 0\)"),
+    ({"z": torch.randn(K, B + 1, L)}, ValueError,
+     r"z \[5, 5, 3\] and logits \[5, 4, 10\] must have the same batch size B \(dim 1\)"),
+    ({"x": torch.rand(B + 1, D)}, ValueError, r"x \[5, 10\] must have the shape \[4, 10\].*batch size B"),
+    ({"x": torch.rand(B, D - 1)}, ValueError, r"x \[4, 9\] must have the shape \[4, 10\].*data shape D"),
+    ({"x": torch.rand(K, B, D)}, ValueError, r"x \[5, 4, 10\] must have the shape \[4, 10\]"),
+    ({"mu": torch.randn(B, L + 1), "logvar": torch.randn(B, L + 1)}, ValueError,
+     r"mu \[4, 4\] must have the shape \[4, 3\] of one sample of z.*latent shape L"),
+    ({"mu": torch.randn(B - 1, L), "logvar": torch.randn(B - 1, L)}, ValueError, r"mu \[3, 3\].*batch size B"),
+    ({"logvar": torch.randn(B, L + 1)}, ValueError, r"logvar \[4, 4\] and mu \[4, 3\] must have the same shape"),
+    ({"logits": torch.randn(B, D), "x": torch.rand(D)}, ValueError, r"z \[5, 4, 3\] and logits \[4, 10\]"),
+    ({"logits": torch.randn(D)}, ValueError, r"logits must be \[K, B, \.\.\.\].*samples=K.*got shape \[10\]"),
+    ({"logits": torch.randn(0, B, D), "z": torch.randn(0, B, L)}, ValueError, "no sample.*K >= 1"),
+    ({"x": torch.ones(B, D, dtype=torch.long)}, TypeError, r"x must be a floating-point tensor.*int64"),
+    ({"z": [[0.0]]}, TypeError, "z must be a torch.Tensor, got list"),
+    ({"mu": torch.randn(B, L, device="meta"), "logvar": torch.randn(B, L, device="meta")}, ValueError,
+     "one device.*logits on cpu.*mu on meta"),
+])
+def test_iwae_loss_rejects_bad_inputs(override, error, message):
+    with pytest.raises(error, match=message):
+        fastvae.iwae_loss(**_iwae_args(**override))
+
+
+def test_iwae_loss_names_its_choices():
+    args = _iwae_args()
+    with pytest.raises(ValueError, match=r"unknown likelihood 'gaussian'; choose one of 'bernoulli'"):
+        fastvae.iwae_loss(**args, likelihood="gaussian")
+    with pytest.raises(ValueError, match=r"unknown estimator 'reinforce'; choose one of 'iwae', 'dreg'"):
+        fastvae.iwae_loss(**args, estimator="reinforce")
+    with pytest.raises(ValueError, match=r"unknown reduction 'avg'"):
+        fastvae.iwae_loss(**args, reduction="avg")
+    with pytest.raises(ValueError, match="unknown estimator"):
+        fastvae.IWAELoss(estimator="dReG")
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.5, float("nan")], ids=["above", "below", "nan"])
+def test_iwae_loss_refuses_data_outside_the_unit_interval(bad):
+    args = _iwae_args()
+    args["x"][2, 7] = bad
+    with pytest.raises(ValueError, match=r"x must lie in \[0, 1\].*x\[2, 7\]"):
+        fastvae.iwae_loss(**args)
+    fastvae.set_validate_args(False)
+    try:
+        rows = fastvae.iwae_loss(**args, reduction="none")
+    finally:
+        fastvae.set_validate_args(True)
+    assert torch.isnan(rows[2]) and torch.isfinite(rows[[0, 1, 3]]).all()
+
+
 def test_unknown_backend_names():
     with pytest.raises(ValueError, match="unknown fastvae backend 'cuda'.*auto, triton, native, torch"):
         with fastvae.use_backend("cuda"):

@@ -30,6 +30,18 @@ def rows_or_none(t: Tensor | None) -> Tensor | None:
     return None if t is None else as_rows(t)
 
 
+def as_sample_rows(t: Tensor, samples: int | None) -> Tensor:
+    """K samples of B rows, [K, B, ...], as rows [K * B, N] (sample k of row b at row k * B + b,
+    the layout of the kernels that read B-row inputs with a row period); [B, ...] as [B, N]
+    when samples is None. A view whenever the layout allows one."""
+    return as_rows(t if samples is None else t.flatten(0, 1))
+
+
+def sample_shape(like: Tensor, samples: int | None) -> tuple[int, ...]:
+    """The shape of K samples of `like` [B, ...]: [K, B, ...], or like's own for samples None."""
+    return tuple(like.shape) if samples is None else (samples,) + tuple(like.shape)
+
+
 def view_as_shape(t: Tensor, shape: Sequence[int]) -> Tensor:
     """t viewed as `shape`; t itself when it already has it (a view call costs microseconds)."""
     return t if t.shape == shape else t.view(shape)
@@ -101,6 +113,14 @@ def scale_saved_grad(saved: Tensor, grad_output: Tensor) -> Tensor:
         # and rounding g to half precision first would lose digits twice.
         return (saved.float() * g.float()).to(saved.dtype)
     return saved * g.to(saved.dtype)
+
+
+def scale_saved_grad_(saved: Tensor, grad_output: Tensor) -> Tensor:
+    """scale_saved_grad in place, for a saved gradient that backward owns and gives away: no new
+    tensor the size of `saved`. Half-precision gradients are multiplied in float32 and rounded
+    once here too (the float32 factor makes the multiply run in float32)."""
+    g = grad_output.reshape(grad_output.shape + (1,) * (saved.dim() - grad_output.dim()))
+    return saved.mul_(g.float() if saved.dtype in (torch.float16, torch.bfloat16) else g.to(saved.dtype))
 
 
 # --------------------------------------------------------------------------- the saved gradient

@@ -34,7 +34,7 @@ from fastvae.errors import BackendUnavailableError
 
 ENV_LIB = "FASTVAE_NATIVE_LIB"
 LIBRARY_MODULE = "fastvae._native_cpu"
-ABI_VERSION = 5  # FASTVAE_ABI_VERSION in kernels/fastvae_native.h
+ABI_VERSION = 6  # FASTVAE_ABI_VERSION in kernels/fastvae_native.h
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_HINT = ("build it with `pip install -e .` (or `pip install .`) in the fastvae checkout, or "
               "`cmake -S . -B build && cmake --build build` there, or set "
@@ -208,14 +208,15 @@ def check_rows(name: str, t: Tensor, shape: torch.Size | None = None) -> Tensor:
     return t
 
 
-def check_periodic_rows(name: str, t: Tensor, like: Tensor) -> Tensor:
-    """t as check_rows returns it, with like's column count and a row count that divides like's:
-    row r of like is paired with row r % t.shape[0] of t (a row-periodic target)."""
+def check_periodic_rows(name: str, t: Tensor, rows_of: Tensor) -> Tensor:
+    """t as check_rows gives it, with the columns of `rows_of` (a checked [R, N]) and a row count T
+    that divides R: row r of rows_of pairs with row r % T of t (a row-periodic input, e.g. the
+    data [B, N] scored against K samples' logits [K * B, N])."""
     t = check_rows(name, t)
-    rows, cols = like.shape
-    if t.shape[1] != cols or t.shape[0] == 0 or rows % t.shape[0]:
+    rows, cols = rows_of.shape
+    if t.shape[1] != cols or (t.shape[0] == 0 and rows != 0) or (t.shape[0] and rows % t.shape[0]):
         raise ValueError(f"native backend: {name} {list(t.shape)} must have {cols} columns and a row count "
-                         f"that divides {rows}, the rows of the first input")
+                         f"that divides {rows} (row r is read as row r % {name} rows)")
     return t
 
 

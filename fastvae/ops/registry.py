@@ -51,6 +51,9 @@ FAMILIES: tuple[Family, ...] = (
     Family("bernoulli", ("bernoulli_forward",)),
     Family("continuous_bernoulli", ("continuous_bernoulli_forward",)),
     Family("gaussian_likelihood", ("gaussian_likelihood_forward",)),
+    # The likelihood families' kernels score its K samples (row-periodic targets); its own
+    # kernels are the [K, B, L] latent terms with the weights, and their backward.
+    Family("iwae", ("iwae_forward", "iwae_backward")),
 )
 
 

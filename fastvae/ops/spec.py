@@ -65,7 +65,10 @@ class OpSpec:
     outputs in float64 from independent formulas; eager(*inputs, **kw) is the plain PyTorch
     a user writes instead (the benchmarks' competitor; None where there is none). Each of
     `reductions` is passed as reduction=...; an op that draws noise gets generator= (fastvae)
-    and eps= (oracle: the noise the generator's seed gives, shaped like input `noise_like`)."""
+    and eps= (oracle: the noise the generator's seed gives, of the size axes `noise_dims`).
+    Each of `size_kwargs` (size axes no input has, e.g. "samples" of a sampler) is passed to
+    all three by name, as an int. `min_tolerance` is a floor under the oracle tests' relative
+    tolerance, for an op whose math amplifies float32 rounding (0: the dtype's own)."""
 
     name: str
     inputs: tuple[Arg, ...]
@@ -74,14 +77,24 @@ class OpSpec:
     oracle: Callable
     eager: Callable | None = None
     reductions: tuple[str, ...] = ()
-    noise_like: str | None = None
+    noise_dims: tuple[str, ...] | None = None
+    size_kwargs: tuple[str, ...] = ()
+    min_tolerance: float = 0.0
     benchmark: bool = True
     extra: dict = field(default_factory=dict)
 
+    def noise_shape(self, sizes: dict) -> tuple[int, ...]:
+        """The shape of the noise the op draws at `sizes` (what its oracle gets as eps)."""
+        return Arg("eps", self.noise_dims).shape(sizes)
+
+    def size_arguments(self, sizes: dict) -> dict[str, int]:
+        """The keyword arguments `size_kwargs` asks for at `sizes`."""
+        return {name: sizes[name] for name in self.size_kwargs}
+
     @property
     def axes(self) -> tuple[str, ...]:
-        """The size axes the op's inputs use, in order of first appearance."""
-        return tuple(dict.fromkeys(d for arg in self.inputs for d in arg.dims))
+        """The size axes the op uses (its inputs', then size_kwargs), in order of first appearance."""
+        return tuple(dict.fromkeys([d for arg in self.inputs for d in arg.dims] + list(self.size_kwargs)))
 
     def min_bytes(self, sizes: dict, param: torch.dtype, target: torch.dtype, mode: str) -> int:
         """Bytes the op must move at least: forward reads the inputs and writes the outputs;

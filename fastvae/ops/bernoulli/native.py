@@ -11,27 +11,28 @@ from torch import Tensor
 
 from fastvae.ops import library
 from fastvae.ops.common import loss_dtype
-from fastvae.ops.library import DTYPE_CODES, check_rows, num_threads, pointer
+from fastvae.ops.library import DTYPE_CODES, check_periodic_rows, check_rows, num_threads, pointer
 
 library.declare("""
 int fastvae_bernoulli_forward(
     int logits_dtype, int target_dtype, int64_t rows, int64_t cols,
-    const void* logits, int64_t logits_stride, const void* target, int64_t target_stride,
+    const void* logits, int64_t logits_stride, const void* target, int64_t target_stride, int64_t target_rows,
     int elementwise, void* logp, void* grad_logits, double weight, int num_threads);
 """)
 
 
 def bernoulli_forward(logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool,
                       weight: float = 1.0) -> tuple[Tensor, Tensor | None]:
-    """logits, target [B, D] -> log p ([B, D] if elementwise else [B]), weight * dlogp/dlogits (or None)."""
+    """logits [B, D], target [T, D] (T dividing B: logits row r against target row r % T) -> log p
+    ([B, D] if elementwise else [B]), weight * dlogp/dlogits (or None)."""
     logits = check_rows("logits", logits)
-    target = check_rows("target", target, logits.shape)
+    target = check_periodic_rows("target", target, logits)
     compute = loss_dtype(logits, target)
     l, x = (logits.to(compute), target.to(compute)) if compute == torch.float64 else (logits, target)
     rows, cols = logits.shape
     logp = torch.empty((rows, cols) if elementwise else (rows,), dtype=compute)
     grad = torch.empty((rows, cols), dtype=l.dtype) if compute_grad else None
     library.call("fastvae_bernoulli_forward", DTYPE_CODES[l.dtype], DTYPE_CODES[x.dtype],
-                 rows, cols, l.data_ptr(), l.stride(0), x.data_ptr(), x.stride(0), int(bool(elementwise)),
+                 rows, cols, l.data_ptr(), l.stride(0), x.data_ptr(), x.stride(0), x.shape[0], int(bool(elementwise)),
                  logp.data_ptr(), pointer(grad), float(weight), num_threads())
     return logp, grad if grad is None or grad.dtype == logits.dtype else grad.to(logits.dtype)

@@ -10,6 +10,11 @@ and a NaN cannot go unnoticed the way a plausible number can.
 Every tensor argument is a row view [B, D] (unit stride along D; rows may be strided).
 Math runs in float64 for float64 inputs, else float32; log p comes back in the compute
 dtype, the gradient in the logits' dtype.
+
+The target may have fewer rows than the logits, a count T that divides theirs: logits row r
+is scored against target row r % T (row-periodic targets). K decoder samples per datapoint,
+logits [K * B, D] against the data [B, D] (importance-weighted bounds), so read the data K
+times without copying it K times.
 """
 
 from __future__ import annotations
@@ -28,14 +33,18 @@ def log_prob(logits: Tensor, target: Tensor) -> Tensor:
 
 def bernoulli_forward(logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool,
                       weight: float = 1.0) -> tuple[Tensor, Tensor | None]:
-    """logits, target [B, D] -> log p ([B, D] if elementwise else [B]), weight * dlogp/dlogits (or None).
+    """logits [B, D], target [T, D] (T dividing B: row-periodic) -> log p ([B, D] if elementwise
+    else [B]), weight * dlogp/dlogits (or None).
 
     The gradient is scaled before it is rounded to the logits' dtype."""
     compute = loss_dtype(logits, target)
     l, x = logits.to(compute), target.to(compute)
-    logp = log_prob(l, x)
+    if x.shape[0] != l.shape[0]:  # [P, T, D] logits against the [T, D] target, broadcast
+        l = l.unflatten(0, (l.shape[0] // x.shape[0], x.shape[0]))
+    logp = log_prob(l, x).flatten(0, -2)
     logp = logp if elementwise else logp.sum(dim=1)
     if not compute_grad:
         return logp, None
     valid = (x >= 0) & (x <= 1)
-    return logp, torch.where(valid, weight * (x - torch.sigmoid(l)), torch.nan).to(logits.dtype)
+    grad = torch.where(valid, weight * (x - torch.sigmoid(l)), torch.nan)
+    return logp, grad.flatten(0, -2).to(logits.dtype)

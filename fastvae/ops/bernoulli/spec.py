@@ -85,6 +85,6 @@ OPS = (
         fastvae=fastvae_vae_loss,
         oracle=oracle_vae_loss,
         eager=eager_vae_loss,
-        noise_like="mu",
+        noise_dims=MU.dims,
     ),
 )

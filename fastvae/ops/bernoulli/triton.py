@@ -3,6 +3,8 @@
 log p = x*l - softplus(l) = -(max(l, 0) - l*x + log1p(exp(-|l|)));  dlogp/dl = x - sigmoid(l).
 Only exp(-|l|) <= 1 is ever formed, so logits of any size stay finite. A target outside
 [0, 1] makes its element NaN, value and gradient (see reference.py).
+The target may have fewer rows than the logits (T dividing B): logits row r is scored
+against target row r % T, so K decoder samples read the data without a K-fold copy.
 Logits and target are read in the dtypes of common.likelihood_inputs (bf16 logits from an AMP
 decoder against fp32 data without a copy; the compiled variants stay few, see specializations()).
 """
@@ -20,10 +22,11 @@ from fastvae.ops.triton_helpers import (LAUNCH_OPTIONS, Specialization, compute_
 
 @triton.jit
 def _bernoulli_fwd_kernel(
-    logits_ptr, target_ptr,  # [B, D] each, row strides below, unit column stride
+    logits_ptr,  # [B, D], row stride below, unit column stride
+    target_ptr,  # [T, D], T dividing B: logits row b reads target row b % T
     logp_ptr,  # [B, D] contiguous if ELEMENTWISE else [B]; in the compute dtype
     dlogits_ptr,  # [B, D] contiguous in logits' dtype, written if COMPUTE_GRAD
-    B, D, stride_logits, stride_target,
+    B, D, target_rows, stride_logits, stride_target,
     weight,  # dlogits = weight * dlogp/dlogits
     ELEMENTWISE: tl.constexpr, COMPUTE_GRAD: tl.constexpr, COMPUTE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -31,12 +34,13 @@ def _bernoulli_fwd_kernel(
     # int64 offsets: b * stride exceeds 2^31 for large batches of images.
     o_b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     m_b = o_b < B
+    o_t = o_b % target_rows
     b_logp_row = tl.zeros([BLOCK_B], dtype=COMPUTE)
     for d_start in range(0, D, BLOCK_D):
         o_d = d_start + tl.arange(0, BLOCK_D).to(tl.int64)
         m = m_b[:, None] & (o_d < D)[None, :]
         b_l = tl.load(logits_ptr + o_b[:, None] * stride_logits + o_d[None, :], mask=m, other=0.0).to(COMPUTE)
-        b_x = tl.load(target_ptr + o_b[:, None] * stride_target + o_d[None, :], mask=m, other=0.0).to(COMPUTE)
+        b_x = tl.load(target_ptr + o_t[:, None] * stride_target + o_d[None, :], mask=m, other=0.0).to(COMPUTE)
         b_valid = (b_x >= 0.0) & (b_x <= 1.0)
         b_e = tl.exp(-tl.abs(b_l))  # in (0, 1]
         b_logp = tl.where(b_valid, b_l * b_x - tl.maximum(b_l, 0.0) - log1p_small(b_e), float("nan"))
@@ -56,7 +60,7 @@ def _bernoulli_fwd_kernel(
 
 def bernoulli_forward(logits: torch.Tensor, target: torch.Tensor, elementwise: bool, compute_grad: bool,
                       weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """logits, target [B, D] -> log p ([B, D] or [B]), weight * dlogp/dlogits | None."""
+    """logits [B, D], target [T, D] (T dividing B) -> log p ([B, D] or [B]), weight * dlogp/dlogits | None."""
     B, D = logits.shape
     (l,), x = likelihood_inputs((logits,), target)
     compute = loss_dtype(l)
@@ -65,7 +69,7 @@ def bernoulli_forward(logits: torch.Tensor, target: torch.Tensor, elementwise: b
     block_b, block_d = tile(D)
     _bernoulli_fwd_kernel[(triton.cdiv(B, block_b),)](
         l, x, logp, dlogits if compute_grad else logp,
-        B, D, l.stride(0), x.stride(0), float(weight),
+        B, D, x.shape[0], l.stride(0), x.stride(0), float(weight),
         ELEMENTWISE=elementwise, COMPUTE_GRAD=compute_grad, COMPUTE=compute_dtype(l),
         BLOCK_B=block_b, BLOCK_D=block_d, **LAUNCH_OPTIONS)
     return logp, None if dlogits is None else dlogits.to(logits.dtype)

@@ -16,12 +16,12 @@ from fastvae.ops.library import DTYPE_CODES, check_rows, num_threads, pointer, r
 
 library.declare("""
 int fastvae_reparameterize_kl_forward(
-    int dtype, int64_t rows, int64_t cols,
+    int dtype, int64_t rows, int64_t cols, int64_t samples,
     const void* mu, int64_t mu_stride, const void* logvar, int64_t logvar_stride,
     const void* eps, int64_t eps_stride, uint64_t seed,
     void* z, void* kl, int num_threads);
 int fastvae_reparameterize_kl_backward(
-    int dtype, int64_t rows, int64_t cols,
+    int dtype, int64_t rows, int64_t cols, int64_t samples,
     const void* grad_z, int64_t grad_z_stride, const void* grad_kl, int64_t grad_kl_stride,
     const void* mu, int64_t mu_stride, const void* logvar, int64_t logvar_stride,
     const void* eps, int64_t eps_stride, uint64_t seed,
@@ -39,31 +39,33 @@ def _as(dtype: torch.dtype, t: Tensor | None) -> Tensor | None:
 
 
 def reparameterize_kl_forward(mu: Tensor, logvar: Tensor, eps: Tensor | None,
-                              seed: Tensor) -> tuple[Tensor, Tensor]:
-    """mu, logvar, eps (or None: Philox noise from seed) [B, L] -> z [B, L] (mu's dtype), kl [B]."""
+                              seed: Tensor, samples: int = 1) -> tuple[Tensor, Tensor]:
+    """mu, logvar [B, L], eps [K * B, L] (or None: Philox noise from seed) -> z [K * B, L] (mu's dtype), kl [B]."""
     mu = check_rows("mu", mu)
     logvar = check_rows("logvar", logvar, mu.shape)
-    eps = None if eps is None else check_rows("eps", eps, mu.shape)
+    rows, cols = mu.shape
+    eps = None if eps is None else check_rows("eps", eps, torch.Size((samples * rows, cols)))
     dtype = storage_dtype(mu, logvar, eps)
     m, lv, e = _as(dtype, mu), _as(dtype, logvar), _as(dtype, eps)
-    rows, cols = mu.shape
-    z = torch.empty((rows, cols), dtype=dtype)
+    z = torch.empty((samples * rows, cols), dtype=dtype)
     kl = torch.empty(rows, dtype=loss_dtype(mu, logvar))
-    library.call("fastvae_reparameterize_kl_forward", DTYPE_CODES[dtype], rows, cols,
+    library.call("fastvae_reparameterize_kl_forward", DTYPE_CODES[dtype], rows, cols, samples,
                  m.data_ptr(), m.stride(0), lv.data_ptr(), lv.stride(0), pointer(e), row_stride(e),
                  0 if e is not None else seed_value(seed), z.data_ptr(), kl.data_ptr(), num_threads())
     return _as(mu.dtype, z), kl
 
 
 def reparameterize_kl_backward(grad_z: Tensor | None, grad_kl: Tensor | None, mu: Tensor, logvar: Tensor,
-                               eps: Tensor | None, seed: Tensor) -> tuple[Tensor, Tensor]:
-    """grad_z [B, L] | None, grad_kl [B] | None -> grad_mu, grad_logvar [B, L] (mu's, logvar's dtype).
+                               eps: Tensor | None, seed: Tensor, samples: int = 1) -> tuple[Tensor, Tensor]:
+    """grad_z [K * B, L] | None, grad_kl [B] | None -> grad_mu, grad_logvar [B, L] (mu's, logvar's dtype).
 
     eps None regenerates the forward noise from seed."""
     mu = check_rows("mu", mu)
     logvar = check_rows("logvar", logvar, mu.shape)
-    eps = None if eps is None else check_rows("eps", eps, mu.shape)
-    grad_z = None if grad_z is None else check_rows("grad_z", grad_z, mu.shape)
+    rows, cols = mu.shape
+    sample_rows = torch.Size((samples * rows, cols))
+    eps = None if eps is None else check_rows("eps", eps, sample_rows)
+    grad_z = None if grad_z is None else check_rows("grad_z", grad_z, sample_rows)
     compute = loss_dtype(mu, logvar)
     if grad_kl is not None:
         if grad_kl.shape != mu.shape[:1]:
@@ -72,11 +74,10 @@ def reparameterize_kl_backward(grad_z: Tensor | None, grad_kl: Tensor | None, mu
         grad_kl = grad_kl.to(device="cpu", dtype=compute)
     dtype = storage_dtype(mu, logvar, eps, grad_z)
     m, lv, e, gz = _as(dtype, mu), _as(dtype, logvar), _as(dtype, eps), _as(dtype, grad_z)
-    rows, cols = mu.shape
     grad_mu = torch.empty((rows, cols), dtype=dtype)
     grad_logvar = torch.empty((rows, cols), dtype=dtype)
     noise_seed = seed_value(seed) if gz is not None and e is None else 0
-    library.call("fastvae_reparameterize_kl_backward", DTYPE_CODES[dtype], rows, cols,
+    library.call("fastvae_reparameterize_kl_backward", DTYPE_CODES[dtype], rows, cols, samples,
                  pointer(gz), row_stride(gz), pointer(grad_kl), 0 if grad_kl is None else grad_kl.stride(0),
                  m.data_ptr(), m.stride(0), lv.data_ptr(), lv.stride(0), pointer(e), row_stride(e), noise_seed,
                  grad_mu.data_ptr(), grad_logvar.data_ptr(), num_threads())

@@ -3,11 +3,15 @@
 reparameterize_kl reads mu and logvar once and writes z [B, L] and kl [B]. When eps is
 not given, the kernel draws it with Philox from a seed; the op returns that seed (a
 0-d int64 tensor on the inputs' device) and backward regenerates eps from it instead of
-storing a tensor the size of mu.
+storing a tensor the size of mu. With `samples` K (not None) it writes z [K, B, L]: sample
+k of row b is z[k, b] (the kernels read mu and logvar with a row period of B, and the noise
+of z[k, b, j] is the Philox stream at flat index (k * B + b) * L + j, the same as K copies
+of the rows would draw); eps, if given, is [K, B, L]. kl stays [B].
 
-Gradients (grad_z [B, L] and grad_kl [B] may both arrive):
+Gradients (grad_z [B, L] or [K, B, L] and grad_kl [B] may both arrive):
     dz/dmu = 1,  dz/dlogvar = 0.5 * exp(0.5*logvar) * eps,  dz/deps = exp(0.5*logvar)
     dkl/dmu = mu,  dkl/dlogvar = 0.5 * (exp(logvar) - 1)
+summed over the K samples inside the backward kernel.
 gaussian_kl computes its gradients in the forward pass, while the inputs are in registers;
 its backward is one multiply by the upstream gradient.
 """
@@ -19,8 +23,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastvae.ops.common import (FusedOp, as_rows, composite_vjp, loss_dtype, no_grad_placeholder, rows_or_none,
-                                rows_shape, scale_saved_grad, view_as_shape)
+from fastvae.ops.common import (FusedOp, as_rows, as_sample_rows, composite_vjp, loss_dtype, no_grad_placeholder,
+                                rows_shape, sample_shape, scale_saved_grad, view_as_shape)
 from fastvae.ops.gaussian.reference import kl_elements
 from fastvae.ops.noise import draw_seed, philox_normal
 from fastvae.ops.registry import implementation
@@ -36,27 +40,31 @@ def _seed_for(mu: Tensor, eps: Optional[Tensor], seed: Optional[Tensor]) -> Tens
     return seed.detach().to(mu.device, torch.int64).clone()
 
 
-def _reparameterize_kl(mu: Tensor, logvar: Tensor, eps: Optional[Tensor],
-                       seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """mu, logvar, eps [B, ...] -> z [B, ...] (mu's dtype), kl [B], the seed used ([] int64).
+def _reparameterize_kl(mu: Tensor, logvar: Tensor, eps: Optional[Tensor], seed: Optional[Tensor],
+                       samples: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """mu, logvar [B, ...], eps [B, ...] ([K, B, ...] with samples K) -> z [B, ...] ([K, B, ...])
+    in mu's dtype, kl [B], the seed used ([] int64).
 
     With eps None, noise comes from `seed`, or from a seed drawn here when seed is None."""
     seed_used = _seed_for(mu, eps, seed)
+    z_shape = sample_shape(mu, samples)
     if mu.numel() == 0:
-        return torch.empty_like(mu), mu.new_zeros(mu.shape[:1], dtype=loss_dtype(mu, logvar)), seed_used
+        return mu.new_empty(z_shape), mu.new_zeros(mu.shape[:1], dtype=loss_dtype(mu, logvar)), seed_used
     kernel = implementation("gaussian", "reparameterize_kl_forward", mu.device)
-    z, kl = kernel(as_rows(mu), as_rows(logvar), rows_or_none(eps), seed_used)
-    return view_as_shape(z, mu.shape), kl, seed_used
+    eps_rows = None if eps is None else as_sample_rows(eps, samples)
+    z, kl = kernel(as_rows(mu), as_rows(logvar), eps_rows, seed_used, 1 if samples is None else samples)
+    return view_as_shape(z, z_shape), kl, seed_used
 
 
-def reparameterize_kl_composite(mu: Tensor, logvar: Tensor, eps: Optional[Tensor],
-                                seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+def reparameterize_kl_composite(mu: Tensor, logvar: Tensor, eps: Optional[Tensor], seed: Optional[Tensor],
+                                samples: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
     """The same outputs from torch ops, differentiable by every autograd mode."""
     seed_used = _seed_for(mu, eps, seed)
     compute = loss_dtype(mu, logvar)
-    noise = eps.to(compute) if eps is not None else philox_normal(seed_used, tuple(mu.shape), compute, mu.device)
+    shape = sample_shape(mu, samples)
+    noise = eps.to(compute) if eps is not None else philox_normal(seed_used, shape, compute, mu.device)
     m, lv = mu.to(compute), logvar.to(compute)
-    z = (m + torch.exp(0.5 * lv) * noise).to(mu.dtype)
+    z = (m + torch.exp(0.5 * lv) * noise).to(mu.dtype)  # mu broadcast over the samples
     return z, kl_elements(m, lv).reshape(mu.shape[0], -1).sum(dim=1), seed_used
 
 
@@ -64,20 +72,23 @@ reparameterize_kl_op = torch.library.custom_op("fastvae::reparameterize_kl", _re
 
 
 @reparameterize_kl_op.register_fake
-def _(mu: Tensor, logvar: Tensor, eps: Optional[Tensor], seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    z = torch.empty_like(mu, memory_format=torch.contiguous_format)
+def _(mu: Tensor, logvar: Tensor, eps: Optional[Tensor], seed: Optional[Tensor],
+      samples: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
+    z = mu.new_empty(sample_shape(mu, samples))
     kl = mu.new_empty(mu.shape[:1], dtype=loss_dtype(mu, logvar))
     return z, kl, torch.empty((), dtype=torch.int64, device=mu.device)
 
 
 def _reparameterize_kl_backward(grad_z: Optional[Tensor], grad_kl: Optional[Tensor], mu: Tensor, logvar: Tensor,
-                                eps: Optional[Tensor], seed: Tensor) -> tuple[Tensor, Tensor]:
-    """grad_z [B, ...] | None, grad_kl [B] | None -> grad_mu, grad_logvar (mu's and logvar's shape)."""
+                                eps: Optional[Tensor], seed: Tensor, samples: Optional[int]) -> tuple[Tensor, Tensor]:
+    """grad_z [B, ...] ([K, B, ...] with samples K) | None, grad_kl [B] | None -> grad_mu, grad_logvar
+    (mu's and logvar's shape), summed over the samples."""
     if mu.numel() == 0:
         return torch.zeros_like(mu), torch.zeros_like(logvar)
     kernel = implementation("gaussian", "reparameterize_kl_backward", mu.device)
-    grad_mu, grad_logvar = kernel(rows_or_none(grad_z), grad_kl, as_rows(mu), as_rows(logvar), rows_or_none(eps),
-                                  seed)
+    grad_mu, grad_logvar = kernel(None if grad_z is None else as_sample_rows(grad_z, samples), grad_kl,
+                                  as_rows(mu), as_rows(logvar), None if eps is None else as_sample_rows(eps, samples),
+                                  seed, 1 if samples is None else samples)
     return view_as_shape(grad_mu, mu.shape), view_as_shape(grad_logvar, logvar.shape)
 
 
@@ -87,7 +98,7 @@ reparameterize_kl_backward_op = torch.library.custom_op("fastvae::reparameterize
 
 @reparameterize_kl_backward_op.register_fake
 def _(grad_z: Optional[Tensor], grad_kl: Optional[Tensor], mu: Tensor, logvar: Tensor,
-      eps: Optional[Tensor], seed: Tensor) -> tuple[Tensor, Tensor]:
+      eps: Optional[Tensor], seed: Tensor, samples: Optional[int]) -> tuple[Tensor, Tensor]:
     return (torch.empty_like(mu, memory_format=torch.contiguous_format),
             torch.empty_like(logvar, memory_format=torch.contiguous_format))
 
@@ -101,7 +112,8 @@ reparameterize_kl_backward_fused = FusedOp(reparameterize_kl_backward_op, _repar
 
 
 def _reparameterize_kl_setup(ctx, inputs, output) -> None:
-    mu, logvar, eps, _ = inputs
+    mu, logvar, eps, _, samples = inputs
+    ctx.samples = samples
     ctx.save_for_backward(mu, logvar, eps, output[2])
     # An output the caller did not use (kl of reparameterize(), or z when only kl is used)
     # arrives as None instead of zeros: the backward kernel skips its term.
@@ -111,22 +123,22 @@ def _reparameterize_kl_setup(ctx, inputs, output) -> None:
 def _reparameterize_kl_grads(ctx, grad_z: Tensor | None, grad_kl: Tensor | None, _grad_seed: Tensor | None):
     mu, logvar, eps, seed = ctx.saved_tensors
     if grad_z is None and grad_kl is None:
-        return None, None, None, None
+        return None, None, None, None, None
     if torch.is_grad_enabled():  # create_graph=True: record a differentiable backward
-        return tuple(composite_vjp(reparameterize_kl_composite, (mu, logvar, eps, seed), (grad_z, grad_kl),
-                                   ctx.needs_input_grad[:3] + (False,)))
+        return tuple(composite_vjp(reparameterize_kl_composite, (mu, logvar, eps, seed, ctx.samples),
+                                   (grad_z, grad_kl), ctx.needs_input_grad[:3] + (False, False)))
     grad_mu = grad_logvar = grad_eps = None
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-        grad_mu, grad_logvar = reparameterize_kl_backward_fused(grad_z, grad_kl, mu, logvar, eps, seed)
+        grad_mu, grad_logvar = reparameterize_kl_backward_fused(grad_z, grad_kl, mu, logvar, eps, seed, ctx.samples)
     if ctx.needs_input_grad[2] and grad_z is not None:
-        # Rare (eps as a learned input): plain PyTorch is enough here.
+        # Rare (eps as a learned input): plain PyTorch is enough here (logvar broadcasts over the samples).
         compute = loss_dtype(grad_z, logvar)
         grad_eps = (grad_z.to(compute) * torch.exp(0.5 * logvar.to(compute))).to(eps.dtype)
-    return grad_mu, grad_logvar, grad_eps, None
+    return grad_mu, grad_logvar, grad_eps, None, None
 
 
 reparameterize_kl_fused = FusedOp(reparameterize_kl_op, _reparameterize_kl, reparameterize_kl_composite,
-                            _reparameterize_kl_setup, _reparameterize_kl_grads)
+                                  _reparameterize_kl_setup, _reparameterize_kl_grads)
 
 
 # --------------------------------------------------------------------------- gaussian_kl

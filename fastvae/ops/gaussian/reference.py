@@ -10,6 +10,16 @@ Every tensor argument is a row view [B, L] (unit stride along L; rows may be str
 Math runs in float64 for float64 inputs, else float32; z and gradients come back in
 their input's dtype, KL rows in the compute dtype. `seed` is a 0-d int64 tensor on the
 inputs' device, ignored when eps is given.
+
+K `samples` per row (importance-weighted bounds): z, eps and grad_z have K * B rows, sample
+k of row b at row k * B + b, which reads mu and logvar row b (a row period of B: the
+posterior is never copied K times). The noise of that row is the Philox stream at flat
+index (k * B + b) * L + j, so K samples are K copies of the rows through the one-sample
+kernel. The KL does not depend on the sample: it stays [B]. Backward sums the K samples'
+grad_z inside the kernel, in the compute dtype:
+    grad_mu[b]     = sum_k grad_z[k, b] + grad_kl[b] * mu[b]
+    grad_logvar[b] = 0.5 * exp(0.5 * logvar[b]) * sum_k grad_z[k, b] * eps[k, b]
+                     + grad_kl[b] * 0.5 * expm1(logvar[b])
 """
 
 from __future__ import annotations
@@ -37,33 +47,36 @@ def kl_elements(mu: Tensor, logvar: Tensor) -> Tensor:
     return 0.5 * (mu * mu + expm1_minus_x(logvar))
 
 
-def noise(mu: Tensor, eps: Tensor | None, seed: Tensor, compute: torch.dtype) -> Tensor:
-    """eps in the compute dtype: the caller's, or the Philox stream drawn for mu's shape."""
+def noise(mu: Tensor, eps: Tensor | None, seed: Tensor, compute: torch.dtype, samples: int = 1) -> Tensor:
+    """eps [K, B, L] in the compute dtype: the caller's (eps [K * B, L]), or the Philox stream
+    drawn for K * B rows of mu's width."""
+    shape = (samples,) + tuple(mu.shape)
     if eps is not None:
-        return eps.to(compute)
-    return philox_normal(seed, tuple(mu.shape), compute, mu.device)
+        return eps.to(compute).reshape(shape)
+    return philox_normal(seed, shape, compute, mu.device)
 
 
 def reparameterize_kl_forward(mu: Tensor, logvar: Tensor, eps: Tensor | None,
-                              seed: Tensor) -> tuple[Tensor, Tensor]:
-    """mu, logvar, eps [B, L] -> z [B, L] (mu's dtype), kl [B]."""
+                              seed: Tensor, samples: int = 1) -> tuple[Tensor, Tensor]:
+    """mu, logvar [B, L], eps [K * B, L] -> z [K * B, L] (mu's dtype), kl [B]."""
     compute = loss_dtype(mu, logvar)
     m, lv = mu.to(compute), logvar.to(compute)
-    z = m + torch.exp(0.5 * lv) * noise(mu, eps, seed, compute)
-    return z.to(mu.dtype), kl_elements(m, lv).sum(dim=1)
+    z = m + torch.exp(0.5 * lv) * noise(mu, eps, seed, compute, samples)  # [K, B, L], mu broadcast
+    return z.reshape(-1, mu.shape[1]).to(mu.dtype), kl_elements(m, lv).sum(dim=1)
 
 
 def reparameterize_kl_backward(grad_z: Tensor | None, grad_kl: Tensor | None, mu: Tensor, logvar: Tensor,
-                               eps: Tensor | None, seed: Tensor) -> tuple[Tensor, Tensor]:
-    """grad_z [B, L] | None, grad_kl [B] | None -> grad_mu, grad_logvar [B, L] (mu's, logvar's dtype)."""
+                               eps: Tensor | None, seed: Tensor, samples: int = 1) -> tuple[Tensor, Tensor]:
+    """grad_z [K * B, L] | None, grad_kl [B] | None -> grad_mu, grad_logvar [B, L] (mu's, logvar's dtype)."""
     compute = loss_dtype(mu, logvar)
     m, lv = mu.to(compute), logvar.to(compute)
     grad_mu = torch.zeros_like(m)
     grad_logvar = torch.zeros_like(lv)
     if grad_z is not None:
-        g = grad_z.to(compute)
-        grad_mu = grad_mu + g
-        grad_logvar = grad_logvar + g * 0.5 * torch.exp(0.5 * lv) * noise(mu, eps, seed, compute)
+        g = grad_z.to(compute).reshape((samples,) + tuple(mu.shape))
+        grad_mu = grad_mu + g.sum(dim=0)
+        eps_sum = (g * noise(mu, eps, seed, compute, samples)).sum(dim=0)
+        grad_logvar = grad_logvar + 0.5 * torch.exp(0.5 * lv) * eps_sum
     if grad_kl is not None:
         g = grad_kl.to(compute)[:, None]
         grad_mu = grad_mu + g * m

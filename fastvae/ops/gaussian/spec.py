@@ -16,13 +16,22 @@ def oracle_kl(mu, logvar):
     return 0.5 * (mu * mu + torch.exp(logvar) - logvar - 1.0)
 
 
-def oracle_reparameterize_kl(mu, logvar, eps):
+def oracle_reparameterize_kl(mu, logvar, eps, samples=None):
+    """z (eps [B, ...], or [K, B, ...] with mu and logvar broadcast over the samples) and the KL [B]."""
     return mu + torch.exp(0.5 * logvar) * eps, oracle_kl(mu, logvar).flatten(1).sum(1)
 
 
 def eager_reparameterize_kl(mu, logvar):
     """The two lines a user writes: noise from randn_like, the KL summed over the latent."""
     z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+    kl = 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).sum(1)
+    return z, kl
+
+
+def eager_reparameterize_kl_samples(mu, logvar, samples):
+    """K samples per datapoint as a user writes them: noise for [K, B, L], mu broadcast."""
+    std = torch.exp(0.5 * logvar)
+    z = mu + std * torch.randn((samples,) + mu.shape, dtype=mu.dtype, device=mu.device)
     kl = 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).sum(1)
     return z, kl
 
@@ -50,7 +59,18 @@ OPS = (
         fastvae=lambda mu, logvar, generator=None: fastvae.reparameterize_kl(mu, logvar, generator=generator),
         oracle=oracle_reparameterize_kl,
         eager=eager_reparameterize_kl,
-        noise_like="mu",
+        noise_dims=MU.dims,
+    ),
+    OpSpec(
+        name="reparameterize_kl_samples",
+        inputs=(MU, LOGVAR),
+        outputs=(Arg("z", ("samples", "batch", "latent")), Arg("kl", ("batch",), kind="loss")),
+        fastvae=lambda mu, logvar, samples, generator=None: fastvae.reparameterize_kl(
+            mu, logvar, samples=samples, generator=generator),
+        oracle=oracle_reparameterize_kl,
+        eager=eager_reparameterize_kl_samples,
+        noise_dims=("samples",) + MU.dims,
+        size_kwargs=("samples",),
     ),
     OpSpec(
         name="reparameterize_kl_given_eps",

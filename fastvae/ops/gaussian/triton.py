@@ -1,7 +1,11 @@
 """The Gaussian posterior in Triton: z and the per-row KL in one pass, its backward, and the KL alone.
 
 Forward reads mu, logvar (and eps if given) once and writes z [B, L] and kl [B].
-Backward regenerates eps from the seed instead of reading a stored copy. The seed is a
+Backward regenerates eps from the seed instead of reading a stored copy.
+With K samples per row, z (and eps, grad_z) have K * B rows: z row r = k * B + b reads
+mu, logvar row r % B (a row period, no K-fold copy) and the noise at flat index r * L + j;
+backward loops over the K samples of each row in registers and writes grad_mu, grad_logvar
+once. The seed is a
 0-d int64 tensor read through a pointer, so the kernel never needs it on the host and a
 CUDA graph replays with the seed drawn for that replay (see fastvae.ops.noise).
 Inputs of one kernel share one storage dtype (mixes are upcast first, see storage_dtype).
@@ -22,34 +26,38 @@ from fastvae.ops.triton_helpers import (LAUNCH_OPTIONS, STORAGE_DTYPES, Speciali
 
 @triton.jit
 def _reparameterize_kl_fwd_kernel(
-    mu_ptr, logvar_ptr, eps_ptr,  # [B, L] each, row strides below, unit column stride
+    mu_ptr, logvar_ptr,  # [B, L] each, row strides below, unit column stride
+    eps_ptr,  # [K * B, L], row stride below
     seed_ptr,  # [] int64, read when not HAS_EPS
-    z_ptr,  # [B, L] contiguous
+    z_ptr,  # [K * B, L] contiguous
     kl_ptr,  # [B] in the compute dtype
-    B, L, stride_mu, stride_logvar, stride_eps,
+    B, L, rows_z,  # rows_z = K * B: the programs cover z's rows
+    stride_mu, stride_logvar, stride_eps,
     HAS_EPS: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    # int64 offsets: b * stride exceeds 2^31 for large batches of wide rows.
-    o_b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
-    m_b = o_b < B
+    # int64 offsets: r * stride exceeds 2^31 for large batches of wide rows.
+    o_r = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    m_r = o_r < rows_z
+    o_b = o_r % B  # the posterior row that z row r samples
     if not HAS_EPS:
         seed = tl.load(seed_ptr)
     b_kl = tl.zeros([BLOCK_B], dtype=COMPUTE)
     for l_start in range(0, L, BLOCK_L):
         o_l = l_start + tl.arange(0, BLOCK_L).to(tl.int64)
-        m = m_b[:, None] & (o_l < L)[None, :]
+        m = m_r[:, None] & (o_l < L)[None, :]
         b_mu = tl.load(mu_ptr + o_b[:, None] * stride_mu + o_l[None, :], mask=m, other=0.0).to(COMPUTE)
         b_lv = tl.load(logvar_ptr + o_b[:, None] * stride_logvar + o_l[None, :], mask=m, other=0.0).to(COMPUTE)
         if HAS_EPS:
-            b_eps = tl.load(eps_ptr + o_b[:, None] * stride_eps + o_l[None, :], mask=m, other=0.0).to(COMPUTE)
+            b_eps = tl.load(eps_ptr + o_r[:, None] * stride_eps + o_l[None, :], mask=m, other=0.0).to(COMPUTE)
         else:
-            b_eps = philox_normal(seed, o_b[:, None] * L + o_l[None, :], COMPUTE)
+            b_eps = philox_normal(seed, o_r[:, None] * L + o_l[None, :], COMPUTE)
         b_std = tl.exp(0.5 * b_lv)
         b_z = b_mu + b_std * b_eps
-        tl.store(z_ptr + o_b[:, None] * L + o_l[None, :], b_z.to(z_ptr.dtype.element_ty), mask=m)
+        tl.store(z_ptr + o_r[:, None] * L + o_l[None, :], b_z.to(z_ptr.dtype.element_ty), mask=m)
         b_kl_elem = 0.5 * (b_mu * b_mu + _expm1_minus_x(b_lv))
         b_kl += tl.sum(tl.where(m, b_kl_elem, 0.0), axis=1)
-    tl.store(kl_ptr + o_b, b_kl, mask=m_b)
+    # The first sample's rows (r < B) write the KL, which does not depend on the sample.
+    tl.store(kl_ptr + o_b, b_kl, mask=m_r & (o_r < B))
 
 
 @triton.jit
@@ -82,12 +90,13 @@ def _expm1_minus_x(x):
 
 @triton.jit
 def _reparameterize_kl_bwd_kernel(
-    grad_z_ptr,  # [B, L] row stride stride_gz, read if HAS_GRAD_Z
+    grad_z_ptr,  # [K * B, L] row stride stride_gz, read if HAS_GRAD_Z
     grad_kl_ptr,  # [B] in the compute dtype, element stride stride_gkl (0: one value broadcast), if HAS_GRAD_KL
-    mu_ptr, logvar_ptr, eps_ptr,  # [B, L] each, row strides below
+    mu_ptr, logvar_ptr,  # [B, L] each, row strides below
+    eps_ptr,  # [K * B, L], row stride below
     seed_ptr,  # [] int64, read when HAS_GRAD_Z and not HAS_EPS
     grad_mu_ptr, grad_logvar_ptr,  # [B, L] contiguous
-    B, L, stride_gz, stride_gkl, stride_mu, stride_logvar, stride_eps,
+    B, L, K, stride_gz, stride_gkl, stride_mu, stride_logvar, stride_eps,
     HAS_GRAD_Z: tl.constexpr, HAS_GRAD_KL: tl.constexpr, HAS_EPS: tl.constexpr,
     COMPUTE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
@@ -104,13 +113,20 @@ def _reparameterize_kl_bwd_kernel(
         b_gmu = tl.zeros([BLOCK_B, BLOCK_L], dtype=COMPUTE)
         b_glv = tl.zeros([BLOCK_B, BLOCK_L], dtype=COMPUTE)
         if HAS_GRAD_Z:
-            b_gz = tl.load(grad_z_ptr + o_b[:, None] * stride_gz + o_l[None, :], mask=m, other=0.0).to(COMPUTE)
-            if HAS_EPS:
-                b_eps = tl.load(eps_ptr + o_b[:, None] * stride_eps + o_l[None, :], mask=m, other=0.0).to(COMPUTE)
-            else:
-                b_eps = philox_normal(seed, o_b[:, None] * L + o_l[None, :], COMPUTE)
-            b_gmu += b_gz
-            b_glv += b_gz * 0.5 * tl.exp(0.5 * b_lv) * b_eps
+            # sum_k grad_z and sum_k grad_z * eps over the K samples of these rows, in registers.
+            b_sum_g_eps = tl.zeros([BLOCK_B, BLOCK_L], dtype=COMPUTE)
+            o_r = o_b  # row k * B + b of grad_z and eps, stepped by B (int64, no k * B product)
+            for _ in range(0, K):
+                b_gz = tl.load(grad_z_ptr + o_r[:, None] * stride_gz + o_l[None, :], mask=m, other=0.0).to(COMPUTE)
+                if HAS_EPS:
+                    b_eps = tl.load(eps_ptr + o_r[:, None] * stride_eps + o_l[None, :], mask=m,
+                                    other=0.0).to(COMPUTE)
+                else:
+                    b_eps = philox_normal(seed, o_r[:, None] * L + o_l[None, :], COMPUTE)
+                b_gmu += b_gz
+                b_sum_g_eps += b_gz * b_eps
+                o_r += B
+            b_glv += 0.5 * tl.exp(0.5 * b_lv) * b_sum_g_eps
         if HAS_GRAD_KL:
             # Added only when grad_kl exists: 0 * expm1(logvar) would be NaN for logvar = +inf.
             b_mu = tl.load(mu_ptr + o_b[:, None] * stride_mu + o_l[None, :], mask=m, other=0.0).to(COMPUTE)
@@ -157,25 +173,25 @@ def _grid(rows: int, block_b: int) -> tuple[int]:
 
 
 def reparameterize_kl_forward(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None,
-                              seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """mu, logvar, eps [B, L] -> z [B, L] (mu's dtype), kl [B]."""
+                              seed: torch.Tensor, samples: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """mu, logvar [B, L], eps [K * B, L] -> z [K * B, L] (mu's dtype), kl [B]."""
     B, L = mu.shape
     dtype = storage_dtype(mu, logvar, eps)
     m, lv, e = (None if t is None else t.to(dtype) for t in (mu, logvar, eps))
-    z = torch.empty((B, L), dtype=dtype, device=mu.device)
+    z = torch.empty((samples * B, L), dtype=dtype, device=mu.device)
     kl = torch.empty((B,), dtype=loss_dtype(mu, logvar), device=mu.device)
     block_b, block_l = tile(L)
     e_arg = e if e is not None else m
-    _reparameterize_kl_fwd_kernel[_grid(B, block_b)](
-        m, lv, e_arg, seed, z, kl, B, L, m.stride(0), lv.stride(0), e_arg.stride(0),
+    _reparameterize_kl_fwd_kernel[_grid(samples * B, block_b)](
+        m, lv, e_arg, seed, z, kl, B, L, samples * B, m.stride(0), lv.stride(0), e_arg.stride(0),
         HAS_EPS=e is not None, COMPUTE=compute_dtype(m), BLOCK_B=block_b, BLOCK_L=block_l, **LAUNCH_OPTIONS)
     return z.to(mu.dtype), kl
 
 
 def reparameterize_kl_backward(grad_z: torch.Tensor | None, grad_kl: torch.Tensor | None, mu: torch.Tensor,
                                logvar: torch.Tensor, eps: torch.Tensor | None,
-                               seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """grad_z [B, L] | None, grad_kl [B] | None -> grad_mu, grad_logvar [B, L] (mu's, logvar's dtype)."""
+                               seed: torch.Tensor, samples: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """grad_z [K * B, L] | None, grad_kl [B] | None -> grad_mu, grad_logvar [B, L] (mu's, logvar's dtype)."""
     B, L = mu.shape
     dtype = storage_dtype(mu, logvar, eps, grad_z)
     m, lv, e, gz = (None if t is None else t.to(dtype) for t in (mu, logvar, eps, grad_z))
@@ -186,7 +202,7 @@ def reparameterize_kl_backward(grad_z: torch.Tensor | None, grad_kl: torch.Tenso
     gz_arg, gkl_arg, e_arg = (t if t is not None else m for t in (gz, gkl, e))
     _reparameterize_kl_bwd_kernel[_grid(B, block_b)](
         gz_arg, gkl_arg, m, lv, e_arg, seed, grad_mu, grad_logvar,
-        B, L, gz_arg.stride(0), gkl_arg.stride(0), m.stride(0), lv.stride(0), e_arg.stride(0),
+        B, L, samples, gz_arg.stride(0), gkl_arg.stride(0), m.stride(0), lv.stride(0), e_arg.stride(0),
         HAS_GRAD_Z=gz is not None, HAS_GRAD_KL=gkl is not None, HAS_EPS=gz is not None and e is not None,
         COMPUTE=compute_dtype(m), BLOCK_B=block_b, BLOCK_L=block_l, **LAUNCH_OPTIONS)
     return grad_mu.to(mu.dtype), grad_logvar.to(logvar.dtype)

@@ -1,0 +1,1 @@
+"""The importance-weighted bound (IWAE) on K samples per datapoint, with the IWAE or the DReG gradients."""

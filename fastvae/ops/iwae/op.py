@@ -1,0 +1,268 @@
+"""fastvae::iwae_loss: the importance-weighted bound (Burda et al., ICLR 2016) as one custom op, with
+the IWAE gradients or the doubly-reparameterized ones (DReG, Tucker et al., ICLR 2019).
+
+The bound. For datapoint b, K samples z_k ~ q(z | x) = N(mu, exp(logvar)) (drawn by the caller,
+e.g. fastvae.reparameterize(mu, logvar, samples=K)) and the decoder's output l_k on each:
+
+    log w_k = log p(x | l_k) + log N(z_k; 0, I) - log N(z_k; mu, exp(logvar))
+            = log p(x | l_k) + a_k,
+      a_k   = 0.5 * sum_j [(z_kj - mu_j)^2 exp(-logvar_j) + logvar_j - z_kj^2]   (the log 2 pi cancel)
+    loss    = -(logsumexp_k log w_k - log K)
+    w~_k    = softmax_k(log w_k) = exp(log w_k - logsumexp_k log w_k), the normalized weights.
+
+IWAE gradients: exactly the autograd of `loss` w.r.t. logits, z, mu and logvar as independent
+inputs. With g = dL/dloss_b (the upstream gradient of the row) and c_k = -g w~_k:
+
+    dL/dl_k      = c_k dlogp/dl_k                                (x - sigmoid(l_k) for Bernoulli)
+    dL/dz_k      = c_k da_k/dz_k,          da/dz      = (z - mu) exp(-logvar) - z
+    dL/dmu       = sum_k c_k da_k/dmu,     da/dmu     = -(z - mu) exp(-logvar)
+    dL/dlogvar   = sum_k c_k da_k/dlogvar, da/dlogvar = 0.5 * (1 - (z - mu)^2 exp(-logvar))
+
+The encoder's parameters phi then get, through z_k = mu + sigma eps_k and the direct terms,
+    grad_phi = -sum_k w~_k [d log w_k/dz_k dz_k/dphi + d log w_k/dphi |z_k fixed],
+    d log w_k/dphi |z_k fixed = -d log q(z_k)/dphi                    (the score function),
+whose score-function term is noisy: its variance does not shrink as K grows.
+
+DReG (estimator="dreg") reparameterizes that term a second time: for a reparameterizable q,
+E[w~_k d log q(z_k)/dphi] = E[dw~_k/dz_k dz_k/dphi] with dw~_k/dz_k = (w~_k - w~_k^2) d log w_k/dz_k,
+so the two terms together have the expectation of
+    grad_phi DReG = -sum_k w~_k^2 d log w_k/dz_k dz_k/dphi,
+an estimator without the score function. In this op's terms:
+
+    dL/dz_k    = -g w~_k^2 da_k/dz_k      (the squared normalized weights instead of the weights)
+    dL/dmu     = dL/dlogvar = 0           (the score function stopped: the encoder's gradient
+                                           reaches mu and logvar only through z)
+    dL/dl_k    = c_k dlogp/dl_k           (the decoder keeps the IWAE gradient: for the generative
+                                           model DReG and IWAE agree)
+
+What this means with a decoder in between: the likelihood's share of d log w_k/dz_k reaches z
+through the logits, whose gradient carries the IWAE weights w~_k (so that the decoder's
+parameters train on the IWAE gradient). The encoder thus gets DReG's w~^2 on the prior and
+posterior terms, and w~ on the likelihood's term; the exact DReG encoder gradient would need the
+logits' gradient weighted twice, once per parameter group.
+
+Kernels. The likelihood family's forward kernel (LIKELIHOODS) scores the K * B rows of logits
+against the data [B, D] as a row-periodic target (logits row k * B + b against x row b: the
+data is never copied K times) and writes, in one pass over [K, B, D], the per-(k, b)
+log-likelihoods and the unweighted gradient dlogp/dl. The weights need every sample's
+log-likelihood, so they come after that pass, from this family's own kernels (reference.py
+has their formulas): iwae_forward turns log p [K, B] and the latent [K, B, L] into the loss
+rows and the normalized weights, iwae_backward gives z, mu and logvar their gradients, each
+in one pass with the sums over the K samples in registers. (In torch ops the latent side was
+a dozen small ops each way: 2.6 ms of backward at K = 50, B = 128, L = 32 on one core.)
+Backward multiplies the saved likelihood gradient by c_k, in place where it may (an eager
+call's first backward), and hands it over.
+One pass over [K, B, D], not two: a second pass that wrote the weighted gradient directly
+would save the backward's multiply (a read and a write of [K, B, D]) but reread the logits and
+recompute their exponentials, and it would need a per-row weight the likelihood kernels do
+not take: their contract is (logits, target, elementwise, compute_grad, weight) with one
+scalar weight, shared by every likelihood family.
+
+Likelihoods plug in through LIKELIHOODS: a kernel with bernoulli_forward's signature and the
+row-periodic target contract is one table entry. (A likelihood whose kernel takes more decoder
+outputs, the Gaussian's log-variance, also needs an argument of iwae_loss to carry them.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from fastvae.ops.common import (FusedOp, as_rows, as_sample_rows, composite_vjp, loss_dtype, no_grad_placeholder,
+                                scale_saved_grad, scale_saved_grad_, view_as_shape)
+from fastvae.ops.iwae import reference
+from fastvae.ops.registry import family, implementation
+
+ESTIMATORS = ("iwae", "dreg")
+
+
+@dataclass(frozen=True)
+class Likelihood:
+    """A decoder likelihood the bound can score: the op family and forward kernel that compute it.
+
+    The kernel has bernoulli_forward's signature, (output [K * B, D], target [B, D] row-periodic,
+    elementwise, compute_grad, weight) -> (log p [K * B], weight * dlogp/doutput or None), on
+    every backend; the family's reference (the torch backend) is the composite's definition."""
+
+    family: str
+    kernel: str
+    # Targets outside [0, 1] are no data of this likelihood: NaN, and a ValueError where values
+    # are readable (fastvae.validation.check_unit_interval).
+    target_in_unit_interval: bool
+
+
+LIKELIHOODS: dict[str, Likelihood] = {
+    "bernoulli": Likelihood("bernoulli", "bernoulli_forward", target_in_unit_interval=True),
+}
+
+
+# --------------------------------------------------------------------------- scoring the samples; the composite
+def _score(kernel: Callable, logits: Tensor, x: Tensor, compute_grad: bool,
+           compute: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """log p(x | logits) per sample and datapoint [K, B] (compute dtype) and dlogp/dlogits (logits'
+    shape; None unless compute_grad) from a likelihood kernel reading x [B, ...] row-periodically."""
+    samples, batch = logits.shape[:2]
+    if logits.numel() == 0:
+        return logits.new_zeros((samples, batch), dtype=compute), torch.zeros_like(logits) if compute_grad else None
+    logp, dlogits = kernel(as_sample_rows(logits, samples), as_rows(x), False, compute_grad, 1.0)
+    return logp.view(samples, batch).to(compute), None if dlogits is None else dlogits.view(logits.shape)
+
+
+def _latent_rows(z: Tensor, mu: Tensor, logvar: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """z [K, B, ...] as rows [K * B, L], mu and logvar [B, ...] as rows [B, L] (views where possible)."""
+    return as_sample_rows(z, z.shape[0]), as_rows(mu), as_rows(logvar)
+
+
+class _DReGBound(torch.autograd.Function):
+    """The bound's rows and weights from log p [K, B] and the latent rows z [K * B, L], mu, logvar
+    [B, L], with DReG's gradients: the reference kernels' formulas, in torch ops of the inputs
+    (the weights are recomputed in backward), so a double backward differentiates the
+    estimator's own formula. Reverse mode only: forward-mode AD has no DReG to compute."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(logp: Tensor, z: Tensor, mu: Tensor, logvar: Tensor) -> tuple[Tensor, Tensor]:
+        return reference.iwae_forward(logp, z, mu, logvar)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad_rows: Tensor, _grad_weights: Tensor):
+        logp, z, mu, logvar = ctx.saved_tensors
+        _, weights = reference.iwae_forward(logp, z, mu, logvar)
+        grad_z, grad_mu, grad_logvar = reference.iwae_backward(grad_rows, weights, z, mu, logvar, dreg=True)
+        return -grad_rows * weights, grad_z, grad_mu, grad_logvar  # log p keeps the IWAE weights
+
+
+def iwae_loss_composite(logits: Tensor, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, likelihood: str,
+                        estimator: str, compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The op's outputs from torch ops (the reference kernels), differentiable by every autograd mode
+    for the IWAE estimator and by reverse mode for DReG."""
+    entry = LIKELIHOODS[likelihood]
+    compute = loss_dtype(logits, x, z, mu, logvar)
+    likelihood_reference = getattr(family(entry.family).module("torch"), entry.kernel)
+    logp, dlogits = _score(likelihood_reference, logits, x, compute_grad, compute)
+    bound = _DReGBound.apply if estimator == "dreg" else reference.iwae_forward
+    rows, weights = bound(logp, *_latent_rows(z, mu, logvar))
+    return rows, weights, dlogits if compute_grad else no_grad_placeholder(logits)
+
+
+# --------------------------------------------------------------------------- the fused op
+def _iwae_loss(logits: Tensor, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, likelihood: str, estimator: str,
+               compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """logits [K, B, ...], x [B, ...], z [K, B, ...], mu and logvar [B, ...] -> the loss rows [B], the
+    normalized weights [K, B] (both in the compute dtype) and dlogp/dlogits, unweighted, in the
+    logits' shape and dtype (an empty tensor unless compute_grad; an eager call's backward scales
+    it in place into the logits' gradient and hands it over)."""
+    entry = LIKELIHOODS[likelihood]
+    compute = loss_dtype(logits, x, z, mu, logvar)
+    samples, batch = logits.shape[:2]
+    if batch == 0:
+        dlogits = torch.zeros_like(logits) if compute_grad else no_grad_placeholder(logits)
+        return logits.new_zeros(0, dtype=compute), logits.new_zeros((samples, 0), dtype=compute), dlogits
+    logp, dlogits = _score(implementation(entry.family, entry.kernel, logits.device), logits, x, compute_grad,
+                           compute)
+    rows, weights = implementation("iwae", "iwae_forward", logits.device)(logp, *_latent_rows(z, mu, logvar))
+    return rows, weights, dlogits if compute_grad else no_grad_placeholder(logits)
+
+
+iwae_loss_op = torch.library.custom_op("fastvae::iwae_loss", _iwae_loss, mutates_args=())
+
+
+@iwae_loss_op.register_fake
+def _(logits: Tensor, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, likelihood: str, estimator: str,
+      compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    compute = loss_dtype(logits, x, z, mu, logvar)
+    rows = logits.new_empty(logits.shape[1:2], dtype=compute)
+    weights = logits.new_empty(logits.shape[:2], dtype=compute)
+    if not compute_grad:
+        return rows, weights, no_grad_placeholder(logits)
+    return rows, weights, torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _setup(ctx, inputs, output) -> None:
+    logits, x, z, mu, logvar, likelihood, estimator, compute_grad = inputs
+    _, weights, dlogits = output
+    ctx.likelihood, ctx.estimator, ctx.compute_grad = likelihood, estimator, compute_grad
+    # Nothing differentiates through the weights or the gradient output: without this,
+    # autograd hands backward zero-filled tensors for them on every call.
+    ctx.set_materialize_grads(False)
+    if getattr(ctx, "eager", False):
+        # Eager, the gradient output is kept on ctx: backward scales it in place and gives it
+        # away (a saved tensor changed in place would fail a second backward's version check).
+        ctx.mark_non_differentiable(weights, dlogits)
+        ctx.dlogits = dlogits if compute_grad else None
+        ctx.save_for_backward(logits, x, z, mu, logvar, weights)
+    else:
+        ctx.save_for_backward(logits, x, z, mu, logvar, weights, dlogits)
+
+
+def _iwae_backward(grad_rows: Tensor, weights: Tensor, z: Tensor, mu: Tensor, logvar: Tensor,
+                   dreg: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """grad_rows [B], weights [K, B] -> grad_z [K, B, ...], grad_mu and grad_logvar (their inputs'
+    shapes; zero for DReG)."""
+    if weights.numel() == 0:
+        return torch.zeros_like(z), torch.zeros_like(mu), torch.zeros_like(logvar)
+    kernel = implementation("iwae", "iwae_backward", z.device)
+    grads = kernel(grad_rows, weights, *_latent_rows(z, mu, logvar), dreg)
+    return tuple(view_as_shape(g, t.shape) for g, t in zip(grads, (z, mu, logvar)))
+
+
+iwae_backward_op = torch.library.custom_op("fastvae::iwae_backward", _iwae_backward, mutates_args=())
+
+
+@iwae_backward_op.register_fake
+def _(grad_rows: Tensor, weights: Tensor, z: Tensor, mu: Tensor, logvar: Tensor,
+      dreg: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (z, mu, logvar))
+
+
+def _no_composite(*args):
+    raise RuntimeError("fastvae::iwae_backward has no derivative of its own: differentiate fastvae.iwae_loss, "
+                       "whose backward recomputes in torch ops when a graph is recorded")
+
+
+# A custom op of its own, so that a traced backward (torch.compile) sees one opaque node.
+iwae_backward_fused = FusedOp(iwae_backward_op, _iwae_backward, _no_composite)
+
+
+def _logits_grad(ctx, inputs: tuple, saved: list[Tensor], coef: Tensor) -> Tensor:
+    """dL/dlogits = coef_kb * dlogp/dlogits from the forward's gradient (recomputed when the forward
+    did not write it, or gave it away in an earlier backward of a retained graph)."""
+    def recompute() -> Tensor:
+        return iwae_loss_fused(*inputs[:7], True)[2]
+
+    if saved:  # traced: a saved output must stay as it is
+        return scale_saved_grad(saved[0] if ctx.compute_grad else recompute(), coef)
+    dlogits, ctx.dlogits = ctx.dlogits, None
+    # Ours to change: scaled in place, no second [K, B, D] buffer.
+    return scale_saved_grad_(recompute() if dlogits is None else dlogits, coef)
+
+
+def _grads(ctx, grad_rows: Tensor | None, _grad_weights: Tensor | None, _grad_dlogits: Tensor | None):
+    none = (None,) * 8
+    if grad_rows is None:  # only the weights or the gradient output were used: they carry no gradient
+        return none
+    logits, x, z, mu, logvar, weights, *saved = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    inputs = (logits, x, z, mu, logvar, ctx.likelihood, ctx.estimator, False)
+    if torch.is_grad_enabled():  # create_graph=True: record a differentiable backward
+        return tuple(composite_vjp(iwae_loss_composite, inputs, (grad_rows, None, None), needs[:5] + (False,) * 3))
+    grad_logits = grad_x = grad_z = grad_mu = grad_logvar = None
+    if needs[0]:
+        grad_logits = _logits_grad(ctx, inputs, saved, -grad_rows.to(weights.dtype) * weights)  # c_kb
+    if needs[1]:  # the data's gradient (rare): from the likelihood's reference in torch ops
+        grad_x = composite_vjp(iwae_loss_composite, inputs, (grad_rows, None, None), (False, True) + (False,) * 6)[1]
+    if needs[2] or needs[3] or needs[4]:
+        grad_z, grad_mu, grad_logvar = iwae_backward_fused(grad_rows, weights, z, mu, logvar, ctx.estimator == "dreg")
+    return grad_logits, grad_x, grad_z, grad_mu, grad_logvar, None, None, None
+
+
+iwae_loss_fused = FusedOp(iwae_loss_op, _iwae_loss, iwae_loss_composite, _setup, _grads)

@@ -1,0 +1,98 @@
+"""The importance-weighted bound's public op as tests and benchmarks see it (fastvae.ops.spec).
+
+The oracles are written from the papers' formulas with torch.distributions, in float64: the
+IWAE bound (Burda et al.) and its gradients by autograd, and DReG (Tucker et al.) in its
+surrogate-loss form, independently of fastvae.ops.iwae.op's explicit gradients.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.distributions import Normal
+
+import fastvae
+from fastvae.ops.bernoulli.spec import oracle_log_prob
+from fastvae.ops.gaussian.spec import LOGVAR, MU, reduce
+from fastvae.ops.spec import Arg, OpSpec
+
+LOGITS = Arg("logits", ("samples", "batch", "data"), scale=3.0)
+X = Arg("x", ("batch", "data"), kind="target", values="unit")
+Z = Arg("z", ("samples", "batch", "latent"))
+
+
+def oracle_log_weights(logits, x, z, mu, logvar):
+    """log w [K, B] = log p(x | logits) + log N(z; 0, I) - log N(z; mu, exp(logvar)), each from
+    torch.distributions (NaN for data outside [0, 1], as fastvae defines the Bernoulli)."""
+    log_px = oracle_log_prob(logits, x.expand_as(logits)).flatten(2).sum(-1)
+    log_pz = Normal(torch.zeros_like(z), torch.ones_like(z)).log_prob(z).flatten(2).sum(-1)
+    log_qz = Normal(mu, torch.exp(0.5 * logvar)).log_prob(z).flatten(2).sum(-1)
+    return log_px + log_pz - log_qz
+
+
+def oracle_iwae_rows(logits, x, z, mu, logvar):
+    """-(logsumexp_k log w - log K) per datapoint [B]; autograd of it gives the IWAE gradients."""
+    return -(torch.logsumexp(oracle_log_weights(logits, x, z, mu, logvar), dim=0) - math.log(logits.shape[0]))
+
+
+def oracle_dreg_rows(logits, x, z, mu, logvar):
+    """The IWAE rows' value, with DReG's gradients from the surrogate losses of Tucker et al.:
+    the encoder's surrogate -sum_k stop(w~_k^2) log w_k(z_k), with log q's parameters (and the
+    decoder) stopped, so only z gets its gradient; the decoder's -sum_k stop(w~_k) log p(x | l_k).
+    mu and logvar get none (0 * their sum keeps them in the graph, so autograd gives zeros)."""
+    value = oracle_iwae_rows(logits, x, z, mu, logvar)
+    weights = torch.softmax(oracle_log_weights(logits, x, z, mu, logvar), dim=0).detach()
+    encoder = -(weights ** 2 * oracle_log_weights(logits.detach(), x, z, mu.detach(), logvar.detach())).sum(0)
+    decoder = -(weights * oracle_log_prob(logits, x.expand_as(logits)).flatten(2).sum(-1)).sum(0)
+    surrogate = encoder + decoder
+    return value.detach() + (surrogate - surrogate.detach()) + 0.0 * (mu.sum() + logvar.sum())
+
+
+def _reduce_rows(rows, reduction):
+    """iwae_loss's reductions: "mean" and "batchmean" are the mean over datapoints."""
+    return rows if reduction == "none" else reduce(rows, "sum" if reduction == "sum" else "batchmean")
+
+
+def eager_iwae_loss(logits, x, z, mu, logvar, reduction="batchmean"):
+    """The bound as a user writes it: x expanded to the K samples, BCE with logits, the two Gaussian
+    log-densities, logsumexp over the samples."""
+    samples = logits.shape[0]
+    log_px = -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").flatten(2).sum(-1)
+    log_pz = -0.5 * (z.pow(2) + math.log(2 * math.pi)).flatten(2).sum(-1)
+    log_qz = -0.5 * ((z - mu).pow(2) / logvar.exp() + logvar + math.log(2 * math.pi)).flatten(2).sum(-1)
+    rows = math.log(samples) - torch.logsumexp(log_px + log_pz - log_qz, dim=0)
+    return _reduce_rows(rows, reduction)
+
+
+REDUCTIONS = ("none", "sum", "mean", "batchmean")
+# The normalized weights are a softmax over log-likelihoods summed over D elements, and float32
+# holds such a sum (|log p| ~ 1700 at the tests' D = 1100) to 0.5 ulp = 6e-5: two samples' log
+# weights differ by up to ~1e-4 from the exact ones, and the softmax passes that on to every
+# gradient as a relative error (8e-5 measured, on every backend, the torch reference included).
+FLOAT32_WEIGHTS_TOLERANCE = 2e-4
+
+OPS = (
+    OpSpec(
+        name="iwae_loss",
+        inputs=(LOGITS, X, Z, MU, LOGVAR),
+        outputs=(Arg("loss", (), kind="loss"),),
+        fastvae=fastvae.iwae_loss,
+        oracle=lambda *inputs, reduction="batchmean": _reduce_rows(oracle_iwae_rows(*inputs), reduction),
+        eager=eager_iwae_loss,
+        reductions=REDUCTIONS,
+        min_tolerance=FLOAT32_WEIGHTS_TOLERANCE,
+    ),
+    OpSpec(
+        name="iwae_loss_dreg",
+        inputs=(LOGITS, X, Z, MU, LOGVAR),
+        outputs=(Arg("loss", (), kind="loss"),),
+        fastvae=lambda *inputs, reduction="batchmean": fastvae.iwae_loss(*inputs, estimator="dreg",
+                                                                          reduction=reduction),
+        oracle=lambda *inputs, reduction="batchmean": _reduce_rows(oracle_dreg_rows(*inputs), reduction),
+        reductions=REDUCTIONS,
+        min_tolerance=FLOAT32_WEIGHTS_TOLERANCE,
+        benchmark=False,  # the same kernel and forward as iwae_loss; only the [K, B, L] backward differs
+    ),
+)
