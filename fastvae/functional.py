@@ -11,11 +11,9 @@ import torch
 from torch import Tensor
 
 from fastvae import validation as check
-from fastvae.ops.bernoulli.op import bernoulli_log_likelihood_fused
-from fastvae.ops.continuous_bernoulli.op import continuous_bernoulli_log_likelihood_fused
 from fastvae.ops.gaussian.op import gaussian_kl_fused, reparameterize_kl_fused
-from fastvae.ops.gaussian_likelihood.op import gaussian_log_likelihood_fused
-from fastvae.ops.iwae.op import ESTIMATORS, LIKELIHOODS, iwae_loss_fused
+from fastvae.ops.iwae.op import ESTIMATORS, IWAE_LIKELIHOODS, iwae_loss_fused
+from fastvae.ops.likelihoods import LIKELIHOODS
 from fastvae.ops.noise import draw_seed
 
 
@@ -124,22 +122,18 @@ def gaussian_kl(mu: Tensor, logvar: Tensor, reduction: str = "batchmean") -> Ten
     return kl if elementwise else _reduce_rows(kl, reduction, mu.numel())
 
 
-# The fused ops of the likelihoods from logits against a target in [0, 1], by name.
-_LOGITS_LIKELIHOODS = {"bernoulli": bernoulli_log_likelihood_fused,
-                       "continuous_bernoulli": continuous_bernoulli_log_likelihood_fused}
-
-
 def _log_likelihood(likelihood: str, output: Tensor, target: Tensor, decoder_logvar: Tensor | None,
                     elementwise: bool, weight: float | None, target_name: str = "target") -> Tensor:
-    """log p(target | output) of `likelihood` (validation.LIKELIHOODS), per element or per datapoint
+    """log p(target | output) of `likelihood` (fastvae.ops.likelihoods), per element or per datapoint
     [B] for a loss that adds `weight` * their sum (its kernel writes the gradient so scaled).
 
     A target outside [0, 1] of a likelihood from logits is a ValueError naming target_name where
     that can be checked for free (validation.check_unit_interval), NaN elsewhere."""
-    if likelihood == "gaussian":
-        return gaussian_log_likelihood_fused(output, target, decoder_logvar, elementwise,
-                                             _needs_grad(output, decoder_logvar), weight)[0]
-    result = _LOGITS_LIKELIHOODS[likelihood](output, target, elementwise, _needs_grad(output), weight)[0]
+    entry = LIKELIHOODS[likelihood]
+    if entry.takes_logvar:
+        return entry.fused(output, target, decoder_logvar, elementwise, _needs_grad(output, decoder_logvar),
+                           weight)[0]
+    result = entry.fused(output, target, elementwise, _needs_grad(output), weight)[0]
     check.check_unit_interval(target_name, result, target)
     return result
 
@@ -357,6 +351,18 @@ def _check_iwae_inputs(logits: Tensor, x: Tensor, z: Tensor, mu: Tensor, logvar:
     check.check_same_device(logits=logits, x=x, z=z, mu=mu, logvar=logvar)
 
 
+def _weight_z_gradient(z: Tensor, weights: Tensor) -> None:
+    """DReG's second weighting (fastvae.ops.iwae.op): z's whole gradient, the decoder's path included,
+    times the normalized weights w~ [K, B] (constants of the estimator)."""
+    if getattr(z, "_fastvae_dreg_weighted", False):
+        raise ValueError("iwae_loss(estimator='dreg') was already applied to this z: its gradient would be "
+                         "weighted twice. Draw fresh samples for each bound, or use estimator='iwae'")
+    scale = weights.detach().reshape(weights.shape + (1,) * (z.dim() - weights.dim()))
+    z.register_hook(lambda grad: (grad * scale).to(grad.dtype))
+    if not torch.compiler.is_compiling():
+        z._fastvae_dreg_weighted = True
+
+
 def iwae_loss(logits: Tensor, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, *, likelihood: str = "bernoulli",
               estimator: str = "iwae", reduction: str = "batchmean") -> Tensor:
     """The negative importance-weighted bound (IWAE, Burda et al., ICLR 2016) on K samples per datapoint:
@@ -374,15 +380,17 @@ def iwae_loss(logits: Tensor, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, 
             CPU tensors, see fastvae.set_validate_args, and NaN elsewhere).
         z: [K, B, L] the samples from q(z|x), e.g. fastvae.reparameterize(mu, logvar, samples=K).
         mu, logvar: [B, L] q(z|x)'s mean and log-variance.
-        likelihood: the decoder's likelihood: "bernoulli".
+        likelihood: the decoder's likelihood: "bernoulli" or "continuous_bernoulli" (logits [K, B, ...]
+            either way).
         estimator: "iwae" (the default): the gradients are exactly those of the bound w.r.t.
             logits, z, mu and logvar. "dreg": the doubly-reparameterized gradients of Tucker et
-            al. (ICLR 2019) for the encoder: the gradient for z weights each sample by w~^2
-            instead of w~, and mu and logvar get no direct gradient (log q's score function is
-            stopped; the encoder's gradient reaches them through z). The logits keep the IWAE
-            gradient, so the decoder trains on the IWAE bound. The value is the same for both.
-            fastvae.ops.iwae.op's docstring has the derivation, and what reaches z through the
-            decoder.
+            al. (ICLR 2019): every path into z (the prior and posterior terms, and the decoder's
+            through the logits) carries the squared normalized weights w~^2 instead of w~, and
+            mu and logvar get no direct gradient (log q's score function is stopped: the
+            encoder's gradient reaches them through z), while the decoder's parameters keep the
+            IWAE gradient. For that, iwae_loss multiplies z's whole gradient by w~ with a hook on
+            z: pass the z the decoder ran on, and use it in no other loss. The value is the same
+            for both estimators. fastvae.ops.iwae.op's docstring has the derivation.
         reduction: "none" (per datapoint, [B]), "sum", "mean" or "batchmean" (both: the mean over
             datapoints, the default).
 
@@ -395,11 +403,13 @@ def iwae_loss(logits: Tensor, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, 
         >>> loss = fastvae.iwae_loss(decoder(z), x, z, mu, logvar)    # decoder(z): [5, B, 784]
         >>> loss.backward()
     """
-    check.check_choice("likelihood", likelihood, LIKELIHOODS)
+    check.check_choice("likelihood", likelihood, IWAE_LIKELIHOODS)
     check.check_choice("estimator", estimator, ESTIMATORS)
     check.check_reduction(reduction)
     _check_iwae_inputs(logits, x, z, mu, logvar)
-    rows = iwae_loss_fused(logits, x, z, mu, logvar, likelihood, estimator, _needs_grad(logits))[0]
+    rows, weights, _ = iwae_loss_fused(logits, x, z, mu, logvar, likelihood, estimator, _needs_grad(logits))
+    if estimator == "dreg" and z.requires_grad and torch.is_grad_enabled():
+        _weight_z_gradient(z, weights)
     if LIKELIHOODS[likelihood].target_in_unit_interval:
         check.check_unit_interval("x", rows, x)
     if reduction == "none":

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from fastvae.functional import elbo_loss, iwae_loss
-from fastvae.ops.iwae.op import ESTIMATORS, LIKELIHOODS
+from fastvae.ops.iwae.op import ESTIMATORS, IWAE_LIKELIHOODS
 from fastvae.validation import check_beta, check_choice, check_likelihood, check_reduction
 
 
@@ -50,7 +50,7 @@ class IWAELoss(nn.Module):
     """The negative importance-weighted bound (IWAE) on K samples per datapoint; see fastvae.iwae_loss.
 
     Args:
-        likelihood: the decoder's likelihood, "bernoulli".
+        likelihood: the decoder's likelihood, "bernoulli" or "continuous_bernoulli".
         estimator: "iwae" (the bound's own gradients) or "dreg" (doubly-reparameterized
             gradients for the encoder).
         reduction: "none" ([B]), "sum", "mean" or "batchmean" (the mean over datapoints).
@@ -65,7 +65,7 @@ class IWAELoss(nn.Module):
 
     def __init__(self, likelihood: str = "bernoulli", estimator: str = "iwae", reduction: str = "batchmean") -> None:
         super().__init__()
-        check_choice("likelihood", likelihood, LIKELIHOODS)
+        check_choice("likelihood", likelihood, IWAE_LIKELIHOODS)
         check_choice("estimator", estimator, ESTIMATORS)
         check_reduction(reduction)
         self.likelihood, self.estimator, self.reduction = likelihood, estimator, reduction

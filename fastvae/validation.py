@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 
 from fastvae.ops.common import transform_active
+from fastvae.ops.likelihoods import LIKELIHOODS
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
-LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "gaussian")
 
 _validate_values = True
 
@@ -95,10 +95,10 @@ def check_broadcastable(name: str, t: object, to_name: str, to: Tensor) -> None:
 
 
 def check_likelihood(likelihood: object, decoder_logvar: Tensor | None) -> None:
-    """elbo_loss's likelihood is one of LIKELIHOODS; a decoder log-variance goes with the Gaussian only."""
-    if likelihood not in LIKELIHOODS:
-        raise ValueError(f"unknown likelihood {likelihood!r}; choose one of {', '.join(map(repr, LIKELIHOODS))}")
-    if decoder_logvar is not None and likelihood != "gaussian":
+    """likelihood names one of fastvae.ops.likelihoods.LIKELIHOODS; a decoder log-variance goes with
+    the Gaussian only."""
+    check_choice("likelihood", likelihood, LIKELIHOODS)
+    if decoder_logvar is not None and not LIKELIHOODS[likelihood].takes_logvar:
         raise ValueError(f"decoder_logvar is the log-variance of a Gaussian p(x|z), but likelihood={likelihood!r}; "
                          f"pass likelihood='gaussian' with it, or leave decoder_logvar out")
 

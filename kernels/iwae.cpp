@@ -5,7 +5,8 @@
 // Backward, with c_kb = -g_b w~_kb for the upstream gradient g of loss_b:
 //   IWAE: grad_z = c ((z - mu) e^-lv - z), grad_mu = -sum_k c (z - mu) e^-lv,
 //         grad_lv = 0.5 (sum_k c - sum_k c (z - mu)^2 e^-lv)
-//   DReG: grad_z = c w~ ((z - mu) e^-lv - z), grad_mu = grad_lv = 0
+//   DReG: grad_z as IWAE, grad_mu = grad_lv = 0 (iwae_loss then weights z's whole gradient by w~ once
+//         more, the decoder's path included; see fastvae/ops/iwae/op.py)
 // Sample k of row b is row k * rows + b of z and grad_z; it reads mu and logvar row b (a row
 // period: the posterior is never copied K times). Each thread takes whole rows b with all
 // their samples, so the sums over k need no atomics and keep a fixed order.
@@ -112,7 +113,7 @@ FV_INLINE void backward_rows(const BackwardArgs& a, int64_t b0, int64_t b1) {
     using C = typename Compute<T>::type;
     const Latent& q = a.q;
     alignas(64) C inv_var[CHUNK], sum_mu[CHUNK], sum_lv[CHUNK];
-    std::vector<C> coef(size_t(q.samples)), coef_z(size_t(q.samples));
+    std::vector<C> coef(size_t(q.samples));
     const C* weights = static_cast<const C*>(a.weights);
     for (int64_t b = b0; b < b1; ++b) {
         const T* __restrict mu = row_of<T>(q.mu, q.mu_stride, b);
@@ -124,7 +125,6 @@ FV_INLINE void backward_rows(const BackwardArgs& a, int64_t b0, int64_t b1) {
         for (int64_t k = 0; k < q.samples; ++k) {
             const C w = weights[k * q.rows + b];
             coef[size_t(k)] = -g * w;
-            coef_z[size_t(k)] = DREG ? coef[size_t(k)] * w : coef[size_t(k)];  // DReG: w~^2 for z
             coef_sum += double(coef[size_t(k)]);
         }
         for (int64_t j0 = 0; j0 < q.cols; j0 += CHUNK) {
@@ -137,11 +137,11 @@ FV_INLINE void backward_rows(const BackwardArgs& a, int64_t b0, int64_t b1) {
                 const int64_t r = k * q.rows + b;
                 const T* __restrict z = row_of<T>(q.z, q.z_stride, r) + j0;
                 T* __restrict grad_z = static_cast<T*>(a.grad_z) + r * q.cols + j0;
-                const C c = coef[size_t(k)], c_z = coef_z[size_t(k)];
+                const C c = coef[size_t(k)];
                 for (int64_t j = 0; j < m; ++j) {
                     const C zv = widen(z[j]), d = zv - widen(mu[j0 + j]);
                     const C scaled = d * inv_var[j];  // (z - mu) / var
-                    grad_z[j] = narrow<T>(c_z * (scaled - zv));
+                    grad_z[j] = narrow<T>(c * (scaled - zv));
                     if constexpr (!DREG) {
                         sum_mu[j] += c * scaled;
                         sum_lv[j] += c * scaled * d;

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import fastvae
 from fastvae.ops.iwae import op as iwae_op
+from fastvae.ops.likelihoods import LIKELIHOODS
 from fastvae.ops.noise import draw_seed, philox_normal
 from fastvae.ops.registry import family
 from helpers import BACKENDS, DEVICE, assert_close_to, leaf
@@ -77,10 +78,10 @@ def test_dreg_gradients_match_a_plain_pytorch_dreg(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_dreg_through_an_encoder_and_a_decoder(backend):
-    """A linear encoder and decoder around the loss: the decoder's parameters get the IWAE gradient;
-    the encoder's get the squared weights on the prior and posterior terms and, through the
-    decoder's input, the weights on the likelihood's term (what iwae_loss's docstring says)."""
+def test_dreg_through_an_encoder_and_a_decoder_is_tucker_et_al_exactly(backend):
+    """A linear encoder and decoder around the loss, against DReG written as two surrogates: the
+    encoder's gets w~^2 on every path into z, the decoder's included (its parameters detached
+    there), and no score function; the decoder's parameters get the IWAE gradient (z detached)."""
     torch.manual_seed(3)
     samples, batch, data, latent = 5, 4, 9, 3
     x = torch.rand(batch, data, **F64).round()
@@ -88,27 +89,32 @@ def test_dreg_through_an_encoder_and_a_decoder(backend):
     decoder_weights = leaf(0.5 * torch.randn(latent, data, **F64))
     eps = torch.randn(samples, batch, latent, **F64)
 
-    def forward():
+    def posterior():
         mu, logvar = (x @ encoder_weights).chunk(2, dim=1)
-        z = mu + torch.exp(0.5 * logvar) * eps
-        return mu, logvar, z, z @ decoder_weights
+        return mu, logvar, mu + torch.exp(0.5 * logvar) * eps
 
     with fastvae.use_backend(backend):
-        mu, logvar, z, logits = forward()
-        loss = fastvae.iwae_loss(logits, x, z, mu, logvar, estimator="dreg")
+        mu, logvar, z = posterior()
+        loss = fastvae.iwae_loss(z @ decoder_weights, x, z, mu, logvar, estimator="dreg")
         got = torch.autograd.grad(loss, (encoder_weights, decoder_weights))
-    mu, logvar, z, logits = forward()
-    log_w = _log_weights(logits, x, z, mu, logvar)
-    weights = torch.softmax(log_w, dim=0).detach()
-    zeros = torch.zeros_like(z)
-    latent_terms = _gaussian_log_density(z, zeros, zeros) - _gaussian_log_density(z, mu.detach(), logvar.detach())
-    log_px = -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
-    expected_encoder = torch.autograd.grad(-(weights ** 2 * latent_terms + weights * log_px).sum(0).mean(),
-                                           encoder_weights, retain_graph=True)[0]
-    iwae = (math.log(samples) - torch.logsumexp(log_w, dim=0)).mean()
+    mu, logvar, z = posterior()
+    weights = torch.softmax(_log_weights(z @ decoder_weights, x, z, mu, logvar), dim=0).detach()
+    encoder_surrogate = -(weights ** 2 * _log_weights(z @ decoder_weights.detach(), x, z, mu.detach(),
+                                                      logvar.detach())).sum(0).mean()
+    expected_encoder = torch.autograd.grad(encoder_surrogate, encoder_weights)[0]
+    z_fixed = z.detach()
+    iwae = (math.log(samples) - torch.logsumexp(_log_weights(z_fixed @ decoder_weights, x, z_fixed, mu.detach(),
+                                                             logvar.detach()), dim=0)).mean()
     expected_decoder = torch.autograd.grad(iwae, decoder_weights)[0]
-    assert_close_to(got[0], expected_encoder, "encoder")
+    assert_close_to(got[0], expected_encoder, "encoder (DReG)")
     assert_close_to(got[1], expected_decoder, "decoder (IWAE)")
+
+
+def test_dreg_refuses_to_weight_one_z_twice():
+    logits, x, z, mu, logvar = (leaf(t) if i != 1 else t for i, t in enumerate(_inputs()))
+    fastvae.iwae_loss(logits, x, z, mu, logvar, estimator="dreg")
+    with pytest.raises(ValueError, match="already applied to this z"):
+        fastvae.iwae_loss(logits, x, z, mu, logvar, estimator="dreg")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -225,8 +231,9 @@ def test_an_empty_batch_gives_zeros_of_the_right_shape(backend):
 
 
 def test_every_likelihood_names_a_forward_kernel_of_its_family():
-    """A LIKELIHOODS entry is a family and one of its registered kernels: the table is how the other
-    likelihoods plug in, so an entry that points nowhere must fail here, not in a user's run."""
-    assert "bernoulli" in iwae_op.LIKELIHOODS
-    for name, entry in iwae_op.LIKELIHOODS.items():
+    """A LIKELIHOODS entry is a family and one of its registered kernels: the table is how elbo_loss
+    and iwae_loss reach the likelihoods, so an entry that points nowhere must fail here, not in a
+    user's run. The bound takes every likelihood whose kernel needs no log-variance."""
+    assert set(iwae_op.IWAE_LIKELIHOODS) == {"bernoulli", "continuous_bernoulli"}
+    for name, entry in LIKELIHOODS.items():
         assert entry.kernel in family(entry.family).kernels, f"likelihood {name}: {entry}"

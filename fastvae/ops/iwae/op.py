@@ -27,19 +27,19 @@ DReG (estimator="dreg") reparameterizes that term a second time: for a reparamet
 E[w~_k d log q(z_k)/dphi] = E[dw~_k/dz_k dz_k/dphi] with dw~_k/dz_k = (w~_k - w~_k^2) d log w_k/dz_k,
 so the two terms together have the expectation of
     grad_phi DReG = -sum_k w~_k^2 d log w_k/dz_k dz_k/dphi,
-an estimator without the score function. In this op's terms:
+an estimator without the score function, where d log w_k/dz_k is the whole derivative: through
+the prior and posterior densities and through the decoder's likelihood. The decoder's
+parameters theta keep the IWAE gradient, -sum_k w~_k d log p(x | z_k)/dtheta.
 
-    dL/dz_k    = -g w~_k^2 da_k/dz_k      (the squared normalized weights instead of the weights)
-    dL/dmu     = dL/dlogvar = 0           (the score function stopped: the encoder's gradient
-                                           reaches mu and logvar only through z)
-    dL/dl_k    = c_k dlogp/dl_k           (the decoder keeps the IWAE gradient: for the generative
-                                           model DReG and IWAE agree)
-
-What this means with a decoder in between: the likelihood's share of d log w_k/dz_k reaches z
-through the logits, whose gradient carries the IWAE weights w~_k (so that the decoder's
-parameters train on the IWAE gradient). The encoder thus gets DReG's w~^2 on the prior and
-posterior terms, and w~ on the likelihood's term; the exact DReG encoder gradient would need the
-logits' gradient weighted twice, once per parameter group.
+One backward pass gives both, in two steps:
+    this op       the IWAE gradients for the logits and for z's direct terms (c_k da_k/dz_k),
+                  and none for mu and logvar (the score function stopped);
+    iwae_loss     a hook on z multiplies z's whole gradient by w~_k once more: the direct terms
+                  and the decoder's path, which reaches z after the decoder's parameters have
+                  taken their IWAE gradient from the logits'. Every path into z thus carries
+                  w~_k^2, and the decoder's parameters w~_k: Tucker et al.'s estimator exactly.
+So z must be the decoder's input (as fastvae.reparameterize returns it), and with DReG its
+gradient is the estimator's, not the bound's.
 
 Kernels. The likelihood family's forward kernel (LIKELIHOODS) scores the K * B rows of logits
 against the data [B, D] as a row-periodic target (logits row k * B + b against x row b: the
@@ -58,14 +58,14 @@ recompute their exponentials, and it would need a per-row weight the likelihood 
 not take: their contract is (logits, target, elementwise, compute_grad, weight) with one
 scalar weight, shared by every likelihood family.
 
-Likelihoods plug in through LIKELIHOODS: a kernel with bernoulli_forward's signature and the
-row-periodic target contract is one table entry. (A likelihood whose kernel takes more decoder
-outputs, the Gaussian's log-variance, also needs an argument of iwae_loss to carry them.)
+The likelihoods are fastvae.ops.likelihoods' whose kernel takes the decoder output alone
+(IWAE_LIKELIHOODS: the Bernoulli and the continuous Bernoulli): with the row-periodic target
+contract every such kernel scores the samples as the Bernoulli's does. The Gaussian's kernel
+also takes the decoder's log-variance, which iwae_loss has no argument for.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -74,29 +74,15 @@ from torch import Tensor
 from fastvae.ops.common import (FusedOp, as_rows, as_sample_rows, composite_vjp, loss_dtype, no_grad_placeholder,
                                 scale_saved_grad, scale_saved_grad_, view_as_shape)
 from fastvae.ops.iwae import reference
+from fastvae.ops.likelihoods import LIKELIHOODS
 from fastvae.ops.registry import family, implementation
 
 ESTIMATORS = ("iwae", "dreg")
 
 
-@dataclass(frozen=True)
-class Likelihood:
-    """A decoder likelihood the bound can score: the op family and forward kernel that compute it.
-
-    The kernel has bernoulli_forward's signature, (output [K * B, D], target [B, D] row-periodic,
-    elementwise, compute_grad, weight) -> (log p [K * B], weight * dlogp/doutput or None), on
-    every backend; the family's reference (the torch backend) is the composite's definition."""
-
-    family: str
-    kernel: str
-    # Targets outside [0, 1] are no data of this likelihood: NaN, and a ValueError where values
-    # are readable (fastvae.validation.check_unit_interval).
-    target_in_unit_interval: bool
-
-
-LIKELIHOODS: dict[str, Likelihood] = {
-    "bernoulli": Likelihood("bernoulli", "bernoulli_forward", target_in_unit_interval=True),
-}
+# The likelihoods the bound scores: those of fastvae.ops.likelihoods whose kernel takes the decoder
+# output alone (the Gaussian's also takes a log-variance, which the bound does not carry).
+IWAE_LIKELIHOODS = tuple(name for name, entry in LIKELIHOODS.items() if not entry.takes_logvar)
 
 
 # --------------------------------------------------------------------------- scoring the samples; the composite

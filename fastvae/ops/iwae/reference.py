@@ -14,7 +14,8 @@ Backward, from the upstream gradient g_b of loss_b and the saved weights, c_kb =
     IWAE:  grad_z_kb = c_kb ((z - mu) exp(-logvar) - z)
            grad_mu_b = -sum_k c_kb (z - mu) exp(-logvar)
            grad_logvar_b = 0.5 * (sum_k c_kb - sum_k c_kb (z - mu)^2 exp(-logvar))
-    DReG:  grad_z_kb = c_kb w~_kb ((z - mu) exp(-logvar) - z),  grad_mu = grad_logvar = 0
+    DReG:  grad_z_kb as IWAE's,  grad_mu = grad_logvar = 0   (fastvae.iwae_loss then weights z's
+           whole gradient, the decoder's path included, by w~ once more: see fastvae.ops.iwae.op)
 
 (The likelihood's gradient, c_kb dlogp/dlogits, is the op's: fastvae.ops.iwae.op.)
 
@@ -61,7 +62,7 @@ def iwae_backward(grad_rows: Tensor, weights: Tensor, z: Tensor, mu: Tensor, log
     w = weights.to(compute)
     coef = -grad_rows.to(compute) * w
     scaled = (z3 - m) * torch.exp(-lv)  # (z - mu) / var
-    grad_z = ((coef * w if dreg else coef)[..., None] * (scaled - z3)).reshape(z.shape).to(z.dtype)
+    grad_z = (coef[..., None] * (scaled - z3)).reshape(z.shape).to(z.dtype)
     if dreg:
         return grad_z, torch.zeros_like(mu), torch.zeros_like(logvar)
     weighted = coef[..., None] * scaled

@@ -15,6 +15,7 @@ from torch.distributions import Normal
 
 import fastvae
 from fastvae.ops.bernoulli.spec import oracle_log_prob
+from fastvae.ops.continuous_bernoulli.spec import oracle_log_prob as oracle_cb_log_prob
 from fastvae.ops.gaussian.spec import LOGVAR, MU, reduce
 from fastvae.ops.spec import Arg, OpSpec
 
@@ -23,18 +24,20 @@ X = Arg("x", ("batch", "data"), kind="target", values="unit")
 Z = Arg("z", ("samples", "batch", "latent"))
 
 
-def oracle_log_weights(logits, x, z, mu, logvar):
+def oracle_log_weights(logits, x, z, mu, logvar, log_prob=oracle_log_prob):
     """log w [K, B] = log p(x | logits) + log N(z; 0, I) - log N(z; mu, exp(logvar)), each from
-    torch.distributions (NaN for data outside [0, 1], as fastvae defines the Bernoulli)."""
-    log_px = oracle_log_prob(logits, x.expand_as(logits)).flatten(2).sum(-1)
+    torch.distributions (NaN for data outside [0, 1], as fastvae defines the Bernoulli), or the
+    likelihood's own oracle `log_prob`."""
+    log_px = log_prob(logits, x.expand_as(logits)).flatten(2).sum(-1)
     log_pz = Normal(torch.zeros_like(z), torch.ones_like(z)).log_prob(z).flatten(2).sum(-1)
     log_qz = Normal(mu, torch.exp(0.5 * logvar)).log_prob(z).flatten(2).sum(-1)
     return log_px + log_pz - log_qz
 
 
-def oracle_iwae_rows(logits, x, z, mu, logvar):
+def oracle_iwae_rows(logits, x, z, mu, logvar, log_prob=oracle_log_prob):
     """-(logsumexp_k log w - log K) per datapoint [B]; autograd of it gives the IWAE gradients."""
-    return -(torch.logsumexp(oracle_log_weights(logits, x, z, mu, logvar), dim=0) - math.log(logits.shape[0]))
+    log_weights = oracle_log_weights(logits, x, z, mu, logvar, log_prob)
+    return -(torch.logsumexp(log_weights, dim=0) - math.log(logits.shape[0]))
 
 
 def oracle_dreg_rows(logits, x, z, mu, logvar):
@@ -94,5 +97,17 @@ OPS = (
         reductions=REDUCTIONS,
         min_tolerance=FLOAT32_WEIGHTS_TOLERANCE,
         benchmark=False,  # the same kernel and forward as iwae_loss; only the [K, B, L] backward differs
+    ),
+    OpSpec(
+        name="iwae_loss_continuous_bernoulli",
+        inputs=(LOGITS, X, Z, MU, LOGVAR),
+        outputs=(Arg("loss", (), kind="loss"),),
+        fastvae=lambda *inputs, reduction="batchmean": fastvae.iwae_loss(*inputs, likelihood="continuous_bernoulli",
+                                                                          reduction=reduction),
+        oracle=lambda *inputs, reduction="batchmean": _reduce_rows(
+            oracle_iwae_rows(*inputs, log_prob=oracle_cb_log_prob), reduction),
+        reductions=REDUCTIONS,
+        min_tolerance=FLOAT32_WEIGHTS_TOLERANCE,
+        benchmark=False,  # the bound's kernels are iwae_loss's; the likelihood's are benchmarked on their own
     ),
 )

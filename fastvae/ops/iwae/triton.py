@@ -102,14 +102,10 @@ def _iwae_bwd_kernel(
         for _ in range(0, K):
             b_w = tl.load(weights_ptr + o_r, mask=m_b, other=0.0).to(COMPUTE)
             b_coef = -b_g * b_w
-            if DREG:
-                b_coef_z = b_coef * b_w  # the squared normalized weights
-            else:
-                b_coef_z = b_coef
             b_z = tl.load(z_ptr + o_r[:, None] * stride_z + o_l[None, :], mask=m, other=0.0).to(COMPUTE)
             b_d = b_z - b_mu
             b_scaled = b_d * b_inv_var  # (z - mu) / var
-            b_grad_z = b_coef_z[:, None] * (b_scaled - b_z)
+            b_grad_z = b_coef[:, None] * (b_scaled - b_z)
             tl.store(grad_z_ptr + o_r[:, None] * L + o_l[None, :], b_grad_z.to(grad_z_ptr.dtype.element_ty), mask=m)
             if not DREG:
                 b_sum_mu += b_coef[:, None] * b_scaled
