@@ -12,6 +12,7 @@ from torch import Tensor
 
 from fastvae import validation as check
 from fastvae.ops.gaussian.op import gaussian_kl_fused, reparameterize_kl_fused
+from fastvae.ops.common import transform_active
 from fastvae.ops.iwae.op import ESTIMATORS, IWAE_LIKELIHOODS, iwae_loss_fused
 from fastvae.ops.likelihoods import LIKELIHOODS
 from fastvae.ops.noise import draw_seed
@@ -351,14 +352,28 @@ def _check_iwae_inputs(logits: Tensor, x: Tensor, z: Tensor, mu: Tensor, logvar:
     check.check_same_device(logits=logits, x=x, z=z, mu=mu, logvar=logvar)
 
 
+_DREG_FIRST_ORDER_ONLY = ("estimator='dreg' defines first-order gradients (an estimator, not the derivative of "
+                          "a function), so it has no double backward and no torch.func transform; differentiate "
+                          "the bound itself with estimator='iwae' for those")
+
+
 def _weight_z_gradient(z: Tensor, weights: Tensor) -> None:
     """DReG's second weighting (fastvae.ops.iwae.op): z's whole gradient, the decoder's path included,
-    times the normalized weights w~ [K, B] (constants of the estimator)."""
+    times the normalized weights w~ [K, B] (constants of the estimator), with a hook on z."""
     if getattr(z, "_fastvae_dreg_weighted", False):
-        raise ValueError("iwae_loss(estimator='dreg') was already applied to this z: its gradient would be "
-                         "weighted twice. Draw fresh samples for each bound, or use estimator='iwae'")
+        raise ValueError("iwae_loss(estimator='dreg') was already applied to this z, whose gradient would be "
+                         "weighted twice (a leaf z keeps the weighting for every later graph). Draw fresh samples "
+                         "for each bound, pass a z computed from mu and logvar, or use estimator='iwae'")
     scale = weights.detach().reshape(weights.shape + (1,) * (z.dim() - weights.dim()))
-    z.register_hook(lambda grad: (grad * scale).to(grad.dtype))
+
+    def weight(grad: Tensor) -> Tensor:
+        # create_graph=True: a later backward would meet this hook again. (Traced, the hook is
+        # recorded with grad mode on; compiled graphs have no double backward anyway.)
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            raise RuntimeError(_DREG_FIRST_ORDER_ONLY)
+        return (grad * scale).to(grad.dtype)
+
+    z.register_hook(weight)
     if not torch.compiler.is_compiling():
         z._fastvae_dreg_weighted = True
 
@@ -389,8 +404,10 @@ def iwae_loss(logits: Tensor, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, 
             mu and logvar get no direct gradient (log q's score function is stopped: the
             encoder's gradient reaches them through z), while the decoder's parameters keep the
             IWAE gradient. For that, iwae_loss multiplies z's whole gradient by w~ with a hook on
-            z: pass the z the decoder ran on, and use it in no other loss. The value is the same
-            for both estimators. fastvae.ops.iwae.op's docstring has the derivation.
+            z: pass the z the decoder ran on, and use it in no other loss. DReG defines first-order
+            gradients only: double backward and torch.func transforms are refused (use "iwae"
+            for those). The value is the same for both estimators. fastvae.ops.iwae.op's
+            docstring has the derivation.
         reduction: "none" (per datapoint, [B]), "sum", "mean" or "batchmean" (both: the mean over
             datapoints, the default).
 
@@ -405,6 +422,8 @@ def iwae_loss(logits: Tensor, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, 
     """
     check.check_choice("likelihood", likelihood, IWAE_LIKELIHOODS)
     check.check_choice("estimator", estimator, ESTIMATORS)
+    if estimator == "dreg" and not torch.compiler.is_compiling() and transform_active():
+        raise RuntimeError(_DREG_FIRST_ORDER_ONLY)
     check.check_reduction(reduction)
     _check_iwae_inputs(logits, x, z, mu, logvar)
     rows, weights, _ = iwae_loss_fused(logits, x, z, mu, logvar, likelihood, estimator, _needs_grad(logits))

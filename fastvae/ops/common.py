@@ -158,7 +158,7 @@ def saved_grad_factor(grad_rows: Tensor, weight: float | None, handed_over: bool
 
 # --------------------------------------------------------------------------- how a call is observed
 def transform_active() -> bool:
-    """A torch.func transform (grad, vjp, jvp, jacrev, jacfwd, hessian, vmap) or forward-mode AD
+    """(Eager only: under dynamo's trace it reads as True.) A torch.func transform (grad, vjp, jvp, jacrev, jacfwd, hessian, vmap) or forward-mode AD
     is running: the fused kernels have no forward-mode or batching rules, so the op's
     definition in torch ops (its composite) runs instead, correct for every transform."""
     return (torch._C._functorch.peek_interpreter_stack() is not None
