@@ -13,7 +13,7 @@ from torch import Tensor
 from fastvae import validation as check
 from fastvae.ops.gaussian.op import gaussian_kl_fused, reparameterize_kl_fused
 from fastvae.ops.common import transform_active
-from fastvae.ops.iwae.op import ESTIMATORS, IWAE_LIKELIHOODS, iwae_loss_fused
+from fastvae.ops.iwae.op import ESTIMATORS, iwae_loss_fused
 from fastvae.ops.likelihoods import LIKELIHOODS
 from fastvae.ops.noise import draw_seed
 
@@ -379,7 +379,7 @@ def _weight_z_gradient(z: Tensor, weights: Tensor) -> None:
 
 
 def iwae_loss(logits: Tensor, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, *, likelihood: str = "bernoulli",
-              estimator: str = "iwae", reduction: str = "batchmean") -> Tensor:
+              estimator: str = "iwae", reduction: str = "batchmean", decoder_logvar: Tensor | None = None) -> Tensor:
     """The negative importance-weighted bound (IWAE, Burda et al., ICLR 2016) on K samples per datapoint:
 
         loss_b = -(logsumexp_k [log p(x_b | z_kb) + log N(z_kb; 0, I) - log N(z_kb; mu_b, exp(logvar_b))] - log K)
@@ -390,13 +390,13 @@ def iwae_loss(logits: Tensor, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, 
     normalized weights w~_kb = softmax_k(log w_kb) in backward.
 
     Args:
-        logits: [K, B, ...] the decoder's output on z (Bernoulli logits).
+        logits: [K, B, ...] the decoder's output on z: the logits of a (continuous) Bernoulli, or
+            the mean of a Gaussian.
         x: [B, ...] the data, in [0, 1] for the Bernoulli likelihood (outside: a ValueError on
             CPU tensors, see fastvae.set_validate_args, and NaN elsewhere).
         z: [K, B, L] the samples from q(z|x), e.g. fastvae.reparameterize(mu, logvar, samples=K).
         mu, logvar: [B, L] q(z|x)'s mean and log-variance.
-        likelihood: the decoder's likelihood: "bernoulli" or "continuous_bernoulli" (logits [K, B, ...]
-            either way).
+        likelihood: the decoder's likelihood: "bernoulli", "continuous_bernoulli" or "gaussian".
         estimator: "iwae" (the default): the gradients are exactly those of the bound w.r.t.
             logits, z, mu and logvar. "dreg": the doubly-reparameterized gradients of Tucker et
             al. (ICLR 2019): every path into z (the prior and posterior terms, and the decoder's
@@ -410,6 +410,9 @@ def iwae_loss(logits: Tensor, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, 
             docstring has the derivation.
         reduction: "none" (per datapoint, [B]), "sum", "mean" or "batchmean" (both: the mean over
             datapoints, the default).
+        decoder_logvar: the Gaussian's log-variance: None (unit variance), [K, B, ...] (a decoder
+            output per sample), [B, ...], or anything that broadcasts to logits (a learned
+            per-pixel or scalar parameter, read once, its gradient summed in float32).
 
     Returns:
         The loss in float32 (float64 for float64 inputs): a scalar, or [B].
@@ -420,13 +423,16 @@ def iwae_loss(logits: Tensor, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, 
         >>> loss = fastvae.iwae_loss(decoder(z), x, z, mu, logvar)    # decoder(z): [5, B, 784]
         >>> loss.backward()
     """
-    check.check_choice("likelihood", likelihood, IWAE_LIKELIHOODS)
+    check.check_likelihood(likelihood, decoder_logvar)
     check.check_choice("estimator", estimator, ESTIMATORS)
     if estimator == "dreg" and not torch.compiler.is_compiling() and transform_active():
         raise RuntimeError(_DREG_FIRST_ORDER_ONLY)
     check.check_reduction(reduction)
     _check_iwae_inputs(logits, x, z, mu, logvar)
-    rows, weights, _ = iwae_loss_fused(logits, x, z, mu, logvar, likelihood, estimator, _needs_grad(logits))
+    if decoder_logvar is not None:
+        check.check_broadcastable("decoder_logvar", decoder_logvar, "logits", logits)
+    rows, weights, _, _ = iwae_loss_fused(logits, x, z, mu, logvar, decoder_logvar, likelihood, estimator,
+                                          _needs_grad(logits, decoder_logvar))
     if estimator == "dreg" and z.requires_grad and torch.is_grad_enabled():
         _weight_z_gradient(z, weights)
     if LIKELIHOODS[likelihood].target_in_unit_interval:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from fastvae.functional import elbo_loss, iwae_loss
-from fastvae.ops.iwae.op import ESTIMATORS, IWAE_LIKELIHOODS
+from fastvae.ops.iwae.op import ESTIMATORS
 from fastvae.validation import check_beta, check_choice, check_likelihood, check_reduction
 
 
@@ -50,12 +50,13 @@ class IWAELoss(nn.Module):
     """The negative importance-weighted bound (IWAE) on K samples per datapoint; see fastvae.iwae_loss.
 
     Args:
-        likelihood: the decoder's likelihood, "bernoulli" or "continuous_bernoulli".
+        likelihood: the decoder's likelihood, "bernoulli", "continuous_bernoulli" or "gaussian".
         estimator: "iwae" (the bound's own gradients) or "dreg" (doubly-reparameterized
             gradients for the encoder).
         reduction: "none" ([B]), "sum", "mean" or "batchmean" (the mean over datapoints).
 
-    forward(logits [K, B, ...], x [B, ...], z [K, B, L], mu [B, L], logvar [B, L]) -> loss.
+    forward(logits [K, B, ...], x [B, ...], z [K, B, L], mu [B, L], logvar [B, L], *, decoder_logvar=None)
+    -> loss (decoder_logvar: the Gaussian's, see fastvae.iwae_loss).
 
     Example:
         >>> criterion = fastvae.IWAELoss(estimator="dreg")
@@ -65,14 +66,15 @@ class IWAELoss(nn.Module):
 
     def __init__(self, likelihood: str = "bernoulli", estimator: str = "iwae", reduction: str = "batchmean") -> None:
         super().__init__()
-        check_choice("likelihood", likelihood, IWAE_LIKELIHOODS)
+        check_likelihood(likelihood, None)
         check_choice("estimator", estimator, ESTIMATORS)
         check_reduction(reduction)
         self.likelihood, self.estimator, self.reduction = likelihood, estimator, reduction
 
-    def forward(self, logits: Tensor, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
+    def forward(self, logits: Tensor, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, *,
+                decoder_logvar: Tensor | None = None) -> Tensor:
         return iwae_loss(logits, x, z, mu, logvar, likelihood=self.likelihood, estimator=self.estimator,
-                         reduction=self.reduction)
+                         reduction=self.reduction, decoder_logvar=decoder_logvar)
 
     def extra_repr(self) -> str:
         return f"likelihood={self.likelihood!r}, estimator={self.estimator!r}, reduction={self.reduction!r}"

@@ -56,8 +56,11 @@ def _iwae_cases(op):
     z = torch.randn(4, 3, 5, device=DEVICE, requires_grad=True)
     mu, logvar = _latent()
     x = torch.rand(3, 7, device=DEVICE)
-    return [(op, (samples_logits, x, z, mu, logvar, "bernoulli", estimator, compute_grad))
-            for estimator in ("iwae", "dreg") for compute_grad in (True, False)]
+    decoder_logvar = torch.randn(7, device=DEVICE, requires_grad=True)
+    return [(op, (samples_logits, x, z, mu, logvar, None, "bernoulli", estimator, compute_grad))
+            for estimator in ("iwae", "dreg") for compute_grad in (True, False)] + [
+        (op, (samples_logits, x, z, mu, logvar, decoder_logvar, "gaussian", "iwae", compute_grad))
+        for compute_grad in (True, False)]
 
 
 def _fused_op_cases():

@@ -233,7 +233,54 @@ def test_an_empty_batch_gives_zeros_of_the_right_shape(backend):
 def test_every_likelihood_names_a_forward_kernel_of_its_family():
     """A LIKELIHOODS entry is a family and one of its registered kernels: the table is how elbo_loss
     and iwae_loss reach the likelihoods, so an entry that points nowhere must fail here, not in a
-    user's run. The bound takes every likelihood whose kernel needs no log-variance."""
-    assert set(iwae_op.IWAE_LIKELIHOODS) == {"bernoulli", "continuous_bernoulli"}
+    user's run."""
+    assert set(LIKELIHOODS) == {"bernoulli", "continuous_bernoulli", "gaussian"}
     for name, entry in LIKELIHOODS.items():
         assert entry.kernel in family(entry.family).kernels, f"likelihood {name}: {entry}"
+
+
+def _gaussian_log_weights(mean, x, z, mu, logvar, decoder_logvar):
+    """log w [K, B] with a Gaussian p(x|z) = N(x; mean, exp(decoder_logvar)), written out."""
+    log_px = -0.5 * ((x - mean) ** 2 / decoder_logvar.exp() + decoder_logvar + math.log(2 * math.pi))
+    zeros = torch.zeros_like(z)
+    return (log_px.expand_as(mean).sum(-1) + _gaussian_log_density(z, zeros, zeros)
+            - _gaussian_log_density(z, mu, logvar))
+
+
+# Every way a decoder's log-variance may broadcast to the means [K, B, D]: per sample, per sample but
+# shared by the batch, per datapoint (with and without the samples dim), per feature, a scalar.
+DECODER_LOGVAR_SHAPES = [(4, 3, 11), (4, 1, 11), (3, 11), (1, 3, 11), (11,), (1, 1, 11), ()]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", DECODER_LOGVAR_SHAPES, ids=str)
+@pytest.mark.parametrize("estimator", ["iwae", "dreg"])
+def test_the_gaussian_bound_with_every_shape_of_decoder_log_variance(backend, shape, estimator):
+    """Values and every gradient against the bound written out in float64. A broadcast log-variance
+    gets its gradient summed over the dims it was broadcast over, in its own shape. DReG changes
+    only the encoder's side: the decoder's gradients (mean and log-variance) are the IWAE ones."""
+    mean, x, z, mu, logvar = _inputs()
+    x = x + torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(DEVICE)
+    decoder_logvar = leaf(0.8 * torch.randn(shape, generator=torch.Generator().manual_seed(2),
+                                            dtype=torch.float64).to(DEVICE))
+    mean, z, mu, logvar = leaf(mean), leaf(z), leaf(mu), leaf(logvar)
+    upstream = torch.rand(3, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(DEVICE) + 0.5
+    with fastvae.use_backend(backend):
+        rows = fastvae.iwae_loss(mean, x, z, mu, logvar, likelihood="gaussian", decoder_logvar=decoder_logvar,
+                                 estimator=estimator, reduction="none")
+        grads = torch.autograd.grad((rows * upstream).sum(), (mean, decoder_logvar))
+    log_w = _gaussian_log_weights(mean, x, z, mu, logvar, decoder_logvar)
+    expected_rows = math.log(4) - torch.logsumexp(log_w, dim=0)
+    expected = torch.autograd.grad((expected_rows * upstream).sum(), (mean, decoder_logvar))
+    assert_close_to(rows, expected_rows, "rows")
+    for name, got, want in zip(("mean", "decoder_logvar"), grads, expected):
+        assert got.shape == want.shape, name
+        assert_close_to(got, want, f"grad_{name}")
+
+
+def test_a_decoder_log_variance_needs_the_gaussian_and_must_broadcast():
+    mean, x, z, mu, logvar = _inputs(dtype=torch.float32)
+    with pytest.raises(ValueError, match="likelihood='gaussian'"):
+        fastvae.iwae_loss(mean, x, z, mu, logvar, decoder_logvar=torch.zeros(11))
+    with pytest.raises(ValueError, match="decoder_logvar"):
+        fastvae.iwae_loss(mean, x, z, mu, logvar, likelihood="gaussian", decoder_logvar=torch.zeros(5))

@@ -126,8 +126,8 @@ def test_iwae_loss_rejects_bad_inputs(override, error, message):
 
 def test_iwae_loss_names_its_choices():
     args = _iwae_args()
-    with pytest.raises(ValueError, match=r"unknown likelihood 'gaussian'; choose one of 'bernoulli'"):
-        fastvae.iwae_loss(**args, likelihood="gaussian")
+    with pytest.raises(ValueError, match=r"unknown likelihood 'normal'; choose one of 'bernoulli'"):
+        fastvae.iwae_loss(**args, likelihood="normal")
     with pytest.raises(ValueError, match=r"unknown estimator 'reinforce'; choose one of 'iwae', 'dreg'"):
         fastvae.iwae_loss(**args, estimator="reinforce")
     with pytest.raises(ValueError, match=r"unknown reduction 'avg'"):

@@ -58,15 +58,15 @@ recompute their exponentials, and it would need a per-row weight the likelihood 
 not take: their contract is (logits, target, elementwise, compute_grad, weight) with one
 scalar weight, shared by every likelihood family.
 
-The likelihoods are fastvae.ops.likelihoods' whose kernel takes the decoder output alone
-(IWAE_LIKELIHOODS: the Bernoulli and the continuous Bernoulli): with the row-periodic target
-contract every such kernel scores the samples as the Bernoulli's does. The Gaussian's kernel
-also takes the decoder's log-variance, which iwae_loss has no argument for.
+The likelihoods are fastvae.ops.likelihoods': with the row-periodic target contract every
+kernel scores the samples as the Bernoulli's does. The Gaussian's also reads the decoder's
+log-variance (decoder_logvar), as one row when it is shared, B rows when per datapoint or
+K * B when per sample; its per-element gradient is weighted by c_kb and summed to its shape.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -80,21 +80,41 @@ from fastvae.ops.registry import family, implementation
 ESTIMATORS = ("iwae", "dreg")
 
 
-# The likelihoods the bound scores: those of fastvae.ops.likelihoods whose kernel takes the decoder
-# output alone (the Gaussian's also takes a log-variance, which the bound does not carry).
-IWAE_LIKELIHOODS = tuple(name for name, entry in LIKELIHOODS.items() if not entry.takes_logvar)
-
-
 # --------------------------------------------------------------------------- scoring the samples; the composite
-def _score(kernel: Callable, logits: Tensor, x: Tensor, compute_grad: bool,
-           compute: torch.dtype) -> tuple[Tensor, Tensor | None]:
-    """log p(x | logits) per sample and datapoint [K, B] (compute dtype) and dlogp/dlogits (logits'
-    shape; None unless compute_grad) from a likelihood kernel reading x [B, ...] row-periodically."""
+def _decoder_logvar_rows(decoder_logvar: Tensor, output: Tensor) -> Tensor:
+    """The decoder's log-variance (broadcasting to output [K, B, ...]) as the Gaussian kernel reads it,
+    rows whose count divides K * B: one row when it is shared by every sample and datapoint (a
+    learned per-pixel or scalar log-variance), B rows when per datapoint, K * B when per sample."""
+    data_dims = output.dim() - 2
+    leading = decoder_logvar.shape[:max(decoder_logvar.dim() - data_dims, 0)]
+    if all(size == 1 for size in leading):  # the same for every sample and datapoint
+        shared = decoder_logvar.reshape(decoder_logvar.shape[len(leading):]) if leading else decoder_logvar
+        return as_rows(shared.expand(output.shape[2:]).unsqueeze(0))
+    if len(leading) == 1 or (len(leading) == 2 and leading[0] == 1):  # per datapoint [B, ...] or [1, B, ...]
+        per_datapoint = decoder_logvar.reshape(decoder_logvar.shape[len(leading) - 1:])
+        return as_rows(per_datapoint.expand(output.shape[1:]))
+    return as_sample_rows(decoder_logvar.expand(output.shape), output.shape[0])
+
+
+def _score(kernel: Callable, logits: Tensor, x: Tensor, decoder_logvar: Tensor | None, compute_grad: bool,
+           compute: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """log p(x | logits) per sample and datapoint [K, B] (compute dtype), dlogp/dlogits (logits' shape)
+    and, for a likelihood with the decoder's log-variance, dlogp/d(log-variance) per element
+    (logits' shape, unreduced) from a likelihood kernel reading x [B, ...] row-periodically.
+    The gradients are None unless compute_grad."""
     samples, batch = logits.shape[:2]
     if logits.numel() == 0:
-        return logits.new_zeros((samples, batch), dtype=compute), torch.zeros_like(logits) if compute_grad else None
-    logp, dlogits = kernel(as_sample_rows(logits, samples), as_rows(x), False, compute_grad, 1.0)
-    return logp.view(samples, batch).to(compute), None if dlogits is None else dlogits.view(logits.shape)
+        zeros = torch.zeros_like(logits) if compute_grad else None
+        return logits.new_zeros((samples, batch), dtype=compute), zeros, zeros if decoder_logvar is not None else None
+    rows, target = as_sample_rows(logits, samples), as_rows(x)
+    if decoder_logvar is None:
+        logp, dlogits = kernel(rows, target, False, compute_grad, 1.0)
+        dlogvar = None
+    else:
+        logp, dlogits, dlogvar = kernel(rows, target, _decoder_logvar_rows(decoder_logvar, logits), False,
+                                        compute_grad, 1.0)
+    return (logp.view(samples, batch).to(compute), None if dlogits is None else dlogits.view(logits.shape),
+            None if dlogvar is None else dlogvar.view(logits.shape))
 
 
 def _latent_rows(z: Tensor, mu: Tensor, logvar: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -127,67 +147,82 @@ class _DReGBound(torch.autograd.Function):
         return -grad_rows * weights, grad_z, grad_mu, grad_logvar  # log p keeps the IWAE weights
 
 
-def iwae_loss_composite(logits: Tensor, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, likelihood: str,
-                        estimator: str, compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+def iwae_loss_composite(logits: Tensor, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor,
+                        decoder_logvar: Tensor | None, likelihood: str, estimator: str,
+                        compute_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The op's outputs from torch ops (the reference kernels), differentiable by every autograd mode
     for the IWAE estimator and by reverse mode for DReG."""
     entry = LIKELIHOODS[likelihood]
-    compute = loss_dtype(logits, x, z, mu, logvar)
+    compute = loss_dtype(logits, x, z, mu, logvar, decoder_logvar)
     likelihood_reference = getattr(family(entry.family).module("torch"), entry.kernel)
-    logp, dlogits = _score(likelihood_reference, logits, x, compute_grad, compute)
+    logp, dlogits, dlogvar = _score(likelihood_reference, logits, x, decoder_logvar, compute_grad, compute)
     bound = _DReGBound.apply if estimator == "dreg" else reference.iwae_forward
     rows, weights = bound(logp, *_latent_rows(z, mu, logvar))
-    return rows, weights, dlogits if compute_grad else no_grad_placeholder(logits)
+    return (rows, weights, dlogits if compute_grad else no_grad_placeholder(logits),
+            no_grad_placeholder(logits) if dlogvar is None else dlogvar)
 
 
 # --------------------------------------------------------------------------- the fused op
-def _iwae_loss(logits: Tensor, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, likelihood: str, estimator: str,
-               compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """logits [K, B, ...], x [B, ...], z [K, B, ...], mu and logvar [B, ...] -> the loss rows [B], the
-    normalized weights [K, B] (both in the compute dtype) and dlogp/dlogits, unweighted, in the
+def _iwae_loss(logits: Tensor, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, decoder_logvar: Optional[Tensor],
+               likelihood: str, estimator: str, compute_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """logits [K, B, ...], x [B, ...], z [K, B, ...], mu and logvar [B, ...], the decoder's
+    log-variance (a Gaussian likelihood's, broadcasting to logits; else None) -> the loss rows [B],
+    the normalized weights [K, B] (both in the compute dtype), dlogp/dlogits, unweighted, in the
     logits' shape and dtype (an empty tensor unless compute_grad; an eager call's backward scales
-    it in place into the logits' gradient and hands it over)."""
+    it in place into the logits' gradient and hands it over), and dlogp/d(decoder log-variance)
+    per element in the logits' shape (empty without one)."""
     entry = LIKELIHOODS[likelihood]
-    compute = loss_dtype(logits, x, z, mu, logvar)
+    compute = loss_dtype(logits, x, z, mu, logvar, decoder_logvar)
     samples, batch = logits.shape[:2]
     if batch == 0:
         dlogits = torch.zeros_like(logits) if compute_grad else no_grad_placeholder(logits)
-        return logits.new_zeros(0, dtype=compute), logits.new_zeros((samples, 0), dtype=compute), dlogits
-    logp, dlogits = _score(implementation(entry.family, entry.kernel, logits.device), logits, x, compute_grad,
-                           compute)
+        dlogvar = (torch.zeros_like(logits, dtype=compute) if compute_grad and decoder_logvar is not None
+                   else no_grad_placeholder(logits))
+        return logits.new_zeros(0, dtype=compute), logits.new_zeros((samples, 0), dtype=compute), dlogits, dlogvar
+    logp, dlogits, dlogvar = _score(implementation(entry.family, entry.kernel, logits.device), logits, x,
+                                    decoder_logvar, compute_grad, compute)
     rows, weights = implementation("iwae", "iwae_forward", logits.device)(logp, *_latent_rows(z, mu, logvar))
-    return rows, weights, dlogits if compute_grad else no_grad_placeholder(logits)
+    return (rows, weights, dlogits if compute_grad else no_grad_placeholder(logits),
+            no_grad_placeholder(logits) if dlogvar is None else dlogvar)
+
+
+def _dlogvar_dtype(logits: Tensor, decoder_logvar: Tensor, compute: torch.dtype) -> torch.dtype:
+    """The Gaussian kernel's per-element dlogp/d(log-variance) dtype: the log-variance's own when it
+    has a row per scored row, else the compute dtype (its sum must not be rounded first)."""
+    return decoder_logvar.dtype if decoder_logvar.shape == logits.shape else compute
 
 
 iwae_loss_op = torch.library.custom_op("fastvae::iwae_loss", _iwae_loss, mutates_args=())
 
 
 @iwae_loss_op.register_fake
-def _(logits: Tensor, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, likelihood: str, estimator: str,
-      compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    compute = loss_dtype(logits, x, z, mu, logvar)
+def _(logits: Tensor, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, decoder_logvar: Optional[Tensor],
+      likelihood: str, estimator: str, compute_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    compute = loss_dtype(logits, x, z, mu, logvar, decoder_logvar)
     rows = logits.new_empty(logits.shape[1:2], dtype=compute)
     weights = logits.new_empty(logits.shape[:2], dtype=compute)
     if not compute_grad:
-        return rows, weights, no_grad_placeholder(logits)
-    return rows, weights, torch.empty_like(logits, memory_format=torch.contiguous_format)
+        return rows, weights, no_grad_placeholder(logits), no_grad_placeholder(logits)
+    dlogvar = (no_grad_placeholder(logits) if decoder_logvar is None
+               else logits.new_empty(logits.shape, dtype=_dlogvar_dtype(logits, decoder_logvar, compute)))
+    return rows, weights, torch.empty_like(logits, memory_format=torch.contiguous_format), dlogvar
 
 
 def _setup(ctx, inputs, output) -> None:
-    logits, x, z, mu, logvar, likelihood, estimator, compute_grad = inputs
-    _, weights, dlogits = output
+    logits, x, z, mu, logvar, decoder_logvar, likelihood, estimator, compute_grad = inputs
+    _, weights, dlogits, dlogvar = output
     ctx.likelihood, ctx.estimator, ctx.compute_grad = likelihood, estimator, compute_grad
-    # Nothing differentiates through the weights or the gradient output: without this,
+    # Nothing differentiates through the weights or the gradient outputs: without this,
     # autograd hands backward zero-filled tensors for them on every call.
     ctx.set_materialize_grads(False)
     if getattr(ctx, "eager", False):
-        # Eager, the gradient output is kept on ctx: backward scales it in place and gives it
-        # away (a saved tensor changed in place would fail a second backward's version check).
-        ctx.mark_non_differentiable(weights, dlogits)
+        # Eager, the logits' gradient output is kept on ctx: backward scales it in place and gives
+        # it away (a saved tensor changed in place would fail a second backward's version check).
+        ctx.mark_non_differentiable(weights, dlogits, dlogvar)
         ctx.dlogits = dlogits if compute_grad else None
-        ctx.save_for_backward(logits, x, z, mu, logvar, weights)
+        ctx.save_for_backward(logits, x, z, mu, logvar, decoder_logvar, weights, dlogvar)
     else:
-        ctx.save_for_backward(logits, x, z, mu, logvar, weights, dlogits)
+        ctx.save_for_backward(logits, x, z, mu, logvar, decoder_logvar, weights, dlogvar, dlogits)
 
 
 def _iwae_backward(grad_rows: Tensor, weights: Tensor, z: Tensor, mu: Tensor, logvar: Tensor,
@@ -223,7 +258,7 @@ def _logits_grad(ctx, inputs: tuple, saved: list[Tensor], coef: Tensor) -> Tenso
     """dL/dlogits = coef_kb * dlogp/dlogits from the forward's gradient (recomputed when the forward
     did not write it, or gave it away in an earlier backward of a retained graph)."""
     def recompute() -> Tensor:
-        return iwae_loss_fused(*inputs[:7], True)[2]
+        return iwae_loss_fused(*inputs[:8], True)[2]
 
     if saved:  # traced: a saved output must stay as it is
         return scale_saved_grad(saved[0] if ctx.compute_grad else recompute(), coef)
@@ -232,23 +267,39 @@ def _logits_grad(ctx, inputs: tuple, saved: list[Tensor], coef: Tensor) -> Tenso
     return scale_saved_grad_(recompute() if dlogits is None else dlogits, coef)
 
 
-def _grads(ctx, grad_rows: Tensor | None, _grad_weights: Tensor | None, _grad_dlogits: Tensor | None):
-    none = (None,) * 8
-    if grad_rows is None:  # only the weights or the gradient output were used: they carry no gradient
+def _decoder_logvar_grad(inputs: tuple, dlogvar: Tensor, coef: Tensor, compute_grad: bool) -> Tensor:
+    """dL/d(decoder log-variance): coef_kb * dlogp/ds per element, summed in the compute dtype over
+    the dims the log-variance broadcast along."""
+    decoder_logvar = inputs[5]
+    if not compute_grad:
+        dlogvar = iwae_loss_fused(*inputs[:8], True)[3]
+    per_element = coef.reshape(coef.shape + (1,) * (dlogvar.dim() - 2)) * dlogvar.to(coef.dtype)
+    return per_element.sum_to_size(decoder_logvar.shape).to(decoder_logvar.dtype)
+
+
+def _grads(ctx, grad_rows: Tensor | None, _grad_weights: Tensor | None, _grad_dlogits: Tensor | None,
+           _grad_dlogvar: Tensor | None):
+    none = (None,) * 9
+    if grad_rows is None:  # only the weights or the gradient outputs were used: they carry no gradient
         return none
-    logits, x, z, mu, logvar, weights, *saved = ctx.saved_tensors
+    logits, x, z, mu, logvar, decoder_logvar, weights, dlogvar, *saved = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    inputs = (logits, x, z, mu, logvar, ctx.likelihood, ctx.estimator, False)
+    inputs = (logits, x, z, mu, logvar, decoder_logvar, ctx.likelihood, ctx.estimator, False)
     if torch.is_grad_enabled():  # create_graph=True: record a differentiable backward
-        return tuple(composite_vjp(iwae_loss_composite, inputs, (grad_rows, None, None), needs[:5] + (False,) * 3))
-    grad_logits = grad_x = grad_z = grad_mu = grad_logvar = None
+        return tuple(composite_vjp(iwae_loss_composite, inputs, (grad_rows, None, None, None),
+                                   needs[:6] + (False,) * 3))
+    grad_logits = grad_x = grad_z = grad_mu = grad_logvar = grad_decoder_logvar = None
+    coef = -grad_rows.to(weights.dtype) * weights  # c_kb
     if needs[0]:
-        grad_logits = _logits_grad(ctx, inputs, saved, -grad_rows.to(weights.dtype) * weights)  # c_kb
+        grad_logits = _logits_grad(ctx, inputs, saved, coef)
     if needs[1]:  # the data's gradient (rare): from the likelihood's reference in torch ops
-        grad_x = composite_vjp(iwae_loss_composite, inputs, (grad_rows, None, None), (False, True) + (False,) * 6)[1]
+        grad_x = composite_vjp(iwae_loss_composite, inputs, (grad_rows, None, None, None),
+                               (False, True) + (False,) * 7)[1]
     if needs[2] or needs[3] or needs[4]:
         grad_z, grad_mu, grad_logvar = iwae_backward_fused(grad_rows, weights, z, mu, logvar, ctx.estimator == "dreg")
-    return grad_logits, grad_x, grad_z, grad_mu, grad_logvar, None, None, None
+    if needs[5]:
+        grad_decoder_logvar = _decoder_logvar_grad(inputs, dlogvar, coef, ctx.compute_grad)
+    return grad_logits, grad_x, grad_z, grad_mu, grad_logvar, grad_decoder_logvar, None, None, None
 
 
 iwae_loss_fused = FusedOp(iwae_loss_op, _iwae_loss, iwae_loss_composite, _setup, _grads)

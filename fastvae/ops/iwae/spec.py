@@ -17,11 +17,19 @@ import fastvae
 from fastvae.ops.bernoulli.spec import oracle_log_prob
 from fastvae.ops.continuous_bernoulli.spec import oracle_log_prob as oracle_cb_log_prob
 from fastvae.ops.gaussian.spec import LOGVAR, MU, reduce
+from fastvae.ops.gaussian_likelihood.spec import oracle_log_prob as oracle_gaussian_log_prob
 from fastvae.ops.spec import Arg, OpSpec
 
 LOGITS = Arg("logits", ("samples", "batch", "data"), scale=3.0)
 X = Arg("x", ("batch", "data"), kind="target", values="unit")
 Z = Arg("z", ("samples", "batch", "latent"))
+# The Gaussian's inputs are sized as a trained decoder's are, so that log p(x | z) summed over the
+# data stays within the float32 budget of FLOAT32_WEIGHTS_TOLERANCE (a standard deviation of e^-2
+# with x four away from the mean would give |log p| ~ 10^5).
+MEANS = Arg("mean", ("samples", "batch", "data"))
+REAL_X = Arg("x", ("batch", "data"), kind="target")  # any real data
+SAMPLE_LOGVAR = Arg("decoder_logvar", ("samples", "batch", "data"), scale=0.5)  # a decoder's output
+PIXEL_LOGVAR = Arg("decoder_logvar", ("data",), scale=0.5)  # a learned per-feature parameter
 
 
 def oracle_log_weights(logits, x, z, mu, logvar, log_prob=oracle_log_prob):
@@ -76,6 +84,24 @@ REDUCTIONS = ("none", "sum", "mean", "batchmean")
 # gradient as a relative error (8e-5 measured, on every backend, the torch reference included).
 FLOAT32_WEIGHTS_TOLERANCE = 2e-4
 
+
+def _gaussian_spec(name, decoder_logvar, benchmark):
+    """iwae_loss with likelihood="gaussian": the decoder gives the mean, and its log-variance is
+    `decoder_logvar` (an output per sample, or a parameter that broadcasts)."""
+    def fused(mean, x, z, mu, logvar, decoder_logvar, reduction="batchmean"):
+        return fastvae.iwae_loss(mean, x, z, mu, logvar, likelihood="gaussian", decoder_logvar=decoder_logvar,
+                                 reduction=reduction)
+
+    def oracle(mean, x, z, mu, logvar, decoder_logvar, reduction="batchmean"):
+        def log_prob(mean_k, x_k):
+            return oracle_gaussian_log_prob(mean_k, x_k, decoder_logvar)
+        return _reduce_rows(oracle_iwae_rows(mean, x, z, mu, logvar, log_prob=log_prob), reduction)
+
+    return OpSpec(name=name, inputs=(MEANS, REAL_X, Z, MU, LOGVAR, decoder_logvar),
+                  outputs=(Arg("loss", (), kind="loss"),), fastvae=fused, oracle=oracle, reductions=REDUCTIONS,
+                  min_tolerance=FLOAT32_WEIGHTS_TOLERANCE, benchmark=benchmark)
+
+
 OPS = (
     OpSpec(
         name="iwae_loss",
@@ -110,4 +136,7 @@ OPS = (
         min_tolerance=FLOAT32_WEIGHTS_TOLERANCE,
         benchmark=False,  # the bound's kernels are iwae_loss's; the likelihood's are benchmarked on their own
     ),
+    _gaussian_spec("iwae_loss_gaussian", SAMPLE_LOGVAR, benchmark=False),
+    # The shape fastvae-train learns: one log-variance per pixel, shared by every datapoint and sample.
+    _gaussian_spec("iwae_loss_gaussian_pixel_logvar", PIXEL_LOGVAR, benchmark=True),
 )
