@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -58,7 +59,9 @@ def test_config_survives_json():
     ({"hidden_dims": (0,)}, "widths must be >= 1"),
     ({"arch": "conv", "image_shape": (1, 10, 10)}, "divisible by 4"),
     ({"image_shape": (28, 28)}, r"\(C, H, W\)"),
-], ids=["arch", "latent", "width", "conv-divisible", "shape"])
+    ({"likelihood": "continuous-bernoulli"}, "unknown likelihood 'continuous-bernoulli'; choose one of bernoulli, "
+                                             "continuous_bernoulli, gaussian"),
+], ids=["arch", "latent", "width", "conv-divisible", "shape", "likelihood"])
 def test_bad_configs_say_how_to_fix(kwargs, message):
     with pytest.raises(ValueError, match=message):
         VAEConfig(**kwargs)
@@ -69,3 +72,53 @@ def test_parse_widths():
     for bad in ("", "a,b", "3,-1"):
         with pytest.raises(ValueError, match="--hidden-dims"):
             parse_widths(bad, "--hidden-dims")
+
+
+# --------------------------------------------------------------------------- likelihoods
+def _cb_mean_float64(logits: torch.Tensor) -> torch.Tensor:
+    """1 / (1 - exp(-l)) - 1 / l in float64: at |l| >= 1e-6 its cancellation costs ~1e-16 / 1e-6 = 1e-10."""
+    l = logits.double()
+    return -1 / torch.expm1(-l) - 1 / l
+
+
+def test_continuous_bernoulli_mean_matches_float64_from_tiny_to_huge_logits():
+    model = build_model(VAEConfig(image_shape=(1, 4, 4), hidden_dims=(8,), likelihood="continuous_bernoulli"))
+    g = torch.Generator().manual_seed(3)
+    sign = torch.randint(0, 2, (4000,), generator=g) * 2 - 1
+    magnitude = 10 ** torch.empty(4000).uniform_(-6, math.log10(80), generator=g)  # 1e-6 to 80, log-uniform
+    logits = (sign * magnitude).float()
+    got = model.likelihood_mean(logits)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), _cb_mean_float64(logits), rtol=0, atol=1e-6)
+    # l = 0 exactly is the limit 1/2; the mean rises with l from 0 (l -> -inf) to 1 (l -> +inf).
+    edges = model.likelihood_mean(torch.tensor([0.0, -1e4, 1e4, -200.0]))
+    torch.testing.assert_close(edges, torch.tensor([0.5, 1e-4, 1 - 1e-4, 0.005]))
+    ordered = model.likelihood_mean(logits.sort().values)
+    assert (ordered.diff() >= 0).all()
+
+
+@pytest.mark.parametrize("likelihood, expected", [
+    ("bernoulli", torch.sigmoid),
+    ("gaussian", lambda out: out),  # the mean itself, outside [0, 1] too; pictures clip it
+])
+def test_likelihood_mean_of_the_other_likelihoods(likelihood, expected):
+    model = build_model(VAEConfig(image_shape=(1, 4, 4), hidden_dims=(8,), likelihood=likelihood))
+    out = torch.linspace(-3, 3, 16).reshape(1, 1, 4, 4).to(torch.bfloat16)
+    torch.testing.assert_close(model.likelihood_mean(out), expected(out.float()))
+
+
+def test_only_the_gaussian_decoder_owns_a_log_variance():
+    gaussian = build_model(VAEConfig(image_shape=(3, 8, 8), hidden_dims=(8,), likelihood="gaussian"))
+    assert gaussian.decoder_logvar.shape == (3, 8, 8) and not gaussian.decoder_logvar.any()
+    assert "decoder_logvar" in dict(gaussian.named_parameters())
+    for likelihood in ("bernoulli", "continuous_bernoulli"):
+        model = build_model(VAEConfig(image_shape=(3, 8, 8), hidden_dims=(8,), likelihood=likelihood))
+        assert model.decoder_logvar is None and "decoder_logvar" not in model.state_dict()
+
+
+@pytest.mark.parametrize("likelihood", ["continuous_bernoulli", "gaussian"])
+def test_samples_are_the_likelihood_mean(likelihood):
+    model = build_model(VAEConfig(image_shape=(1, 8, 8), latent_dim=3, hidden_dims=(8,), likelihood=likelihood))
+    drawn = model.sample(4, torch.Generator().manual_seed(1))
+    z = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(drawn, model.likelihood_mean(model.decode(z)))
