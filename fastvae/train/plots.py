@@ -57,30 +57,40 @@ def _save_image(image: Tensor, path: Path, title: str) -> None:
     figure.savefig(path, bbox_inches="tight")
 
 
+def _pixels(means: Tensor) -> Tensor:
+    """The likelihood's means (model.likelihood_mean) as grey levels on CPU: a Gaussian's mean can leave
+    [0, 1], and a picture shows it clipped there."""
+    return means.float().clamp(0.0, 1.0).cpu()
+
+
 @torch.no_grad()
 def reconstructions(model, images: Tensor, path: Path) -> None:
-    """Inputs [n, C, H, W] in [0, 1] (top row) above their decoded posterior means (bottom row)."""
+    """Inputs [n, C, H, W] in [0, 1] (top row) above the likelihood's mean at their posterior means (bottom row)."""
     device = next(model.parameters()).device
     images = images[:RECON_IMAGES]
     mu, _ = model.encode(images.to(device))
-    decoded = torch.sigmoid(model.decode(mu).float()).cpu()
+    decoded = _pixels(model.likelihood_mean(model.decode(mu)))
     _save_image(tile(torch.cat([images.cpu(), decoded]), 2, len(images)), path,
                 "test inputs (top) and reconstructions (bottom)")
 
 
 def prior_samples(model, path: Path, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
-    probs = model.sample(SAMPLE_GRID * SAMPLE_GRID, generator=generator)
-    _save_image(tile(probs, SAMPLE_GRID, SAMPLE_GRID), path, "samples from the prior (pixel means)")
+    means = _pixels(model.sample(SAMPLE_GRID * SAMPLE_GRID, generator=generator))
+    _save_image(tile(means, SAMPLE_GRID, SAMPLE_GRID), path, "samples from the prior (pixel means)")
 
 
 def learning_curves(history: list[dict], path: Path) -> None:
-    """Train and validation -ELBO (nats per datapoint) against optimizer steps."""
-    steps = [row["step"] for row in history]
+    """The training objective (-ELBO, or the -IW bound of rows trained with --objective iwae; a resumed run
+    may have both) and validation -ELBO, in nats per datapoint, against optimizer steps."""
     figure = _figure(6, 4)
     ax = figure.add_subplot()
-    ax.plot(steps, [row["train_neg_elbo"] for row in history], marker="o", label="train -ELBO")
-    ax.plot(steps, [row["val_neg_elbo"] for row in history], marker="o", label="validation -ELBO")
+    for key, label in (("train_neg_elbo", "train -ELBO"), ("train_neg_iw_bound", "train -IW bound")):
+        rows = [row for row in history if key in row]
+        if rows:
+            ax.plot([row["step"] for row in rows], [row[key] for row in rows], marker="o", label=label)
+    ax.plot([row["step"] for row in history], [row["val_neg_elbo"] for row in history], marker="o",
+            label="validation -ELBO")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("nats per datapoint")
     ax.legend()
@@ -159,13 +169,13 @@ def latent_evolution(frames: Sequence[Tensor], labels: Tensor, path: Path,
 
 @torch.no_grad()
 def manifold(model, path: Path) -> None:
-    """Decoded pixel means on a grid over [-3, 3]^2 of a 2-D latent (top row: z[1] = +3)."""
+    """Decoded pixel means (the likelihood's) on a grid over [-3, 3]^2 of a 2-D latent (top row: z[1] = +3)."""
     device = next(model.parameters()).device
     axis = torch.linspace(-MANIFOLD_RANGE, MANIFOLD_RANGE, MANIFOLD_GRID)
     z1, z0 = torch.meshgrid(axis.flip(0), axis, indexing="ij")
     z = torch.stack([z0.reshape(-1), z1.reshape(-1)], dim=1).to(device)
-    probs = torch.sigmoid(model.decode(z).float())
-    _save_image(tile(probs, MANIFOLD_GRID, MANIFOLD_GRID), path,
+    means = _pixels(model.likelihood_mean(model.decode(z)))
+    _save_image(tile(means, MANIFOLD_GRID, MANIFOLD_GRID), path,
                 f"decoded latent grid over [-{MANIFOLD_RANGE:g}, {MANIFOLD_RANGE:g}]^2")
 
 
