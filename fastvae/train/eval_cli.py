@@ -24,7 +24,7 @@ from fastvae.train.checkpoint import (BEST, LAST, check_run_checkpoints, checkpo
 from fastvae.train.config import (DEFAULT_EVAL_BATCH_SIZE, DEFAULT_IW_BATCH_SIZE, DEFAULT_IW_SAMPLES,
                                   DEVICE_CHOICES, TrainConfig, pick_device, require_at_least, require_seed)
 from fastvae.train.data import KNOWN_DATASETS, DataError, Split, load_test_split, prepare_targets
-from fastvae.train.evaluate import evaluate_test, results_table
+from fastvae.train.evaluate import evaluate_test, likelihood_fields, results_table
 from fastvae.train.run_folder import RunFolderError, to_json, write_file
 
 
@@ -113,7 +113,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, float]:
         result = evaluate_test(model, test, iw_samples=args.iw_samples,
                                iw_examples=args.iw_examples, iw_batch_size=args.iw_batch_size,
                                batch_size=args.batch_size, device=device, seed=args.seed)
-    result["checkpoint"] = str(path)
+    result.update({**likelihood_fields(model.likelihood, config.binarize), "checkpoint": str(path)})
     return result
 
 

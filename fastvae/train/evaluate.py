@@ -3,9 +3,13 @@
 Importance-weighted estimate of log p(x) with K samples z_k ~ q(z|x) (Burda et al. 2016):
     log p(x) ~= logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K
 The K samples go through the decoder in chunks of at most `iw_batch_size`
-(datapoint, sample) pairs, so memory stays bounded for any K; the running
-logsumexp is kept in float64 because the log-weights of ~784 pixels are
+(datapoint, sample) pairs, so memory stays bounded for any K. Each chunk of k
+samples is one fused fastvae.iwae_loss, the bound on k samples; the chunks'
+bounds are combined in float64, because the log-weights of ~784 pixels are
 hundreds of nats and their differences matter at the 0.01 level.
+
+A model here has encode(x) -> mu, logvar, decode(z) -> the decoder output, and
+likelihood and decoder_logvar as fastvae's losses take them (models.VAE).
 """
 
 from __future__ import annotations
@@ -21,52 +25,64 @@ import fastvae
 from fastvae.train.data import derive_seed, eval_batches
 from fastvae.train.distributed import DistInfo, all_reduce_sum
 
-LOG_2PI = math.log(2.0 * math.pi)
+# What the NLL of a likelihood is, where it is not the probability of binary images (the
+# results' "nll_note"): the README quotes these, keep them short and exact.
+DENSITY_NOTE = ("a density: -log p of the pixel values scaled to [0, 1], in nats per image; not a probability "
+                "of the 8-bit or binarized images, so not comparable with the NLLs of discrete likelihoods")
+GREY_BERNOULLI_NOTE = ("the Bernoulli of grey levels in [0, 1] (--binarize none) is not a normalized likelihood; "
+                       "not comparable with the NLLs of binarized images")
 
 
 def make_generator(device: torch.device, *keys: int | str) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(derive_seed(*keys))
 
 
-def _log_lik_rows(model, x: Tensor, z: Tensor) -> Tensor:
-    """log p(x|z) summed per datapoint: x [N, C, H, W], z [N, L] -> [N] float32."""
-    return fastvae.bernoulli_log_likelihood(model.decode(z), x, reduction="none").flatten(1).sum(1)
-
-
 @torch.no_grad()
 def elbo_rows(model, x: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """One-sample ELBO terms of x [B, C, H, W]: recon = -log p(x|z) [B] and KL [B], float32."""
     mu, logvar = model.encode(x)
-    z, kl = fastvae.reparameterize_kl(mu, logvar, generator=generator)
-    return -_log_lik_rows(model, x, z), kl.float()
+    z = fastvae.reparameterize(mu, logvar, generator=generator)
+    recon, kl = fastvae.elbo_terms(model.decode(z), x, mu, logvar, likelihood=model.likelihood,
+                                   decoder_logvar=model.decoder_logvar)
+    return recon.float(), kl.float()
 
 
 @torch.no_grad()
 def iw_log_likelihood(model, x: Tensor, samples: int, iw_batch_size: int,
                       generator: torch.Generator) -> Tensor:
-    """Importance-sampled log p(x) [B] float64 for x [B, C, H, W] with `samples` draws each."""
+    """Importance-sampled log p(x) [B] float64 for x [B, C, H, W] with `samples` draws each.
+
+    A chunk of k samples gives the bound L_k = logsumexp_k log w - log k per datapoint (fastvae.iwae_loss),
+    so logsumexp over the chunks of (L_k + log k), minus log K, is the estimate on all K samples."""
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     if iw_batch_size < 1:
         raise ValueError(f"iw_batch_size must be >= 1, got {iw_batch_size}")
     mu, logvar = model.encode(x)
-    batch, latent = mu.shape
+    batch = mu.shape[0]
     per_chunk = max(1, iw_batch_size // batch)
     total = torch.full((batch,), -math.inf, dtype=torch.float64, device=x.device)
     done = 0
     while done < samples:
         k = min(per_chunk, samples - done)
-        mu_k = mu.expand(k, batch, latent).reshape(k * batch, latent)
-        logvar_k = logvar.expand(k, batch, latent).reshape(k * batch, latent)
-        eps = torch.randn(mu_k.shape, generator=generator, device=x.device, dtype=mu.dtype)
-        z = fastvae.reparameterize(mu_k, logvar_k, eps)
-        log_q = (-0.5 * (eps.square() + logvar_k + LOG_2PI)).sum(1)
-        log_prior = (-0.5 * (z.square() + LOG_2PI)).sum(1)
-        x_k = x.expand(k, *x.shape).reshape(k * batch, *x.shape[1:])
-        log_w = (_log_lik_rows(model, x_k, z) + log_prior - log_q).double().reshape(k, batch)
-        total = torch.logaddexp(total, torch.logsumexp(log_w, dim=0))
+        z = fastvae.reparameterize(mu, logvar, samples=k, generator=generator)  # [k, B, L]
+        decoded = model.decode(z.flatten(0, 1)).unflatten(0, (k, batch))
+        bound = -fastvae.iwae_loss(decoded, x, z, mu, logvar, likelihood=model.likelihood,
+                                   decoder_logvar=model.decoder_logvar, reduction="none")
+        total = torch.logaddexp(total, bound.double() + math.log(k))
         done += k
     return total - math.log(samples)
+
+
+def likelihood_fields(likelihood: str, binarize: str) -> dict[str, str]:
+    """The results' "likelihood" (fastvae's name) and, where the -ELBO and NLL are not probabilities of
+    binarized images, an "nll_note" saying what they are."""
+    fields = {"likelihood": likelihood}
+    if likelihood != "bernoulli":
+        fields["nll_note"] = DENSITY_NOTE
+    elif binarize == "none":
+        fields["nll_note"] = GREY_BERNOULLI_NOTE
+    return fields
 
 
 def _reduce(sums: list[float], device: torch.device, dist_info) -> list[float]:
@@ -133,11 +149,13 @@ def evaluate_test(model, split, *, iw_samples: int, iw_examples: int, iw_batch_s
 
 
 def results_table(result: dict[str, float], title: str):
-    """A rich table of evaluation results (nats per datapoint)."""
-    table = Table(title=title)
+    """A rich table of evaluation results (nats per datapoint), their nll_note beneath."""
+    table = Table(title=title, caption=result.get("nll_note"))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in result.items():
+        if key == "nll_note":
+            continue
         shown = f"{value:.3f}" if isinstance(value, float) else str(value)
         table.add_row(key, shown)
     return table
