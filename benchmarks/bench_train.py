@@ -41,7 +41,7 @@ COMPILE_MODES = ("eager", "default", "reduce-overhead")  # eager: no torch.compi
 
 
 class PlainObjective(nn.Module):
-    """x [B, C, H, W] -> (mean -ELBO, stats [2]) with unfused PyTorch ops, same interface as ELBOObjective."""
+    """x [B, C, H, W] -> (mean -ELBO, stats [3]) with unfused PyTorch ops, same interface as ELBOObjective."""
 
     def __init__(self, model) -> None:
         super().__init__()
@@ -54,7 +54,7 @@ class PlainObjective(nn.Module):
         recon = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
         kl = 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).sum()
         batch = x.shape[0]
-        return recon / batch + kl_weight * kl / batch, torch.stack([recon, kl]).detach()
+        return recon / batch + kl_weight * kl / batch, torch.stack([recon + kl, recon, kl]).detach()
 
 
 def make_step(provider: str, compile_mode: str, amp: bool, device: torch.device, quick: bool = False,

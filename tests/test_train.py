@@ -152,7 +152,8 @@ def test_objective_matches_the_formula(free_bits, traced):
     kl_dims = 0.5 * (mu ** 2 + logvar.exp() - logvar - 1)
     kl_term = kl_dims.mean(0).clamp_min(free_bits).sum() if free_bits else kl_dims.sum(1).mean()
     torch.testing.assert_close(loss, recon / 5 + 0.3 * kl_term, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(stats, torch.stack([recon, kl.sum()]).detach(), rtol=1e-5, atol=1e-4)
+    expected_stats = torch.stack([recon + kl.sum(), recon, kl.sum()]).detach()  # -ELBO, recon, KL
+    torch.testing.assert_close(stats, expected_stats, rtol=1e-5, atol=1e-4)
 
 
 def test_objective_gradient_matches_the_formula_without_a_pass_over_the_data():

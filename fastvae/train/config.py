@@ -24,8 +24,15 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 DEFAULT_IW_SAMPLES = 1000
 DEFAULT_IW_BATCH_SIZE = 16384
 DEFAULT_EVAL_BATCH_SIZE = 500
-# Flags that fix parameter shapes: a resumed run may not change them.
-MODEL_FIELDS = ("arch", "latent_dim", "hidden_dims", "conv_channels")
+# --likelihood's spelling -> the library's (fastvae.ops.likelihoods.LIKELIHOODS); flags use hyphens.
+LIKELIHOODS = {"bernoulli": "bernoulli", "continuous-bernoulli": "continuous_bernoulli", "gaussian": "gaussian"}
+OBJECTIVES = ("elbo", "iwae")
+ESTIMATORS = ("iwae", "dreg")
+DEFAULT_IWAE_SAMPLES = 5
+# Flags that fix parameter shapes: a resumed run may not change them (a Gaussian decoder owns a log-variance).
+MODEL_FIELDS = ("arch", "latent_dim", "hidden_dims", "conv_channels", "likelihood")
+# What the config of a checkpoint written before a flag existed implies: every run then was a Bernoulli VAE.
+LEGACY_VALUES = {"likelihood": "bernoulli", "objective": "elbo", "samples": 1, "estimator": None}
 # Flags about this invocation, never taken from the config of the run being resumed.
 INVOCATION_FIELDS = ("out", "resume", "overwrite")
 # Seeds are 64-bit in torch; the epoch is added to the seed for the batch order, so stay below 2**63.
@@ -44,6 +51,8 @@ class TrainConfig:
     latent_dim: int = 32
     hidden_dims: str = "512,256"
     conv_channels: str = "32,64"
+    # None: continuous-bernoulli with --binarize none (grey levels), else bernoulli; resolved when built.
+    likelihood: str | None = None
     # optimization
     epochs: int = 10
     batch_size: int = 128
@@ -53,6 +62,9 @@ class TrainConfig:
     kl_warmup: int = 0
     free_bits: float = 0.0
     max_steps: int = 0
+    objective: str = "elbo"
+    samples: int | None = None  # None: 1 for elbo, DEFAULT_IWAE_SAMPLES for iwae; resolved when built
+    estimator: str | None = None  # None: iwae for --objective iwae; elbo has none
     # execution
     amp: bool = False
     amp_dtype: str = "bf16"
@@ -70,18 +82,29 @@ class TrainConfig:
     log_every: int = 20
     plots: bool = True
 
+    def __post_init__(self) -> None:
+        """Resolve the defaults that depend on other flags, so that the config (and every checkpoint
+        and config.json written from it) records what the run used."""
+        if self.likelihood is None:
+            self.likelihood = "continuous-bernoulli" if self.binarize == "none" else "bernoulli"
+        if self.samples is None:
+            self.samples = DEFAULT_IWAE_SAMPLES if self.objective == "iwae" else 1
+        if self.estimator is None and self.objective == "iwae":
+            self.estimator = "iwae"
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
-        return cls(**{key: value for key, value in values.items() if key in known})
+        return cls(**{key: value for key, value in with_legacy_values(values).items() if key in known})
 
     def model_config(self, image_shape: tuple[int, int, int]) -> VAEConfig:
         return VAEConfig(arch=self.arch, image_shape=image_shape, latent_dim=self.latent_dim,
                          hidden_dims=parse_widths(self.hidden_dims, "--hidden-dims"),
-                         conv_channels=parse_widths(self.conv_channels, "--conv-channels"))
+                         conv_channels=parse_widths(self.conv_channels, "--conv-channels"),
+                         likelihood=LIKELIHOODS[self.likelihood])
 
     def validate(self) -> None:
         """Raise ValueError naming the flag and the fix for any value or combination that cannot run."""
@@ -99,6 +122,36 @@ class TrainConfig:
         require_seed("--seed", self.seed)
         parse_widths(self.hidden_dims, "--hidden-dims")
         parse_widths(self.conv_channels, "--conv-channels")
+        require_choice("--likelihood", self.likelihood, tuple(LIKELIHOODS))
+        require_choice("--objective", self.objective, OBJECTIVES)
+        require_at_least("--samples", self.samples, 1)
+        if self.objective == "iwae":
+            self._validate_iwae()
+        else:
+            self._validate_elbo()
+
+    def _validate_elbo(self) -> None:
+        if self.samples > 1:
+            raise ValueError(f"--samples {self.samples} is the number of importance samples of --objective iwae; "
+                             f"the ELBO objective takes one sample per image. Pass --objective iwae to train on "
+                             f"the importance-weighted bound, or drop --samples")
+        if self.estimator is not None:
+            raise ValueError(f"--estimator {self.estimator} picks the gradient estimator of the importance-weighted "
+                             f"bound; pass --objective iwae with it, or drop --estimator")
+
+    def _validate_iwae(self) -> None:
+        require_choice("--estimator", self.estimator, ESTIMATORS)
+        # The bound log (1/K) sum_k p(x, z_k) / q(z_k|x) has no KL term of its own to weight or floor.
+        no_kl_term = "the importance-weighted bound (--objective iwae) has no separate KL term"
+        if self.beta != 1:
+            raise ValueError(f"--beta {self.beta:g} weights the ELBO's KL term, but {no_kl_term}; drop --beta "
+                             f"(or pass --beta 1), or use --objective elbo")
+        if self.kl_warmup > 0:
+            raise ValueError(f"--kl-warmup {self.kl_warmup} anneals the ELBO's KL term, but {no_kl_term}; drop "
+                             f"--kl-warmup (or pass --kl-warmup 0), or use --objective elbo")
+        if self.free_bits > 0:
+            raise ValueError(f"--free-bits {self.free_bits:g} floors the ELBO's KL term, but {no_kl_term}; drop "
+                             f"--free-bits (or pass --free-bits 0), or use --objective elbo")
 
     def amp_dtype_for(self, device: torch.device) -> torch.dtype | None:
         """The autocast dtype, or None without --amp; fp16 needs CUDA (GradScaler has no CPU path here)."""
@@ -124,6 +177,17 @@ def require_finite(flag: str, value: float, *, above: float | None = None,
         raise ValueError(f"{flag} must be > {above:g}, got {value:g}")
     if at_least is not None and not value >= at_least:
         raise ValueError(f"{flag} must be >= {at_least:g}, got {value:g}")
+
+
+def require_choice(flag: str, value: object, choices: tuple[str, ...]) -> None:
+    """For configs that did not come through argparse (a checkpoint's); argparse checks its own choices."""
+    if value not in choices:
+        raise ValueError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def with_legacy_values(saved: dict) -> dict:
+    """A saved config with the values LEGACY_VALUES implies for flags it predates."""
+    return {**LEGACY_VALUES, **saved}
 
 
 def require_seed(flag: str, value: int) -> None:
@@ -165,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated dense widths (default: {d.hidden_dims})")
     g.add_argument("--conv-channels", default=d.conv_channels,
                    help=f"comma-separated channels of the stride-2 convs, conv arch only (default: {d.conv_channels})")
+    g.add_argument("--likelihood", choices=tuple(LIKELIHOODS), default=None,
+                   help="p(x|z): bernoulli (of binary pixels), continuous-bernoulli (a density on [0, 1]) or "
+                        "gaussian (the decoder gives the mean, with a learned per-pixel variance) (default: "
+                        "continuous-bernoulli with --binarize none, else bernoulli)")
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the data (default: {d.epochs})")
     g.add_argument("--batch-size", type=int, default=d.batch_size,
@@ -178,6 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"floor of each latent dimension's batch-mean KL in the loss (default: {d.free_bits})")
     g.add_argument("--max-steps", type=int, default=d.max_steps,
                    help=f"stop after this many steps in all, e.g. for a smoke test; 0: no limit (default: {d.max_steps})")
+    g.add_argument("--objective", choices=OBJECTIVES, default=d.objective,
+                   help="elbo: the one-sample ELBO; iwae: the importance-weighted bound on --samples samples "
+                        f"(Burda et al. 2016) (default: {d.objective})")
+    g.add_argument("--samples", type=int, default=None, metavar="K",
+                   help=f"importance samples per image of --objective iwae (default: {DEFAULT_IWAE_SAMPLES} with "
+                        "iwae; elbo takes 1)")
+    g.add_argument("--estimator", choices=ESTIMATORS, default=None,
+                   help="gradient estimator of --objective iwae: iwae (the bound's gradient) or dreg (doubly "
+                        "reparameterized, Tucker et al. 2019) (default: iwae)")
     g = p.add_argument_group("execution")
     g.add_argument("--amp", action="store_true", help="autocast the step (default: off)")
     g.add_argument("--amp-dtype", choices=tuple(AMP_DTYPES), default=d.amp_dtype,
@@ -216,11 +293,15 @@ def parse_config(argv: list[str] | None) -> TrainConfig:
     args = parser.parse_args(argv)
     if args.resume:
         source = resolve_checkpoint(args.resume)
-        saved = load_checkpoint(source)["config"]
+        saved = with_legacy_values(load_checkpoint(source)["config"])
         known = {f.name for f in fields(TrainConfig)} - set(INVOCATION_FIELDS)
         inherited = {key: value for key, value in saved.items() if key in known}
+        given = args
         parser.set_defaults(**inherited, out=str(source.parent))
         args = parser.parse_args(argv)
+        if args.objective != saved["objective"]:
+            # --samples and --estimator belong to the objective: a switched one starts from its own defaults.
+            args.samples, args.estimator = given.samples, given.estimator
     cfg = TrainConfig(**vars(args))
     cfg.validate()
     return cfg

@@ -29,10 +29,10 @@ from fastvae.train import checkpoint as ckpt
 from fastvae.train import plots
 from fastvae.train.data import Datasets, EpochBatches, derive_seed, load_datasets, prepare_targets, to_unit
 from fastvae.train.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object
-from fastvae.train.evaluate import evaluate_elbo, evaluate_test
+from fastvae.train.evaluate import evaluate_elbo, evaluate_test, likelihood_fields
 from fastvae.train.models import VAE, build_model
 from fastvae.train.progress import TrainProgress
-from fastvae.train.config import MODEL_FIELDS, TrainConfig, default_run_dir, pick_device
+from fastvae.train.config import MODEL_FIELDS, TrainConfig, default_run_dir, pick_device, with_legacy_values
 from fastvae.train.run_folder import RunFolderError, RunFolderLock, remove_stale_temp_files, to_json, write_file
 
 # What a run writes into its folder besides pictures; a folder holding any of the first four holds a run.
@@ -46,27 +46,61 @@ class TrainingDiverged(RuntimeError):
 
 
 class ELBOObjective(nn.Module):
-    """x [B, C, H, W] -> (loss, stats [2] = (sum of -log p(x|z), sum of KL) over the batch).
+    """x [B, C, H, W] -> (loss, stats [3] = sums over the batch of (-ELBO, -log p(x|z), KL)).
 
     loss = mean -log p(x|z) + kl_weight * KL term, where the KL term is the batch-mean
-    KL, or with free bits sum_j max(free_bits, mean_b KL_bj) (Kingma et al. 2016)."""
+    KL, or with free bits sum_j max(free_bits, mean_b KL_bj) (Kingma et al. 2016); p(x|z)
+    is the model's likelihood. The -ELBO in the stats is the unweighted sum of the two terms."""
+
+    STATS = ("neg_elbo", "recon", "kl")
 
     def __init__(self, model: VAE, free_bits: float) -> None:
         super().__init__()
         self.model, self.free_bits = model, free_bits
 
     def forward(self, x: Tensor, kl_weight: Tensor) -> tuple[Tensor, Tensor]:
-        logits, mu, logvar, kl = self.model(x)
+        decoded, mu, logvar, kl = self.model(x)
         batch = x.shape[0]
         kl_sum = kl.detach().sum()
         if self.free_bits <= 0:
-            loss = fastvae.elbo_loss(logits, x, kl=kl, beta=kl_weight)
+            loss = fastvae.elbo_loss(decoded, x, kl=kl, beta=kl_weight, likelihood=self.model.likelihood,
+                                     decoder_logvar=self.model.decoder_logvar)
             recon_sum = loss.detach() * batch - kl_weight * kl_sum
-            return loss, torch.stack([recon_sum, kl_sum])
-        recon_sum = -fastvae.bernoulli_log_likelihood(logits, x, reduction="sum")
-        per_dim = fastvae.gaussian_kl(mu, logvar, reduction="none").mean(dim=0)  # [L]
-        loss = recon_sum / batch + kl_weight * per_dim.clamp_min(self.free_bits).sum()
-        return loss, torch.stack([recon_sum.detach(), kl_sum])
+        else:
+            recon = -self.model.log_likelihood(decoded, x, reduction="sum")
+            per_dim = fastvae.gaussian_kl(mu, logvar, reduction="none").mean(dim=0)  # [L]
+            loss = recon / batch + kl_weight * per_dim.clamp_min(self.free_bits).sum()
+            recon_sum = recon.detach()
+        return loss, torch.stack([recon_sum + kl_sum, recon_sum, kl_sum])
+
+
+class IWAEObjective(nn.Module):
+    """x [B, C, H, W] -> (loss, stats [1] = the sum over the batch of -L_K), L_K the importance-weighted
+    bound on `samples` samples per image (Burda et al. 2016), whose gradients come from `estimator`
+    (fastvae.iwae_loss). The K * B samples go through the decoder as one batch."""
+
+    STATS = ("neg_iw_bound",)
+
+    def __init__(self, model: VAE, samples: int, estimator: str) -> None:
+        super().__init__()
+        self.model, self.samples, self.estimator = model, samples, estimator
+
+    def forward(self, x: Tensor, kl_weight: Tensor) -> tuple[Tensor, Tensor]:
+        """kl_weight: unused (the bound has no KL term to weight; the config refuses a --beta), taken so
+        that the step calls both objectives alike."""
+        batch = x.shape[0]
+        mu, logvar = self.model.encode(x)
+        z = fastvae.reparameterize(mu, logvar, samples=self.samples)  # [K, B, L]
+        decoded = self.model.decode(z.flatten(0, 1)).unflatten(0, (self.samples, batch))  # [K, B, C, H, W]
+        loss = fastvae.iwae_loss(decoded, x, z, mu, logvar, likelihood=self.model.likelihood,
+                                 estimator=self.estimator, decoder_logvar=self.model.decoder_logvar)
+        return loss, (loss.detach() * batch).reshape(1)
+
+
+def build_objective(cfg: TrainConfig, model: VAE) -> nn.Module:
+    if cfg.objective == "iwae":
+        return IWAEObjective(model, cfg.samples, cfg.estimator)
+    return ELBOObjective(model, cfg.free_bits)
 
 
 @dataclass
@@ -89,6 +123,7 @@ class Run:
     data: Datasets
     model: VAE
     step_fn: nn.Module
+    stat_names: tuple[str, ...]  # what the step's stats are sums of (the objective's STATS)
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     device: torch.device
@@ -124,8 +159,9 @@ def train_step(run: Run, x: Tensor) -> Tensor:
     return stats
 
 
-def train_epoch(run: Run, progress: TrainProgress) -> tuple[dict, bool, bool]:
-    """Train the rest of epoch run.state.epoch; returns (train metrics, stopped by --max-steps, epoch done).
+def train_epoch(run: Run, progress: TrainProgress) -> tuple[dict, str | None, bool]:
+    """Train the rest of epoch run.state.epoch; returns (train metrics, the flag that stopped training
+    or None, epoch done).
 
     The loss sums are read on the host only every --log-every steps (and at the end), which is
     also when they are checked for NaN and inf: a non-finite loss poisons the sums for good."""
@@ -133,30 +169,43 @@ def train_epoch(run: Run, progress: TrainProgress) -> tuple[dict, bool, bool]:
     batches = EpochBatches(run.data.train, cfg.batch_size, state.epoch, cfg.seed, cfg.binarize,
                            run.dist.rank, run.dist.world_size)
     progress.start_epoch(state.epoch, len(batches), state.batch)
-    sums = torch.zeros(3, dtype=torch.float64, device=run.device)  # recon, kl, count
-    started, stopped = time.perf_counter(), False
+    stats_count = len(run.stat_names)
+    sums = torch.zeros(stats_count + 1, dtype=torch.float64, device=run.device)  # the stats, then images
+    started, stopped = time.perf_counter(), None
     checked_step = state.step  # the sums were finite up to here
     for x in batches.batches(state.batch):
         stats = train_step(run, x.to(run.device, non_blocking=True))
-        sums[:2] += stats.double()
-        sums[2] += x.shape[0]
+        sums[:stats_count] += stats.double()
+        sums[stats_count] += x.shape[0]
         state.batch += 1
-        if state.step % cfg.log_every == 0 or state.batch == len(batches):
+        logged = state.step % cfg.log_every == 0 or state.batch == len(batches)
+        if logged:
             totals = sums.tolist()
-            stop_unless_finite(run, "training loss", totals[:2], checked_step)
+            stop_unless_finite(run, "training loss", totals[:stats_count], checked_step)
             checked_step = state.step
-            progress.update(state.batch, totals, time.perf_counter() - started)
+            progress.update(state.batch, _per_image(run.stat_names, totals), time.perf_counter() - started,
+                            totals[stats_count])
         if cfg.max_steps and state.step >= cfg.max_steps:
-            stopped = True
+            stopped = "--max-steps"
+        if stopped:
             break
     seconds = time.perf_counter() - started
-    recon, kl, count = all_reduce_sum(sums, run.dist).tolist()
-    stop_unless_finite(run, "training loss", [recon, kl], checked_step)
-    count = max(count, 1.0)
-    metrics = {"train_neg_elbo": (recon + kl) / count, "train_recon": recon / count, "train_kl": kl / count,
-               "kl_weight": kl_weight_at(cfg, state.step - 1), "samples_per_s": count / seconds,
-               "train_seconds": seconds}
+    totals = all_reduce_sum(sums, run.dist).tolist()
+    stop_unless_finite(run, "training loss", totals[:stats_count], checked_step)
+    metrics = {**{f"train_{name}": value for name, value in _per_image(run.stat_names, totals).items()},
+               "objective": cfg.objective}
+    if cfg.objective == "iwae":
+        metrics.update({"samples": cfg.samples, "estimator": cfg.estimator})
+    else:
+        metrics["kl_weight"] = kl_weight_at(cfg, state.step - 1)
+    metrics.update({"samples_per_s": max(totals[stats_count], 1.0) / seconds, "train_seconds": seconds})
     return metrics, stopped, state.batch >= len(batches)
+
+
+def _per_image(names: tuple[str, ...], totals: list[float]) -> dict[str, float]:
+    """The stats' sums (then the image count, last in `totals`) as per-image means by name."""
+    count = max(totals[len(names)], 1.0)
+    return {name: total / count for name, total in zip(names, totals[:len(names)], strict=True)}
 
 
 def stop_unless_finite(run: Run, what: str, values: list[float], checked_step: int) -> None:
@@ -351,7 +400,8 @@ def build_run(cfg: TrainConfig, dist: DistInfo, resources: ExitStack) -> Run:
         data.train = prepare_targets(data.train, cfg.binarize, "train")
     torch.manual_seed(derive_seed("torch", cfg.seed, dist.rank))
     model = build_model(cfg.model_config(data.image_shape)).to(device)
-    objective: nn.Module = ELBOObjective(model, cfg.free_bits)
+    objective = build_objective(cfg, model)
+    stat_names = objective.STATS
     if dist.enabled:
         ids = [device.index] if device.type == "cuda" else None
         objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
@@ -359,7 +409,7 @@ def build_run(cfg: TrainConfig, dist: DistInfo, resources: ExitStack) -> Run:
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     cfg.out = str(run_dir)
-    run = Run(cfg, data, model, step_fn, optimizer, scaler, device, amp_dtype, dist, run_dir, Progress())
+    run = Run(cfg, data, model, step_fn, stat_names, optimizer, scaler, device, amp_dtype, dist, run_dir, Progress())
     if resume_state is not None:
         _restore(run, resume_state)
     return run
@@ -379,7 +429,8 @@ def _load_resume(cfg: TrainConfig, dist: DistInfo, run_dir: Path) -> dict | None
         return None
     path = ckpt.checkpoint_path(run_dir, ckpt.LAST)
     state = ckpt.load_checkpoint(path)
-    saved = {key: state["config"].get(key) for key in MODEL_FIELDS}
+    saved_config = with_legacy_values(state["config"])
+    saved = {key: saved_config.get(key) for key in MODEL_FIELDS}
     wanted = {key: getattr(cfg, key) for key in MODEL_FIELDS}
     diffs = [f"{key}: checkpoint {saved[key]!r}, this run {wanted[key]!r}" for key in MODEL_FIELDS
              if saved[key] != wanted[key]]
@@ -428,7 +479,8 @@ def final_evaluation(run: Run, progress: TrainProgress) -> tuple[dict, VAE]:
                                iw_batch_size=cfg.iw_batch_size, batch_size=cfg.eval_batch_size,
                                device=run.device, seed=derive_seed("test", cfg.seed), dist_info=run.dist,
                                progress=advance)
-    result.update({"checkpoint": path.name, "checkpoint_sha256": best["sha256"], "best_step": best["step"],
+    result.update({**likelihood_fields(model.likelihood, cfg.binarize), "checkpoint": path.name,
+                   "checkpoint_sha256": best["sha256"], "best_step": best["step"],
                    "best_epoch": best["history"][-1]["epoch"]})
     if run.dist.is_main:
         write_file(run.run_dir / TEST_METRICS_FILE, to_json(result, indent=2) + "\n")
