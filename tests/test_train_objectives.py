@@ -1,5 +1,5 @@
 """fastvae-train's likelihoods and objectives: --likelihood, --objective iwae (--samples, --estimator),
-and checkpoints from before these flags existed."""
+--time-limit, and checkpoints from before these flags existed."""
 
 from __future__ import annotations
 
@@ -59,7 +59,10 @@ def test_defaults_follow_binarize_and_the_objective():
     (("--objective", "iwae", "--free-bits", "0.5"), ("--free-bits 0.5 floors the ELBO's KL term",
                                                      "drop --free-bits", "use --objective elbo")),
     (("--objective", "iwae", "--samples", "0"), ("--samples must be >= 1, got 0",)),
-], ids=["samples-elbo", "estimator-elbo", "beta", "kl-warmup", "free-bits", "samples-0"])
+    (("--time-limit", "-5"), ("--time-limit must be >= 0, got -5",)),
+    (("--time-limit", "nan"), ("--time-limit must be a finite number, got nan",)),
+], ids=["samples-elbo", "estimator-elbo", "beta", "kl-warmup", "free-bits", "samples-0", "time-negative",
+        "time-nan"])
 def test_combinations_that_cannot_run_are_refused(dataset, tmp_path, flags, fragments):
     out = tmp_path / "r"
     expect_exit(tiny_args(dataset, out, *flags), *fragments)
@@ -128,12 +131,12 @@ def test_a_resumed_run_may_not_change_the_likelihood(dataset, tmp_path):
 
 
 def _as_written_before_the_likelihood_flags(run_dir: Path) -> None:
-    """Rewrite the run's checkpoints as fastvae-train wrote them before --likelihood, --objective, --samples
-    and --estimator existed: none of them in the configs, sealed again."""
+    """Rewrite the run's checkpoints as fastvae-train wrote them before --likelihood, --objective, --samples,
+    --estimator and --time-limit existed: none of them in the configs, sealed again."""
     for name in (ckpt.LAST, ckpt.BEST):
         path = ckpt.checkpoint_path(run_dir, name)
         state = ckpt.load_checkpoint(path)
-        for key in ("likelihood", "objective", "samples", "estimator"):
+        for key in ("likelihood", "objective", "samples", "estimator", "time_limit"):
             del state["config"][key]
         del state["model_config"]["likelihood"]
         ckpt.save_checkpoint(state, path)
@@ -154,6 +157,21 @@ def test_checkpoints_from_before_the_likelihood_flag_are_bernoulli_vaes(dataset,
     config = json.loads((out / "config.json").read_text())
     assert (config["likelihood"], config["objective"], config["samples"]) == ("bernoulli", "elbo", 1)
     assert final_state(out)["step"] == 10
+
+
+def test_time_limit_stops_training_then_validates_saves_and_evaluates(dataset, tmp_path, capsys):
+    """The clock is read at the log points (every --log-every 2 steps here): a limit that is spent at
+    once stops after step 2 of the 15 that --epochs 3 asks for; a resume gets a budget of its own."""
+    out = tmp_path / "run"
+    test = run_training(tiny_args(dataset, out, "--epochs", "3", "--time-limit", "1e-6"))
+    assert "--time-limit 1e-06 s reached at step 2: training stopped" in capsys.readouterr().out
+    state = final_state(out)
+    assert state["step"] == 2 and state["best_step"] == 2
+    (row,) = metric_rows(out)
+    assert not row["epoch_complete"] and math.isfinite(row["val_neg_elbo"])
+    assert json.loads((out / "test_metrics.json").read_text())["test_nll"] == test["test_nll"]
+    run_training(["--resume", str(out), "--time-limit", "0"])
+    assert final_state(out)["step"] == 15
 
 
 # --------------------------------------------------------------------------- the objectives' formulas

@@ -62,6 +62,7 @@ class TrainConfig:
     kl_warmup: int = 0
     free_bits: float = 0.0
     max_steps: int = 0
+    time_limit: float = 0.0
     objective: str = "elbo"
     samples: int | None = None  # None: 1 for elbo, DEFAULT_IWAE_SAMPLES for iwae; resolved when built
     estimator: str | None = None  # None: iwae for --objective iwae; elbo has none
@@ -119,6 +120,7 @@ class TrainConfig:
         require_finite("--lr", self.lr, above=0.0)
         require_finite("--beta", self.beta, at_least=0.0)
         require_finite("--free-bits", self.free_bits, at_least=0.0)
+        require_finite("--time-limit", self.time_limit, at_least=0.0)
         require_seed("--seed", self.seed)
         parse_widths(self.hidden_dims, "--hidden-dims")
         parse_widths(self.conv_channels, "--conv-channels")
@@ -246,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"floor of each latent dimension's batch-mean KL in the loss (default: {d.free_bits})")
     g.add_argument("--max-steps", type=int, default=d.max_steps,
                    help=f"stop after this many steps in all, e.g. for a smoke test; 0: no limit (default: {d.max_steps})")
+    g.add_argument("--time-limit", type=float, default=d.time_limit, metavar="SECONDS",
+                   help="stop training once this invocation has trained this long (checked between steps), then "
+                        f"validate, save and evaluate as usual; 0: no limit (default: {d.time_limit:g})")
     g.add_argument("--objective", choices=OBJECTIVES, default=d.objective,
                    help="elbo: the one-sample ELBO; iwae: the importance-weighted bound on --samples samples "
                         f"(Burda et al. 2016) (default: {d.objective})")

@@ -159,12 +159,13 @@ def train_step(run: Run, x: Tensor) -> Tensor:
     return stats
 
 
-def train_epoch(run: Run, progress: TrainProgress) -> tuple[dict, str | None, bool]:
-    """Train the rest of epoch run.state.epoch; returns (train metrics, the flag that stopped training
-    or None, epoch done).
+def train_epoch(run: Run, progress: TrainProgress, deadline: float) -> tuple[dict, str | None, bool]:
+    """Train the rest of epoch run.state.epoch, or until time.perf_counter() passes `deadline`;
+    returns (train metrics, the flag that stopped training or None, epoch done).
 
     The loss sums are read on the host only every --log-every steps (and at the end), which is
-    also when they are checked for NaN and inf: a non-finite loss poisons the sums for good."""
+    also when they are checked for NaN and inf (a non-finite loss poisons the sums for good) and
+    when --time-limit's clock is read (the steps have just been waited for, so it counts them)."""
     cfg, state = run.config, run.state
     batches = EpochBatches(run.data.train, cfg.batch_size, state.epoch, cfg.seed, cfg.binarize,
                            run.dist.rank, run.dist.world_size)
@@ -187,6 +188,8 @@ def train_epoch(run: Run, progress: TrainProgress) -> tuple[dict, str | None, bo
                             totals[stats_count])
         if cfg.max_steps and state.step >= cfg.max_steps:
             stopped = "--max-steps"
+        elif logged and _out_of_time(deadline, run.dist):
+            stopped = "--time-limit"
         if stopped:
             break
     seconds = time.perf_counter() - started
@@ -206,6 +209,14 @@ def _per_image(names: tuple[str, ...], totals: list[float]) -> dict[str, float]:
     """The stats' sums (then the image count, last in `totals`) as per-image means by name."""
     count = max(totals[len(names)], 1.0)
     return {name: total / count for name, total in zip(names, totals[:len(names)], strict=True)}
+
+
+def _out_of_time(deadline: float, dist: DistInfo) -> bool:
+    """Whether --time-limit has run out; under DDP rank 0's clock decides for all (a collective call, made
+    only with a time limit), so that every rank stops after the same step."""
+    if deadline == math.inf:
+        return False
+    return bool(broadcast_object(time.perf_counter() >= deadline, dist))
 
 
 def stop_unless_finite(run: Run, what: str, values: list[float], checked_step: int) -> None:
@@ -299,11 +310,16 @@ def fit(run: Run, progress: TrainProgress) -> None:
                       f"larger --epochs to train on")
         return
     val_split = prepare_targets(run.data.val, cfg.binarize, "val")
+    # This invocation's own budget: a resumed run gets --time-limit again, counted from here.
+    deadline = time.perf_counter() + cfg.time_limit if cfg.time_limit else math.inf
     while state.epoch < cfg.epochs:
         started = time.perf_counter()
-        train_metrics, stopped, epoch_done = train_epoch(run, progress)
+        train_metrics, stopped, epoch_done = train_epoch(run, progress, deadline)
         row = end_of_segment(run, train_metrics, started, val_split, epoch_done)
         progress.end_epoch(row)
+        if stopped == "--time-limit":
+            progress.note(f"--time-limit {cfg.time_limit:g} s reached at step {state.step}: training stopped, "
+                          f"evaluating best.pt. Continue with fastvae-train --resume {run.run_dir}")
         if stopped:
             break
 
