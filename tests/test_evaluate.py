@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import fastvae
+from benchmarks.eval_ab import unfused_iw_log_likelihood
 from fastvae.train.data import Split
 from fastvae.train.evaluate import evaluate_elbo, evaluate_nll, iw_log_likelihood
 
@@ -95,11 +96,13 @@ def test_quadrature_is_normalized():
     assert abs(total.item()) < 1e-8
 
 
+@pytest.mark.parametrize("estimator", [iw_log_likelihood, unfused_iw_log_likelihood], ids=["fused", "unfused"])
 @pytest.mark.parametrize("iw_batch_size", [37, 100000], ids=["many-chunks", "one-chunk"])
-def test_iw_estimate_matches_quadrature(iw_batch_size):
+def test_iw_estimate_matches_quadrature(iw_batch_size, estimator):
+    """fastvae-eval's estimator, and the unfused one benchmarks/eval_ab.py times it against."""
     model = LinearLatent()
     x = binary_data(8)
-    estimate = iw_log_likelihood(model, x, 5000, iw_batch_size, torch.Generator().manual_seed(0))
+    estimate = estimator(model, x, 5000, iw_batch_size, torch.Generator().manual_seed(0))
     assert estimate.dtype == torch.float64 and estimate.shape == (8,)
     torch.testing.assert_close(estimate, exact_log_marginal(model, x), atol=0.02, rtol=0)
 
