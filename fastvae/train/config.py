@@ -249,8 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-steps", type=int, default=d.max_steps,
                    help=f"stop after this many steps in all, e.g. for a smoke test; 0: no limit (default: {d.max_steps})")
     g.add_argument("--time-limit", type=float, default=d.time_limit, metavar="SECONDS",
-                   help="stop training once this invocation has trained this long (checked between steps), then "
-                        f"validate, save and evaluate as usual; 0: no limit (default: {d.time_limit:g})")
+                   help="stop training once this invocation has trained this long (checked every --log-every "
+                        f"steps), then validate, save and evaluate as usual; 0: no limit (default: {d.time_limit:g})")
     g.add_argument("--objective", choices=OBJECTIVES, default=d.objective,
                    help="elbo: the one-sample ELBO; iwae: the importance-weighted bound on --samples samples "
                         f"(Burda et al. 2016) (default: {d.objective})")
