@@ -73,9 +73,14 @@ stage build 120 bash -c 'cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/nu
 
 if [ "$GPU" = 1 ]; then
   workers=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+  # The tests that run the kernels on the GPU go first, so a budget cut falls on the app's tests.
   # test_triton_compile.py is left to CI: it compiles for sm_80/sm_90 without a GPU, under both
   # triton versions, and takes minutes this run cannot spare.
-  stage tests 150 "$PY" -m pytest -q -p no:cacheprovider $workers --ignore=tests/test_triton_compile.py
+  kernel_tests="tests/test_cuda.py tests/test_ops.py tests/test_iwae.py tests/test_likelihoods.py tests/test_noise.py
+    tests/test_edge_cases.py tests/test_compile.py tests/test_autodiff.py tests/test_validation.py"
+  stage "tests (kernels on CUDA)" 110 "$PY" -m pytest -q -p no:cacheprovider -rs $workers $kernel_tests
+  stage "tests (the rest)" 60 "$PY" -m pytest -q -p no:cacheprovider $workers --ignore=tests/test_triton_compile.py \
+    $(for t in $kernel_tests; do printf -- '--ignore=%s ' "$t"; done)
   stage ops 120 "$PY" -m pytest benchmarks/bench_ops.py --benchmark-only --gpu-run -q -p no:cacheprovider \
     --benchmark-json="$OUT/ops.json"
   for batch in 128 1024; do
