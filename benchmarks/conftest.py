@@ -21,7 +21,7 @@ def pytest_addoption(parser):
     group.addoption("--bench-device", default="auto", choices=("auto", "cpu", "cuda"),
                     help="device to benchmark on (default: auto, CUDA when available, else CPU)")
     group.addoption("--bench-seconds", type=float, default=0.2,
-                    help="timed seconds per case, at least %d rounds (default: 0.2)" % harness.MIN_ROUNDS)
+                    help=f"timed seconds per case, at least {harness.MIN_ROUNDS} rounds (default: 0.2)")
     group.addoption("--sweep", action="store_true",
                     help="run every size, precision and mode (the default is the headline settings)")
     group.addoption("--gpu-run", action="store_true",

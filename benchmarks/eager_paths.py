@@ -51,7 +51,8 @@ def _cases(batch: int, device: torch.device) -> dict:
         (-rows.sum() / batch).backward()
 
     return {
-        "reparameterize_kl": (lambda: sample(reparameterize_kl_fused), lambda: sample(reparameterize_kl_fused.custom_op)),
+        "reparameterize_kl": (lambda: sample(reparameterize_kl_fused),
+                              lambda: sample(reparameterize_kl_fused.custom_op)),
         "bernoulli (elbo's likelihood)": (lambda: likelihood(bernoulli_log_likelihood_fused),
                                           lambda: likelihood(bernoulli_log_likelihood_fused.custom_op)),
     }
@@ -113,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
 
     fast, slow, ratio = _paired(run, without_handover, args.repeats)
     saved = slow - fast
-    print(f"  hand-over, elbo_loss(kl=) at {args.batch} x {MNIST_PIXELS}: {fast * 1e6:.1f} us with, {slow * 1e6:.1f} us "
+    print(f"  hand-over, elbo_loss(kl=) at {args.batch} x {MNIST_PIXELS}: {fast * 1e6:.1f} us with, "
+          f"{slow * 1e6:.1f} us "
           f"without; saves {saved * 1e6:.1f} us = {100 * saved / slow:.1f}% of the op, "
           f"{100 * saved / step_seconds:.2f}% of the step (median ratio {1 / ratio:.3f}x)")
 

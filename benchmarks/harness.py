@@ -14,7 +14,7 @@ import contextlib
 import functools
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch

@@ -23,7 +23,7 @@ import contextlib
 import os
 import threading
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

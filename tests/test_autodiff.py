@@ -139,8 +139,9 @@ def test_gradgradcheck_every_op(backend):
 
         # One sample, and K samples per row (backward sums them inside the kernel).
         for samples in (None, 3):
-            assert torch.autograd.gradgradcheck(lambda m, v: reparameterize_kl_fused(m, v, None, SEED, samples)[:2],
-                                                (mu, logvar))
+            def sample(m, v, samples=samples):
+                return reparameterize_kl_fused(m, v, None, SEED, samples)[:2]
+            assert torch.autograd.gradgradcheck(sample, (mu, logvar))
         eps_samples = _eps((2, 3, 4)).requires_grad_()
         assert torch.autograd.gradgradcheck(lambda m, v, e: fastvae.reparameterize_kl(m, v, e, samples=2),
                                             (mu, logvar, eps_samples))
@@ -168,7 +169,8 @@ def test_gradient_penalty_through_the_loss_matches_plain_pytorch(backend):
         fused = penalty_grad(fused_elbo)
         penalty_module = penalty_grad(lambda l, m, v, t: fastvae.ELBOLoss(beta=0.7)(l, t, m, v))
     for name, got, module_got, want in zip(("W", "mu", "logvar"), fused, penalty_module, expected):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, msg=lambda m: f"d penalty/d {name}: {m}")
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12,
+                                   msg=lambda m, name=name: f"d penalty/d {name}: {m}")
         torch.testing.assert_close(module_got, want, rtol=1e-9, atol=1e-12)
 
 
@@ -227,7 +229,8 @@ def test_every_torch_func_transform_matches_plain_pytorch(backend):
     with fastvae.use_backend(backend):
         for op, (fused, plain, inputs) in cases.items():
             for name, got, want in _transforms(fused, plain, inputs):
-                torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, msg=lambda m: f"{op} {name}: {m}")
+                torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12,
+                                           msg=lambda m, op=op, name=name: f"{op} {name}: {m}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

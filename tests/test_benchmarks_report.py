@@ -96,7 +96,8 @@ def results(tmp_path):
                           _entry("eager", 4e-3, op="vae_loss", latent=64),
                           _entry("compiled", 2e-3, op="vae_loss", latent=64),
                           _entry("fastvae-triton", 1e-3, op="vae_loss", latent=64),
-                          _train_entry("plain", "eager", False, 1000.0), _train_entry("fastvae", "eager", False, 1500.0),
+                          _train_entry("plain", "eager", False, 1000.0),
+                          _train_entry("fastvae", "eager", False, 1500.0),
                           _train_entry("plain", "default", True, 2000.0),
                           {"name": "disabled run", "extra_info": {}, "stats": None}]}
     path = tmp_path / "results.json"

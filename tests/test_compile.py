@@ -143,7 +143,7 @@ def test_eager_elbo_loss_matches_the_traced_one(backend, reduction):
             for name, a, b in zip(("loss", "grad_logits", "grad_target", "grad_kl"),
                                   (results["eager"][0],) + results["eager"][1],
                                   (results["traced"][0],) + results["traced"][1]):
-                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

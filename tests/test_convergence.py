@@ -50,7 +50,7 @@ def _train(loss_fn) -> list[float]:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     torch.manual_seed(1)
     losses = []
-    for step in range(STEPS):
+    for _ in range(STEPS):
         x = data[torch.randint(0, data.shape[0], (BATCH,))]
         loss = loss_fn(model, x)
         optimizer.zero_grad()

@@ -217,5 +217,5 @@ def test_eager_gaussian_elbo_matches_the_traced_one(backend, logvar_shape):
     expected = (loss64, *torch.autograd.grad(loss64, (mean64, dlv64, kl64)))
     for name, a, b, want in zip(("loss", "grad_mean", "grad_decoder_logvar", "grad_kl"), results["eager"],
                                 results["traced"], expected):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
         assert_close_to(a, want, name)

@@ -158,10 +158,8 @@ def test_reparameterize_kl_backward_reads_grad_kl_at_its_stride(dtype, layout):
     shape = (41, 401)
     mu, logvar = _posterior(shape, dtype, strided=True)
     grad_z = torch.randn(shape).to(dtype)
-    if layout == "broadcast":
-        grad_kl = torch.tensor(0.7).expand(shape[0])
-    else:
-        grad_kl = (torch.rand(2 * shape[0]) + 0.5)[::2]
+    grad_kl = (torch.tensor(0.7).expand(shape[0]) if layout == "broadcast"
+               else (torch.rand(2 * shape[0]) + 0.5)[::2])
     assert grad_kl.stride(0) == (0 if layout == "broadcast" else 2)
     grad_mu, grad_logvar = gaussian.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, None, SEED)
     expected = gaussian_reference.reparameterize_kl_backward(grad_z.double(), grad_kl.double(), mu.double(),
@@ -227,7 +225,8 @@ def test_every_philox_version_this_cpu_runs_gives_the_reference_words():
 def test_gaussian_kl_matches_float64(dtype, shape, elementwise, compute_grad):
     mu, logvar = _posterior(shape, dtype, strided=True)
     kl, grad_mu, grad_logvar = gaussian.gaussian_kl_forward(mu, logvar, elementwise, compute_grad)
-    kl64, grad_mu64, grad_logvar64 = gaussian_reference.gaussian_kl_forward(mu.double(), logvar.double(), elementwise, True)
+    kl64, grad_mu64, grad_logvar64 = gaussian_reference.gaussian_kl_forward(mu.double(), logvar.double(),
+                                                                            elementwise, True)
     assert kl.dtype == _loss_dtype(dtype) and kl.shape == kl64.shape
     assert_close_to(kl, kl64, "kl")
     if not compute_grad:
@@ -321,7 +320,8 @@ def test_mixed_dtypes_follow_the_contract(first, second):
     mu, logvar = torch.randn(9, 33).to(first), torch.randn(9, 33).to(second)
     z, kl = gaussian.reparameterize_kl_forward(mu, logvar, None, SEED)
     assert z.dtype == first and kl.dtype == loss_dtype
-    z64, kl64 = gaussian_reference.reparameterize_kl_forward(mu.double(), logvar.double(), _noise_oracle((9, 33), loss_dtype), 0)
+    z64, kl64 = gaussian_reference.reparameterize_kl_forward(mu.double(), logvar.double(),
+                                                             _noise_oracle((9, 33), loss_dtype), 0)
     assert_close_to(z, z64, "z")
     assert_close_to(kl, kl64, "kl")
     grad_mu, grad_logvar = gaussian.reparameterize_kl_backward(torch.randn(9, 33).to(second), None, mu, logvar,

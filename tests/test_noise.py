@@ -106,7 +106,7 @@ def test_samples_draw_what_copies_of_the_rows_draw(backend):
                                          ("logvar", copy_grads[1], grad_logvar,
                                           grad_kl[:, None] * 0.5 * torch.expm1(logvar))):
         torch.testing.assert_close(summed.reshape(samples, rows, cols).sum(0) + kl_term.detach(), total,
-                                   rtol=1e-5, atol=1e-5, msg=lambda m: f"grad_{name}: {m}")
+                                   rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"grad_{name}: {m}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -151,9 +151,9 @@ def test_iwae_loss_refuses_data_outside_the_unit_interval(bad):
 
 
 def test_unknown_backend_names():
-    with pytest.raises(ValueError, match="unknown fastvae backend 'cuda'.*auto, triton, native, torch"):
-        with fastvae.use_backend("cuda"):
-            pass
+    with pytest.raises(ValueError, match="unknown fastvae backend 'cuda'.*auto, triton, native, torch"), \
+            fastvae.use_backend("cuda"):
+        pass
 
 
 def test_bad_environment_backend(monkeypatch):
@@ -256,7 +256,8 @@ def test_a_log_variance_broadcasts_from_any_shared_shape():
         logvar = torch.randn(shape)
         expected = torch.distributions.Normal(mean.double(), torch.exp(0.5 * logvar.double())).log_prob(x.double())
         got = fastvae.gaussian_log_likelihood(mean, x, logvar, reduction="none")
-        torch.testing.assert_close(got.double(), expected, rtol=2e-6, atol=1e-6, msg=lambda m: f"{shape}: {m}")
+        torch.testing.assert_close(got.double(), expected, rtol=2e-6, atol=1e-6,
+                                   msg=lambda m, shape=shape: f"{shape}: {m}")
 
 
 @pytest.mark.parametrize("bad", [1.5, -0.25, float("nan")], ids=["above", "below", "nan"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -158,9 +158,10 @@ def saved_grad_factor(grad_rows: Tensor, weight: float | None, handed_over: bool
 
 # --------------------------------------------------------------------------- how a call is observed
 def transform_active() -> bool:
-    """(Eager only: under dynamo's trace it reads as True.) A torch.func transform (grad, vjp, jvp, jacrev, jacfwd, hessian, vmap) or forward-mode AD
-    is running: the fused kernels have no forward-mode or batching rules, so the op's
-    definition in torch ops (its composite) runs instead, correct for every transform."""
+    """(Eager only: under dynamo's trace it reads as True.) A torch.func transform (grad, vjp, jvp,
+    jacrev, jacfwd, hessian, vmap) or forward-mode AD is running: the fused kernels have no
+    forward-mode or batching rules, so the op's definition in torch ops (its composite) runs
+    instead, correct for every transform."""
     return (torch._C._functorch.peek_interpreter_stack() is not None
             or forward_ad._current_level >= 0)
 

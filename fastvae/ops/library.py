@@ -124,7 +124,7 @@ def _bind(lib: ctypes.CDLL, path: Path, name: str) -> None:
     function.restype = ctypes.c_int
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load() -> tuple[ctypes.CDLL | None, Path | None, str | None]:
     """(library, its path, None) once loaded, or (None, path or None, the reason with the fix)."""
     path, where = _find_library()
@@ -161,7 +161,7 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def function(name: str):
     """The bound C function `name` (declared with `declare`); raises if the library cannot run it."""
     lib = _lib()

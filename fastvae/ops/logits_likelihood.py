@@ -16,7 +16,7 @@ normalizers do not depend on the target).
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -34,7 +34,7 @@ def logits_likelihood_op(name: str, family: str, kernel: str, log_prob: Callable
     torch ops: the composite (torch.func transforms, double backward) is built from them."""
 
     def forward(logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool,
-                weight: Optional[float] = None) -> tuple[Tensor, Tensor]:
+                weight: float | None = None) -> tuple[Tensor, Tensor]:
         """logits, target [B, ...] -> log p (logits' shape if elementwise else [B]), and
         weight * dlogp/dlogits (weight 1 when None; an empty tensor unless compute_grad)."""
         if weight is not None and elementwise:
@@ -51,7 +51,7 @@ def logits_likelihood_op(name: str, family: str, kernel: str, log_prob: Callable
         return logp, view_as_shape(dlogits, logits.shape)
 
     def composite(logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool,
-                  weight: Optional[float] = None) -> tuple[Tensor, Tensor]:
+                  weight: float | None = None) -> tuple[Tensor, Tensor]:
         """The same outputs from torch ops, differentiable by every autograd mode."""
         compute = loss_dtype(logits, target)
         l, x = logits.to(compute), target.to(compute)
@@ -65,7 +65,7 @@ def logits_likelihood_op(name: str, family: str, kernel: str, log_prob: Callable
 
     @custom_op.register_fake
     def _(logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool,
-          weight: Optional[float] = None) -> tuple[Tensor, Tensor]:
+          weight: float | None = None) -> tuple[Tensor, Tensor]:
         logp = logits.new_empty(rows_shape(logits, elementwise), dtype=loss_dtype(logits, target))
         if not compute_grad:
             return logp, no_grad_placeholder(logits)

@@ -20,7 +20,7 @@ import functools
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

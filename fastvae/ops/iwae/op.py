@@ -66,7 +66,8 @@ K * B when per sample; its per-element gradient is weighted by c_kb and summed t
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 from torch import Tensor
