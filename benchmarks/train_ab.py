@@ -63,7 +63,8 @@ def measure(compile_mode: str, amp: bool, batch_size: int, blocks: int, steps_pe
 
 def print_report(path: str) -> None:
     """The settings measured into a --json file, one line each."""
-    rows = [json.loads(line) for line in open(path) if line.strip()]
+    with open(path) as lines:
+        rows = [json.loads(line) for line in lines if line.strip()]
     print(f"training step A/B ({len(rows)} settings; fastvae speed / plain, median of paired blocks)")
     for r in rows:
         print(f"  batch {r['batch_size']:5d}, {r['compile']:15s}, {'AMP ' if r['amp'] else 'fp32'}: plain "
@@ -100,8 +101,9 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.steps} steps, {allocator}, inductor cache: {cache}")
     for amp in (False, True):
         result = measure(args.compile, amp, args.batch_size, args.blocks, args.steps, device, not args.no_optimizer)
-        print(f"  {'AMP ' if amp else 'fp32'}: plain {result['plain_ms']:.2f} ms, fastvae {result['fastvae_ms']:.2f} ms "
-              f"per step; fastvae speed / plain: median {result['ratio_median']:.3f}x "
+        print(f"  {'AMP ' if amp else 'fp32'}: plain {result['plain_ms']:.2f} ms, "
+              f"fastvae {result['fastvae_ms']:.2f} ms per step; "
+              f"fastvae speed / plain: median {result['ratio_median']:.3f}x "
               f"(quartiles {result['ratio_q1']:.3f} to {result['ratio_q3']:.3f})", flush=True)
         if args.json:
             with open(args.json, "a") as handle:

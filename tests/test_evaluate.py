@@ -31,7 +31,9 @@ class LinearLatent(nn.Module):
 
     VAR_INFLATION = 1.5
     likelihood = "bernoulli"  # what fastvae's losses take, as on models.VAE
-    decoder_logvar = None
+
+    def decoder_log_variance(self) -> None:  # a Bernoulli has none
+        return None
 
     def __init__(self) -> None:
         super().__init__()

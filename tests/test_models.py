@@ -44,7 +44,7 @@ def test_sample_is_in_unit_interval_and_seeded():
     model = build_model(VAEConfig(image_shape=(1, 8, 8), latent_dim=3, hidden_dims=(8,)))
     a = model.sample(4, torch.Generator().manual_seed(1))
     b = model.sample(4, torch.Generator().manual_seed(1))
-    assert a.shape == (4, 1, 8, 8) and torch.equal(a, b) and 0 <= a.min() and a.max() <= 1
+    assert a.shape == (4, 1, 8, 8) and torch.equal(a, b) and a.min() >= 0 and a.max() <= 1
 
 
 def test_config_survives_json():
@@ -122,3 +122,26 @@ def test_samples_are_the_likelihood_mean(likelihood):
     drawn = model.sample(4, torch.Generator().manual_seed(1))
     z = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(drawn, model.likelihood_mean(model.decode(z)))
+
+
+def test_the_learned_gaussian_variance_stops_at_the_8_bit_rounding_variance():
+    """A pixel that never changes would send its variance to 0 and its density to infinity; the
+    model floors the log-variance at log((1/255)^2 / 12), above it the parameter is used as is,
+    and the floor passes no gradient down (the parameter stays where it is)."""
+    from fastvae.train.models import MIN_DECODER_LOGVAR
+
+    model = build_model(VAEConfig(image_shape=(1, 4, 4), latent_dim=2, hidden_dims=(8,), likelihood="gaussian"))
+    values = torch.randn(1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).float() * 3 - 12
+    values[0, 0, 0] = -40.0  # far below the floor
+    with torch.no_grad():
+        model.decoder_logvar.copy_(values)
+    mean, x = torch.rand(3, 1, 4, 4), torch.rand(3, 1, 4, 4)
+    logp = model.log_likelihood(mean, x, reduction="sum")
+    floored = values.double().clamp_min(math.log((1 / 255) ** 2 / 12))
+    expected = torch.distributions.Normal(mean.double(), torch.exp(0.5 * floored)).log_prob(x.double()).sum()
+    torch.testing.assert_close(logp.double(), expected, rtol=1e-5, atol=1e-3)
+    assert MIN_DECODER_LOGVAR == pytest.approx(math.log((1 / 255) ** 2 / 12))
+    logp.backward()
+    assert model.decoder_logvar.grad[0, 0, 0] == 0
+    above = values > MIN_DECODER_LOGVAR
+    assert above.sum() > 0 and (model.decoder_logvar.grad[above] != 0).all()

@@ -174,8 +174,8 @@ def test_objective_gradient_matches_the_formula_without_a_pass_over_the_data():
     recon = torch.nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="sum")
     kl = 0.5 * (mu ** 2 + logvar.exp() - logvar - 1).sum()
     expected = torch.autograd.grad(recon / 6 + 0.3 * kl / 6, list(model.parameters()))
-    for name_and_param, got, want in zip(model.named_parameters(), grads, expected):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name_and_param[0]}: {m}")
+    for (name, _), got, want in zip(model.named_parameters(), grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
     assert sizes, "the recorder saw no pointwise op at all"
     assert x.numel() not in sizes, "backward ran a pointwise op over the logits (scaling the saved gradient)"
 

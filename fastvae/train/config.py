@@ -97,7 +97,7 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
+    def from_dict(cls, values: dict) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{key: value for key, value in with_legacy_values(values).items() if key in known})
 
@@ -247,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--free-bits", type=float, default=d.free_bits, metavar="NATS",
                    help=f"floor of each latent dimension's batch-mean KL in the loss (default: {d.free_bits})")
     g.add_argument("--max-steps", type=int, default=d.max_steps,
-                   help=f"stop after this many steps in all, e.g. for a smoke test; 0: no limit (default: {d.max_steps})")
+                   help=f"stop after this many steps in all, e.g. for a smoke test; 0: no limit "
+                        f"(default: {d.max_steps})")
     g.add_argument("--time-limit", type=float, default=d.time_limit, metavar="SECONDS",
                    help="stop training once this invocation has trained this long (checked every --log-every "
                         f"steps), then validate, save and evaluate as usual; 0: no limit (default: {d.time_limit:g})")
@@ -268,12 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=DEVICE_CHOICES, default=d.device,
                    help=f"auto picks cuda when available (default: {d.device})")
     g.add_argument("--backend", choices=BACKEND_CHOICES, default=d.backend,
-                   help=f"fastvae backend; torch trains with the reference; auto defers to $FASTVAE_BACKEND (default: {d.backend})")
+                   help=f"fastvae backend; torch trains with the reference; auto defers to $FASTVAE_BACKEND "
+                        f"(default: {d.backend})")
     g = p.add_argument_group("outputs and evaluation")
     g.add_argument("--out", default=d.out, help="run folder; with --resume, the resumed run's folder "
                    "(default: runs/<timestamp>)")
     g.add_argument("--resume", default=d.resume, metavar="RUN_OR_CHECKPOINT",
-                   help="continue a run folder (its last.pt) or a checkpoint; its config fills unset flags (default: none)")
+                   help="continue a run folder (its last.pt) or a checkpoint; its config fills unset flags "
+                        "(default: none)")
     g.add_argument("--overwrite", action="store_true",
                    help="start a new run in an --out folder that holds one, deleting its checkpoints, metrics "
                         "and pictures (default: refuse)")
@@ -282,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--iw-examples", type=int, default=d.iw_examples,
                    help=f"test images that get the NLL; 0 means all (default: {d.iw_examples})")
     g.add_argument("--iw-batch-size", type=int, default=d.iw_batch_size,
-                   help=f"(image, sample) pairs per decoder call in the NLL; bounds memory (default: {d.iw_batch_size})")
+                   help=f"(image, sample) pairs per decoder call in the NLL; bounds memory "
+                        f"(default: {d.iw_batch_size})")
     g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size,
                    help=f"images per evaluation batch (default: {d.eval_batch_size})")
     g.add_argument("--log-every", type=int, default=d.log_every,

@@ -43,7 +43,7 @@ def elbo_rows(model, x: Tensor, generator: torch.Generator) -> tuple[Tensor, Ten
     mu, logvar = model.encode(x)
     z = fastvae.reparameterize(mu, logvar, generator=generator)
     recon, kl = fastvae.elbo_terms(model.decode(z), x, mu, logvar, likelihood=model.likelihood,
-                                   decoder_logvar=model.decoder_logvar)
+                                   decoder_logvar=model.decoder_log_variance())
     return recon.float(), kl.float()
 
 
@@ -68,7 +68,7 @@ def iw_log_likelihood(model, x: Tensor, samples: int, iw_batch_size: int,
         z = fastvae.reparameterize(mu, logvar, samples=k, generator=generator)  # [k, B, L]
         decoded = model.decode(z.flatten(0, 1)).unflatten(0, (k, batch))
         bound = -fastvae.iwae_loss(decoded, x, z, mu, logvar, likelihood=model.likelihood,
-                                   decoder_logvar=model.decoder_logvar, reduction="none")
+                                   decoder_logvar=model.decoder_log_variance(), reduction="none")
         total = torch.logaddexp(total, bound.double() + math.log(k))
         done += k
     return total - math.log(samples)

@@ -24,6 +24,10 @@ LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "gaussian")  # fastvae's nam
 # Below this |logit| the continuous Bernoulli's mean is its Taylor series: the closed form cancels
 # (1/l - 1/l), losing ~eps/|l|, while the series' first left-out term, l^7/1209600, is below 1e-7.
 CB_MEAN_SERIES_BELOW = 0.7
+# The learned Gaussian variance stops at the variance of the rounding to 8 bits, (1/255)^2 / 12 for
+# pixels scaled to [0, 1]: finer than that the data says nothing, and a constant pixel would
+# otherwise send its variance to 0 and its density to infinity.
+MIN_DECODER_LOGVAR = -2 * math.log(255) - math.log(12)
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,14 @@ class VAE(nn.Module):
         logvar = nn.Parameter(torch.zeros(config.image_shape)) if config.likelihood == "gaussian" else None
         self.register_parameter("decoder_logvar", logvar)
 
+    def decoder_log_variance(self) -> Tensor | None:
+        """The Gaussian's per-pixel log-variance as the losses take it (None for the other likelihoods),
+        floored at MIN_DECODER_LOGVAR: a pixel that never changes (an image's border) would otherwise
+        drive its variance, and the density, without bound."""
+        if self.decoder_logvar is None:
+            return None
+        return self.decoder_logvar.clamp_min(MIN_DECODER_LOGVAR)
+
     @property
     def likelihood(self) -> str:
         """p(x|z) by fastvae's name, what the losses take as likelihood=."""
@@ -122,7 +134,7 @@ class VAE(nn.Module):
         """log p(x|z) of the model's likelihood for the decoder output on z, reduced as fastvae's
         likelihood functions reduce ("none", "sum", "mean", "batchmean")."""
         if self.likelihood == "gaussian":
-            return fastvae.gaussian_log_likelihood(decoded, x, self.decoder_logvar, reduction=reduction)
+            return fastvae.gaussian_log_likelihood(decoded, x, self.decoder_log_variance(), reduction=reduction)
         if self.likelihood == "continuous_bernoulli":
             return fastvae.continuous_bernoulli_log_likelihood(decoded, x, reduction=reduction)
         return fastvae.bernoulli_log_likelihood(decoded, x, reduction=reduction)

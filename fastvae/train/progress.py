@@ -6,7 +6,7 @@ Only rank 0 draws; other ranks get a disabled display with the same interface.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -26,7 +26,7 @@ class TrainProgress:
                             console=self.console, disable=not enabled)
         self.task = None
 
-    def __enter__(self) -> "TrainProgress":
+    def __enter__(self) -> TrainProgress:
         self.bar.start()
         return self
 

@@ -144,7 +144,7 @@ class RunFolderLock:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "RunFolderLock":
+    def __enter__(self) -> RunFolderLock:
         return self
 
     def __exit__(self, *exc) -> None:

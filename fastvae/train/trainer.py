@@ -64,7 +64,7 @@ class ELBOObjective(nn.Module):
         kl_sum = kl.detach().sum()
         if self.free_bits <= 0:
             loss = fastvae.elbo_loss(decoded, x, kl=kl, beta=kl_weight, likelihood=self.model.likelihood,
-                                     decoder_logvar=self.model.decoder_logvar)
+                                     decoder_logvar=self.model.decoder_log_variance())
             recon_sum = loss.detach() * batch - kl_weight * kl_sum
         else:
             recon = -self.model.log_likelihood(decoded, x, reduction="sum")
@@ -93,7 +93,7 @@ class IWAEObjective(nn.Module):
         z = fastvae.reparameterize(mu, logvar, samples=self.samples)  # [K, B, L]
         decoded = self.model.decode(z.flatten(0, 1)).unflatten(0, (self.samples, batch))  # [K, B, C, H, W]
         loss = fastvae.iwae_loss(decoded, x, z, mu, logvar, likelihood=self.model.likelihood,
-                                 estimator=self.estimator, decoder_logvar=self.model.decoder_logvar)
+                                 estimator=self.estimator, decoder_logvar=self.model.decoder_log_variance())
         return loss, (loss.detach() * batch).reshape(1)
 
 
