@@ -70,3 +70,31 @@ def test_op_matches_its_float64_oracle(spec, backend, dtype, shape):
         for name, got, want in zip(names, grads, expected_grads):
             assert got.dtype == dtype, f"{where}: grad_{name} is {got.dtype}, gradients keep their input's dtype"
             assert_close_to(got, want, f"{where} grad_{name}", spec.min_tolerance)
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.benchmark], ids=[s.name for s in SPECS if s.benchmark])
+def test_every_benchmarked_op_has_a_plain_pytorch_competitor_that_computes_the_same(spec):
+    """The benchmarks time each op against `eager`, the plain PyTorch a user writes: it must exist,
+    and (for an op without noise, whose values are comparable) compute what the oracle does, or
+    the ratio compares different work."""
+    assert spec.eager is not None, f"{spec.name} is benchmarked but has no eager competitor"
+    shape = SHAPES["41x1100"]
+    generator = torch.Generator().manual_seed(SEED)
+    for reduction in spec.reductions or (None,):
+        inputs = [arg.make(shape, torch.float64, DEVICE, generator) for arg in spec.inputs]
+        kwargs = spec.size_arguments(shape)
+        if reduction is not None:
+            kwargs["reduction"] = reduction
+        eager = spec.eager(*inputs, **kwargs)
+        eager = eager if isinstance(eager, tuple) else (eager,)
+        if spec.noise_dims is not None:  # its own noise: the shapes must agree, the values cannot
+            eps = torch.randn(spec.noise_shape(shape), generator=generator, dtype=torch.float64).to(DEVICE)
+            expected = spec.oracle(*inputs, eps=eps, **kwargs)
+        else:
+            expected = spec.oracle(*inputs, **kwargs)
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        assert len(eager) == len(expected), spec.name
+        for got, want in zip(eager, expected):
+            assert got.shape == want.shape, f"{spec.name}[{reduction}]"
+            if spec.noise_dims is None:
+                assert_close_to(got, want, f"{spec.name}[{reduction}] eager")

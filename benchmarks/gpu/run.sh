@@ -9,9 +9,10 @@
 #   3. tests         the whole suite on CUDA: CUDA-graph replays, reduce-overhead, fp16 with a
 #                    GradScaler, one-process NCCL DDP, Triton against the reference
 #   4. ops           the GPU benchmark sweep (--gpu-run)                -> OUTDIR/ops.json
-#   5. train A/B     eager, compile, compile reduce-overhead; fp32, bf16; batch 128, 1024
+#   5. eval A/B      fastvae-eval's NLL, fused against unfused, K = 1000    -> OUTDIR/eval_ab.jsonl
+#   6. train A/B     eager, compile, compile reduce-overhead; fp32, bf16; batch 128, 1024
 #                                                                        -> OUTDIR/train_ab.jsonl
-#   6. report        tables, targets, plot                              -> OUTDIR/report.txt, ops.png
+#   7. report        tables, targets, plot                              -> OUTDIR/report.txt, ops.png
 #
 # Every stage has a time limit and appends to OUTDIR/run.log; OUTDIR/summary.txt says how each
 # ended. Without a CUDA device the same script is a rehearsal: each GPU stage runs at smoke
@@ -83,6 +84,8 @@ if [ "$GPU" = 1 ]; then
     $(for t in $kernel_tests; do printf -- '--ignore=%s ' "$t"; done)
   stage ops 120 "$PY" -m pytest benchmarks/bench_ops.py --benchmark-only --gpu-run -q -p no:cacheprovider \
     --benchmark-json="$OUT/ops.json"
+  stage "eval A/B (fused NLL against unfused, K = 1000)" 40 "$PY" -m benchmarks.eval_ab --repeats 5 \
+    --json "$OUT/eval_ab.jsonl"
   for batch in 128 1024; do
     for mode in eager default reduce-overhead; do
       stage "train A/B batch $batch $mode" 60 "$PY" -m benchmarks.train_ab --compile "$mode" \
@@ -95,6 +98,8 @@ else
   stage "ops (smoke: one op, CPU)" 200 "$PY" -m pytest benchmarks/bench_ops.py --benchmark-only \
     --benchmark-min-rounds=1 --bench-seconds=0.01 -q -p no:cacheprovider -k "vae_loss and B128 and fp32" \
     --benchmark-json="$OUT/ops.json"
+  stage "eval A/B (smoke: K = 20, CPU)" 60 "$PY" -m benchmarks.eval_ab --samples 20 --images 4 --repeats 2 \
+    --json "$OUT/eval_ab.jsonl"
   stage "train A/B (smoke: eager, CPU)" 120 "$PY" -m benchmarks.train_ab --compile eager --blocks 2 --steps 1 \
     --json "$OUT/train_ab.jsonl"
   say "train A/B reduce-overhead: skipped (CUDA graphs need a CUDA device)"
@@ -102,5 +107,7 @@ fi
 
 DEADLINE=$(( $(date +%s) + REPORT_SECONDS ))
 stage report "$REPORT_SECONDS" bash -c "'$PY' -m benchmarks.report '$OUT/ops.json' --plot '$OUT/ops.png' > '$OUT/report.txt' \
-  && '$PY' -m benchmarks.train_ab --report '$OUT/train_ab.jsonl' >> '$OUT/report.txt'"
+  && '$PY' -m benchmarks.train_ab --report '$OUT/train_ab.jsonl' >> '$OUT/report.txt' \
+  && { [ ! -f '$OUT/eval_ab.jsonl' ] || { echo 'eval A/B, one JSON line per run:'; cat '$OUT/eval_ab.jsonl'; }; } \
+     >> '$OUT/report.txt'"
 say "results in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"

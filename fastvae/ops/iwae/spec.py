@@ -66,15 +66,28 @@ def _reduce_rows(rows, reduction):
     return rows if reduction == "none" else reduce(rows, "sum" if reduction == "sum" else "batchmean")
 
 
-def eager_iwae_loss(logits, x, z, mu, logvar, reduction="batchmean"):
-    """The bound as a user writes it: x expanded to the K samples, BCE with logits, the two Gaussian
-    log-densities, logsumexp over the samples."""
-    samples = logits.shape[0]
-    log_px = -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").flatten(2).sum(-1)
+def _eager_bound(log_px, z, mu, logvar, reduction):
+    """The rest of the bound as a user writes it: the two Gaussian log-densities, logsumexp over the samples."""
+    samples = log_px.shape[0]
     log_pz = -0.5 * (z.pow(2) + math.log(2 * math.pi)).flatten(2).sum(-1)
     log_qz = -0.5 * ((z - mu).pow(2) / logvar.exp() + logvar + math.log(2 * math.pi)).flatten(2).sum(-1)
     rows = math.log(samples) - torch.logsumexp(log_px + log_pz - log_qz, dim=0)
     return _reduce_rows(rows, reduction)
+
+
+def eager_iwae_loss(logits, x, z, mu, logvar, reduction="batchmean"):
+    """The bound as a user writes it: x expanded to the K samples, BCE with logits, the two Gaussian
+    log-densities, logsumexp over the samples."""
+    log_px = -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").flatten(2).sum(-1)
+    return _eager_bound(log_px, z, mu, logvar, reduction)
+
+
+def eager_gaussian_iwae_loss(mean, x, z, mu, logvar, decoder_logvar, reduction="batchmean"):
+    """The Gaussian bound as a user writes it: torch.distributions.Normal (validation off, as in a
+    training loop) broadcasting x and the decoder's log-variance over the K samples."""
+    scale = decoder_logvar.mul(0.5).exp()
+    log_px = torch.distributions.Normal(mean, scale, validate_args=False).log_prob(x).flatten(2).sum(-1)
+    return _eager_bound(log_px, z, mu, logvar, reduction)
 
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
@@ -98,7 +111,8 @@ def _gaussian_spec(name, decoder_logvar, benchmark):
         return _reduce_rows(oracle_iwae_rows(mean, x, z, mu, logvar, log_prob=log_prob), reduction)
 
     return OpSpec(name=name, inputs=(MEANS, REAL_X, Z, MU, LOGVAR, decoder_logvar),
-                  outputs=(Arg("loss", (), kind="loss"),), fastvae=fused, oracle=oracle, reductions=REDUCTIONS,
+                  outputs=(Arg("loss", (), kind="loss"),), fastvae=fused, oracle=oracle,
+                  eager=eager_gaussian_iwae_loss if benchmark else None, reductions=REDUCTIONS,
                   min_tolerance=FLOAT32_WEIGHTS_TOLERANCE, benchmark=benchmark)
 
 
