@@ -57,8 +57,15 @@ class PlainObjective(nn.Module):
         return recon / batch + kl_weight * kl / batch, torch.stack([recon + kl, recon, kl]).detach()
 
 
-def make_step(provider: str, compile_mode: str, amp: bool, device: torch.device, quick: bool = False,
-              optimize: bool = True, batch_size: int = BATCH_SIZE):
+def make_step(
+    provider: str,
+    compile_mode: str,
+    amp: bool,
+    device: torch.device,
+    quick: bool = False,
+    optimize: bool = True,
+    batch_size: int = BATCH_SIZE,
+):
     """A closure running one training step as fastvae-train runs it; with optimize=False only its
     forward and backward (no Adam step), where the loss side's share is larger."""
     torch.manual_seed(0)
@@ -67,8 +74,11 @@ def make_step(provider: str, compile_mode: str, amp: bool, device: torch.device,
     if compile_mode != "eager":
         # With --benchmark-disable only graph capture is checked: dynamo with the eager backend
         # proves the step compiles without a graph break, in seconds instead of inductor's minute.
-        objective = (torch.compile(objective, backend="eager") if quick
-                     else torch.compile(objective, mode=None if compile_mode == "default" else compile_mode))
+        objective = (
+            torch.compile(objective, backend="eager")
+            if quick
+            else torch.compile(objective, mode=None if compile_mode == "default" else compile_mode)
+        )
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     low = torch.bfloat16  # AMP is bf16 autocast on both devices: no GradScaler in the timed step
     x = (torch.rand(batch_size, *IMAGE_SHAPE, device=device) < 0.5).float()
@@ -106,8 +116,11 @@ def pytest_generate_tests(metafunc):
     from benchmarks.conftest import bench_device, selection
 
     device = bench_device(metafunc.config)
-    params = [pytest.param((mode, amp, batch, provider), id=f"{mode}-{'amp' if amp else 'fp32'}-B{batch}-{provider}")
-              for mode, amp, batch in settings(device, selection(metafunc.config)) for provider in PROVIDERS]
+    params = [
+        pytest.param((mode, amp, batch, provider), id=f"{mode}-{'amp' if amp else 'fp32'}-B{batch}-{provider}")
+        for mode, amp, batch in settings(device, selection(metafunc.config))
+        for provider in PROVIDERS
+    ]
     metafunc.parametrize("train_setting", params)
 
 
@@ -123,6 +136,13 @@ def test_train_step(benchmark, device, bench_seconds, train_setting):
     step()
     rounds = max(MIN_ROUNDS, math.ceil(SECONDS_SCALE * bench_seconds / (time.perf_counter() - start)))
     benchmark.pedantic(step, rounds=rounds, iterations=1)
-    benchmark.extra_info.update({"op": "train_step", "provider": provider, "compile": compile_mode,
-                                 "amp": amp, "batch_size": batch_size,
-                                 "samples_per_s": batch_size / benchmark.stats.stats.median})
+    benchmark.extra_info.update(
+        {
+            "op": "train_step",
+            "provider": provider,
+            "compile": compile_mode,
+            "amp": amp,
+            "batch_size": batch_size,
+            "samples_per_s": batch_size / benchmark.stats.stats.median,
+        }
+    )

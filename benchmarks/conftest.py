@@ -18,14 +18,24 @@ from fastvae.ops.registry import op_specs
 
 def pytest_addoption(parser):
     group = parser.getgroup("fastvae benchmarks")
-    group.addoption("--bench-device", default="auto", choices=("auto", "cpu", "cuda"),
-                    help="device to benchmark on (default: auto, CUDA when available, else CPU)")
-    group.addoption("--bench-seconds", type=float, default=0.2,
-                    help=f"timed seconds per case, at least {harness.MIN_ROUNDS} rounds (default: 0.2)")
-    group.addoption("--sweep", action="store_true",
-                    help="run every size, precision and mode (the default is the headline settings)")
-    group.addoption("--gpu-run", action="store_true",
-                    help="the sweep sized for the prepared GPU run (benchmarks/gpu/run.sh)")
+    group.addoption(
+        "--bench-device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="device to benchmark on (default: auto, CUDA when available, else CPU)",
+    )
+    group.addoption(
+        "--bench-seconds",
+        type=float,
+        default=0.2,
+        help=f"timed seconds per case, at least {harness.MIN_ROUNDS} rounds (default: 0.2)",
+    )
+    group.addoption(
+        "--sweep", action="store_true", help="run every size, precision and mode (the default is the headline settings)"
+    )
+    group.addoption(
+        "--gpu-run", action="store_true", help="the sweep sized for the prepared GPU run (benchmarks/gpu/run.sh)"
+    )
 
 
 _LOAD_AT_START = pytest.StashKey[tuple]()
@@ -73,9 +83,12 @@ def pytest_generate_tests(metafunc):
     if "case" not in metafunc.fixturenames:
         return
     device = bench_device(metafunc.config)
-    params = [pytest.param(case, spec, id=case.id)
-              for spec in op_specs() if spec.benchmark
-              for case in axes.cases(spec.name, spec.axes, device, selection(metafunc.config))]
+    params = [
+        pytest.param(case, spec, id=case.id)
+        for spec in op_specs()
+        if spec.benchmark
+        for case in axes.cases(spec.name, spec.axes, device, selection(metafunc.config))
+    ]
     metafunc.parametrize(("case", "spec"), params)
 
 
@@ -91,8 +104,9 @@ def bench_seconds(request) -> float:
 
 def _git_commit() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=os.path.dirname(__file__)).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=os.path.dirname(__file__)
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -104,8 +118,12 @@ def _versions() -> dict[str, str | None]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    return {"torch": torch.__version__, "triton": triton_version,
-            "cuda": torch.version.cuda, "python": platform.python_version()}
+    return {
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+    }
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

@@ -51,10 +51,14 @@ def _cases(batch: int, device: torch.device) -> dict:
         (-rows.sum() / batch).backward()
 
     return {
-        "reparameterize_kl": (lambda: sample(reparameterize_kl_fused),
-                              lambda: sample(reparameterize_kl_fused.custom_op)),
-        "bernoulli (elbo's likelihood)": (lambda: likelihood(bernoulli_log_likelihood_fused),
-                                          lambda: likelihood(bernoulli_log_likelihood_fused.custom_op)),
+        "reparameterize_kl": (
+            lambda: sample(reparameterize_kl_fused),
+            lambda: sample(reparameterize_kl_fused.custom_op),
+        ),
+        "bernoulli (elbo's likelihood)": (
+            lambda: likelihood(bernoulli_log_likelihood_fused),
+            lambda: likelihood(bernoulli_log_likelihood_fused.custom_op),
+        ),
     }
 
 
@@ -76,7 +80,7 @@ def _paired(a, b, repeats: int) -> tuple[float, float, float]:
     times_a, times_b, ratios = [], [], []
     for i in range(repeats):
         pair = {}
-        for name, fn in ((("a", a), ("b", b)) if i % 2 else (("b", b), ("a", a))):
+        for name, fn in (("a", a), ("b", b)) if i % 2 else (("b", b), ("a", a)):
             start = time.perf_counter()
             fn()
             pair[name] = time.perf_counter() - start
@@ -98,14 +102,18 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(10):
         step()
     step_seconds = statistics.median(_time(step) for _ in range(50))
-    print(f"batch {args.batch}, {device}, {torch.get_num_threads()} threads, {allocator}; a whole eager fp32 "
-          f"training step (fastvae, MLP 784-512-256-32, Adam): {step_seconds * 1e3:.2f} ms")
+    print(
+        f"batch {args.batch}, {device}, {torch.get_num_threads()} threads, {allocator}; a whole eager fp32 "
+        f"training step (fastvae, MLP 784-512-256-32, Adam): {step_seconds * 1e3:.2f} ms"
+    )
     for name, (function_route, custom_op_route) in _cases(args.batch, device).items():
         fast, slow, ratio = _paired(function_route, custom_op_route, args.repeats)
         saved = slow - fast
-        print(f"  route, {name}: autograd.Function {fast * 1e6:.1f} us, custom op {slow * 1e6:.1f} us per "
-              f"forward + backward; saves {saved * 1e6:.1f} us = {100 * saved / slow:.1f}% of the op, "
-              f"{100 * saved / step_seconds:.2f}% of the step (median ratio {1 / ratio:.3f}x)")
+        print(
+            f"  route, {name}: autograd.Function {fast * 1e6:.1f} us, custom op {slow * 1e6:.1f} us per "
+            f"forward + backward; saves {saved * 1e6:.1f} us = {100 * saved / slow:.1f}% of the op, "
+            f"{100 * saved / step_seconds:.2f}% of the step (median ratio {1 / ratio:.3f}x)"
+        )
     run = _handover_case(args.batch, device)
 
     def without_handover():
@@ -114,10 +122,12 @@ def main(argv: list[str] | None = None) -> None:
 
     fast, slow, ratio = _paired(run, without_handover, args.repeats)
     saved = slow - fast
-    print(f"  hand-over, elbo_loss(kl=) at {args.batch} x {MNIST_PIXELS}: {fast * 1e6:.1f} us with, "
-          f"{slow * 1e6:.1f} us "
-          f"without; saves {saved * 1e6:.1f} us = {100 * saved / slow:.1f}% of the op, "
-          f"{100 * saved / step_seconds:.2f}% of the step (median ratio {1 / ratio:.3f}x)")
+    print(
+        f"  hand-over, elbo_loss(kl=) at {args.batch} x {MNIST_PIXELS}: {fast * 1e6:.1f} us with, "
+        f"{slow * 1e6:.1f} us "
+        f"without; saves {saved * 1e6:.1f} us = {100 * saved / slow:.1f}% of the op, "
+        f"{100 * saved / step_seconds:.2f}% of the step (median ratio {1 / ratio:.3f}x)"
+    )
 
 
 def _time(fn) -> float:

@@ -44,8 +44,7 @@ LOG_2PI = math.log(2.0 * math.pi)
 
 
 @torch.no_grad()
-def unfused_iw_log_likelihood(model, x: Tensor, samples: int, iw_batch_size: int,
-                              generator: torch.Generator) -> Tensor:
+def unfused_iw_log_likelihood(model, x: Tensor, samples: int, iw_batch_size: int, generator: torch.Generator) -> Tensor:
     """Importance-sampled log p(x) [B] float64 of a Bernoulli decoder, as fastvae-eval computed it before the
     fused bound: every chunk of k samples copies mu and logvar k times, draws eps with torch.randn, and
     sums log p(x|z), log p(z) and log q(z|x) in separate passes, the log-weights then in float64."""
@@ -79,8 +78,9 @@ def benchmark_model(checkpoint: str | None, device: torch.device) -> tuple[VAE, 
         state = load_checkpoint(checkpoint)
         model = model_from_checkpoint(state, checkpoint)
         if model.config.image_shape != IMAGE_SHAPE or model.likelihood != "bernoulli":
-            raise SystemExit(f"{checkpoint} is not a Bernoulli model of {IMAGE_SHAPE} images, which the unfused "
-                             f"competitor needs")
+            raise SystemExit(
+                f"{checkpoint} is not a Bernoulli model of {IMAGE_SHAPE} images, which the unfused competitor needs"
+            )
         what = f"{checkpoint} (step {state['step']})"
     else:
         torch.manual_seed(0)
@@ -118,31 +118,46 @@ def measure(model, x: Tensor, samples: int, iw_batch_size: int, repeats: int) ->
     nll = {name: [] for name in ESTIMATORS}
     ratios = []
     for repeat in range(repeats):
-        for name in (ESTIMATORS if repeat % 2 else reversed(ESTIMATORS)):
+        for name in ESTIMATORS if repeat % 2 else reversed(ESTIMATORS):
             took, value = timed(ESTIMATORS[name], model, x, samples, iw_batch_size, seed=repeat + 1)
             seconds[name].append(took)
             nll[name].append(value)
         ratios.append(seconds["unfused"][-1] / seconds["fused"][-1])
     low, median, high = statistics.quantiles(ratios, n=4) if repeats > 1 else (ratios[0],) * 3
-    return {"unfused_s": statistics.median(seconds["unfused"]), "fused_s": statistics.median(seconds["fused"]),
-            "ratio_median": statistics.median(ratios), "ratio_q1": low, "ratio_q3": high,
-            "unfused_nll": statistics.mean(nll["unfused"]), "fused_nll": statistics.mean(nll["fused"])}
+    return {
+        "unfused_s": statistics.median(seconds["unfused"]),
+        "fused_s": statistics.median(seconds["fused"]),
+        "ratio_median": statistics.median(ratios),
+        "ratio_q1": low,
+        "ratio_q3": high,
+        "unfused_nll": statistics.mean(nll["unfused"]),
+        "fused_nll": statistics.mean(nll["fused"]),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=1000, help="importance samples K per image (default 1000)")
     parser.add_argument("--images", type=int, default=100, help="test images in the timed set (default 100)")
-    parser.add_argument("--iw-batch-size", type=int, default=16384,
-                        help="(image, sample) pairs per decoder call, fastvae-eval's default (default 16384)")
+    parser.add_argument(
+        "--iw-batch-size",
+        type=int,
+        default=16384,
+        help="(image, sample) pairs per decoder call, fastvae-eval's default (default 16384)",
+    )
     parser.add_argument("--repeats", type=int, default=7, help="timed pairs of estimates (default 7)")
-    parser.add_argument("--checkpoint", default=None, help="a fastvae-train checkpoint of the default model "
-                        "(default: random weights)")
+    parser.add_argument(
+        "--checkpoint", default=None, help="a fastvae-train checkpoint of the default model (default: random weights)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None, help="append the result as one JSON line to this file")
     args = parser.parse_args(argv)
-    for flag, value in (("--samples", args.samples), ("--images", args.images), ("--repeats", args.repeats),
-                        ("--iw-batch-size", args.iw_batch_size)):
+    for flag, value in (
+        ("--samples", args.samples),
+        ("--images", args.images),
+        ("--repeats", args.repeats),
+        ("--iw-batch-size", args.iw_batch_size),
+    ):
         if value < 1:
             parser.error(f"{flag} must be >= 1, got {value}")
     device = torch.device(args.device)
@@ -150,18 +165,34 @@ def main(argv: list[str] | None = None) -> None:
     model, model_source = benchmark_model(args.checkpoint, device)
     x, image_source = benchmark_images(args.images, device)
     machine = f"{platform.node()}: {device_name(device)}, {torch.get_num_threads()} threads"
-    print(f"importance-sampled NLL, K={args.samples}, {len(x)} images ({image_source}), iw batch "
-          f"{args.iw_batch_size}, {model_source}, {device}, {args.repeats} pairs; {machine}; {allocator}")
+    print(
+        f"importance-sampled NLL, K={args.samples}, {len(x)} images ({image_source}), iw batch "
+        f"{args.iw_batch_size}, {model_source}, {device}, {args.repeats} pairs; {machine}; {allocator}"
+    )
     result = measure(model, x, args.samples, args.iw_batch_size, args.repeats)
-    print(f"  unfused {result['unfused_s']:.3f} s, fused {result['fused_s']:.3f} s per estimate; fused speed / "
-          f"unfused: median {result['ratio_median']:.3f}x (quartiles {result['ratio_q1']:.3f} to "
-          f"{result['ratio_q3']:.3f})")
-    print(f"  mean NLL over the repeats: unfused {result['unfused_nll']:.3f}, fused {result['fused_nll']:.3f} nats "
-          f"(different noise)")
+    print(
+        f"  unfused {result['unfused_s']:.3f} s, fused {result['fused_s']:.3f} s per estimate; fused speed / "
+        f"unfused: median {result['ratio_median']:.3f}x (quartiles {result['ratio_q1']:.3f} to "
+        f"{result['ratio_q3']:.3f})"
+    )
+    print(
+        f"  mean NLL over the repeats: unfused {result['unfused_nll']:.3f}, fused {result['fused_nll']:.3f} nats "
+        f"(different noise)"
+    )
     if args.json:
-        row = {**result, "samples": args.samples, "images": len(x), "iw_batch_size": args.iw_batch_size,
-               "repeats": args.repeats, "model": model_source, "data": image_source, "device": str(device),
-               "machine": machine, "allocator": allocator, "torch": torch.__version__}
+        row = {
+            **result,
+            "samples": args.samples,
+            "images": len(x),
+            "iw_batch_size": args.iw_batch_size,
+            "repeats": args.repeats,
+            "model": model_source,
+            "data": image_source,
+            "device": str(device),
+            "machine": machine,
+            "allocator": allocator,
+            "torch": torch.__version__,
+        }
         with open(args.json, "a") as handle:
             handle.write(json.dumps(row) + "\n")
 

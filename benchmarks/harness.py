@@ -60,8 +60,10 @@ def pin_cpu_allocator() -> str:
     if platform.libc_ver()[0] != "glibc":
         return UNPINNED_ALLOCATOR
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    if not (libc.mallopt(_M_MMAP_THRESHOLD, PINNED_MMAP_THRESHOLD)
-            and libc.mallopt(_M_TRIM_THRESHOLD, PINNED_TRIM_THRESHOLD)):
+    if not (
+        libc.mallopt(_M_MMAP_THRESHOLD, PINNED_MMAP_THRESHOLD)
+        and libc.mallopt(_M_TRIM_THRESHOLD, PINNED_TRIM_THRESHOLD)
+    ):
         return UNPINNED_ALLOCATOR
     return f"glibc malloc mmap_threshold={PINNED_MMAP_THRESHOLD} trim_threshold={PINNED_TRIM_THRESHOLD}"
 
@@ -84,8 +86,7 @@ def largest_input_bytes(spec: OpSpec, case: Case) -> int:
 
 def make_inputs(spec: OpSpec, case: Case, device: torch.device) -> list[torch.Tensor]:
     """Fresh random inputs of `case`; the differentiable ones require grad."""
-    return [arg.make(case.sizes, _dtype(arg, case), device).requires_grad_(arg.differentiable)
-            for arg in spec.inputs]
+    return [arg.make(case.sizes, _dtype(arg, case), device).requires_grad_(arg.differentiable) for arg in spec.inputs]
 
 
 def make_upstream(spec: OpSpec, case: Case, device: torch.device) -> list[torch.Tensor]:
@@ -94,8 +95,9 @@ def make_upstream(spec: OpSpec, case: Case, device: torch.device) -> list[torch.
     grads = []
     for arg in spec.outputs:
         shape, dtype = arg.shape(case.sizes), _dtype(arg, case)
-        grads.append(torch.ones((), dtype=dtype, device=device) if not shape
-                     else torch.randn(shape, device=device).to(dtype))
+        grads.append(
+            torch.ones((), dtype=dtype, device=device) if not shape else torch.randn(shape, device=device).to(dtype)
+        )
     return grads
 
 
@@ -281,26 +283,30 @@ def record(benchmark, spec: OpSpec, case: Case, device: torch.device, peak: int 
     copy = copy_bandwidth_gbps(device)
     gbps = nbytes / median / 1e9
     largest_input = largest_input_bytes(spec, case)
-    benchmark.extra_info.update({
-        "op": case.op,
-        "mode": case.mode,
-        "provider": case.provider.name,
-        "backend": case.provider.backend,
-        "device": device.type,
-        "device_name": device_name(device),
-        "batch": case.batch,
-        "data": case.data,
-        "latent": case.latent,
-        "samples": case.samples,
-        "precision": case.precision.name,
-        "param_dtype": str(case.precision.param).removeprefix("torch."),
-        "target_dtype": str(case.precision.target).removeprefix("torch."),
-        "autocast": None if case.precision.autocast is None else str(case.precision.autocast).removeprefix("torch."),
-        "min_bytes": nbytes,
-        "gbps": gbps,
-        "copy_gbps": copy,
-        "pct_of_copy": 100.0 * gbps / copy,
-        "largest_input_bytes": largest_input,
-        "peak_extra_bytes": peak,
-        "peak_memory_note": None if peak is not None else f"not reported by the {device.type} allocator",
-    })
+    benchmark.extra_info.update(
+        {
+            "op": case.op,
+            "mode": case.mode,
+            "provider": case.provider.name,
+            "backend": case.provider.backend,
+            "device": device.type,
+            "device_name": device_name(device),
+            "batch": case.batch,
+            "data": case.data,
+            "latent": case.latent,
+            "samples": case.samples,
+            "precision": case.precision.name,
+            "param_dtype": str(case.precision.param).removeprefix("torch."),
+            "target_dtype": str(case.precision.target).removeprefix("torch."),
+            "autocast": None
+            if case.precision.autocast is None
+            else str(case.precision.autocast).removeprefix("torch."),
+            "min_bytes": nbytes,
+            "gbps": gbps,
+            "copy_gbps": copy,
+            "pct_of_copy": 100.0 * gbps / copy,
+            "largest_input_bytes": largest_input,
+            "peak_extra_bytes": peak,
+            "peak_memory_note": None if peak is not None else f"not reported by the {device.type} allocator",
+        }
+    )

@@ -82,8 +82,10 @@ def train_step_table(steps: list[TrainStep]) -> list[tuple[str, float | None, fl
     rate = {(s.provider, s.compile, s.amp, s.batch_size): s.samples_per_s for s in steps}
     order = list(COMPILE_LABELS)
     out = []
-    for batch, mode, amp in sorted({(s.batch_size, s.compile, s.amp) for s in steps},
-                                   key=lambda k: (k[0], order.index(k[1]) if k[1] in order else 9, k[2])):
+    for batch, mode, amp in sorted(
+        {(s.batch_size, s.compile, s.amp) for s in steps},
+        key=lambda k: (k[0], order.index(k[1]) if k[1] in order else 9, k[2]),
+    ):
         plain, fused = rate.get(("plain", mode, amp, batch)), rate.get(("fastvae", mode, amp, batch))
         setting = f"batch {batch}, {COMPILE_LABELS.get(mode, mode)}, {'AMP' if amp else 'fp32'}"
         out.append((setting, plain, fused, fused / plain if plain and fused else None))
@@ -110,8 +112,16 @@ def _provider_rank(name: str) -> int:
 def _sorted(rows: list[Row]) -> list[Row]:
     def key(r: Row):
         i = r.info
-        return (i["precision"] != HEADLINE["precision"], i["precision"], i["data"] or 0,
-                i["latent"] or 0, i.get("samples") or 0, i["batch"], _provider_rank(r.provider))
+        return (
+            i["precision"] != HEADLINE["precision"],
+            i["precision"],
+            i["data"] or 0,
+            i["latent"] or 0,
+            i.get("samples") or 0,
+            i["batch"],
+            _provider_rank(r.provider),
+        )
+
     return sorted(rows, key=key)
 
 
@@ -136,8 +146,7 @@ def format_extra_memory(info: dict) -> str:
 
 
 def _groups(rows: list[Row]) -> list[tuple[str, str, list[Row]]]:
-    ops = sorted({r.info["op"] for r in rows},
-                 key=lambda op: OP_ORDER.index(op) if op in OP_ORDER else len(OP_ORDER))
+    ops = sorted({r.info["op"] for r in rows}, key=lambda op: OP_ORDER.index(op) if op in OP_ORDER else len(OP_ORDER))
     out = []
     for op in ops:
         for mode in MODES:
@@ -152,13 +161,15 @@ def _machine_line(machine: dict, rows: list[Row] = ()) -> str:
     copies = [r.info["copy_gbps"] for r in rows if r.info.get("copy_gbps")]
     # Each case's "% copy" is against the copy measured beside it (benchmarks.harness).
     beside = f" ({min(copies):.1f} to {max(copies):.1f} GB/s beside the cases)" if copies else ""
-    return (f"{f.get('device_name', '?')} ({f.get('device', '?')}, {f.get('cpu_count', '?')} CPUs, torch kernels "
-            f"{f.get('aten_cpu_capability', '?')}), "
-            f"torch {f.get('torch', '?')}, triton {f.get('triton', '?')}, {f.get('date', '?')}, "
-            f"copy bandwidth {f.get('copy_gbps', float('nan')):.1f} GB/s at the end{beside}, "
-            f"allocator: {f.get('cpu_allocator', '?')}, load average (1/5/15 min) "
-            f"{_load(f.get('load_average_1_5_15_min_at_start'))} at start, "
-            f"{_load(f.get('load_average_1_5_15_min_at_end'))} at end")
+    return (
+        f"{f.get('device_name', '?')} ({f.get('device', '?')}, {f.get('cpu_count', '?')} CPUs, torch kernels "
+        f"{f.get('aten_cpu_capability', '?')}), "
+        f"torch {f.get('torch', '?')}, triton {f.get('triton', '?')}, {f.get('date', '?')}, "
+        f"copy bandwidth {f.get('copy_gbps', float('nan')):.1f} GB/s at the end{beside}, "
+        f"allocator: {f.get('cpu_allocator', '?')}, load average (1/5/15 min) "
+        f"{_load(f.get('load_average_1_5_15_min_at_start'))} at start, "
+        f"{_load(f.get('load_average_1_5_15_min_at_end'))} at end"
+    )
 
 
 def _load(values) -> str:
@@ -172,8 +183,20 @@ def print_tables(machine: dict, rows: list[Row], console) -> None:
     console.print(_machine_line(machine, rows))
     for op, mode, group in _groups(rows):
         table = Table(title=f"{op} — {mode}", title_justify="left")
-        for column in ("samples", "batch", "data", "latent", "precision", "provider", "time", "GB/s",
-                       "% copy", "vs eager", "vs compiled", "extra memory"):
+        for column in (
+            "samples",
+            "batch",
+            "data",
+            "latent",
+            "precision",
+            "provider",
+            "time",
+            "GB/s",
+            "% copy",
+            "vs eager",
+            "vs compiled",
+            "extra memory",
+        ):
             table.add_column(column, justify="left" if column in ("precision", "provider") else "right")
         previous = None
         for r in group:
@@ -182,10 +205,20 @@ def print_tables(machine: dict, rows: list[Row], console) -> None:
                 table.add_section()
             previous = r.setting
             s = ratios[(r.setting, r.provider)]
-            table.add_row(str(i.get("samples") or "-"), str(i["batch"]), str(i["data"] or "-"), str(i["latent"] or "-"),
-                          i["precision"], r.provider, format_time(r.seconds), f"{i['gbps']:.1f}",
-                          f"{i['pct_of_copy']:.0f}%", format_ratio(s["eager"]),
-                          format_ratio(s["compiled"]), format_extra_memory(i))
+            table.add_row(
+                str(i.get("samples") or "-"),
+                str(i["batch"]),
+                str(i["data"] or "-"),
+                str(i["latent"] or "-"),
+                i["precision"],
+                r.provider,
+                format_time(r.seconds),
+                f"{i['gbps']:.1f}",
+                f"{i['pct_of_copy']:.0f}%",
+                format_ratio(s["eager"]),
+                format_ratio(s["compiled"]),
+                format_extra_memory(i),
+            )
         console.print(table)
 
 
@@ -207,15 +240,23 @@ class Target:
     @property
     def title(self) -> str:
         setting = f"batch >= {self.min_batch}" + ("" if self.latent is None else f", latent {self.latent}")
-        memory = ("" if self.extra_buffers is None
-                  else f", extra memory <= {self.extra_buffers:g} largest-input buffer")
-        return (f"{self.label}: {self.op} {self.mode} at {setting}: >= {self.pct_copy:.0f}% of copy, "
-                f">= {self.vs_eager:g}x eager, >= {self.vs_compiled:g}x compiled{memory}")
+        memory = "" if self.extra_buffers is None else f", extra memory <= {self.extra_buffers:g} largest-input buffer"
+        return (
+            f"{self.label}: {self.op} {self.mode} at {setting}: >= {self.pct_copy:.0f}% of copy, "
+            f">= {self.vs_eager:g}x eager, >= {self.vs_compiled:g}x compiled{memory}"
+        )
 
     def rows(self, rows: list[Row]) -> list[Row]:
-        return _sorted([r for r in rows if r.info["op"] == self.op and r.info["mode"] == self.mode
-                        and r.info["batch"] >= self.min_batch
-                        and (self.latent is None or r.info["latent"] == self.latent)])
+        return _sorted(
+            [
+                r
+                for r in rows
+                if r.info["op"] == self.op
+                and r.info["mode"] == self.mode
+                and r.info["batch"] >= self.min_batch
+                and (self.latent is None or r.info["latent"] == self.latent)
+            ]
+        )
 
     def verdict(self, row: Row, ratios: dict[str, float | None]) -> str:
         """Which parts of the target a fastvae row meets; empty for a competitor."""
@@ -223,14 +264,18 @@ class Target:
             return ""
         checks = [("copy", row.info["pct_of_copy"] >= self.pct_copy)]
         unmeasured = [name for name in ("eager", "compiled") if ratios[name] is None]
-        checks += [(name, ratios[name] >= minimum) for name, minimum in
-                   (("eager", self.vs_eager), ("compiled", self.vs_compiled)) if ratios[name] is not None]
+        checks += [
+            (name, ratios[name] >= minimum)
+            for name, minimum in (("eager", self.vs_eager), ("compiled", self.vs_compiled))
+            if ratios[name] is not None
+        ]
         if self.extra_buffers is not None and row.info.get("peak_extra_bytes") is not None:
             extra = row.info["peak_extra_bytes"] / row.info["largest_input_bytes"]
             checks.append(("memory", extra <= self.extra_buffers))
         missed = [name for name, ok in checks if not ok]
         parts = (["missed: " + ", ".join(missed)] if missed else []) + (
-            ["not run: " + ", ".join(unmeasured)] if unmeasured else [])
+            ["not run: " + ", ".join(unmeasured)] if unmeasured else []
+        )
         return "; ".join(parts) if parts else "all met"
 
 
@@ -250,14 +295,33 @@ def print_targets(machine: dict, rows: list[Row], console) -> None:
         if device is not None and target.device != device:
             continue
         table = Table(title=f"target, {target.title}", title_justify="left")
-        for column in ("batch", "data", "latent", "precision", "provider", "% copy", "vs eager",
-                       "vs compiled", "extra memory", "verdict"):
+        for column in (
+            "batch",
+            "data",
+            "latent",
+            "precision",
+            "provider",
+            "% copy",
+            "vs eager",
+            "vs compiled",
+            "extra memory",
+            "verdict",
+        ):
             table.add_column(column)
         for r in target.rows(rows):
             i, s = r.info, ratios[(r.setting, r.provider)]
-            table.add_row(str(i["batch"]), str(i["data"]), str(i["latent"]), i["precision"], r.provider,
-                          f"{i['pct_of_copy']:.0f}%", format_ratio(s["eager"]), format_ratio(s["compiled"]),
-                          format_extra_memory(i), target.verdict(r, s))
+            table.add_row(
+                str(i["batch"]),
+                str(i["data"]),
+                str(i["latent"]),
+                i["precision"],
+                r.provider,
+                f"{i['pct_of_copy']:.0f}%",
+                format_ratio(s["eager"]),
+                format_ratio(s["compiled"]),
+                format_extra_memory(i),
+                target.verdict(r, s),
+            )
         console.print(table)
 
 
@@ -277,8 +341,10 @@ def print_train_steps(steps: list[TrainStep], console) -> None:
 
 
 def train_steps_markdown(steps: list[TrainStep]) -> str:
-    lines = ["| training step | plain PyTorch (samples/s) | fastvae (samples/s) | fastvae / plain |",
-             "|---|---:|---:|---:|"]
+    lines = [
+        "| training step | plain PyTorch (samples/s) | fastvae (samples/s) | fastvae / plain |",
+        "|---|---:|---:|---:|",
+    ]
     for setting, plain, fused, ratio in train_step_table(steps):
         lines.append(f"| {setting} | {_rate(plain)} | {_rate(fused)} | {format_ratio(ratio)} |")
     return "\n".join(lines)
@@ -287,9 +353,14 @@ def train_steps_markdown(steps: list[TrainStep]) -> str:
 def headline_rows(rows: list[Row]) -> list[Row]:
     """The rows of the headline setting; the importance-weighted ops' K samples are a setting of
     their own (the tables show them)."""
-    return [r for r in rows if r.info["precision"] == HEADLINE["precision"]
-            and r.info["data"] in (None, HEADLINE["data"]) and r.info["latent"] in (None, HEADLINE["latent"])
-            and r.info.get("samples") is None]
+    return [
+        r
+        for r in rows
+        if r.info["precision"] == HEADLINE["precision"]
+        and r.info["data"] in (None, HEADLINE["data"])
+        and r.info["latent"] in (None, HEADLINE["latent"])
+        and r.info.get("samples") is None
+    ]
 
 
 def markdown(machine: dict, rows: list[Row], mode: str = "full") -> str:
@@ -297,8 +368,10 @@ def markdown(machine: dict, rows: list[Row], mode: str = "full") -> str:
     chosen = [r for r in headline_rows(rows) if r.info["mode"] == mode]
     providers = sorted({r.provider for r in chosen}, key=_provider_rank)
     cells = {(r.info["op"], r.info["batch"], r.provider): r for r in chosen}
-    lines = [f"| op ({mode}, {HEADLINE['precision']}) | batch | " + " | ".join(providers) + " |",
-             "|---|---:|" + "---:|" * len(providers)]
+    lines = [
+        f"| op ({mode}, {HEADLINE['precision']}) | batch | " + " | ".join(providers) + " |",
+        "|---|---:|" + "---:|" * len(providers),
+    ]
     for op, _, group in _groups(chosen):
         for batch in sorted({r.info["batch"] for r in group}):
             row = [op, str(batch)]
@@ -321,8 +394,9 @@ def plot(machine: dict, rows: list[Row], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     ops = list(dict.fromkeys(op for op, _, _ in groups))
-    fig, panels = plt.subplots(len(ops), len(MODES), figsize=(4.2 * len(MODES), 3.2 * len(ops)),
-                               squeeze=False, sharex=True)
+    fig, panels = plt.subplots(
+        len(ops), len(MODES), figsize=(4.2 * len(MODES), 3.2 * len(ops)), squeeze=False, sharex=True
+    )
     copy = machine.get("fastvae", {}).get("copy_gbps")
     for ax in panels.flat:
         ax.set_visible(False)  # shown again below where a mode was measured
@@ -345,9 +419,12 @@ def plot(machine: dict, rows: list[Row], path: Path) -> bool:
             labels.setdefault(label, handle)
     fig.legend(labels.values(), labels.keys(), loc="lower center", ncol=len(labels), fontsize=8)
     f = machine.get("fastvae", {})
-    fig.suptitle(f"fastvae benchmarks, {HEADLINE['precision']}, data {HEADLINE['data']}, latent "
-                 f"{HEADLINE['latent']}: {f.get('device_name', '?')}, torch {f.get('torch', '?')}, "
-                 f"{str(f.get('date', '?'))[:10]}", fontsize=10)
+    fig.suptitle(
+        f"fastvae benchmarks, {HEADLINE['precision']}, data {HEADLINE['data']}, latent "
+        f"{HEADLINE['latent']}: {f.get('device_name', '?')}, torch {f.get('torch', '?')}, "
+        f"{str(f.get('date', '?'))[:10]}",
+        fontsize=10,
+    )
     fig.tight_layout(rect=(0, 0.05, 1, 1))  # room for the shared legend below the panels
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -357,10 +434,10 @@ def plot(machine: dict, rows: list[Row], path: Path) -> bool:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n")[0])
     parser.add_argument("results", type=Path, help="a pytest --benchmark-json file")
-    parser.add_argument("--plot", type=Path, default=None,
-                        help="where to write the PNG (default: the results path with .png)")
-    parser.add_argument("--markdown", action="store_true",
-                        help="print only the headline table (mode full) as Markdown")
+    parser.add_argument(
+        "--plot", type=Path, default=None, help="where to write the PNG (default: the results path with .png)"
+    )
+    parser.add_argument("--markdown", action="store_true", help="print only the headline table (mode full) as Markdown")
     args = parser.parse_args(argv)
 
     machine, rows, steps = load(args.results)
@@ -387,8 +464,10 @@ def main(argv: list[str] | None = None) -> None:
         if plot(machine, rows, path):
             console.print(f"plot written to {path}")
         else:
-            console.print("no plot: the run measured no case of the headline setting "
-                          f"({', '.join(f'{k} {v}' for k, v in HEADLINE.items())})")
+            console.print(
+                "no plot: the run measured no case of the headline setting "
+                f"({', '.join(f'{k} {v}' for k, v in HEADLINE.items())})"
+            )
 
 
 if __name__ == "__main__":

@@ -44,21 +44,38 @@ def paired_ratios(steps: dict, blocks: int, steps_per_block: int, device: torch.
     return ratios, seconds
 
 
-def measure(compile_mode: str, amp: bool, batch_size: int, blocks: int, steps_per_block: int,
-            device: torch.device, optimize: bool = True) -> dict:
+def measure(
+    compile_mode: str,
+    amp: bool,
+    batch_size: int,
+    blocks: int,
+    steps_per_block: int,
+    device: torch.device,
+    optimize: bool = True,
+) -> dict:
     """One setting's paired measurement, as a dict (what --json writes, one per line)."""
-    steps = {name: make_step(name, compile_mode, amp, device, optimize=optimize, batch_size=batch_size)
-             for name in PROVIDERS}
+    steps = {
+        name: make_step(name, compile_mode, amp, device, optimize=optimize, batch_size=batch_size) for name in PROVIDERS
+    }
     for step in steps.values():
         for _ in range(WARMUP_STEPS):
             step()
     ratios, seconds = paired_ratios(steps, blocks, steps_per_block, device)
     low, median, high = statistics.quantiles(ratios, n=4)
-    return {"compile": compile_mode, "amp": amp, "batch_size": batch_size, "optimizer": optimize,
-            "blocks": blocks, "steps_per_block": steps_per_block, "device": str(device),
-            "plain_ms": statistics.median(seconds["plain"]) * 1e3,
-            "fastvae_ms": statistics.median(seconds["fastvae"]) * 1e3,
-            "ratio_median": statistics.median(ratios), "ratio_q1": low, "ratio_q3": high}
+    return {
+        "compile": compile_mode,
+        "amp": amp,
+        "batch_size": batch_size,
+        "optimizer": optimize,
+        "blocks": blocks,
+        "steps_per_block": steps_per_block,
+        "device": str(device),
+        "plain_ms": statistics.median(seconds["plain"]) * 1e3,
+        "fastvae_ms": statistics.median(seconds["fastvae"]) * 1e3,
+        "ratio_median": statistics.median(ratios),
+        "ratio_q1": low,
+        "ratio_q3": high,
+    }
 
 
 def print_report(path: str) -> None:
@@ -67,23 +84,33 @@ def print_report(path: str) -> None:
         rows = [json.loads(line) for line in lines if line.strip()]
     print(f"training step A/B ({len(rows)} settings; fastvae speed / plain, median of paired blocks)")
     for r in rows:
-        print(f"  batch {r['batch_size']:5d}, {r['compile']:15s}, {'AMP ' if r['amp'] else 'fp32'}: plain "
-              f"{r['plain_ms']:.3f} ms, fastvae {r['fastvae_ms']:.3f} ms; {r['ratio_median']:.3f}x "
-              f"(quartiles {r['ratio_q1']:.3f} to {r['ratio_q3']:.3f}), {r['device']}")
+        print(
+            f"  batch {r['batch_size']:5d}, {r['compile']:15s}, {'AMP ' if r['amp'] else 'fp32'}: plain "
+            f"{r['plain_ms']:.3f} ms, fastvae {r['fastvae_ms']:.3f} ms; {r['ratio_median']:.3f}x "
+            f"(quartiles {r['ratio_q1']:.3f} to {r['ratio_q3']:.3f}), {r['device']}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--report", default=None, metavar="JSONL",
-                        help="print the settings a --json file holds, measure nothing")
+    parser.add_argument(
+        "--report", default=None, metavar="JSONL", help="print the settings a --json file holds, measure nothing"
+    )
     parser.add_argument("--blocks", type=int, default=150, help="block pairs (default 150)")
     parser.add_argument("--steps", type=int, default=5, help="training steps per block (default 5)")
-    parser.add_argument("--compile", choices=COMPILE_MODES, default="eager",
-                        help="torch.compile mode of both steps' forward (default: eager, no compile)")
+    parser.add_argument(
+        "--compile",
+        choices=COMPILE_MODES,
+        default="eager",
+        help="torch.compile mode of both steps' forward (default: eager, no compile)",
+    )
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"(default {BATCH_SIZE})")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--no-optimizer", action="store_true",
-                        help="time forward and backward only, without the Adam step that dilutes the loss side")
+    parser.add_argument(
+        "--no-optimizer",
+        action="store_true",
+        help="time forward and backward only, without the Adam step that dilutes the loss side",
+    )
     parser.add_argument("--json", default=None, help="append each setting's result as one JSON line to this file")
     args = parser.parse_args(argv)
     if args.report:
@@ -96,15 +123,20 @@ def main(argv: list[str] | None = None) -> None:
     # spanned 0.80 to 1.23 on a 2-core CPU; fixed, 0.98 to 1.05.
     allocator = pin_cpu_allocator()
     cache = isolate_inductor_cache()
-    print(f"training step{' without the optimizer' if args.no_optimizer else ''}, batch {args.batch_size}, "
-          f"{device}, {torch.get_num_threads()} threads, compile: {args.compile}, {args.blocks} block pairs of "
-          f"{args.steps} steps, {allocator}, inductor cache: {cache}")
+    print(
+        f"training step{' without the optimizer' if args.no_optimizer else ''}, batch {args.batch_size}, "
+        f"{device}, {torch.get_num_threads()} threads, compile: {args.compile}, {args.blocks} block pairs of "
+        f"{args.steps} steps, {allocator}, inductor cache: {cache}"
+    )
     for amp in (False, True):
         result = measure(args.compile, amp, args.batch_size, args.blocks, args.steps, device, not args.no_optimizer)
-        print(f"  {'AMP ' if amp else 'fp32'}: plain {result['plain_ms']:.2f} ms, "
-              f"fastvae {result['fastvae_ms']:.2f} ms per step; "
-              f"fastvae speed / plain: median {result['ratio_median']:.3f}x "
-              f"(quartiles {result['ratio_q1']:.3f} to {result['ratio_q3']:.3f})", flush=True)
+        print(
+            f"  {'AMP ' if amp else 'fp32'}: plain {result['plain_ms']:.2f} ms, "
+            f"fastvae {result['fastvae_ms']:.2f} ms per step; "
+            f"fastvae speed / plain: median {result['ratio_median']:.3f}x "
+            f"(quartiles {result['ratio_q1']:.3f} to {result['ratio_q3']:.3f})",
+            flush=True,
+        )
         if args.json:
             with open(args.json, "a") as handle:
                 handle.write(json.dumps(result) + "\n")

@@ -43,11 +43,19 @@ def ptxas_resources(ptx: str, arch: str) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".ptx", mode="w") as source:
         source.write(ptx)
         source.flush()
-        report = subprocess.run([str(_ptxas()), f"-arch={arch}", "-v", source.name, "-o", os.devnull],
-                                capture_output=True, text=True, check=True).stderr
+        report = subprocess.run(
+            [str(_ptxas()), f"-arch={arch}", "-v", source.name, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
     frame = _FRAME.search(report)
-    return {"registers": int(_REGISTERS.search(report).group(1)), "stack_bytes": int(frame.group(1)),
-            "spill_store_bytes": int(frame.group(2)), "spill_load_bytes": int(frame.group(3))}
+    return {
+        "registers": int(_REGISTERS.search(report).group(1)),
+        "stack_bytes": int(frame.group(1)),
+        "spill_store_bytes": int(frame.group(2)),
+        "spill_load_bytes": int(frame.group(3)),
+    }
 
 
 def _specializations() -> list:
@@ -71,8 +79,11 @@ def _compile_chunk(indices: list[int], archs: tuple[int, ...]) -> list[dict]:
         for arch in archs:
             row = {"kernel": spec.kernel.fn.__name__, "specialization": spec.name, "arch": f"sm_{arch}"}
             try:
-                compiled = triton.compile(ASTSource(spec.kernel, spec.signature(), spec.constexprs),
-                                          target=GPUTarget("cuda", arch, WARP_SIZE), options=LAUNCH_OPTIONS)
+                compiled = triton.compile(
+                    ASTSource(spec.kernel, spec.signature(), spec.constexprs),
+                    target=GPUTarget("cuda", arch, WARP_SIZE),
+                    options=LAUNCH_OPTIONS,
+                )
                 assert compiled.asm["cubin"], "no cubin"
                 row.update(ptxas_resources(compiled.asm["ptx"], _ptx_target(compiled.asm["ptx"])), error=None)
             except Exception as error:  # noqa: BLE001 - every failure is reported, with its kind
@@ -107,8 +118,13 @@ def compile_all(archs: tuple[int, ...] = ARCHS, workers: int = 2) -> list[dict]:
 def _count_in_subprocess() -> int:
     """The number of specializations, counted where triton is not interpreting."""
     code = "from benchmarks.triton_resources import _specializations; print(len(_specializations()))"
-    done = subprocess.run([os.sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                          env=dict(os.environ, TRITON_INTERPRET="0"))
+    done = subprocess.run(
+        [os.sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=dict(os.environ, TRITON_INTERPRET="0"),
+    )
     return int(done.stdout.strip())
 
 
@@ -120,8 +136,10 @@ def summary(rows: list[dict]) -> list[str]:
         ok = [r for r in group if r["error"] is None]
         spills = [r for r in ok if r["spill_store_bytes"] or r["spill_load_bytes"]]
         registers = max((r["registers"] for r in ok), default=0)
-        lines.append(f"{kernel:34s} {arch}: {len(group):3d} specializations, at most {registers} registers, "
-                     f"{len(spills)} spilling, {len(group) - len(ok)} failed")
+        lines.append(
+            f"{kernel:34s} {arch}: {len(group):3d} specializations, at most {registers} registers, "
+            f"{len(spills)} spilling, {len(group) - len(ok)} failed"
+        )
     return lines
 
 

@@ -1,11 +1,11 @@
 """fastvae: fused Triton and native CPU kernels for variational autoencoders.
 
-    import fastvae
-    z, kl = fastvae.reparameterize_kl(mu, logvar)          # one pass: sample and KL [B]
-    loss = -fastvae.bernoulli_log_likelihood(logits, x) + kl.mean()
-    loss = fastvae.elbo_loss(logits, x, mu, logvar)         # or all at once
-    z = fastvae.reparameterize(mu, logvar, samples=5)        # K = 5 samples: [5, B, L]
-    loss = fastvae.iwae_loss(decoder(z), x, z, mu, logvar)  # the importance-weighted bound
+import fastvae
+z, kl = fastvae.reparameterize_kl(mu, logvar)          # one pass: sample and KL [B]
+loss = -fastvae.bernoulli_log_likelihood(logits, x) + kl.mean()
+loss = fastvae.elbo_loss(logits, x, mu, logvar)         # or all at once
+z = fastvae.reparameterize(mu, logvar, samples=5)        # K = 5 samples: [5, B, L]
+loss = fastvae.iwae_loss(decoder(z), x, z, mu, logvar)  # the importance-weighted bound
 """
 
 from fastvae.backend import available_backends, use_backend

@@ -90,8 +90,10 @@ def _triton_reason(device: torch.device | None) -> str | None:
         return None
     if interpret:
         return f"triton runs on CUDA tensors (or CPU tensors in the interpreter), not {device.type}; move them"
-    return (f"triton runs on CUDA tensors, not {device.type}; move the tensors to CUDA, or set "
-            f"TRITON_INTERPRET=1 before importing fastvae to interpret the kernels on CPU")
+    return (
+        f"triton runs on CUDA tensors, not {device.type}; move the tensors to CUDA, or set "
+        f"TRITON_INTERPRET=1 before importing fastvae to interpret the kernels on CPU"
+    )
 
 
 def _native_reason(device: torch.device | None) -> str | None:
@@ -136,8 +138,11 @@ def resolve_backend_name(device: torch.device) -> str:
                 return "native"
             if not _warned_auto_fallback:
                 _warned_auto_fallback = True
-                warnings.warn(f"fastvae: native CPU kernels unavailable ({reason}); using the torch "
-                              f"reference backend. Set {ENV_VAR}=torch to silence this.", stacklevel=3)
+                warnings.warn(
+                    f"fastvae: native CPU kernels unavailable ({reason}); using the torch "
+                    f"reference backend. Set {ENV_VAR}=torch to silence this.",
+                    stacklevel=3,
+                )
             return "torch"
         else:
             return "torch"

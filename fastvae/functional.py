@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from fastvae import validation as check
-from fastvae.ops.gaussian.op import gaussian_kl_fused, reparameterize_kl_fused
 from fastvae.ops.common import transform_active
+from fastvae.ops.gaussian.op import gaussian_kl_fused, reparameterize_kl_fused
 from fastvae.ops.iwae.op import ESTIMATORS, iwae_loss_fused
 from fastvae.ops.likelihoods import LIKELIHOODS
 from fastvae.ops.noise import draw_seed
@@ -41,8 +41,14 @@ def _reduce_rows(rows: Tensor, reduction: str, elements: int) -> Tensor:
 
 
 # --------------------------------------------------------------------------- sampling
-def reparameterize_kl(mu: Tensor, logvar: Tensor, eps: Tensor | None = None, *, samples: int | None = None,
-                      generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def reparameterize_kl(
+    mu: Tensor,
+    logvar: Tensor,
+    eps: Tensor | None = None,
+    *,
+    samples: int | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
     """Sample z ~ q(z|x) = N(mu, exp(logvar)) and its KL to N(0, I), in one fused pass.
 
     Args:
@@ -77,8 +83,10 @@ def reparameterize_kl(mu: Tensor, logvar: Tensor, eps: Tensor | None = None, *, 
         if samples is None:
             check.check_same_shape("eps", eps, "mu", mu)
         elif eps.shape != (samples,) + mu.shape:
-            raise ValueError(f"eps {list(eps.shape)} must have shape [samples, *mu.shape] = "
-                             f"{[samples, *mu.shape]} with samples={samples}")
+            raise ValueError(
+                f"eps {list(eps.shape)} must have shape [samples, *mu.shape] = "
+                f"{[samples, *mu.shape]} with samples={samples}"
+            )
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     seed = draw_seed(mu.device, generator) if (generator is not None and eps is None) else None
@@ -86,8 +94,14 @@ def reparameterize_kl(mu: Tensor, logvar: Tensor, eps: Tensor | None = None, *, 
     return z, kl
 
 
-def reparameterize(mu: Tensor, logvar: Tensor, eps: Tensor | None = None, *, samples: int | None = None,
-                   generator: torch.Generator | None = None) -> Tensor:
+def reparameterize(
+    mu: Tensor,
+    logvar: Tensor,
+    eps: Tensor | None = None,
+    *,
+    samples: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """z = mu + exp(0.5 * logvar) * eps in mu's dtype, [B, ...] ([K, B, ...] with samples=K); the
     arguments of reparameterize_kl.
 
@@ -123,8 +137,15 @@ def gaussian_kl(mu: Tensor, logvar: Tensor, reduction: str = "batchmean") -> Ten
     return kl if elementwise else _reduce_rows(kl, reduction, mu.numel())
 
 
-def _log_likelihood(likelihood: str, output: Tensor, target: Tensor, decoder_logvar: Tensor | None,
-                    elementwise: bool, weight: float | None, target_name: str = "target") -> Tensor:
+def _log_likelihood(
+    likelihood: str,
+    output: Tensor,
+    target: Tensor,
+    decoder_logvar: Tensor | None,
+    elementwise: bool,
+    weight: float | None,
+    target_name: str = "target",
+) -> Tensor:
     """log p(target | output) of `likelihood` (fastvae.ops.likelihoods), per element or per datapoint
     [B] for a loss that adds `weight` * their sum (its kernel writes the gradient so scaled).
 
@@ -132,15 +153,20 @@ def _log_likelihood(likelihood: str, output: Tensor, target: Tensor, decoder_log
     that can be checked for free (validation.check_unit_interval), NaN elsewhere."""
     entry = LIKELIHOODS[likelihood]
     if entry.takes_logvar:
-        return entry.fused(output, target, decoder_logvar, elementwise, _needs_grad(output, decoder_logvar),
-                           weight)[0]
+        return entry.fused(output, target, decoder_logvar, elementwise, _needs_grad(output, decoder_logvar), weight)[0]
     result = entry.fused(output, target, elementwise, _needs_grad(output), weight)[0]
     check.check_unit_interval(target_name, result, target)
     return result
 
 
-def _reduced_log_likelihood(likelihood: str, output: Tensor, target: Tensor, decoder_logvar: Tensor | None,
-                            reduction: str, target_name: str = "target") -> Tensor:
+def _reduced_log_likelihood(
+    likelihood: str,
+    output: Tensor,
+    target: Tensor,
+    decoder_logvar: Tensor | None,
+    reduction: str,
+    target_name: str = "target",
+) -> Tensor:
     """_log_likelihood per element for "none", else the per-datapoint rows reduced; their kernel is
     told the reduction's weight, so that backward can hand its gradient over."""
     if reduction == "none":
@@ -200,8 +226,9 @@ def continuous_bernoulli_log_likelihood(logits: Tensor, x: Tensor, *, reduction:
     return _reduced_log_likelihood("continuous_bernoulli", logits, x, None, reduction, target_name="x")
 
 
-def gaussian_log_likelihood(mean: Tensor, x: Tensor, logvar: Tensor | None = None, *,
-                            reduction: str = "batchmean") -> Tensor:
+def gaussian_log_likelihood(
+    mean: Tensor, x: Tensor, logvar: Tensor | None = None, *, reduction: str = "batchmean"
+) -> Tensor:
     """log N(x; mean, exp(logvar)) = -0.5 * ((x - mean)^2 * exp(-logvar) + logvar + log 2pi) per element.
 
     Args:
@@ -240,8 +267,10 @@ def _check_kl_rows(kl: Tensor, logits: Tensor) -> None:
     check.check_float_tensor("kl", kl)
     check.check_same_device(logits=logits, kl=kl)
     if kl.shape != logits.shape[:1]:
-        raise ValueError(f"kl must be the per-datapoint KL [B] = [{logits.shape[0]}] (as reparameterize_kl "
-                         f"returns it), got {list(kl.shape)}")
+        raise ValueError(
+            f"kl must be the per-datapoint KL [B] = [{logits.shape[0]}] (as reparameterize_kl "
+            f"returns it), got {list(kl.shape)}"
+        )
 
 
 def _check_decoder(logits: Tensor, target: Tensor, likelihood: str, decoder_logvar: Tensor | None) -> None:
@@ -251,8 +280,15 @@ def _check_decoder(logits: Tensor, target: Tensor, likelihood: str, decoder_logv
         check.check_broadcastable("decoder_logvar", decoder_logvar, "target", target)
 
 
-def elbo_terms(logits: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, *, likelihood: str = "bernoulli",
-               decoder_logvar: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def elbo_terms(
+    logits: Tensor,
+    target: Tensor,
+    mu: Tensor,
+    logvar: Tensor,
+    *,
+    likelihood: str = "bernoulli",
+    decoder_logvar: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """The two terms of the negative ELBO per datapoint: -log p(x|z) [B] and KL [B], float32;
     the arguments of elbo_loss.
 
@@ -267,9 +303,18 @@ def elbo_terms(logits: Tensor, target: Tensor, mu: Tensor, logvar: Tensor, *, li
     return -logp, kl
 
 
-def elbo_loss(logits: Tensor, target: Tensor, mu: Tensor | None = None, logvar: Tensor | None = None, *,
-              kl: Tensor | None = None, beta: float | Tensor = 1.0, reduction: str = "batchmean",
-              likelihood: str = "bernoulli", decoder_logvar: Tensor | None = None) -> Tensor:
+def elbo_loss(
+    logits: Tensor,
+    target: Tensor,
+    mu: Tensor | None = None,
+    logvar: Tensor | None = None,
+    *,
+    kl: Tensor | None = None,
+    beta: float | Tensor = 1.0,
+    reduction: str = "batchmean",
+    likelihood: str = "bernoulli",
+    decoder_logvar: Tensor | None = None,
+) -> Tensor:
     """The negative ELBO, -log p(x|z) + beta * KL(q(z|x) || N(0, I)), per datapoint then reduced.
 
     Args:
@@ -303,8 +348,10 @@ def elbo_loss(logits: Tensor, target: Tensor, mu: Tensor | None = None, logvar: 
     check.check_beta(beta, logits.device)
     if kl is None:
         if mu is None or logvar is None:
-            raise TypeError("elbo_loss needs the posterior: pass mu and logvar, or kl= (the [B] KL that "
-                            "fastvae.reparameterize_kl returns)")
+            raise TypeError(
+                "elbo_loss needs the posterior: pass mu and logvar, or kl= (the [B] KL that "
+                "fastvae.reparameterize_kl returns)"
+            )
         _check_posterior(logits, mu, logvar)
         kl, _, _ = gaussian_kl_fused(mu, logvar, False, _needs_grad(mu, logvar))
     else:
@@ -329,41 +376,51 @@ def _check_iwae_inputs(logits: Tensor, x: Tensor, z: Tensor, mu: Tensor, logvar:
         check.check_float_tensor(name, t)
     for name, t in (("logits", logits), ("z", z)):
         if t.dim() < 2:
-            raise ValueError(f"{name} must be [K, B, ...], K samples of B datapoints (z from "
-                             f"fastvae.reparameterize(mu, logvar, samples=K)), got shape {list(t.shape)}")
+            raise ValueError(
+                f"{name} must be [K, B, ...], K samples of B datapoints (z from "
+                f"fastvae.reparameterize(mu, logvar, samples=K)), got shape {list(t.shape)}"
+            )
     samples, batch = logits.shape[:2]
     if samples == 0:
         raise ValueError(f"logits {list(logits.shape)} has no sample (K = 0 in dim 0); the bound needs K >= 1")
     if z.shape[0] != samples:
-        raise ValueError(f"z {list(z.shape)} and logits {list(logits.shape)} must have the same number of "
-                         f"samples K (dim 0)")
+        raise ValueError(
+            f"z {list(z.shape)} and logits {list(logits.shape)} must have the same number of samples K (dim 0)"
+        )
     if z.shape[1] != batch:
-        raise ValueError(f"z {list(z.shape)} and logits {list(logits.shape)} must have the same batch size "
-                         f"B (dim 1)")
+        raise ValueError(f"z {list(z.shape)} and logits {list(logits.shape)} must have the same batch size B (dim 1)")
     if x.shape != logits.shape[1:]:
         axis = "batch size B (dim 0)" if x.dim() == 0 or x.shape[0] != batch else "data shape D"
-        raise ValueError(f"x {list(x.shape)} must have the shape {list(logits.shape[1:])} of one sample of "
-                         f"logits {list(logits.shape)}: its {axis} differs")
+        raise ValueError(
+            f"x {list(x.shape)} must have the shape {list(logits.shape[1:])} of one sample of "
+            f"logits {list(logits.shape)}: its {axis} differs"
+        )
     if mu.shape != z.shape[1:]:
         axis = "batch size B (dim 0)" if mu.dim() == 0 or mu.shape[0] != batch else "latent shape L"
-        raise ValueError(f"mu {list(mu.shape)} must have the shape {list(z.shape[1:])} of one sample of "
-                         f"z {list(z.shape)}: its {axis} differs")
+        raise ValueError(
+            f"mu {list(mu.shape)} must have the shape {list(z.shape[1:])} of one sample of "
+            f"z {list(z.shape)}: its {axis} differs"
+        )
     check.check_same_shape("logvar", logvar, "mu", mu)
     check.check_same_device(logits=logits, x=x, z=z, mu=mu, logvar=logvar)
 
 
-_DREG_FIRST_ORDER_ONLY = ("estimator='dreg' defines first-order gradients (an estimator, not the derivative of "
-                          "a function), so it has no double backward and no torch.func transform; differentiate "
-                          "the bound itself with estimator='iwae' for those")
+_DREG_FIRST_ORDER_ONLY = (
+    "estimator='dreg' defines first-order gradients (an estimator, not the derivative of "
+    "a function), so it has no double backward and no torch.func transform; differentiate "
+    "the bound itself with estimator='iwae' for those"
+)
 
 
 def _weight_z_gradient(z: Tensor, weights: Tensor) -> None:
     """DReG's second weighting (fastvae.ops.iwae.op): z's whole gradient, the decoder's path included,
     times the normalized weights w~ [K, B] (constants of the estimator), with a hook on z."""
     if getattr(z, "_fastvae_dreg_weighted", False):
-        raise ValueError("iwae_loss(estimator='dreg') was already applied to this z, whose gradient would be "
-                         "weighted twice (a leaf z keeps the weighting for every later graph). Draw fresh samples "
-                         "for each bound, pass a z computed from mu and logvar, or use estimator='iwae'")
+        raise ValueError(
+            "iwae_loss(estimator='dreg') was already applied to this z, whose gradient would be "
+            "weighted twice (a leaf z keeps the weighting for every later graph). Draw fresh samples "
+            "for each bound, pass a z computed from mu and logvar, or use estimator='iwae'"
+        )
     scale = weights.detach().reshape(weights.shape + (1,) * (z.dim() - weights.dim()))
 
     def weight(grad: Tensor) -> Tensor:
@@ -378,8 +435,18 @@ def _weight_z_gradient(z: Tensor, weights: Tensor) -> None:
         z._fastvae_dreg_weighted = True
 
 
-def iwae_loss(logits: Tensor, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, *, likelihood: str = "bernoulli",
-              estimator: str = "iwae", reduction: str = "batchmean", decoder_logvar: Tensor | None = None) -> Tensor:
+def iwae_loss(
+    logits: Tensor,
+    x: Tensor,
+    z: Tensor,
+    mu: Tensor,
+    logvar: Tensor,
+    *,
+    likelihood: str = "bernoulli",
+    estimator: str = "iwae",
+    reduction: str = "batchmean",
+    decoder_logvar: Tensor | None = None,
+) -> Tensor:
     """The negative importance-weighted bound (IWAE, Burda et al., ICLR 2016) on K samples per datapoint:
 
         loss_b = -(logsumexp_k [log p(x_b | z_kb) + log N(z_kb; 0, I) - log N(z_kb; mu_b, exp(logvar_b))] - log K)
@@ -431,8 +498,9 @@ def iwae_loss(logits: Tensor, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, 
     _check_iwae_inputs(logits, x, z, mu, logvar)
     if decoder_logvar is not None:
         check.check_broadcastable("decoder_logvar", decoder_logvar, "logits", logits)
-    rows, weights, _, _ = iwae_loss_fused(logits, x, z, mu, logvar, decoder_logvar, likelihood, estimator,
-                                          _needs_grad(logits, decoder_logvar))
+    rows, weights, _, _ = iwae_loss_fused(
+        logits, x, z, mu, logvar, decoder_logvar, likelihood, estimator, _needs_grad(logits, decoder_logvar)
+    )
     if estimator == "dreg" and z.requires_grad and torch.is_grad_enabled():
         _weight_z_gradient(z, weights)
     if LIKELIHOODS[likelihood].target_in_unit_interval:

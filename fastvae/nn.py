@@ -27,8 +27,7 @@ class ELBOLoss(nn.Module):
         >>> loss = criterion(decoder(z), x, kl=kl, decoder_logvar=log_sigma2)
     """
 
-    def __init__(self, beta: float | Tensor = 1.0, reduction: str = "batchmean",
-                 likelihood: str = "bernoulli") -> None:
+    def __init__(self, beta: float | Tensor = 1.0, reduction: str = "batchmean", likelihood: str = "bernoulli") -> None:
         super().__init__()
         check_reduction(reduction)
         check_beta(beta)
@@ -37,10 +36,27 @@ class ELBOLoss(nn.Module):
         self.reduction = reduction
         self.likelihood = likelihood
 
-    def forward(self, logits: Tensor, target: Tensor, mu: Tensor | None = None, logvar: Tensor | None = None,
-                *, kl: Tensor | None = None, decoder_logvar: Tensor | None = None) -> Tensor:
-        return elbo_loss(logits, target, mu, logvar, kl=kl, beta=self.beta, reduction=self.reduction,
-                         likelihood=self.likelihood, decoder_logvar=decoder_logvar)
+    def forward(
+        self,
+        logits: Tensor,
+        target: Tensor,
+        mu: Tensor | None = None,
+        logvar: Tensor | None = None,
+        *,
+        kl: Tensor | None = None,
+        decoder_logvar: Tensor | None = None,
+    ) -> Tensor:
+        return elbo_loss(
+            logits,
+            target,
+            mu,
+            logvar,
+            kl=kl,
+            beta=self.beta,
+            reduction=self.reduction,
+            likelihood=self.likelihood,
+            decoder_logvar=decoder_logvar,
+        )
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, reduction={self.reduction!r}, likelihood={self.likelihood!r}"
@@ -71,10 +87,20 @@ class IWAELoss(nn.Module):
         check_reduction(reduction)
         self.likelihood, self.estimator, self.reduction = likelihood, estimator, reduction
 
-    def forward(self, logits: Tensor, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, *,
-                decoder_logvar: Tensor | None = None) -> Tensor:
-        return iwae_loss(logits, x, z, mu, logvar, likelihood=self.likelihood, estimator=self.estimator,
-                         reduction=self.reduction, decoder_logvar=decoder_logvar)
+    def forward(
+        self, logits: Tensor, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, *, decoder_logvar: Tensor | None = None
+    ) -> Tensor:
+        return iwae_loss(
+            logits,
+            x,
+            z,
+            mu,
+            logvar,
+            likelihood=self.likelihood,
+            estimator=self.estimator,
+            reduction=self.reduction,
+            decoder_logvar=decoder_logvar,
+        )
 
     def extra_repr(self) -> str:
         return f"likelihood={self.likelihood!r}, estimator={self.estimator!r}, reduction={self.reduction!r}"

@@ -42,8 +42,13 @@ def validate_args_enabled() -> bool:
 
 def _values_readable(t: Tensor) -> bool:
     """Whether checking t's values costs no host sync and is possible at all."""
-    return (_validate_values and t.device.type == "cpu" and type(t) in (Tensor, torch.nn.Parameter)
-            and not torch.compiler.is_compiling() and not transform_active())
+    return (
+        _validate_values
+        and t.device.type == "cpu"
+        and type(t) in (Tensor, torch.nn.Parameter)
+        and not torch.compiler.is_compiling()
+        and not transform_active()
+    )
 
 
 def check_float_tensor(name: str, t: object, *, batched: bool = True) -> None:
@@ -51,11 +56,15 @@ def check_float_tensor(name: str, t: object, *, batched: bool = True) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16 or "
-                        f"float64), got {t.dtype}; convert it with {name}.float()")
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float32, float16, bfloat16 or "
+            f"float64), got {t.dtype}; convert it with {name}.float()"
+        )
     if batched and t.dim() == 0:
-        raise ValueError(f"{name} must have a batch dimension (dim 0), got a 0-d tensor; "
-                         f"use {name}.reshape(1, -1) for a single datapoint")
+        raise ValueError(
+            f"{name} must have a batch dimension (dim 0), got a 0-d tensor; "
+            f"use {name}.reshape(1, -1) for a single datapoint"
+        )
 
 
 def check_same_shape(a_name: str, a: Tensor, b_name: str, b: Tensor) -> None:
@@ -88,9 +97,11 @@ def check_broadcastable(name: str, t: object, to_name: str, to: Tensor) -> None:
     except RuntimeError:
         fits = False
     if not fits:
-        raise ValueError(f"{name} {list(t.shape)} must broadcast to the shape of {to_name} {list(to.shape)}: "
-                         f"give one value per element ({list(to.shape)}), per feature "
-                         f"({list(to.shape[1:])}) or a scalar ([])")
+        raise ValueError(
+            f"{name} {list(t.shape)} must broadcast to the shape of {to_name} {list(to.shape)}: "
+            f"give one value per element ({list(to.shape)}), per feature "
+            f"({list(to.shape[1:])}) or a scalar ([])"
+        )
     check_same_device(**{to_name: to, name: t})
 
 
@@ -99,14 +110,17 @@ def check_likelihood(likelihood: object, decoder_logvar: Tensor | None) -> None:
     the Gaussian only."""
     check_choice("likelihood", likelihood, LIKELIHOODS)
     if decoder_logvar is not None and not LIKELIHOODS[likelihood].takes_logvar:
-        raise ValueError(f"decoder_logvar is the log-variance of a Gaussian p(x|z), but likelihood={likelihood!r}; "
-                         f"pass likelihood='gaussian' with it, or leave decoder_logvar out")
+        raise ValueError(
+            f"decoder_logvar is the log-variance of a Gaussian p(x|z), but likelihood={likelihood!r}; "
+            f"pass likelihood='gaussian' with it, or leave decoder_logvar out"
+        )
 
 
 def check_same_batch(a_name: str, a: Tensor, b_name: str, b: Tensor, why: str) -> None:
     if a.shape[0] != b.shape[0]:
-        raise ValueError(f"{a_name} {list(a.shape)} and {b_name} {list(b.shape)} must have the same batch "
-                         f"size (dim 0): {why}")
+        raise ValueError(
+            f"{a_name} {list(a.shape)} and {b_name} {list(b.shape)} must have the same batch size (dim 0): {why}"
+        )
 
 
 def check_samples(samples: object) -> None:
@@ -114,8 +128,9 @@ def check_samples(samples: object) -> None:
     if samples is None:
         return
     if isinstance(samples, bool) or not isinstance(samples, numbers.Integral):
-        raise TypeError(f"samples must be an int >= 1 (or None for one sample without a samples dim), "
-                        f"got {type(samples).__name__}")
+        raise TypeError(
+            f"samples must be an int >= 1 (or None for one sample without a samples dim), got {type(samples).__name__}"
+        )
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
 
@@ -140,8 +155,10 @@ def check_beta(beta: object, device: torch.device | None = None) -> None:
             raise ValueError(f"beta must be a finite number >= 0 (it weights the KL term), got {beta}")
         return
     if beta.dim() != 0:
-        raise ValueError(f"beta must be a scalar: a float or a 0-d tensor, got a tensor of shape {list(beta.shape)}; "
-                         f"a per-datapoint weight belongs in the loss (reduction='none', then weight the rows)")
+        raise ValueError(
+            f"beta must be a scalar: a float or a 0-d tensor, got a tensor of shape {list(beta.shape)}; "
+            f"a per-datapoint weight belongs in the loss (reduction='none', then weight the rows)"
+        )
     if not beta.is_floating_point():
         raise TypeError(f"beta must be a floating-point tensor, got {beta.dtype}; use beta.float()")
     if device is not None and beta.device != device and beta.device.type != "cpu":
@@ -163,6 +180,8 @@ def check_unit_interval(name: str, result: Tensor, target: Tensor) -> None:
     outside = (target < 0) | (target > 1) | torch.isnan(target)
     if outside.any():
         first = tuple(int(i) for i in outside.nonzero()[0])
-        raise ValueError(f"{name} must lie in [0, 1] (binary data, or grey levels scaled to [0, 1]); "
-                         f"{name}{list(first)} = {target[first].item()!r}. Scale the data (x / 255), clamp it "
-                         f"(x.clamp(0, 1)), or call fastvae.set_validate_args(False) to get NaN instead")
+        raise ValueError(
+            f"{name} must lie in [0, 1] (binary data, or grey levels scaled to [0, 1]); "
+            f"{name}{list(first)} = {target[first].item()!r}. Scale the data (x / 255), clamp it "
+            f"(x.clamp(0, 1)), or call fastvae.set_validate_args(False) to get NaN instead"
+        )

@@ -22,7 +22,7 @@ def tiny_dataset(folder: Path, side: int = SIDE, train_n: int = TRAIN_N, test_n:
         labels = torch.randint(0, 2, (n,), generator=g, dtype=torch.uint8)
         base = torch.zeros(n, side, side)
         base[labels == 0, : side // 2] = 220.0
-        base[labels == 1, side // 2:] = 220.0
+        base[labels == 1, side // 2 :] = 220.0
         noise = torch.randint(0, 30, (n, side, side), generator=g).float()
         return (base + noise).clamp(0, 255).to(torch.uint8), labels
 
@@ -30,9 +30,30 @@ def tiny_dataset(folder: Path, side: int = SIDE, train_n: int = TRAIN_N, test_n:
 
 
 def tiny_args(dataset: Path, out: Path, *extra: str) -> list[str]:
-    return ["--dataset", str(dataset), "--out", str(out), "--hidden-dims", "16", "--latent-dim", "2",
-            "--batch-size", str(BATCH), "--val-size", str(VAL_N), "--iw-samples", "4", "--iw-examples", "10",
-            "--eval-batch-size", "8", "--log-every", "2", "--no-plots", *extra]
+    return [
+        "--dataset",
+        str(dataset),
+        "--out",
+        str(out),
+        "--hidden-dims",
+        "16",
+        "--latent-dim",
+        "2",
+        "--batch-size",
+        str(BATCH),
+        "--val-size",
+        str(VAL_N),
+        "--iw-samples",
+        "4",
+        "--iw-examples",
+        "10",
+        "--eval-batch-size",
+        "8",
+        "--log-every",
+        "2",
+        "--no-plots",
+        *extra,
+    ]
 
 
 def final_state(run_dir: Path) -> dict:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.autograd import forward_ad
 
 import fastvae
+
 from helpers import BACKENDS, DEVICE
 
 F64 = {"device": DEVICE, "dtype": torch.float64}
@@ -35,9 +36,18 @@ def plain_elbo(logits, mu, logvar, target):
 def fused_elbo_with(likelihood):
     """elbo_loss with `likelihood`, as a function of the decoder output, mu, logvar (and for the
     Gaussian its log-variance, a learned per-feature parameter [D] here)."""
+
     def loss(output, mu, logvar, target, *decoder_logvar):
-        return fastvae.elbo_loss(output, target, mu, logvar, beta=0.7, likelihood=likelihood,
-                                 decoder_logvar=decoder_logvar[0] if decoder_logvar else None)
+        return fastvae.elbo_loss(
+            output,
+            target,
+            mu,
+            logvar,
+            beta=0.7,
+            likelihood=likelihood,
+            decoder_logvar=decoder_logvar[0] if decoder_logvar else None,
+        )
+
     return loss
 
 
@@ -54,6 +64,7 @@ def plain_elbo_with(log_prob):
     def loss(output, mu, logvar, target, *decoder_logvar):
         kl = 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).sum(1)
         return (-log_prob(output, target, *decoder_logvar).sum(1) + 0.7 * kl).mean()
+
     return loss
 
 
@@ -96,7 +107,7 @@ def plain_dreg(logits, z, mu, logvar, target):
     """The IWAE value with DReG's gradients, from the surrogate losses (weights detached; the
     encoder's with log q's parameters and the decoder's output detached)."""
     weights = torch.softmax(_plain_log_weights(logits, z, mu, logvar, target), 0).detach()
-    encoder = -(weights ** 2 * _plain_log_weights(logits.detach(), z, mu.detach(), logvar.detach(), target))
+    encoder = -(weights**2 * _plain_log_weights(logits.detach(), z, mu.detach(), logvar.detach(), target))
     log_px = -F.binary_cross_entropy_with_logits(logits, target.expand_as(logits), reduction="none").sum(-1)
     surrogate = (encoder - weights * log_px).sum(0).mean()
     value = plain_iwae(logits, z, mu, logvar, target)
@@ -104,8 +115,12 @@ def plain_dreg(logits, z, mu, logvar, target):
 
 
 def _elbo_inputs():
-    return (torch.randn(3, 7, **F64) * 2, torch.randn(3, 4, **F64), torch.randn(3, 4, **F64),
-            torch.rand(3, 7, **F64).round())
+    return (
+        torch.randn(3, 7, **F64) * 2,
+        torch.randn(3, 4, **F64),
+        torch.randn(3, 4, **F64),
+        torch.rand(3, 7, **F64).round(),
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -116,8 +131,10 @@ def test_gradgradcheck_every_op(backend):
     samples_logits, z = (t.requires_grad_() for t in _iwae_inputs())
     with fastvae.use_backend(backend):
         cases = [
-            (lambda lk, zk, m, v: fastvae.iwae_loss(lk, target, zk, m, v, reduction="none"),
-             (samples_logits, z, mu, logvar)),
+            (
+                lambda lk, zk, m, v: fastvae.iwae_loss(lk, target, zk, m, v, reduction="none"),
+                (samples_logits, z, mu, logvar),
+            ),
             (lambda l: fastvae.bernoulli_log_likelihood(l, target, "sum"), (logits,)),
             (lambda l: fastvae.bernoulli_log_likelihood(l, target, "none"), (logits,)),
             (lambda m, v: fastvae.gaussian_kl(m, v, "none"), (mu, logvar)),
@@ -139,12 +156,15 @@ def test_gradgradcheck_every_op(backend):
 
         # One sample, and K samples per row (backward sums them inside the kernel).
         for samples in (None, 3):
+
             def sample(m, v, samples=samples):
                 return reparameterize_kl_fused(m, v, None, SEED, samples)[:2]
+
             assert torch.autograd.gradgradcheck(sample, (mu, logvar))
         eps_samples = _eps((2, 3, 4)).requires_grad_()
-        assert torch.autograd.gradgradcheck(lambda m, v, e: fastvae.reparameterize_kl(m, v, e, samples=2),
-                                            (mu, logvar, eps_samples))
+        assert torch.autograd.gradgradcheck(
+            lambda m, v, e: fastvae.reparameterize_kl(m, v, e, samples=2), (mu, logvar, eps_samples)
+        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -169,8 +189,9 @@ def test_gradient_penalty_through_the_loss_matches_plain_pytorch(backend):
         fused = penalty_grad(fused_elbo)
         penalty_module = penalty_grad(lambda l, m, v, t: fastvae.ELBOLoss(beta=0.7)(l, t, m, v))
     for name, got, module_got, want in zip(("W", "mu", "logvar"), fused, penalty_module, expected):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12,
-                                   msg=lambda m, name=name: f"d penalty/d {name}: {m}")
+        torch.testing.assert_close(
+            got, want, rtol=1e-9, atol=1e-12, msg=lambda m, name=name: f"d penalty/d {name}: {m}"
+        )
         torch.testing.assert_close(module_got, want, rtol=1e-9, atol=1e-12)
 
 
@@ -204,33 +225,59 @@ def test_every_torch_func_transform_matches_plain_pytorch(backend):
     eps, eps_samples = _eps((3, 4)), _eps((2, 3, 4))
     samples_logits, z = _iwae_inputs()
     cases = {
-        "iwae_loss": (lambda lk, zk, m, v: fused_iwae(lk, zk, m, v, target),
-                      lambda lk, zk, m, v: plain_iwae(lk, zk, m, v, target), (samples_logits, z, mu, logvar)),
-        "elbo_loss": (lambda l, m, v: fused_elbo(l, m, v, target), lambda l, m, v: plain_elbo(l, m, v, target),
-                      (logits, mu, logvar)),
-        "bernoulli": (lambda l: fastvae.bernoulli_log_likelihood(l, target),
-                      lambda l: -F.binary_cross_entropy_with_logits(l, target, reduction="sum") / 3, (logits,)),
-        "gaussian_kl": (lambda m, v: fastvae.gaussian_kl(m, v, "sum"),
-                        lambda m, v: 0.5 * (m.pow(2) + v.exp() - v - 1).sum(), (mu, logvar)),
+        "iwae_loss": (
+            lambda lk, zk, m, v: fused_iwae(lk, zk, m, v, target),
+            lambda lk, zk, m, v: plain_iwae(lk, zk, m, v, target),
+            (samples_logits, z, mu, logvar),
+        ),
+        "elbo_loss": (
+            lambda l, m, v: fused_elbo(l, m, v, target),
+            lambda l, m, v: plain_elbo(l, m, v, target),
+            (logits, mu, logvar),
+        ),
+        "bernoulli": (
+            lambda l: fastvae.bernoulli_log_likelihood(l, target),
+            lambda l: -F.binary_cross_entropy_with_logits(l, target, reduction="sum") / 3,
+            (logits,),
+        ),
+        "gaussian_kl": (
+            lambda m, v: fastvae.gaussian_kl(m, v, "sum"),
+            lambda m, v: 0.5 * (m.pow(2) + v.exp() - v - 1).sum(),
+            (mu, logvar),
+        ),
         "reparameterize_kl": (lambda m, v: fused_sample(m, v, eps), lambda m, v: plain_sample(m, v, eps), (mu, logvar)),
-        "continuous_bernoulli": (lambda l: fastvae.continuous_bernoulli_log_likelihood(l, target),
-                                 lambda l: plain_continuous_bernoulli(l, target).sum() / 3, (logits,)),
-        "gaussian_log_likelihood": (lambda m, v: fastvae.gaussian_log_likelihood(m, target, v, reduction="mean"),
-                                    lambda m, v: plain_gaussian(m, target, v).mean(), (logits, logvar_d)),
+        "continuous_bernoulli": (
+            lambda l: fastvae.continuous_bernoulli_log_likelihood(l, target),
+            lambda l: plain_continuous_bernoulli(l, target).sum() / 3,
+            (logits,),
+        ),
+        "gaussian_log_likelihood": (
+            lambda m, v: fastvae.gaussian_log_likelihood(m, target, v, reduction="mean"),
+            lambda m, v: plain_gaussian(m, target, v).mean(),
+            (logits, logvar_d),
+        ),
         "elbo_loss_continuous_bernoulli": (
             lambda l, m, v: fused_elbo_with("continuous_bernoulli")(l, m, v, target),
-            lambda l, m, v: plain_elbo_with(plain_continuous_bernoulli)(l, m, v, target), (logits, mu, logvar)),
+            lambda l, m, v: plain_elbo_with(plain_continuous_bernoulli)(l, m, v, target),
+            (logits, mu, logvar),
+        ),
         "elbo_loss_gaussian": (
             lambda l, m, v, d: fused_elbo_with("gaussian")(l, m, v, target, d),
-            lambda l, m, v, d: plain_elbo_with(plain_gaussian)(l, m, v, target, d), (logits, mu, logvar, logvar_d)),
-        "reparameterize_kl_samples": (lambda m, v: fused_samples(m, v, eps_samples),
-                                      lambda m, v: plain_sample(m, v, eps_samples), (mu, logvar)),  # broadcast
+            lambda l, m, v, d: plain_elbo_with(plain_gaussian)(l, m, v, target, d),
+            (logits, mu, logvar, logvar_d),
+        ),
+        "reparameterize_kl_samples": (
+            lambda m, v: fused_samples(m, v, eps_samples),
+            lambda m, v: plain_sample(m, v, eps_samples),
+            (mu, logvar),
+        ),  # broadcast
     }
     with fastvae.use_backend(backend):
         for op, (fused, plain, inputs) in cases.items():
             for name, got, want in _transforms(fused, plain, inputs):
-                torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12,
-                                           msg=lambda m, op=op, name=name: f"{op} {name}: {m}")
+                torch.testing.assert_close(
+                    got, want, rtol=1e-9, atol=1e-12, msg=lambda m, op=op, name=name: f"{op} {name}: {m}"
+                )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -36,11 +36,13 @@ def test_auto_on_cpu_is_native_when_built_else_torch_with_a_warning():
     if native_reason is None:
         assert resolve_backend_name(torch.device("cpu")) == "native"
     else:
-        code = ("import warnings, torch, fastvae\n"
-                "from fastvae.backend import resolve_backend_name\n"
-                "with warnings.catch_warnings(record=True) as w:\n"
-                "    warnings.simplefilter('always')\n"
-                "    print(resolve_backend_name(torch.device('cpu')), '|', w[0].message)\n")
+        code = (
+            "import warnings, torch, fastvae\n"
+            "from fastvae.backend import resolve_backend_name\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    print(resolve_backend_name(torch.device('cpu')), '|', w[0].message)\n"
+        )
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
         assert out.startswith("torch |") and "native CPU kernels unavailable" in out
 

@@ -19,8 +19,15 @@ ELBO, REPARAMETERIZE_KL = SPECS["elbo_loss"], SPECS["reparameterize_kl"]
 
 
 def _case(spec, mode, precision="fp32", batch=4096, data=784, latent=32, device=CPU):
-    return Case(spec.name, mode, axes.EAGER, precisions_for(device)[precision], batch,
-                data if "data" in spec.axes else None, latent if "latent" in spec.axes else None)
+    return Case(
+        spec.name,
+        mode,
+        axes.EAGER,
+        precisions_for(device)[precision],
+        batch,
+        data if "data" in spec.axes else None,
+        latent if "latent" in spec.axes else None,
+    )
 
 
 def test_elbo_full_bytes_are_inputs_read_once_and_gradients_written_once():
@@ -74,32 +81,56 @@ def test_cuda_providers_are_the_competitors_and_triton():
 
 def _entry(provider, seconds, *, op="elbo_loss", mode="full", batch=4096, latent=32, peak=None):
     nbytes = 1_000_000
-    info = {"op": op, "mode": mode, "provider": provider, "batch": batch, "data": 784, "latent": latent,
-            "precision": "fp32", "min_bytes": nbytes, "gbps": nbytes / seconds / 1e9, "copy_gbps": 10.0,
-            "pct_of_copy": 100 * nbytes / seconds / 1e9 / 10.0, "largest_input_bytes": 400_000,
-            "peak_extra_bytes": peak}
+    info = {
+        "op": op,
+        "mode": mode,
+        "provider": provider,
+        "batch": batch,
+        "data": 784,
+        "latent": latent,
+        "precision": "fp32",
+        "min_bytes": nbytes,
+        "gbps": nbytes / seconds / 1e9,
+        "copy_gbps": 10.0,
+        "pct_of_copy": 100 * nbytes / seconds / 1e9 / 10.0,
+        "largest_input_bytes": 400_000,
+        "peak_extra_bytes": peak,
+    }
     return {"name": f"{op}[{mode}-{provider}-B{batch}]", "extra_info": info, "stats": {"median": seconds}}
 
 
 def _train_entry(provider, compile_mode, amp, samples_per_s):
-    info = {"op": "train_step", "provider": provider, "compile": compile_mode, "amp": amp, "batch_size": 128,
-            "samples_per_s": samples_per_s}
+    info = {
+        "op": "train_step",
+        "provider": provider,
+        "compile": compile_mode,
+        "amp": amp,
+        "batch_size": 128,
+        "samples_per_s": samples_per_s,
+    }
     return {"name": f"train_step[{provider}]", "extra_info": info, "stats": {"median": 128 / samples_per_s}}
 
 
 @pytest.fixture
 def results(tmp_path):
-    doc = {"machine_info": {"fastvae": {"device": "cuda", "device_name": "test GPU", "copy_gbps": 10.0}},
-           "benchmarks": [_entry("eager", 4e-3), _entry("compiled", 2e-3), _entry("fastvae-triton", 1e-3),
-                          _entry("eager", 1e-3, batch=64), _entry("fastvae-triton", 5e-4, batch=64, peak=400_000),
-                          # the GPU target: 4x eager and 2x compiled, but 1e6 B / 1e-3 s is 10% of copy
-                          _entry("eager", 4e-3, op="vae_loss", latent=64),
-                          _entry("compiled", 2e-3, op="vae_loss", latent=64),
-                          _entry("fastvae-triton", 1e-3, op="vae_loss", latent=64),
-                          _train_entry("plain", "eager", False, 1000.0),
-                          _train_entry("fastvae", "eager", False, 1500.0),
-                          _train_entry("plain", "default", True, 2000.0),
-                          {"name": "disabled run", "extra_info": {}, "stats": None}]}
+    doc = {
+        "machine_info": {"fastvae": {"device": "cuda", "device_name": "test GPU", "copy_gbps": 10.0}},
+        "benchmarks": [
+            _entry("eager", 4e-3),
+            _entry("compiled", 2e-3),
+            _entry("fastvae-triton", 1e-3),
+            _entry("eager", 1e-3, batch=64),
+            _entry("fastvae-triton", 5e-4, batch=64, peak=400_000),
+            # the GPU target: 4x eager and 2x compiled, but 1e6 B / 1e-3 s is 10% of copy
+            _entry("eager", 4e-3, op="vae_loss", latent=64),
+            _entry("compiled", 2e-3, op="vae_loss", latent=64),
+            _entry("fastvae-triton", 1e-3, op="vae_loss", latent=64),
+            _train_entry("plain", "eager", False, 1000.0),
+            _train_entry("fastvae", "eager", False, 1500.0),
+            _train_entry("plain", "default", True, 2000.0),
+            {"name": "disabled run", "extra_info": {}, "stats": None},
+        ],
+    }
     path = tmp_path / "results.json"
     path.write_text(json.dumps(doc))
     return path
@@ -159,8 +190,10 @@ def test_main_prints_tables_and_writes_the_plot(results, tmp_path, capsys):
 def test_a_run_of_one_target_case_reports_it_without_a_plot(tmp_path, capsys):
     """pytest -k selecting only the native target case: the verdict says which competitors
     were not run (rather than calling them missed), and no empty plot is drawn."""
-    doc = {"machine_info": {"fastvae": {"device": "cuda", "device_name": "test GPU", "copy_gbps": 10.0}},
-           "benchmarks": [_entry("fastvae-triton", 1e-4, op="vae_loss", latent=64)]}
+    doc = {
+        "machine_info": {"fastvae": {"device": "cuda", "device_name": "test GPU", "copy_gbps": 10.0}},
+        "benchmarks": [_entry("fastvae-triton", 1e-4, op="vae_loss", latent=64)],
+    }
     path = tmp_path / "one.json"
     path.write_text(json.dumps(doc))
     plot = tmp_path / "one.png"

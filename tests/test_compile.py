@@ -9,10 +9,16 @@ from torch import nn
 import fastvae
 from fastvae.ops.bernoulli.op import bernoulli_log_likelihood_fused, bernoulli_log_likelihood_op
 from fastvae.ops.continuous_bernoulli.op import continuous_bernoulli_log_likelihood_fused
-from fastvae.ops.gaussian.op import (gaussian_kl_fused, gaussian_kl_op, reparameterize_kl_backward_op,
-                                     reparameterize_kl_fused, reparameterize_kl_op)
+from fastvae.ops.gaussian.op import (
+    gaussian_kl_fused,
+    gaussian_kl_op,
+    reparameterize_kl_backward_op,
+    reparameterize_kl_fused,
+    reparameterize_kl_op,
+)
 from fastvae.ops.gaussian_likelihood.op import gaussian_log_likelihood_fused
 from fastvae.ops.iwae.op import iwae_loss_fused, iwae_loss_op
+
 from helpers import BACKENDS, DEVICE, assert_close_to
 
 
@@ -28,12 +34,32 @@ def test_opcheck(backend):
     cases = [
         (reparameterize_kl_op, (mu, logvar, None, seed, None)),
         (reparameterize_kl_op, (mu, logvar, torch.randn(3, 5, device=DEVICE), None, None)),
-        (reparameterize_kl_backward_op, (torch.randn(3, 5, device=DEVICE), torch.randn(3, device=DEVICE),
-                                         mu.detach(), logvar.detach(), None, seed, None)),
+        (
+            reparameterize_kl_backward_op,
+            (
+                torch.randn(3, 5, device=DEVICE),
+                torch.randn(3, device=DEVICE),
+                mu.detach(),
+                logvar.detach(),
+                None,
+                seed,
+                None,
+            ),
+        ),
         (reparameterize_kl_op, (mu, logvar, None, seed, 4)),
         (reparameterize_kl_op, (mu, logvar, torch.randn(2, 3, 5, device=DEVICE), None, 2)),
-        (reparameterize_kl_backward_op, (torch.randn(2, 3, 5, device=DEVICE), torch.randn(3, device=DEVICE),
-                                         mu.detach(), logvar.detach(), None, seed, 2)),
+        (
+            reparameterize_kl_backward_op,
+            (
+                torch.randn(2, 3, 5, device=DEVICE),
+                torch.randn(3, device=DEVICE),
+                mu.detach(),
+                logvar.detach(),
+                None,
+                seed,
+                2,
+            ),
+        ),
         (gaussian_kl_op, (mu, logvar, False, True)),
         (gaussian_kl_op, (mu, logvar, True, False)),
         (bernoulli_log_likelihood_op, (logits, target, False, True)),
@@ -57,10 +83,14 @@ def _iwae_cases(op):
     mu, logvar = _latent()
     x = torch.rand(3, 7, device=DEVICE)
     decoder_logvar = torch.randn(7, device=DEVICE, requires_grad=True)
-    return [(op, (samples_logits, x, z, mu, logvar, None, "bernoulli", estimator, compute_grad))
-            for estimator in ("iwae", "dreg") for compute_grad in (True, False)] + [
+    return [
+        (op, (samples_logits, x, z, mu, logvar, None, "bernoulli", estimator, compute_grad))
+        for estimator in ("iwae", "dreg")
+        for compute_grad in (True, False)
+    ] + [
         (op, (samples_logits, x, z, mu, logvar, decoder_logvar, "gaussian", "iwae", compute_grad))
-        for compute_grad in (True, False)]
+        for compute_grad in (True, False)
+    ]
 
 
 def _fused_op_cases():
@@ -69,19 +99,23 @@ def _fused_op_cases():
     logits = torch.randn(4, 9, device=DEVICE, requires_grad=True)
     target = torch.rand(4, 9, device=DEVICE)
     seed = torch.tensor(1234, device=DEVICE)
-    return [(reparameterize_kl_fused, (mu, logvar, None, seed, None)),
-            (reparameterize_kl_fused, (mu, logvar, torch.randn(4, 6, device=DEVICE), None, None)),
-            (reparameterize_kl_fused, (mu, logvar, None, seed, 3)),
-            (gaussian_kl_fused, (mu, logvar, False, True)),
-            (gaussian_kl_fused, (mu, logvar, True, False)),
-            (bernoulli_log_likelihood_fused, (logits, target, False, True)),
-            (bernoulli_log_likelihood_fused, (logits, target, True, False)),
-            (continuous_bernoulli_log_likelihood_fused, (logits, target, False, True)),
-            (continuous_bernoulli_log_likelihood_fused, (logits, target, True, False)),
-            (gaussian_log_likelihood_fused, (logits, target, torch.randn(9, device=DEVICE, requires_grad=True),
-                                             False, True)),
-            (gaussian_log_likelihood_fused, (mu, logvar, None, True, False)),
-            *_iwae_cases(iwae_loss_fused)]
+    return [
+        (reparameterize_kl_fused, (mu, logvar, None, seed, None)),
+        (reparameterize_kl_fused, (mu, logvar, torch.randn(4, 6, device=DEVICE), None, None)),
+        (reparameterize_kl_fused, (mu, logvar, None, seed, 3)),
+        (gaussian_kl_fused, (mu, logvar, False, True)),
+        (gaussian_kl_fused, (mu, logvar, True, False)),
+        (bernoulli_log_likelihood_fused, (logits, target, False, True)),
+        (bernoulli_log_likelihood_fused, (logits, target, True, False)),
+        (continuous_bernoulli_log_likelihood_fused, (logits, target, False, True)),
+        (continuous_bernoulli_log_likelihood_fused, (logits, target, True, False)),
+        (
+            gaussian_log_likelihood_fused,
+            (logits, target, torch.randn(9, device=DEVICE, requires_grad=True), False, True),
+        ),
+        (gaussian_log_likelihood_fused, (mu, logvar, None, True, False)),
+        *_iwae_cases(iwae_loss_fused),
+    ]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -140,9 +174,11 @@ def test_eager_elbo_loss_matches_the_traced_one(backend, reduction):
                     loss = call(logits, target, kl=kl, beta=beta, reduction=reduction)
                     grads = torch.autograd.grad(loss, (logits, target, kl), torch.tensor(upstream, device=DEVICE))
                     results[path] = (loss, grads)
-            for name, a, b in zip(("loss", "grad_logits", "grad_target", "grad_kl"),
-                                  (results["eager"][0],) + results["eager"][1],
-                                  (results["traced"][0],) + results["traced"][1]):
+            for name, a, b in zip(
+                ("loss", "grad_logits", "grad_target", "grad_kl"),
+                (results["eager"][0],) + results["eager"][1],
+                (results["traced"][0],) + results["traced"][1],
+            ):
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
 
 
@@ -157,21 +193,25 @@ def test_gradcheck_float64(backend):
         assert torch.autograd.gradcheck(lambda m, v: reparameterize_kl_op(m, v, None, seed, None)[:2], (mu, logvar))
         assert torch.autograd.gradcheck(lambda m, v, e: fastvae.reparameterize_kl(m, v, e), (mu, logvar, eps))
         assert torch.autograd.gradcheck(lambda m, v: fastvae.gaussian_kl(m, v, "none"), (mu, logvar))
-        assert torch.autograd.gradcheck(lambda l, x: fastvae.bernoulli_log_likelihood(l, x, "none"),
-                                        (logits, target))
+        assert torch.autograd.gradcheck(lambda l, x: fastvae.bernoulli_log_likelihood(l, x, "none"), (logits, target))
         assert torch.autograd.gradcheck(
-            lambda l, x: fastvae.continuous_bernoulli_log_likelihood(l, x, reduction="none"), (logits, target))
+            lambda l, x: fastvae.continuous_bernoulli_log_likelihood(l, x, reduction="none"), (logits, target)
+        )
         per_feature_logvar = torch.randn(7, device=DEVICE, dtype=torch.float64, requires_grad=True)
-        assert torch.autograd.gradcheck(lambda m, x, v: fastvae.gaussian_log_likelihood(m, x, v, reduction="sum"),
-                                        (logits, target, per_feature_logvar))
+        assert torch.autograd.gradcheck(
+            lambda m, x, v: fastvae.gaussian_log_likelihood(m, x, v, reduction="sum"),
+            (logits, target, per_feature_logvar),
+        )
         assert torch.autograd.gradcheck(
             lambda l, m, v: fastvae.elbo_loss(l, target.detach(), m, v, beta=0.5, reduction="none"),
-            (logits, mu, logvar))
+            (logits, mu, logvar),
+        )
         samples_logits = torch.randn(2, 3, 7, device=DEVICE, dtype=torch.float64, requires_grad=True)
         z = torch.randn(2, 3, 5, device=DEVICE, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(  # the IWAE estimator's gradients are the bound's derivatives
             lambda l, zz, m, v: fastvae.iwae_loss(l, target.detach(), zz, m, v, reduction="none"),
-            (samples_logits, z, mu, logvar))
+            (samples_logits, z, mu, logvar),
+        )
 
 
 class TinyVAE(nn.Module):

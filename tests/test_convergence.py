@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastvae
+
 from helpers import BACKENDS, DEVICE
 
 STEPS, BATCH, DATA_DIM, LATENT_DIM, HIDDEN = 200, 32, 24, 4, 32
@@ -24,10 +25,12 @@ def _dataset() -> torch.Tensor:
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.ModuleDict({
-        "encoder": nn.Sequential(nn.Linear(DATA_DIM, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, 2 * LATENT_DIM)),
-        "decoder": nn.Sequential(nn.Linear(LATENT_DIM, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, DATA_DIM)),
-    }).to(DEVICE)
+    return nn.ModuleDict(
+        {
+            "encoder": nn.Sequential(nn.Linear(DATA_DIM, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, 2 * LATENT_DIM)),
+            "decoder": nn.Sequential(nn.Linear(LATENT_DIM, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, DATA_DIM)),
+        }
+    ).to(DEVICE)
 
 
 def _plain_pytorch_loss(model, x):

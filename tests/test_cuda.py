@@ -116,8 +116,13 @@ def test_one_process_nccl_ddp_run(tmp_path):
 
     args = _tiny_run_args(tmp_path)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
-                           "-m", "fastvae.train", *args], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "-m", "fastvae.train", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["distributed_backend"] == "nccl" and config["world_size"] == 1

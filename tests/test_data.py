@@ -121,8 +121,14 @@ def test_nothing_found_names_every_place_and_the_fix(tmp_path, monkeypatch, no_s
     with pytest.raises(DataError) as info:
         data.locate_dataset("fashion-mnist", str(tmp_path / "flag"))
     message = str(info.value)
-    for place in ("flag", "env", "system-empty", "dataset-fashion-mnist", "torchvision download",
-                  "network unreachable"):
+    for place in (
+        "flag",
+        "env",
+        "system-empty",
+        "dataset-fashion-mnist",
+        "torchvision download",
+        "network unreachable",
+    ):
         assert place in message
     assert "--data-dir" in message and "apt-get install dataset-fashion-mnist" in message
 

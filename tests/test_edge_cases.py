@@ -13,6 +13,7 @@ from fastvae.ops.continuous_bernoulli.spec import oracle_log_prob as oracle_cb
 from fastvae.ops.gaussian.spec import oracle_kl
 from fastvae.ops.gaussian_likelihood.spec import oracle_log_prob as oracle_gaussian
 from fastvae.ops.registry import family
+
 from helpers import BACKENDS, DEVICE, RecordPointwiseSizes, assert_close_to, leaf
 
 
@@ -37,10 +38,19 @@ def test_empty_batch_gives_zeros_of_the_right_shape(backend, reduction):
         kl_none = fastvae.gaussian_kl(mu, logvar, reduction=reduction)
         cb = fastvae.continuous_bernoulli_log_likelihood(logits, target, reduction=reduction)
         gaussian = fastvae.gaussian_log_likelihood(logits, target, shared_logvar, reduction=reduction)
-        gaussian_loss = fastvae.elbo_loss(logits, target, mu, logvar, reduction=reduction, likelihood="gaussian",
-                                          decoder_logvar=shared_logvar)
-        (loss.sum() + logp.sum() + kl_none.sum() + z.sum() + kl.sum() + cb.sum() + gaussian.sum()
-         + gaussian_loss.sum()).backward()
+        gaussian_loss = fastvae.elbo_loss(
+            logits, target, mu, logvar, reduction=reduction, likelihood="gaussian", decoder_logvar=shared_logvar
+        )
+        (
+            loss.sum()
+            + logp.sum()
+            + kl_none.sum()
+            + z.sum()
+            + kl.sum()
+            + cb.sum()
+            + gaussian.sum()
+            + gaussian_loss.sum()
+        ).backward()
     assert z.shape == (0, 4) and kl.shape == (0,)
     if reduction == "none":
         assert loss.shape == (0,) and logp.shape == (0, 12) and kl_none.shape == (0, 4)
@@ -69,7 +79,7 @@ def test_strided_and_transposed_inputs(backend):
     mu64, logvar64 = h64.chunk(2, dim=1)
     z64 = oracle_z(mu64, logvar64, eps)
     kl64 = rows_sum(oracle_kl(mu64, logvar64))
-    loss64 = (-oracle_logp(logits64.t(), target).sum() + kl64.sum() + (z64 * 0.3).sum() + kl64.sum())
+    loss64 = -oracle_logp(logits64.t(), target).sum() + kl64.sum() + (z64 * 0.3).sum() + kl64.sum()
     loss64.backward()
     assert_close_to(z, z64, "z")
     assert_close_to(loss, loss64, "loss")
@@ -80,8 +90,7 @@ def test_strided_and_transposed_inputs(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_extreme_inputs_stay_finite_and_exact(backend):
     logits = leaf(torch.tensor([[-100.0, -30.0, -1e-3, 0.0, 1e-3, 30.0, 100.0]] * 2, device=DEVICE))
-    target = torch.tensor([[0.0, 1.0, 0.5, 1.0, 0.0, 1.0, 0.0], [1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0]],
-                          device=DEVICE)
+    target = torch.tensor([[0.0, 1.0, 0.5, 1.0, 0.0, 1.0, 0.0], [1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0]], device=DEVICE)
     mu = leaf(torch.tensor([[-20.0, 0.0, 20.0, 1e-4], [3.0, -3.0, 0.0, 0.0]], device=DEVICE))
     logvar = leaf(torch.tensor([[-30.0, 30.0, 0.0, 1e-6], [30.0, -30.0, -1e-6, 10.0]], device=DEVICE))
     with fastvae.use_backend(backend):
@@ -127,8 +136,16 @@ def test_continuous_bernoulli_is_accurate_at_every_logit(backend, dtype):
 # (logvar, x - mean) pairs: log-variances of +-30, data far from the mean, and x == mean exactly.
 # Float16 holds gradients up to 65504 only, so its extremes are milder.
 GAUSSIAN_EXTREMES = {
-    torch.float32: [(-30.0, 1e-3), (-30.0, 0.0), (30.0, 1e4), (30.0, 0.0), (0.0, 1e4), (0.0, -1e4), (12.5, 3e3),
-                    (-30.0, -2e-3)],
+    torch.float32: [
+        (-30.0, 1e-3),
+        (-30.0, 0.0),
+        (30.0, 1e4),
+        (30.0, 0.0),
+        (0.0, 1e4),
+        (0.0, -1e4),
+        (12.5, 3e3),
+        (-30.0, -2e-3),
+    ],
     torch.float16: [(-10.0, 1e-2), (-10.0, 0.0), (10.0, 3e2), (10.0, 0.0), (0.0, 2e2), (0.0, -2e2)],
 }
 GAUSSIAN_EXTREMES[torch.bfloat16] = GAUSSIAN_EXTREMES[torch.float32]
@@ -150,6 +167,8 @@ def test_gaussian_is_accurate_at_extreme_log_variances_and_distances(backend, dt
     _per_column(logp, expected, "logp")
     _per_column(mean.grad, mean64.grad, "grad_mean")
     _per_column(logvar.grad, logvar64.grad, "grad_logvar")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_iwae_loss_with_extreme_inputs(backend):
     """Saturated logits (log p of -100 for a sample: a normalized weight of 0), a posterior far from
@@ -157,8 +176,7 @@ def test_iwae_loss_with_extreme_inputs(backend):
     every gradient match the float64 oracle and stay finite."""
     from fastvae.ops.iwae.spec import oracle_iwae_rows
 
-    logits = leaf(torch.tensor([[[-100.0, 100.0, 30.0, -1e-3]] * 2, [[0.0, -30.0, 100.0, 1e-3]] * 2],
-                               device=DEVICE))
+    logits = leaf(torch.tensor([[[-100.0, 100.0, 30.0, -1e-3]] * 2, [[0.0, -30.0, 100.0, 1e-3]] * 2], device=DEVICE))
     x = torch.tensor([[0.0, 1.0, 1.0, 0.5], [1.0, 0.0, 0.0, 1.0]], device=DEVICE)
     mu = leaf(torch.tensor([[19.0, 0.0], [0.0, 1e-4]], device=DEVICE))
     logvar = leaf(torch.tensor([[1e-6, -30.0], [30.0, 2.0]], device=DEVICE))
@@ -235,7 +253,7 @@ def test_row_periodic_target_scores_logits_row_r_against_target_row_r_mod_t(back
     logits = (3 * torch.randn(periods * rows, cols, device=DEVICE)).to(logits_dtype)
     wide = torch.rand(rows, cols + 6, device=DEVICE)
     wide[:, ::3] = wide[:, ::3].round()
-    target = wide[:, 2:2 + cols]  # strided rows, as a slice of wider data
+    target = wide[:, 2 : 2 + cols]  # strided rows, as a slice of wider data
     repeated = target.double().repeat(periods, 1)
     logits64 = logits.double().requires_grad_()
     expected = oracle_logp(logits64, repeated)

@@ -11,6 +11,7 @@ import torch
 from fastvae.train import checkpoint as ckpt
 from fastvae.train.cli import run_training
 from fastvae.train.eval_cli import main as eval_main
+
 from app_helpers import SIDE, TEST_N, expect_exit, tiny_args, tiny_dataset
 
 
@@ -27,13 +28,16 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     return root / "run", dataset
 
 
-@pytest.mark.parametrize("flag, value, message", [
-    ("--batch-size", "0", "--batch-size must be >= 1, got 0"),
-    ("--iw-batch-size", "0", "--iw-batch-size must be >= 1, got 0"),
-    ("--iw-samples", "-1", "--iw-samples must be >= 0, got -1"),
-    ("--iw-examples", "-3", "--iw-examples must be >= 0, got -3"),
-    ("--seed", str(2 ** 70), "--seed must be between 0 and 2**63 - 1"),
-])
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--batch-size", "0", "--batch-size must be >= 1, got 0"),
+        ("--iw-batch-size", "0", "--iw-batch-size must be >= 1, got 0"),
+        ("--iw-samples", "-1", "--iw-samples must be >= 0, got -1"),
+        ("--iw-examples", "-3", "--iw-examples must be >= 0, got -3"),
+        ("--seed", str(2**70), "--seed must be between 0 and 2**63 - 1"),
+    ],
+)
 def test_flag_values_are_checked(trained, flag, value, message):
     run, _ = trained
     expect_eval_exit([str(run), flag, value], message)
@@ -44,8 +48,7 @@ def test_an_unavailable_backend_is_refused(trained, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("triton can run here")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    expect_eval_exit([str(trained[0]), "--backend", "triton", "--device", "cpu"],
-                     "--backend triton cannot run on cpu")
+    expect_eval_exit([str(trained[0]), "--backend", "triton", "--device", "cpu"], "--backend triton cannot run on cpu")
 
 
 def _rewritten(run: Path, tmp_path: Path, **changes) -> Path:
@@ -79,8 +82,9 @@ def test_data_dir_replaces_a_moved_dataset_folder(tmp_path):
     run = tmp_path / "run"
     run_training(tiny_args(moved, run, "--epochs", "1", "--iw-samples", "0"))
     moved.rename(renamed)
-    expect_eval_exit([str(run), "--iw-samples", "2"], f"trained on the dataset folder {moved}",
-                     "which is not there", "--data-dir")
+    expect_eval_exit(
+        [str(run), "--iw-samples", "2"], f"trained on the dataset folder {moved}", "which is not there", "--data-dir"
+    )
     eval_main([str(run), "--iw-samples", "2", "--data-dir", str(renamed)])
     assert json.loads((run / "eval-best.json").read_text())["test_examples"] == TEST_N
 
@@ -98,5 +102,10 @@ def test_only_the_test_files_are_needed(trained, tmp_path):
 
 def test_images_of_another_size_are_named(trained, tmp_path):
     bigger = tiny_dataset(tmp_path / "bigger", side=12)
-    expect_eval_exit([str(trained[0]), "--data-dir", str(bigger)], "test images in", "are 1x12x12",
-                     f"takes 1x{SIDE}x{SIDE}", "trained on another dataset")
+    expect_eval_exit(
+        [str(trained[0]), "--data-dir", str(bigger)],
+        "test images in",
+        "are 1x12x12",
+        f"takes 1x{SIDE}x{SIDE}",
+        "trained on another dataset",
+    )

@@ -43,7 +43,7 @@ class LinearLatent(nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior moments by quadrature -> mu, logvar [B, 1]."""
-        log_post = log_lik_on_grid(self, x) - 0.5 * GRID ** 2
+        log_post = log_lik_on_grid(self, x) - 0.5 * GRID**2
         post = torch.softmax(log_post, dim=1)  # [B, G]
         mean = (post * GRID).sum(1, keepdim=True)
         var = (post * (GRID - mean) ** 2).sum(1, keepdim=True)
@@ -62,7 +62,7 @@ def log_lik_on_grid(model: LinearLatent, x: torch.Tensor) -> torch.Tensor:
 
 def exact_log_marginal(model: LinearLatent, x: torch.Tensor) -> torch.Tensor:
     """log p(x) [B] by trapezoid quadrature in log space."""
-    log_prior = -0.5 * (GRID ** 2 + math.log(2 * math.pi))
+    log_prior = -0.5 * (GRID**2 + math.log(2 * math.pi))
     step = GRID[1] - GRID[0]
     return torch.logsumexp(log_lik_on_grid(model, x) + log_prior, dim=1) + torch.log(step)
 
@@ -74,7 +74,7 @@ def exact_elbo(model: LinearLatent, x: torch.Tensor) -> torch.Tensor:
     log_q = -0.5 * ((GRID - mu) ** 2 / var + logvar + math.log(2 * math.pi))  # [B, G]
     weights = log_q.exp() * (GRID[1] - GRID[0])
     expected_log_lik = (weights * log_lik_on_grid(model, x)).sum(1)
-    kl = 0.5 * (mu ** 2 + var - logvar - 1).squeeze(1)
+    kl = 0.5 * (mu**2 + var - logvar - 1).squeeze(1)
     return expected_log_lik - kl
 
 
@@ -92,7 +92,7 @@ def reference_backend():
 def test_quadrature_is_normalized():
     """Sanity of the oracle: p(x) over all 2^D binary images sums to 1."""
     model = LinearLatent()
-    codes = torch.arange(2 ** PIXELS)
+    codes = torch.arange(2**PIXELS)
     every_x = ((codes[:, None] >> torch.arange(PIXELS)) & 1).double().reshape(-1, 1, 1, PIXELS)
     total = torch.logsumexp(exact_log_marginal(model, every_x), 0)
     assert abs(total.item()) < 1e-8
@@ -129,7 +129,7 @@ def test_evaluate_elbo_matches_quadrature():
     expected = -exact_elbo(model, unique).mean().item()
     assert result["neg_elbo"] == pytest.approx(result["recon"] + result["kl"])
     mu, logvar = model.encode(unique)
-    kl = 0.5 * (mu ** 2 + logvar.exp() - logvar - 1).mean().item()
+    kl = 0.5 * (mu**2 + logvar.exp() - logvar - 1).mean().item()
     assert result["kl"] == pytest.approx(kl, rel=1e-5)
     # One noise draw per datapoint: 4000 draws put the mean within ~0.1 nats; 0.3 is 5 sigma here.
     assert result["neg_elbo"] == pytest.approx(expected, abs=0.3)
@@ -184,10 +184,13 @@ def direct_log_weights(model, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
             l = decoded
             small = l.abs() < 1e-3
             # log C(l) = log(l / tanh(l / 2)); its series log 2 + l^2 / 12 near 0.
-            log_c = torch.where(small, math.log(2) + l ** 2 / 12,
-                                torch.log(torch.where(small, 1.0, l) / torch.tanh(torch.where(small, 1.0, l) / 2)))
+            log_c = torch.where(
+                small,
+                math.log(2) + l**2 / 12,
+                torch.log(torch.where(small, 1.0, l) / torch.tanh(torch.where(small, 1.0, l) / 2)),
+            )
             log_lik = log_lik + log_c
-    log_prior = -0.5 * (z ** 2 + math.log(2 * math.pi)).sum(-1)
+    log_prior = -0.5 * (z**2 + math.log(2 * math.pi)).sum(-1)
     log_q = -0.5 * ((z - mu) ** 2 / logvar.exp() + logvar + math.log(2 * math.pi)).sum(-1)
     return log_lik.sum(-1) + log_prior - log_q
 

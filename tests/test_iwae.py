@@ -15,6 +15,7 @@ from fastvae.ops.iwae import op as iwae_op
 from fastvae.ops.likelihoods import LIKELIHOODS
 from fastvae.ops.noise import draw_seed, philox_normal
 from fastvae.ops.registry import family
+
 from helpers import BACKENDS, DEVICE, assert_close_to, leaf
 
 F64 = {"device": DEVICE, "dtype": torch.float64}
@@ -29,8 +30,13 @@ def _inputs(samples=4, batch=3, data=11, latent=5, dtype=torch.float64):
 
     x = torch.rand(batch, data, generator=generator, dtype=torch.float64).to(DEVICE, dtype)
     x[:, ::2] = x[:, ::2].round()
-    return (randn(samples, batch, data, scale=2.0), x, randn(samples, batch, latent), randn(batch, latent),
-            randn(batch, latent, scale=0.7))
+    return (
+        randn(samples, batch, data, scale=2.0),
+        x,
+        randn(samples, batch, latent),
+        randn(batch, latent),
+        randn(batch, latent, scale=0.7),
+    )
 
 
 def _gaussian_log_density(z, mean, logvar):
@@ -52,7 +58,7 @@ def _plain_dreg_gradients(logits, x, z, mu, logvar, upstream):
     IWAE one, -sum_k w~_k log p(x | l_k). Returns d/d(logits, z, mu, logvar) of upstream . rows."""
     logits, z, mu, logvar = (t.detach().requires_grad_() for t in (logits, z, mu, logvar))
     weights = torch.softmax(_log_weights(logits, x, z, mu, logvar), dim=0).detach()
-    encoder = -(weights ** 2 * _log_weights(logits.detach(), x, z, mu.detach(), logvar.detach())).sum(0)
+    encoder = -(weights**2 * _log_weights(logits.detach(), x, z, mu.detach(), logvar.detach())).sum(0)
     log_px = -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
     decoder = -(weights * log_px).sum(0)
     grads = torch.autograd.grad(((encoder + decoder) * upstream).sum(), (logits, z), allow_unused=True)
@@ -72,8 +78,9 @@ def test_dreg_gradients_match_a_plain_pytorch_dreg(backend):
     expected_rows = math.log(4) - torch.logsumexp(_log_weights(logits, x, z, mu, logvar), dim=0)
     assert_close_to(rows, expected_rows, "rows")
     assert torch.equal(rows, iwae_rows), "DReG changes the gradients, not the value"
-    for name, got, want in zip(("logits", "z", "mu", "logvar"), grads,
-                               _plain_dreg_gradients(logits, x, z, mu, logvar, upstream)):
+    for name, got, want in zip(
+        ("logits", "z", "mu", "logvar"), grads, _plain_dreg_gradients(logits, x, z, mu, logvar, upstream)
+    ):
         assert_close_to(got, want, f"grad_{name}")
 
 
@@ -99,12 +106,15 @@ def test_dreg_through_an_encoder_and_a_decoder_is_tucker_et_al_exactly(backend):
         got = torch.autograd.grad(loss, (encoder_weights, decoder_weights))
     mu, logvar, z = posterior()
     weights = torch.softmax(_log_weights(z @ decoder_weights, x, z, mu, logvar), dim=0).detach()
-    encoder_surrogate = -(weights ** 2 * _log_weights(z @ decoder_weights.detach(), x, z, mu.detach(),
-                                                      logvar.detach())).sum(0).mean()
+    encoder_surrogate = (
+        -(weights**2 * _log_weights(z @ decoder_weights.detach(), x, z, mu.detach(), logvar.detach())).sum(0).mean()
+    )
     expected_encoder = torch.autograd.grad(encoder_surrogate, encoder_weights)[0]
     z_fixed = z.detach()
-    iwae = (math.log(samples) - torch.logsumexp(_log_weights(z_fixed @ decoder_weights, x, z_fixed, mu.detach(),
-                                                             logvar.detach()), dim=0)).mean()
+    iwae = (
+        math.log(samples)
+        - torch.logsumexp(_log_weights(z_fixed @ decoder_weights, x, z_fixed, mu.detach(), logvar.detach()), dim=0)
+    ).mean()
     expected_decoder = torch.autograd.grad(iwae, decoder_weights)[0]
     assert_close_to(got[0], expected_encoder, "encoder (DReG)")
     assert_close_to(got[1], expected_decoder, "decoder (IWAE)")
@@ -152,11 +162,13 @@ def test_the_data_is_read_in_place_for_every_sample(backend, monkeypatch):
         def wrapper(logits, target, *args):
             received.append((tuple(logits.shape), tuple(target.shape), target.data_ptr()))
             return fn(logits, target, *args)
+
         return wrapper
 
     monkeypatch.setattr(iwae_op, "implementation", recording)
-    logits, x, z, mu, logvar = (leaf(t) if i != 1 else t for i, t in enumerate(_inputs(samples=6, batch=4,
-                                                                                       dtype=torch.float32)))
+    logits, x, z, mu, logvar = (
+        leaf(t) if i != 1 else t for i, t in enumerate(_inputs(samples=6, batch=4, dtype=torch.float32))
+    )
     with fastvae.use_backend(backend):
         loss = fastvae.iwae_loss(logits, x, z, mu, logvar)
         loss.backward()
@@ -180,8 +192,10 @@ def test_the_loss_side_of_a_vae_with_k_samples(backend):
     eps = philox_normal(draw_seed(DEVICE, seed_generator), (samples, batch, latent), torch.float64, DEVICE)
     mu64, logvar64 = leaf(mu.double()), leaf(logvar.double())
     z64 = mu64 + torch.exp(0.5 * logvar64) * eps
-    oracle = (math.log(samples) - torch.logsumexp(_log_weights(z64 @ decoder.double(), x.double(), z64, mu64,
-                                                               logvar64), dim=0)).mean()
+    oracle = (
+        math.log(samples)
+        - torch.logsumexp(_log_weights(z64 @ decoder.double(), x.double(), z64, mu64, logvar64), dim=0)
+    ).mean()
     assert_close_to(loss, oracle, "loss")
     for name, got, want in zip(("mu", "logvar"), grads, torch.autograd.grad(oracle, (mu64, logvar64))):
         assert_close_to(got, want, f"grad_{name}")
@@ -243,8 +257,9 @@ def _gaussian_log_weights(mean, x, z, mu, logvar, decoder_logvar):
     """log w [K, B] with a Gaussian p(x|z) = N(x; mean, exp(decoder_logvar)), written out."""
     log_px = -0.5 * ((x - mean) ** 2 / decoder_logvar.exp() + decoder_logvar + math.log(2 * math.pi))
     zeros = torch.zeros_like(z)
-    return (log_px.expand_as(mean).sum(-1) + _gaussian_log_density(z, zeros, zeros)
-            - _gaussian_log_density(z, mu, logvar))
+    return (
+        log_px.expand_as(mean).sum(-1) + _gaussian_log_density(z, zeros, zeros) - _gaussian_log_density(z, mu, logvar)
+    )
 
 
 # Every way a decoder's log-variance may broadcast to the means [K, B, D]: per sample, per sample but
@@ -261,13 +276,23 @@ def test_the_gaussian_bound_with_every_shape_of_decoder_log_variance(backend, sh
     only the encoder's side: the decoder's gradients (mean and log-variance) are the IWAE ones."""
     mean, x, z, mu, logvar = _inputs()
     x = x + torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(DEVICE)
-    decoder_logvar = leaf(0.8 * torch.randn(shape, generator=torch.Generator().manual_seed(2),
-                                            dtype=torch.float64).to(DEVICE))
+    decoder_logvar = leaf(
+        0.8 * torch.randn(shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(DEVICE)
+    )
     mean, z, mu, logvar = leaf(mean), leaf(z), leaf(mu), leaf(logvar)
     upstream = torch.rand(3, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(DEVICE) + 0.5
     with fastvae.use_backend(backend):
-        rows = fastvae.iwae_loss(mean, x, z, mu, logvar, likelihood="gaussian", decoder_logvar=decoder_logvar,
-                                 estimator=estimator, reduction="none")
+        rows = fastvae.iwae_loss(
+            mean,
+            x,
+            z,
+            mu,
+            logvar,
+            likelihood="gaussian",
+            decoder_logvar=decoder_logvar,
+            estimator=estimator,
+            reduction="none",
+        )
         grads = torch.autograd.grad((rows * upstream).sum(), (mean, decoder_logvar))
     log_w = _gaussian_log_weights(mean, x, z, mu, logvar, decoder_logvar)
     expected_rows = math.log(4) - torch.logsumexp(log_w, dim=0)

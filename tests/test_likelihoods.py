@@ -14,6 +14,7 @@ from fastvae.ops.continuous_bernoulli.spec import oracle_log_prob as oracle_cb
 from fastvae.ops.gaussian.spec import oracle_kl
 from fastvae.ops.gaussian_likelihood.spec import oracle_log_prob as oracle_gaussian
 from fastvae.ops.registry import family
+
 from helpers import BACKENDS, DEVICE, RecordPointwiseSizes, assert_close_to, leaf
 
 SAMPLES, BATCH, DATA = 3, 4, 37  # K samples' decoder outputs [K * B, D] against data [B, D]
@@ -21,8 +22,10 @@ WEIGHT = -0.37  # what a loss weights the rows' sum by: the kernels write weight
 
 
 def _kernel(family_name: str, backend: str):
-    name = {"continuous_bernoulli": "continuous_bernoulli_forward",
-            "gaussian_likelihood": "gaussian_likelihood_forward"}[family_name]
+    name = {
+        "continuous_bernoulli": "continuous_bernoulli_forward",
+        "gaussian_likelihood": "gaussian_likelihood_forward",
+    }[family_name]
     return getattr(family(family_name).module(backend), name)
 
 
@@ -42,8 +45,7 @@ def test_continuous_bernoulli_scores_a_row_periodic_target(backend, elementwise)
     logits = 3 * torch.randn(SAMPLES * BATCH, DATA, device=DEVICE)
     target = torch.rand(BATCH, DATA, device=DEVICE)
     logp, grad = _kernel("continuous_bernoulli", backend)(logits, target, elementwise, True, WEIGHT)
-    expected, (expected_grad, _) = _oracle_rows_and_grads(oracle_cb, (logits, target.repeat(SAMPLES, 1)),
-                                                          elementwise)
+    expected, (expected_grad, _) = _oracle_rows_and_grads(oracle_cb, (logits, target.repeat(SAMPLES, 1)), elementwise)
     assert_close_to(logp, expected, "logp")
     assert_close_to(grad, expected_grad, "grad_logits")
 
@@ -77,12 +79,17 @@ def _likelihood_calls(backend, first, second):
     gaussian = _kernel("gaussian_likelihood", backend)(mean, x, logvar, False, True, WEIGHT)
     cb_rows, cb_grads = _oracle_rows_and_grads(oracle_cb, (logits, unit), False)
     g_rows, (g_dmean, _, g_dlogvar) = _oracle_rows_and_grads(oracle_gaussian, (mean, x, logvar), False)
-    return [("continuous_bernoulli", cb, (cb_rows, cb_grads[0])),
-            ("gaussian", gaussian, (g_rows, g_dmean, g_dlogvar))]
+    return [("continuous_bernoulli", cb, (cb_rows, cb_grads[0])), ("gaussian", gaussian, (g_rows, g_dmean, g_dlogvar))]
 
 
-PAIRS = [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.bfloat16, torch.float32),
-         (torch.float32, torch.float16), (torch.float16, torch.bfloat16), (torch.float32, torch.float64)]
+PAIRS = [
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.float32),
+    (torch.float32, torch.float16),
+    (torch.float16, torch.bfloat16),
+    (torch.float32, torch.float64),
+]
 
 
 @pytest.mark.parametrize("first, second", PAIRS, ids=[f"{a}-{b}".replace("torch.", "") for a, b in PAIRS])
@@ -106,8 +113,9 @@ def test_a_shared_log_variance_gradient_sums_unrounded_values(backend):
     over the batch is rounded to float16 once."""
     mean, x = leaf(torch.randn(64, 512, device=DEVICE).half()), torch.randn(64, 512, device=DEVICE)
     logvar = leaf(torch.randn(512, device=DEVICE).half())
-    kernel_logvar_grad = _kernel("gaussian_likelihood", backend)(mean.detach(), x, logvar.detach().reshape(1, -1),
-                                                                 False, True, 1e-5)[2]
+    kernel_logvar_grad = _kernel("gaussian_likelihood", backend)(
+        mean.detach(), x, logvar.detach().reshape(1, -1), False, True, 1e-5
+    )[2]
     assert kernel_logvar_grad.dtype == torch.float32
     with fastvae.use_backend(backend):
         fastvae.gaussian_log_likelihood(mean, x, logvar, reduction="mean").backward()
@@ -129,8 +137,11 @@ def test_a_nan_input_gives_nan_where_the_oracle_has_it(backend):
     gaussian = _kernel("gaussian_likelihood", backend)(mean, x, logvar, True, True, WEIGHT)
     cb_expected, (cb_grad, _) = _oracle_rows_and_grads(oracle_cb, (logits, unit), True)
     g_expected, (g_dmean, _, g_dlogvar) = _oracle_rows_and_grads(oracle_gaussian, (mean, x, logvar), True)
-    for name, got, want in zip(("cb logp", "cb grad", "gaussian logp", "grad_mean", "grad_logvar"),
-                               (*cb, *gaussian), (cb_expected, cb_grad, g_expected, g_dmean, g_dlogvar)):
+    for name, got, want in zip(
+        ("cb logp", "cb grad", "gaussian logp", "grad_mean", "grad_logvar"),
+        (*cb, *gaussian),
+        (cb_expected, cb_grad, g_expected, g_dmean, g_dlogvar),
+    ):
         assert_close_to(got, want, name)
     rows = _kernel("gaussian_likelihood", backend)(mean, x, logvar, False, False, WEIGHT)[0]
     assert torch.isnan(rows).all(), "each row holds a NaN element, so each row's sum is NaN"
@@ -215,7 +226,8 @@ def test_eager_gaussian_elbo_matches_the_traced_one(backend, logvar_shape):
     mean64, dlv64, kl64 = (leaf(t.detach().double()) for t in (mean, decoder_logvar, kl))
     loss64 = (-oracle_gaussian(mean64, x.double(), dlv64).sum(1) + kl64).mean()
     expected = (loss64, *torch.autograd.grad(loss64, (mean64, dlv64, kl64)))
-    for name, a, b, want in zip(("loss", "grad_mean", "grad_decoder_logvar", "grad_kl"), results["eager"],
-                                results["traced"], expected):
+    for name, a, b, want in zip(
+        ("loss", "grad_mean", "grad_decoder_logvar", "grad_kl"), results["eager"], results["traced"], expected
+    ):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
         assert_close_to(a, want, name)

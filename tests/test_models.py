@@ -53,15 +53,21 @@ def test_config_survives_json():
     assert again == config
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"arch": "resnet"}, "unknown architecture 'resnet'"),
-    ({"latent_dim": 0}, "latent_dim must be >= 1"),
-    ({"hidden_dims": (0,)}, "widths must be >= 1"),
-    ({"arch": "conv", "image_shape": (1, 10, 10)}, "divisible by 4"),
-    ({"image_shape": (28, 28)}, r"\(C, H, W\)"),
-    ({"likelihood": "continuous-bernoulli"}, "unknown likelihood 'continuous-bernoulli'; choose one of bernoulli, "
-                                             "continuous_bernoulli, gaussian"),
-], ids=["arch", "latent", "width", "conv-divisible", "shape", "likelihood"])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"arch": "resnet"}, "unknown architecture 'resnet'"),
+        ({"latent_dim": 0}, "latent_dim must be >= 1"),
+        ({"hidden_dims": (0,)}, "widths must be >= 1"),
+        ({"arch": "conv", "image_shape": (1, 10, 10)}, "divisible by 4"),
+        ({"image_shape": (28, 28)}, r"\(C, H, W\)"),
+        (
+            {"likelihood": "continuous-bernoulli"},
+            "unknown likelihood 'continuous-bernoulli'; choose one of bernoulli, continuous_bernoulli, gaussian",
+        ),
+    ],
+    ids=["arch", "latent", "width", "conv-divisible", "shape", "likelihood"],
+)
 def test_bad_configs_say_how_to_fix(kwargs, message):
     with pytest.raises(ValueError, match=message):
         VAEConfig(**kwargs)
@@ -97,10 +103,13 @@ def test_continuous_bernoulli_mean_matches_float64_from_tiny_to_huge_logits():
     assert (ordered.diff() >= 0).all()
 
 
-@pytest.mark.parametrize("likelihood, expected", [
-    ("bernoulli", torch.sigmoid),
-    ("gaussian", lambda out: out),  # the mean itself, outside [0, 1] too; pictures clip it
-])
+@pytest.mark.parametrize(
+    "likelihood, expected",
+    [
+        ("bernoulli", torch.sigmoid),
+        ("gaussian", lambda out: out),  # the mean itself, outside [0, 1] too; pictures clip it
+    ],
+)
 def test_likelihood_mean_of_the_other_likelihoods(likelihood, expected):
     model = build_model(VAEConfig(image_shape=(1, 4, 4), hidden_dims=(8,), likelihood=likelihood))
     out = torch.linspace(-3, 3, 16).reshape(1, 1, 4, 4).to(torch.bfloat16)
@@ -140,7 +149,7 @@ def test_the_learned_gaussian_variance_stops_at_the_8_bit_rounding_variance():
     floored = values.double().clamp_min(math.log((1 / 255) ** 2 / 12))
     expected = torch.distributions.Normal(mean.double(), torch.exp(0.5 * floored)).log_prob(x.double()).sum()
     torch.testing.assert_close(logp.double(), expected, rtol=1e-5, atol=1e-3)
-    assert MIN_DECODER_LOGVAR == pytest.approx(math.log((1 / 255) ** 2 / 12))
+    assert pytest.approx(math.log((1 / 255) ** 2 / 12)) == MIN_DECODER_LOGVAR
     logp.backward()
     assert model.decoder_logvar.grad[0, 0, 0] == 0
     above = values > MIN_DECODER_LOGVAR

@@ -28,10 +28,12 @@ from fastvae.ops.iwae import native as iwae
 from fastvae.ops.iwae import reference as iwae_reference
 from fastvae.ops.iwae.spec import FLOAT32_WEIGHTS_TOLERANCE
 from fastvae.ops.noise import philox_normal, philox_uint32x4
+
 from helpers import assert_close_to
 
-needs_library = pytest.mark.skipif(library.load_error() is not None,
-                                   reason=f"native library not built: {library.load_error()}")
+needs_library = pytest.mark.skipif(
+    library.load_error() is not None, reason=f"native library not built: {library.load_error()}"
+)
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 SHAPES = [(3, 7), (41, 401), (1, 64), (6, 513)]
@@ -54,7 +56,7 @@ def _posterior(shape: tuple[int, int], dtype: torch.dtype, strided: bool = False
     rows, cols = shape
     if strided:
         h = torch.randn(rows, 2 * cols + 5).to(dtype)
-        return h[:, 1:cols + 1], h[:, cols + 3:2 * cols + 3]
+        return h[:, 1 : cols + 1], h[:, cols + 3 : 2 * cols + 3]
     return torch.randn(shape).to(dtype), (0.5 * torch.randn(shape)).to(dtype)
 
 
@@ -86,7 +88,8 @@ def _probe_in_subprocess(lib_path: str) -> dict:
         "    out['raised'] = None\n"
         "except BackendUnavailableError as error:\n"
         "    out['raised'] = str(error)\n"
-        "print(json.dumps(out))\n")
+        "print(json.dumps(out))\n"
+    )
     env = dict(os.environ, FASTVAE_NATIVE_LIB=lib_path)
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -143,8 +146,14 @@ def test_reparameterize_kl_backward_matches_float64(dtype, shape, with_eps, grad
     assert grad_mu.dtype == dtype and grad_logvar.dtype == dtype and grad_mu.shape == shape
     eps64 = eps.double() if with_eps else _noise_oracle(z_shape, dtype)
     expected = gaussian_reference.reparameterize_kl_backward(
-        None if grad_z is None else grad_z.double(), None if grad_kl is None else grad_kl.double(),
-        mu.double(), logvar.double(), eps64, 0, samples)
+        None if grad_z is None else grad_z.double(),
+        None if grad_kl is None else grad_kl.double(),
+        mu.double(),
+        logvar.double(),
+        eps64,
+        0,
+        samples,
+    )
     assert_close_to(grad_mu, expected[0], "grad_mu")
     assert_close_to(grad_logvar, expected[1], "grad_logvar")
 
@@ -158,12 +167,12 @@ def test_reparameterize_kl_backward_reads_grad_kl_at_its_stride(dtype, layout):
     shape = (41, 401)
     mu, logvar = _posterior(shape, dtype, strided=True)
     grad_z = torch.randn(shape).to(dtype)
-    grad_kl = (torch.tensor(0.7).expand(shape[0]) if layout == "broadcast"
-               else (torch.rand(2 * shape[0]) + 0.5)[::2])
+    grad_kl = torch.tensor(0.7).expand(shape[0]) if layout == "broadcast" else (torch.rand(2 * shape[0]) + 0.5)[::2]
     assert grad_kl.stride(0) == (0 if layout == "broadcast" else 2)
     grad_mu, grad_logvar = gaussian.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, None, SEED)
-    expected = gaussian_reference.reparameterize_kl_backward(grad_z.double(), grad_kl.double(), mu.double(),
-                                                    logvar.double(), _noise_oracle(shape, dtype), 0)
+    expected = gaussian_reference.reparameterize_kl_backward(
+        grad_z.double(), grad_kl.double(), mu.double(), logvar.double(), _noise_oracle(shape, dtype), 0
+    )
     assert_close_to(grad_mu, expected[0], "grad_mu")
     assert_close_to(grad_logvar, expected[1], "grad_logvar")
 
@@ -225,8 +234,9 @@ def test_every_philox_version_this_cpu_runs_gives_the_reference_words():
 def test_gaussian_kl_matches_float64(dtype, shape, elementwise, compute_grad):
     mu, logvar = _posterior(shape, dtype, strided=True)
     kl, grad_mu, grad_logvar = gaussian.gaussian_kl_forward(mu, logvar, elementwise, compute_grad)
-    kl64, grad_mu64, grad_logvar64 = gaussian_reference.gaussian_kl_forward(mu.double(), logvar.double(),
-                                                                            elementwise, True)
+    kl64, grad_mu64, grad_logvar64 = gaussian_reference.gaussian_kl_forward(
+        mu.double(), logvar.double(), elementwise, True
+    )
     assert kl.dtype == _loss_dtype(dtype) and kl.shape == kl64.shape
     assert_close_to(kl, kl64, "kl")
     if not compute_grad:
@@ -243,7 +253,7 @@ def test_gaussian_kl_matches_float64(dtype, shape, elementwise, compute_grad):
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 def test_bernoulli_log_likelihood_matches_float64(dtype, shape, elementwise, compute_grad):
     wide = (4 * torch.randn(shape[0], shape[1] + 9)).to(dtype)
-    logits = wide[:, 4:4 + shape[1]]  # strided rows
+    logits = wide[:, 4 : 4 + shape[1]]  # strided rows
     target = torch.rand(shape).to(dtype)
     logp, grad = bernoulli.bernoulli_forward(logits, target, elementwise, compute_grad)
     logp64, grad64 = bernoulli_reference.bernoulli_forward(logits.double(), target.double(), elementwise, True)
@@ -259,7 +269,7 @@ def test_bernoulli_log_likelihood_matches_float64(dtype, shape, elementwise, com
 def _samples_of(posterior_shape: tuple[int, int], samples: int, dtype: torch.dtype):
     """z [K * B, L] as strided rows (a slice of a wider tensor), log p [K, B] in the compute dtype."""
     rows, cols = posterior_shape
-    z = torch.randn(samples * rows, cols + 3).to(dtype)[:, 1:cols + 1]
+    z = torch.randn(samples * rows, cols + 3).to(dtype)[:, 1 : cols + 1]
     return z, 20 * torch.randn(samples, rows, dtype=_loss_dtype(dtype))
 
 
@@ -290,11 +300,15 @@ def test_iwae_backward_matches_float64(dtype, shape, layout, dreg):
     mu, logvar = _posterior(shape, dtype, strided=True)
     z, _ = _samples_of(shape, samples, dtype)
     weights = torch.softmax(torch.randn(samples, shape[0], dtype=_loss_dtype(dtype)), dim=0)
-    grad_rows = {"contiguous": torch.rand(shape[0]) + 0.5, "broadcast": torch.tensor(0.3).expand(shape[0]),
-                 "strided": (torch.rand(2 * shape[0]) + 0.5)[::2]}[layout]
+    grad_rows = {
+        "contiguous": torch.rand(shape[0]) + 0.5,
+        "broadcast": torch.tensor(0.3).expand(shape[0]),
+        "strided": (torch.rand(2 * shape[0]) + 0.5)[::2],
+    }[layout]
     grads = iwae.iwae_backward(grad_rows, weights, z, mu, logvar, dreg)
-    expected = iwae_reference.iwae_backward(grad_rows.double(), weights.double(), z.double(), mu.double(),
-                                            logvar.double(), dreg)
+    expected = iwae_reference.iwae_backward(
+        grad_rows.double(), weights.double(), z.double(), mu.double(), logvar.double(), dreg
+    )
     for name, got, want in zip(("z", "mu", "logvar"), grads, expected):
         assert got.dtype == dtype and got.shape == want.shape
         assert_close_to(got, want, f"grad_{name}")
@@ -302,8 +316,13 @@ def test_iwae_backward_matches_float64(dtype, shape, layout, dreg):
         assert not grads[1].any() and not grads[2].any()
 
 
-MIXED = [(torch.bfloat16, torch.float32), (torch.float32, torch.float16), (torch.float16, torch.bfloat16),
-         (torch.float32, torch.float64), (torch.bfloat16, torch.float64)]
+MIXED = [
+    (torch.bfloat16, torch.float32),
+    (torch.float32, torch.float16),
+    (torch.float16, torch.bfloat16),
+    (torch.float32, torch.float64),
+    (torch.bfloat16, torch.float64),
+]
 
 
 @needs_library
@@ -320,12 +339,14 @@ def test_mixed_dtypes_follow_the_contract(first, second):
     mu, logvar = torch.randn(9, 33).to(first), torch.randn(9, 33).to(second)
     z, kl = gaussian.reparameterize_kl_forward(mu, logvar, None, SEED)
     assert z.dtype == first and kl.dtype == loss_dtype
-    z64, kl64 = gaussian_reference.reparameterize_kl_forward(mu.double(), logvar.double(),
-                                                             _noise_oracle((9, 33), loss_dtype), 0)
+    z64, kl64 = gaussian_reference.reparameterize_kl_forward(
+        mu.double(), logvar.double(), _noise_oracle((9, 33), loss_dtype), 0
+    )
     assert_close_to(z, z64, "z")
     assert_close_to(kl, kl64, "kl")
-    grad_mu, grad_logvar = gaussian.reparameterize_kl_backward(torch.randn(9, 33).to(second), None, mu, logvar,
-                                                              None, SEED)
+    grad_mu, grad_logvar = gaussian.reparameterize_kl_backward(
+        torch.randn(9, 33).to(second), None, mu, logvar, None, SEED
+    )
     assert grad_mu.dtype == first and grad_logvar.dtype == second
 
 
@@ -368,15 +389,37 @@ def _assert_same_bits(actual: torch.Tensor, expected: torch.Tensor) -> None:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_id)
 def test_half_conversions_are_exact(dtype):
     """Every 16-bit pattern survives load -> store, and fp32 -> half rounds like torch (nearest even)."""
-    patterns = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype).reshape(-1, 1)
-    grad_mu, _ = gaussian.reparameterize_kl_backward(None, torch.ones(patterns.shape[0]), patterns,
-                                                   torch.zeros_like(patterns), None, SEED)
+    patterns = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).reshape(-1, 1)
+    grad_mu, _ = gaussian.reparameterize_kl_backward(
+        None, torch.ones(patterns.shape[0]), patterns, torch.zeros_like(patterns), None, SEED
+    )
     _assert_same_bits(grad_mu, patterns)
     # grad_mu = grad_kl * mu with mu = 1: the kernel's rounding of arbitrary float32 values.
-    values = torch.cat([torch.randn(4000) * 10.0 ** torch.randint(-9, 6, (4000,)),
-                        torch.tensor([65504.0, 65519.0, 65520.0, 1e6, 2.0**-24, 3 * 2.0**-26, 2.0**-26,
-                                      1 + 2.0**-11, 1 + 3 * 2.0**-11, 1 + 2.0**-8, 3e38, float("inf"),
-                                      -float("inf"), float("nan"), 0.0, -0.0])])
+    values = torch.cat(
+        [
+            torch.randn(4000) * 10.0 ** torch.randint(-9, 6, (4000,)),
+            torch.tensor(
+                [
+                    65504.0,
+                    65519.0,
+                    65520.0,
+                    1e6,
+                    2.0**-24,
+                    3 * 2.0**-26,
+                    2.0**-26,
+                    1 + 2.0**-11,
+                    1 + 3 * 2.0**-11,
+                    1 + 2.0**-8,
+                    3e38,
+                    float("inf"),
+                    -float("inf"),
+                    float("nan"),
+                    0.0,
+                    -0.0,
+                ]
+            ),
+        ]
+    )
     ones = torch.ones(values.shape[0], 1, dtype=dtype)
     rounded, _ = gaussian.reparameterize_kl_backward(None, values, ones, torch.zeros_like(ones), None, SEED)
     _assert_same_bits(rounded, values.to(dtype).reshape(-1, 1))
@@ -395,17 +438,19 @@ def test_results_do_not_depend_on_the_thread_count():
     weights = torch.softmax(torch.randn(3, shape[0]), dim=0)
 
     def run_all():
-        return (*iwae.iwae_forward(logp, z_samples, mu, logvar),
-                *iwae.iwae_backward(grad_kl, weights, z_samples, mu, logvar, False),
-                *gaussian.reparameterize_kl_forward(mu, logvar, None, SEED),
-                *gaussian.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, None, SEED),
-                *gaussian.reparameterize_kl_forward(mu, logvar, None, SEED, 3),
-                *gaussian.reparameterize_kl_backward(grad_z_samples, grad_kl, mu, logvar, None, SEED, 3),
-                *gaussian.gaussian_kl_forward(mu, logvar, False, True),
-                *bernoulli.bernoulli_forward(logits, target, False, True),
-                *continuous_bernoulli.continuous_bernoulli_forward(logits, target[:1], False, True, -0.3),
-                *gaussian_likelihood.gaussian_likelihood_forward(logits, data, shared_logvar, False, True, -0.3),
-                *gaussian_likelihood.gaussian_likelihood_forward(logits, data, None, True, True)[:2])
+        return (
+            *iwae.iwae_forward(logp, z_samples, mu, logvar),
+            *iwae.iwae_backward(grad_kl, weights, z_samples, mu, logvar, False),
+            *gaussian.reparameterize_kl_forward(mu, logvar, None, SEED),
+            *gaussian.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, None, SEED),
+            *gaussian.reparameterize_kl_forward(mu, logvar, None, SEED, 3),
+            *gaussian.reparameterize_kl_backward(grad_z_samples, grad_kl, mu, logvar, None, SEED, 3),
+            *gaussian.gaussian_kl_forward(mu, logvar, False, True),
+            *bernoulli.bernoulli_forward(logits, target, False, True),
+            *continuous_bernoulli.continuous_bernoulli_forward(logits, target[:1], False, True, -0.3),
+            *gaussian_likelihood.gaussian_likelihood_forward(logits, data, shared_logvar, False, True, -0.3),
+            *gaussian_likelihood.gaussian_likelihood_forward(logits, data, None, True, True)[:2],
+        )
 
     before = torch.get_num_threads()
     try:

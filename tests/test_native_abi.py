@@ -27,8 +27,10 @@ def test_python_prototypes_equal_the_c_definitions():
     for family in FAMILIES:
         family.module("native")  # declares its functions
     defined, declared = _defined_in_c(), dict(library.DECLARED)
-    assert set(declared) == set(defined), (f"declared in Python only: {sorted(set(declared) - set(defined))}; "
-                                           f"defined in C only: {sorted(set(defined) - set(declared))}")
+    assert set(declared) == set(defined), (
+        f"declared in Python only: {sorted(set(declared) - set(defined))}; "
+        f"defined in C only: {sorted(set(defined) - set(declared))}"
+    )
     for name, params in defined.items():
         assert declared[name] == params, f"{name}: Python declares {declared[name]}, C defines {params}"
 

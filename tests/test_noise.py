@@ -8,6 +8,7 @@ import torch
 import fastvae
 from fastvae.ops.gaussian.op import reparameterize_kl_fused, reparameterize_kl_op
 from fastvae.ops.noise import philox_normal, philox_uint32x4
+
 from helpers import BACKENDS, DEVICE, assert_close_to
 
 N_ROWS, N_COLS = 256, 129  # 33k samples: statistics resolve to about 0.006 per standard error
@@ -97,16 +98,23 @@ def test_samples_draw_what_copies_of_the_rows_draw(backend):
     eps = philox_normal(int(seed), (samples, rows, cols), torch.float64, DEVICE)
     half_std = 0.5 * torch.exp(0.5 * logvar64)
     expected_mu = grad_z.double().sum(0) + grad_kl.double()[:, None] * mu64
-    expected_logvar = (half_std * (grad_z.double() * eps).sum(0)
-                       + grad_kl.double()[:, None] * 0.5 * torch.expm1(logvar64))
+    expected_logvar = half_std * (grad_z.double() * eps).sum(0) + grad_kl.double()[:, None] * 0.5 * torch.expm1(
+        logvar64
+    )
     assert_close_to(z, mu64 + 2 * half_std * eps, "z")
     assert_close_to(grad_mu, expected_mu, "grad_mu")
     assert_close_to(grad_logvar, expected_logvar, "grad_logvar")
-    for name, summed, total, kl_term in (("mu", copy_grads[0], grad_mu, grad_kl[:, None] * mu),
-                                         ("logvar", copy_grads[1], grad_logvar,
-                                          grad_kl[:, None] * 0.5 * torch.expm1(logvar))):
-        torch.testing.assert_close(summed.reshape(samples, rows, cols).sum(0) + kl_term.detach(), total,
-                                   rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"grad_{name}: {m}")
+    for name, summed, total, kl_term in (
+        ("mu", copy_grads[0], grad_mu, grad_kl[:, None] * mu),
+        ("logvar", copy_grads[1], grad_logvar, grad_kl[:, None] * 0.5 * torch.expm1(logvar)),
+    ):
+        torch.testing.assert_close(
+            summed.reshape(samples, rows, cols).sum(0) + kl_term.detach(),
+            total,
+            rtol=1e-5,
+            atol=1e-5,
+            msg=lambda m, name=name: f"grad_{name}: {m}",
+        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

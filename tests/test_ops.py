@@ -9,6 +9,7 @@ import torch
 import fastvae
 from fastvae.ops.noise import draw_seed, philox_normal
 from fastvae.ops.registry import op_specs
+
 from helpers import BACKENDS, DEVICE, DTYPES, assert_close_to
 
 SPECS = op_specs()
@@ -50,8 +51,9 @@ def _oracle(spec, inputs, kwargs, upstream):
 def test_op_matches_its_float64_oracle(spec, backend, dtype, shape):
     generator = torch.Generator().manual_seed(SEED)
     for reduction in spec.reductions or (None,):
-        inputs = [arg.make(shape, dtype if arg.kind == "param" else torch.float32, DEVICE, generator)
-                  for arg in spec.inputs]
+        inputs = [
+            arg.make(shape, dtype if arg.kind == "param" else torch.float32, DEVICE, generator) for arg in spec.inputs
+        ]
         kwargs, oracle_kwargs = spec.size_arguments(shape), spec.size_arguments(shape)
         if reduction is not None:
             kwargs["reduction"] = oracle_kwargs["reduction"] = reduction

@@ -25,8 +25,18 @@ def _legend_names(figure) -> list[str]:
 def test_the_scatter_names_fashion_mnist_classes():
     points, labels = _points(40)
     figure = plots.scatter_figure(points, labels, CLASS_NAMES["fashion-mnist"], "t")
-    assert _legend_names(figure) == ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                                     "Sneaker", "Bag", "Ankle boot"]
+    assert _legend_names(figure) == [
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ]
     assert len(figure.axes) == 1  # no colour bar beside the legend
 
 

@@ -13,8 +13,7 @@ from fastvae.ops.registry import BACKEND_MODULES, FAMILIES, op_specs
 FAMILY_BACKENDS = [(family, backend) for family in FAMILIES for backend in BACKEND_MODULES if backend != "torch"]
 
 
-@pytest.mark.parametrize("family, backend", FAMILY_BACKENDS,
-                         ids=[f"{f.name}-{b}" for f, b in FAMILY_BACKENDS])
+@pytest.mark.parametrize("family, backend", FAMILY_BACKENDS, ids=[f"{f.name}-{b}" for f, b in FAMILY_BACKENDS])
 def test_every_backend_implements_every_kernel_with_the_reference_signature(family, backend):
     reference, module = family.module("torch"), family.module(backend)
     for kernel in family.kernels:
@@ -29,8 +28,15 @@ def test_every_public_op_has_a_spec():
     """The ops tests and benchmarks iterate op_specs(): a public function missing from it would be
     neither tested against an oracle nor benchmarked."""
     tested = {spec.fastvae for spec in op_specs()} | {spec.name for spec in op_specs()}
-    public_ops = ["reparameterize_kl", "gaussian_kl", "bernoulli_log_likelihood", "continuous_bernoulli_log_likelihood",
-                  "gaussian_log_likelihood", "elbo_loss", "iwae_loss"]
+    public_ops = [
+        "reparameterize_kl",
+        "gaussian_kl",
+        "bernoulli_log_likelihood",
+        "continuous_bernoulli_log_likelihood",
+        "gaussian_log_likelihood",
+        "elbo_loss",
+        "iwae_loss",
+    ]
     for name in public_ops:
         assert getattr(fastvae, name) in tested or name in tested, f"fastvae.{name} has no OpSpec"
 

@@ -27,7 +27,9 @@ from fastvae.train.cli import main, run_training
 from fastvae.train.distributed import DistInfo
 from fastvae.train.eval_cli import main as eval_main
 from fastvae.train.run_folder import RunFolderError, RunFolderLock, to_json, write_file
+
 from app_helpers import expect_exit, final_state, tiny_args, tiny_dataset
+
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
@@ -71,8 +73,13 @@ def test_kill_between_last_and_best_is_repaired_on_resume(dataset, tmp_path, mon
     last = final_state(out)
     assert last["epoch"] == 2 and last["best_step"] == last["step"] == 10
     assert ckpt.load_checkpoint(out / "best.pt")["step"] == 5  # one improvement behind
-    expect_exit([str(out), "--iw-samples", "0"], "a save stopped between last.pt and best.pt",
-                "Resuming the run repairs", entry=eval_main, prog="fastvae-eval")
+    expect_exit(
+        [str(out), "--iw-samples", "0"],
+        "a save stopped between last.pt and best.pt",
+        "Resuming the run repairs",
+        entry=eval_main,
+        prog="fastvae-eval",
+    )
 
     run_training(["--resume", str(out)])  # nothing left to train: straight to the final evaluation
     assert (out / "best.pt").read_bytes() == (out / "last.pt").read_bytes()
@@ -86,8 +93,9 @@ def test_a_best_checkpoint_that_last_does_not_name_is_an_error(one_epoch_run):
     # As if training went on to step 8 without improving, and best.pt were then swapped for another one.
     ckpt.save_checkpoint({**last, "step": 8}, one_epoch_run / "last.pt")
     ckpt.save_checkpoint({**last, "step": 3}, one_epoch_run / "best.pt")
-    expect_exit(["--resume", str(one_epoch_run)], "best.pt holds step 3", "names step 5 as the best",
-                "Restore it from a backup")
+    expect_exit(
+        ["--resume", str(one_epoch_run)], "best.pt holds step 3", "names step 5 as the best", "Restore it from a backup"
+    )
     (one_epoch_run / "best.pt").unlink()
     expect_exit([str(one_epoch_run)], "best.pt is missing", entry=eval_main, prog="fastvae-eval")
 
@@ -116,15 +124,23 @@ def test_a_second_process_on_the_same_folder_is_refused(dataset, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     # Another fastvae-train as the lock protocol sees it (flock, then its pid), without importing torch.
-    hold_the_lock = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
-                     "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, f'{os.getpid()}\\n'.encode()); "
-                     "print('locked', flush=True); time.sleep(120)")
-    holder = subprocess.Popen([sys.executable, "-c", hold_the_lock, str(out / run_folder.LOCK_NAME)],
-                              stdout=subprocess.PIPE, text=True)
+    hold_the_lock = (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, f'{os.getpid()}\\n'.encode()); "
+        "print('locked', flush=True); time.sleep(120)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold_the_lock, str(out / run_folder.LOCK_NAME)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        expect_exit(tiny_args(dataset, out, "--epochs", "1"), f"in use by another fastvae-train (pid {holder.pid})",
-                    f"kill {holder.pid}", f"--resume {out}", "another --out")
+        expect_exit(
+            tiny_args(dataset, out, "--epochs", "1"),
+            f"in use by another fastvae-train (pid {holder.pid})",
+            f"kill {holder.pid}",
+            f"--resume {out}",
+            "another --out",
+        )
         assert not (out / "last.pt").exists()
     finally:
         holder.kill()
@@ -143,8 +159,13 @@ def test_the_lock_is_released_when_the_run_ends(tmp_path):
 # --------------------------------------------------------------------------- overwrite
 def test_a_new_run_refuses_a_folder_that_holds_one(dataset, one_epoch_run):
     before = {p.name: p.read_bytes() for p in one_epoch_run.iterdir() if p.is_file()}
-    expect_exit(tiny_args(dataset, one_epoch_run, "--epochs", "1"), "already holds a run",
-                f"--resume {one_epoch_run}", "--overwrite", "another --out")
+    expect_exit(
+        tiny_args(dataset, one_epoch_run, "--epochs", "1"),
+        "already holds a run",
+        f"--resume {one_epoch_run}",
+        "--overwrite",
+        "another --out",
+    )
     after = {p.name: p.read_bytes() for p in one_epoch_run.iterdir() if p.is_file()}
     assert after == before
 
@@ -191,8 +212,9 @@ def _flip_two_bytes_in_the_weights(path: Path) -> None:
     raw = bytearray(path.read_bytes())
     with zipfile.ZipFile(path) as archive:
         entry = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
-    name_len, extra_len = (int.from_bytes(raw[entry.header_offset + at: entry.header_offset + at + 2], "little")
-                           for at in (26, 28))
+    name_len, extra_len = (
+        int.from_bytes(raw[entry.header_offset + at : entry.header_offset + at + 2], "little") for at in (26, 28)
+    )
     middle = entry.header_offset + 30 + name_len + extra_len + entry.file_size // 2
     raw[middle] ^= 0x40
     raw[middle + 1] ^= 0x01
@@ -202,8 +224,15 @@ def _flip_two_bytes_in_the_weights(path: Path) -> None:
 def test_a_flipped_bit_in_the_weights_is_caught(one_epoch_run):
     best = one_epoch_run / "best.pt"
     _flip_two_bytes_in_the_weights(best)
-    expect_exit([str(best)], str(best), "is damaged", "does not match the sha256", "backup",
-                entry=eval_main, prog="fastvae-eval")
+    expect_exit(
+        [str(best)],
+        str(best),
+        "is damaged",
+        "does not match the sha256",
+        "backup",
+        entry=eval_main,
+        prog="fastvae-eval",
+    )
     last = one_epoch_run / "last.pt"
     _flip_two_bytes_in_the_weights(last)
     expect_exit(["--resume", str(one_epoch_run), "--epochs", "2"], str(last), "is damaged")
@@ -216,8 +245,13 @@ class NotAllowedInCheckpoints:
 def test_an_unreadable_checkpoint_does_not_advise_unsafe_loading(tmp_path):
     foreign = tmp_path / "foreign.pt"
     torch.save({"model": NotAllowedInCheckpoints()}, foreign)
-    message = expect_exit([str(foreign)], str(foreign), "corrupt, or it is not a fastvae-train checkpoint",
-                          entry=eval_main, prog="fastvae-eval")
+    message = expect_exit(
+        [str(foreign)],
+        str(foreign),
+        "corrupt, or it is not a fastvae-train checkpoint",
+        entry=eval_main,
+        prog="fastvae-eval",
+    )
     assert "weights_only" not in message
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a zip at all")
@@ -225,8 +259,12 @@ def test_an_unreadable_checkpoint_does_not_advise_unsafe_loading(tmp_path):
 
 
 def test_the_digest_survives_a_save_load_round_trip(tmp_path):
-    state = {"t": torch.arange(6, dtype=torch.bfloat16).reshape(2, 3), "scalar": torch.tensor(2.5),
-             "python": (3, tuple(range(5)), None), "nested": {1: [0.1, float("inf")], "s": "x"}}
+    state = {
+        "t": torch.arange(6, dtype=torch.bfloat16).reshape(2, 3),
+        "scalar": torch.tensor(2.5),
+        "python": (3, tuple(range(5)), None),
+        "nested": {1: [0.1, float("inf")], "s": "x"},
+    }
     path = tmp_path / "c.pt"
     torch.save({**state, "sha256": ckpt.content_digest(state)}, path)
     loaded = torch.load(path, weights_only=True)
@@ -279,8 +317,13 @@ def test_full_disk_keeps_the_previous_checkpoint(one_epoch_run, monkeypatch):
     last = one_epoch_run / "last.pt"
     before = last.read_bytes()
     _full_disk(monkeypatch, one_epoch_run)
-    expect_exit(["--resume", str(one_epoch_run), "--epochs", "2"], f"could not write {last}",
-                "No space left on device", "previous last.pt is untouched", "Free disk space")
+    expect_exit(
+        ["--resume", str(one_epoch_run), "--epochs", "2"],
+        f"could not write {last}",
+        "No space left on device",
+        "previous last.pt is untouched",
+        "Free disk space",
+    )
     assert last.read_bytes() == before
     assert leftover_temp_files(one_epoch_run) == []
 
@@ -295,6 +338,7 @@ def test_first_save_on_a_full_disk(tmp_path, monkeypatch):
 def _interrupt_saving_last(monkeypatch, where: str) -> None:
     """Ctrl-C while last.pt is serialized, or once its bytes are in the temp file (before the rename)."""
     if where == "serializing":
+
         def interrupted(*args, **kwargs):
             raise KeyboardInterrupt
 
@@ -323,8 +367,10 @@ def test_ctrl_c_during_a_save_ends_with_how_to_resume(one_epoch_run, monkeypatch
         assert stopped.code == 130
     else:
         pytest.fail("the interrupted run did not stop")
-    assert f"fastvae-train: interrupted; the run can be resumed with: fastvae-train --resume {one_epoch_run}" \
+    assert (
+        f"fastvae-train: interrupted; the run can be resumed with: fastvae-train --resume {one_epoch_run}"
         in capsys.readouterr().err
+    )
     assert last.read_bytes() == before
     assert leftover_temp_files(one_epoch_run) == []
 
@@ -353,15 +399,26 @@ def test_a_read_only_out_folder_is_a_message(dataset, tmp_path, monkeypatch):
     out = tmp_path / "run"
     out.mkdir()
     _read_only(monkeypatch, out)
-    expect_exit(tiny_args(dataset, out, "--epochs", "1"), str(out), "Read-only file system",
-                "Make the folder writable, or pass another --out")
+    expect_exit(
+        tiny_args(dataset, out, "--epochs", "1"),
+        str(out),
+        "Read-only file system",
+        "Make the folder writable, or pass another --out",
+    )
 
 
 def test_eval_prints_the_results_before_a_failed_write(one_epoch_run, monkeypatch, capsys):
     _read_only(monkeypatch, one_epoch_run)
-    expect_exit([str(one_epoch_run), "--iw-samples", "2"], "could not write", "eval-best.json",
-                "Read-only file system", "results are printed above", "--output", entry=eval_main,
-                prog="fastvae-eval")
+    expect_exit(
+        [str(one_epoch_run), "--iw-samples", "2"],
+        "could not write",
+        "eval-best.json",
+        "Read-only file system",
+        "results are printed above",
+        "--output",
+        entry=eval_main,
+        prog="fastvae-eval",
+    )
     assert "test_nll" in capsys.readouterr().out
 
 
@@ -381,19 +438,22 @@ def test_json_maps_non_finite_numbers_to_null():
 def test_eval_json_is_strict(one_epoch_run, monkeypatch):
     from fastvae.train import eval_cli
 
-    monkeypatch.setattr(eval_cli, "evaluate_test", lambda *args, **kwargs: {"test_neg_elbo": float("nan"),
-                                                                            "test_nll": float("inf")})
+    monkeypatch.setattr(
+        eval_cli, "evaluate_test", lambda *args, **kwargs: {"test_neg_elbo": float("nan"), "test_nll": float("inf")}
+    )
     eval_main([str(one_epoch_run)])
     saved = _strict_json((one_epoch_run / "eval-best.json").read_text())
     assert saved["test_neg_elbo"] is None and saved["test_nll"] is None
 
 
 def test_metrics_jsonl_is_strict(tmp_path):
-    run = SimpleNamespace(run_dir=tmp_path, dist=DistInfo(),
-                          state=SimpleNamespace(history=[{"epoch": 1, "train_kl": float("nan")}]))
+    run = SimpleNamespace(
+        run_dir=tmp_path, dist=DistInfo(), state=SimpleNamespace(history=[{"epoch": 1, "train_kl": float("nan")}])
+    )
     trainer.write_metrics(run)
-    assert [_strict_json(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == \
-        [{"epoch": 1, "train_kl": None}]
+    assert [_strict_json(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
+        {"epoch": 1, "train_kl": None}
+    ]
 
 
 def test_write_file_replaces_and_leaves_no_temp(tmp_path):

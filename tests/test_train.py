@@ -15,14 +15,14 @@ import torch
 import torch.multiprocessing as mp
 
 from fastvae.train import checkpoint as ckpt
-from fastvae.train import data
+from fastvae.train import data, trainer
+from fastvae.train.cli import main, run_training
+from fastvae.train.config import TrainConfig
 from fastvae.train.eval_cli import main as eval_main
 from fastvae.train.evaluate import elbo_rows, evaluate_elbo
 from fastvae.train.models import VAEConfig, build_model
-from fastvae.train.cli import main, run_training
-from fastvae.train.config import TrainConfig
-from fastvae.train import trainer
 from fastvae.train.trainer import ELBOObjective, kl_weight_at
+
 from app_helpers import SIDE, TEST_N, VAL_N, expect_exit, final_state, tiny_args, tiny_dataset
 from helpers import RecordPointwiseSizes
 
@@ -48,14 +48,28 @@ def test_end_to_end_writes_the_run_folder(dataset, tmp_path):
     test = run_training([a for a in args if a != "--no-plots"])
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "metrics.jsonl", "last.pt", "best.pt", "test_metrics.json"} <= names
-    assert {"reconstructions.png", "samples.png", "learning_curves.png", "latent_scatter.png",
-            "manifold.png", "latent_evolution.gif"} <= names
+    assert {
+        "reconstructions.png",
+        "samples.png",
+        "learning_curves.png",
+        "latent_scatter.png",
+        "manifold.png",
+        "latent_evolution.gif",
+    } <= names
     with PIL.Image.open(out / "latent_evolution.gif") as gif:
         assert gif.n_frames == 2  # one per epoch
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and all(r["epoch_complete"] for r in rows)
-    for key in ("train_neg_elbo", "train_kl", "train_recon", "val_neg_elbo", "val_kl", "val_recon",
-                "samples_per_s", "seconds"):
+    for key in (
+        "train_neg_elbo",
+        "train_kl",
+        "train_recon",
+        "val_neg_elbo",
+        "val_kl",
+        "val_recon",
+        "samples_per_s",
+        "seconds",
+    ):
         assert all(r[key] == r[key] and r[key] >= 0 for r in rows), key
     assert rows[-1]["train_neg_elbo"] < rows[0]["train_neg_elbo"]
     saved = json.loads((out / "test_metrics.json").read_text())
@@ -94,8 +108,15 @@ def _gloo_threads() -> list[str]:
 
 def _ddp_worker(rank: int, world: int, port: int, args: list[str]) -> None:
     """One rank, as torchrun starts it: the environment, then the CLI's main()."""
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
+    os.environ.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+        }
+    )
     torch.set_num_threads(1)
     main(args)
     # A gloo thread still running when Python shuts down can abort the process (distributed.teardown).
@@ -149,7 +170,7 @@ def test_objective_matches_the_formula(free_bits, traced):
     torch.set_rng_state(state)
     logits, mu, logvar, kl = model(x)
     recon = torch.nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="sum")
-    kl_dims = 0.5 * (mu ** 2 + logvar.exp() - logvar - 1)
+    kl_dims = 0.5 * (mu**2 + logvar.exp() - logvar - 1)
     kl_term = kl_dims.mean(0).clamp_min(free_bits).sum() if free_bits else kl_dims.sum(1).mean()
     torch.testing.assert_close(loss, recon / 5 + 0.3 * kl_term, rtol=1e-5, atol=1e-4)
     expected_stats = torch.stack([recon + kl.sum(), recon, kl.sum()]).detach()  # -ELBO, recon, KL
@@ -172,7 +193,7 @@ def test_objective_gradient_matches_the_formula_without_a_pass_over_the_data():
     torch.set_rng_state(state)
     logits, mu, logvar, _ = model(x)
     recon = torch.nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="sum")
-    kl = 0.5 * (mu ** 2 + logvar.exp() - logvar - 1).sum()
+    kl = 0.5 * (mu**2 + logvar.exp() - logvar - 1).sum()
     expected = torch.autograd.grad(recon / 6 + 0.3 * kl / 6, list(model.parameters()))
     for (name, _), got, want in zip(model.named_parameters(), grads, expected):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
@@ -193,8 +214,11 @@ def test_unreadable_data_names_the_file(dataset, tmp_path):
 
 
 def test_fp16_amp_on_cpu(dataset, tmp_path):
-    expect_exit(tiny_args(dataset, tmp_path / "r", "--amp", "--amp-dtype", "fp16", "--device", "cpu"),
-                "--amp-dtype fp16 needs a CUDA device", "bf16")
+    expect_exit(
+        tiny_args(dataset, tmp_path / "r", "--amp", "--amp-dtype", "fp16", "--device", "cpu"),
+        "--amp-dtype fp16 needs a CUDA device",
+        "bf16",
+    )
 
 
 def test_bad_flag_values(dataset, tmp_path):
@@ -202,18 +226,22 @@ def test_bad_flag_values(dataset, tmp_path):
     expect_exit(tiny_args(dataset, tmp_path / "r", "--hidden-dims", "a"), "--hidden-dims takes")
 
 
-@pytest.mark.parametrize("flag, value, message", [
-    ("--lr", "nan", "--lr must be a finite number, got nan"),
-    ("--lr", "inf", "--lr must be a finite number, got inf"),
-    ("--lr", "0", "--lr must be > 0, got 0"),
-    ("--beta", "nan", "--beta must be a finite number, got nan"),
-    ("--beta", "inf", "--beta must be a finite number, got inf"),
-    ("--free-bits", "nan", "--free-bits must be a finite number, got nan"),
-    ("--free-bits", "inf", "--free-bits must be a finite number, got inf"),
-    ("--free-bits", "-0.5", "--free-bits must be >= 0, got -0.5"),
-    ("--seed", str(2 ** 70), f"--seed must be between 0 and 2**63 - 1 (torch takes 64-bit seeds), got {2**70}"),
-    ("--seed", "-1", "--seed must be between 0 and 2**63 - 1"),
-], ids=lambda v: v if len(v) < 12 else v[:12])
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--lr", "nan", "--lr must be a finite number, got nan"),
+        ("--lr", "inf", "--lr must be a finite number, got inf"),
+        ("--lr", "0", "--lr must be > 0, got 0"),
+        ("--beta", "nan", "--beta must be a finite number, got nan"),
+        ("--beta", "inf", "--beta must be a finite number, got inf"),
+        ("--free-bits", "nan", "--free-bits must be a finite number, got nan"),
+        ("--free-bits", "inf", "--free-bits must be a finite number, got inf"),
+        ("--free-bits", "-0.5", "--free-bits must be >= 0, got -0.5"),
+        ("--seed", str(2**70), f"--seed must be between 0 and 2**63 - 1 (torch takes 64-bit seeds), got {2**70}"),
+        ("--seed", "-1", "--seed must be between 0 and 2**63 - 1"),
+    ],
+    ids=lambda v: v if len(v) < 12 else v[:12],
+)
 def test_numbers_are_checked_when_the_flags_are_read(dataset, tmp_path, flag, value, message):
     out = tmp_path / "r"
     expect_exit(tiny_args(dataset, out, flag, value), message)
@@ -221,8 +249,12 @@ def test_numbers_are_checked_when_the_flags_are_read(dataset, tmp_path, flag, va
 
 
 def test_val_size_too_large_names_the_flag(dataset, tmp_path):
-    expect_exit(tiny_args(dataset, tmp_path / "r", "--val-size", "500"), "--val-size 500",
-                "96 training images", "pass a smaller --val-size")
+    expect_exit(
+        tiny_args(dataset, tmp_path / "r", "--val-size", "500"),
+        "--val-size 500",
+        "96 training images",
+        "pass a smaller --val-size",
+    )
 
 
 def test_an_unavailable_backend_is_refused_before_anything_is_written(dataset, tmp_path, monkeypatch):
@@ -230,8 +262,11 @@ def test_an_unavailable_backend_is_refused_before_anything_is_written(dataset, t
         pytest.skip("triton can run here")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # what a CPU machine without the interpreter has
     out = tmp_path / "r"
-    expect_exit(tiny_args(dataset, out, "--backend", "triton", "--device", "cpu"),
-                "--backend triton cannot run on cpu", "TRITON_INTERPRET=1")
+    expect_exit(
+        tiny_args(dataset, out, "--backend", "triton", "--device", "cpu"),
+        "--backend triton cannot run on cpu",
+        "TRITON_INTERPRET=1",
+    )
     assert not out.exists()
 
 
@@ -251,10 +286,14 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(one_epoch_run)
     saved = {name: (one_epoch_run / name).read_bytes() for name in ("last.pt", "best.pt", "metrics.jsonl")}
     # Adam moves every weight by about --lr per step: 1e30 overflows float32 in the next forward pass.
     resume = ["--resume", str(one_epoch_run), "--epochs", "2", "--lr", "1e30", "--log-every", "1"]
-    message = expect_exit(resume, "the training loss became non-finite", "training stopped",
-                          "Try a lower --lr (this run: 1e+30)",
-                          f"{one_epoch_run / 'last.pt'} (step 5) is the last good checkpoint and is kept",
-                          f"fastvae-train --resume {one_epoch_run} --lr 1e+29")
+    message = expect_exit(
+        resume,
+        "the training loss became non-finite",
+        "training stopped",
+        "Try a lower --lr (this run: 1e+30)",
+        f"{one_epoch_run / 'last.pt'} (step 5) is the last good checkpoint and is kept",
+        f"fastvae-train --resume {one_epoch_run} --lr 1e+29",
+    )
     assert re.search(r"non-finite \(.*\) at step [67]\b", message), message
     assert {name: (one_epoch_run / name).read_bytes() for name in saved} == saved
 
@@ -281,14 +320,17 @@ def test_steps_a_grad_scaler_skips_are_not_failures(dataset, tmp_path, monkeypat
     out = tmp_path / "run"
     run_training(tiny_args(dataset, out, "--epochs", "1", "--log-every", "1", "--iw-samples", "0"))
     state = final_state(out)
-    assert state["step"] == 5 and state["scaler"]["scale"] == 2.0 ** 16 / 4  # two steps skipped, three taken
+    assert state["step"] == 5 and state["scaler"]["scale"] == 2.0**16 / 4  # two steps skipped, three taken
     assert all(torch.isfinite(weights).all() for weights in state["model"].values())
 
 
 def test_a_run_diverging_before_its_first_checkpoint(dataset, tmp_path):
     out = tmp_path / "run"
-    expect_exit(tiny_args(dataset, out, "--epochs", "1", "--lr", "1e30"), "became non-finite",
-                "no checkpoint was written yet; start again with a lower --lr (e.g. 1e+29)")
+    expect_exit(
+        tiny_args(dataset, out, "--epochs", "1", "--lr", "1e30"),
+        "became non-finite",
+        "no checkpoint was written yet; start again with a lower --lr (e.g. 1e+29)",
+    )
     assert not (out / "last.pt").exists() and not (out / "best.pt").exists()
 
 
@@ -300,8 +342,11 @@ def one_epoch_run(dataset, tmp_path) -> Path:
 
 
 def test_checkpoint_from_another_config(one_epoch_run):
-    expect_exit(["--resume", str(one_epoch_run), "--epochs", "2", "--latent-dim", "3"],
-                "another model config", "latent_dim: checkpoint 2, this run 3")
+    expect_exit(
+        ["--resume", str(one_epoch_run), "--epochs", "2", "--latent-dim", "3"],
+        "another model config",
+        "latent_dim: checkpoint 2, this run 3",
+    )
 
 
 def test_truncated_checkpoint(one_epoch_run):
@@ -325,9 +370,22 @@ def test_torchrun_with_one_process_takes_the_process_group_path(dataset, tmp_pat
 
     out = tmp_path / "one"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "-m",
-                           "fastvae.train", *tiny_args(dataset, out, "--epochs", "1", "--device", "cpu")],
-                          env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "1",
+            "-m",
+            "fastvae.train",
+            *tiny_args(dataset, out, "--epochs", "1", "--device", "cpu"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     config = json.loads((out / "config.json").read_text())
     assert config["distributed_backend"] == "gloo" and config["world_size"] == 1

@@ -19,12 +19,16 @@ from fastvae.train.evaluate import DENSITY_NOTE, GREY_BERNOULLI_NOTE
 from fastvae.train.models import VAEConfig, build_model
 from fastvae.train.plots import PICTURE_FILES
 from fastvae.train.trainer import ELBOObjective, IWAEObjective
+
 from app_helpers import SIDE, expect_exit, final_state, tiny_args, tiny_dataset
 
 # (--likelihood, the --binarize it is meant for)
 LIKELIHOOD_RUNS = [("bernoulli", "dynamic"), ("continuous-bernoulli", "none"), ("gaussian", "none")]
-OBJECTIVE_RUNS = {"elbo": (), "iwae": ("--objective", "iwae", "--samples", "3"),
-                  "dreg": ("--objective", "iwae", "--samples", "3", "--estimator", "dreg")}
+OBJECTIVE_RUNS = {
+    "elbo": (),
+    "iwae": ("--objective", "iwae", "--samples", "3"),
+    "dreg": ("--objective", "iwae", "--samples", "3", "--estimator", "dreg"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -48,21 +52,38 @@ def test_defaults_follow_binarize_and_the_objective():
     assert TrainConfig(likelihood="continuous-bernoulli").model_config((1, 8, 8)).likelihood == "continuous_bernoulli"
 
 
-@pytest.mark.parametrize("flags, fragments", [
-    (("--samples", "4"), ("--samples 4 is the number of importance samples of --objective iwae",
-                          "Pass --objective iwae")),
-    (("--estimator", "dreg"), ("--estimator dreg picks the gradient estimator of the importance-weighted bound",
-                               "pass --objective iwae with it, or drop --estimator")),
-    (("--objective", "iwae", "--beta", "0.5"), ("--beta 0.5 weights the ELBO's KL term",
-                                                "(--objective iwae) has no separate KL term", "drop --beta")),
-    (("--objective", "iwae", "--kl-warmup", "10"), ("--kl-warmup 10 anneals the ELBO's KL term", "drop --kl-warmup")),
-    (("--objective", "iwae", "--free-bits", "0.5"), ("--free-bits 0.5 floors the ELBO's KL term",
-                                                     "drop --free-bits", "use --objective elbo")),
-    (("--objective", "iwae", "--samples", "0"), ("--samples must be >= 1, got 0",)),
-    (("--time-limit", "-5"), ("--time-limit must be >= 0, got -5",)),
-    (("--time-limit", "nan"), ("--time-limit must be a finite number, got nan",)),
-], ids=["samples-elbo", "estimator-elbo", "beta", "kl-warmup", "free-bits", "samples-0", "time-negative",
-        "time-nan"])
+@pytest.mark.parametrize(
+    "flags, fragments",
+    [
+        (
+            ("--samples", "4"),
+            ("--samples 4 is the number of importance samples of --objective iwae", "Pass --objective iwae"),
+        ),
+        (
+            ("--estimator", "dreg"),
+            (
+                "--estimator dreg picks the gradient estimator of the importance-weighted bound",
+                "pass --objective iwae with it, or drop --estimator",
+            ),
+        ),
+        (
+            ("--objective", "iwae", "--beta", "0.5"),
+            ("--beta 0.5 weights the ELBO's KL term", "(--objective iwae) has no separate KL term", "drop --beta"),
+        ),
+        (
+            ("--objective", "iwae", "--kl-warmup", "10"),
+            ("--kl-warmup 10 anneals the ELBO's KL term", "drop --kl-warmup"),
+        ),
+        (
+            ("--objective", "iwae", "--free-bits", "0.5"),
+            ("--free-bits 0.5 floors the ELBO's KL term", "drop --free-bits", "use --objective elbo"),
+        ),
+        (("--objective", "iwae", "--samples", "0"), ("--samples must be >= 1, got 0",)),
+        (("--time-limit", "-5"), ("--time-limit must be >= 0, got -5",)),
+        (("--time-limit", "nan"), ("--time-limit must be a finite number, got nan",)),
+    ],
+    ids=["samples-elbo", "estimator-elbo", "beta", "kl-warmup", "free-bits", "samples-0", "time-negative", "time-nan"],
+)
 def test_combinations_that_cannot_run_are_refused(dataset, tmp_path, flags, fragments):
     out = tmp_path / "r"
     expect_exit(tiny_args(dataset, out, *flags), *fragments)
@@ -81,8 +102,19 @@ def test_unknown_choices_are_refused_by_the_parser(dataset, tmp_path, capsys):
 @pytest.mark.parametrize("likelihood, binarize", LIKELIHOOD_RUNS, ids=[name for name, _ in LIKELIHOOD_RUNS])
 def test_each_likelihood_and_objective_trains_end_to_end(dataset, tmp_path, likelihood, binarize, objective):
     out = tmp_path / "run"
-    args = tiny_args(dataset, out, "--epochs", "1", "--lr", "1e-2", "--likelihood", likelihood, "--binarize",
-                     binarize, *OBJECTIVE_RUNS[objective])
+    args = tiny_args(
+        dataset,
+        out,
+        "--epochs",
+        "1",
+        "--lr",
+        "1e-2",
+        "--likelihood",
+        likelihood,
+        "--binarize",
+        binarize,
+        *OBJECTIVE_RUNS[objective],
+    )
     test = run_training([a for a in args if a != "--no-plots"])
     assert set(PICTURE_FILES) <= {p.name for p in out.iterdir()}
     (row,) = metric_rows(out)
@@ -126,8 +158,11 @@ def test_a_resumed_run_may_switch_the_objective(dataset, tmp_path):
 def test_a_resumed_run_may_not_change_the_likelihood(dataset, tmp_path):
     out = tmp_path / "run"
     run_training(tiny_args(dataset, out, "--epochs", "1", "--iw-samples", "0", "--binarize", "none"))
-    expect_exit(["--resume", str(out), "--epochs", "2", "--likelihood", "gaussian"], "another model config",
-                "likelihood: checkpoint 'continuous-bernoulli', this run 'gaussian'")
+    expect_exit(
+        ["--resume", str(out), "--epochs", "2", "--likelihood", "gaussian"],
+        "another model config",
+        "likelihood: checkpoint 'continuous-bernoulli', this run 'gaussian'",
+    )
 
 
 def _as_written_before_the_likelihood_flags(run_dir: Path) -> None:
@@ -146,8 +181,9 @@ def test_checkpoints_from_before_the_likelihood_flag_are_bernoulli_vaes(dataset,
     """Every run then trained a Bernoulli decoder, under --binarize none too (where the default is now
     continuous-bernoulli): fastvae-eval evaluates it as one, and a resume continues it as one."""
     out = tmp_path / "run"
-    run_training(tiny_args(dataset, out, "--epochs", "1", "--iw-samples", "0", "--binarize", "none",
-                           "--likelihood", "bernoulli"))
+    run_training(
+        tiny_args(dataset, out, "--epochs", "1", "--iw-samples", "0", "--binarize", "none", "--likelihood", "bernoulli")
+    )
     _as_written_before_the_likelihood_flags(out)
     eval_main([str(out), "--iw-samples", "4"])
     result = json.loads((out / "eval-best.json").read_text())
@@ -239,8 +275,11 @@ def test_iwae_objective_is_the_bound_and_trains_every_parameter(likelihood, esti
         z = fastvae.reparameterize(mu, logvar, samples=4)
         decoded = model.decode(z.flatten(0, 1)).unflatten(0, (4, 5))
         mu, logvar, z = mu.double(), logvar.double(), z.double()
-        log_w = (_log_lik(model, decoded, x).flatten(2).sum(2) - 0.5 * (z ** 2).sum(2)
-                 + 0.5 * ((z - mu) ** 2 / logvar.exp() + logvar).sum(2))  # the log 2pi terms cancel
+        log_w = (
+            _log_lik(model, decoded, x).flatten(2).sum(2)
+            - 0.5 * (z**2).sum(2)
+            + 0.5 * ((z - mu) ** 2 / logvar.exp() + logvar).sum(2)
+        )  # the log 2pi terms cancel
         bound = torch.logsumexp(log_w, dim=0) - math.log(4)
     torch.testing.assert_close(loss.double(), -bound.mean(), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(stats.double(), -bound.sum().reshape(1), rtol=1e-5, atol=1e-3)

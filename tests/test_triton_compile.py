@@ -26,6 +26,9 @@ def test_every_specialization_compiles_for_every_arch(compiled):
 
 
 def test_no_specialization_spills(compiled):
-    spilling = [f"{r['specialization']} {r['arch']}: {r['registers']} registers, {r['spill_store_bytes']} bytes "
-                f"spilled" for r in compiled if not r["error"] and (r["spill_store_bytes"] or r["spill_load_bytes"])]
+    spilling = [
+        f"{r['specialization']} {r['arch']}: {r['registers']} registers, {r['spill_store_bytes']} bytes spilled"
+        for r in compiled
+        if not r["error"] and (r["spill_store_bytes"] or r["spill_load_bytes"])
+    ]
     assert not spilling, "\n".join(spilling[:10] + summary(compiled))

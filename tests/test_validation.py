@@ -13,22 +13,33 @@ B, D, L = 4, 10, 3
 
 
 def _args(**override):
-    args = {"logits": torch.randn(B, D), "target": torch.rand(B, D), "mu": torch.randn(B, L),
-            "logvar": torch.randn(B, L)}
+    args = {
+        "logits": torch.randn(B, D),
+        "target": torch.rand(B, D),
+        "mu": torch.randn(B, L),
+        "logvar": torch.randn(B, L),
+    }
     args.update(override)
     return args
 
 
-@pytest.mark.parametrize("override, error, message", [
-    ({"target": torch.rand(B, D - 1)}, ValueError, r"logits \[4, 10\] and target \[4, 9\] must have the same shape"),
-    ({"logvar": torch.randn(B, L + 1)}, ValueError, r"mu \[4, 3\] and logvar \[4, 4\] must have the same shape"),
-    ({"mu": torch.randn(B + 1, L), "logvar": torch.randn(B + 1, L)}, ValueError, "same batch size"),
-    ({"target": torch.ones(B, D, dtype=torch.long)}, TypeError, r"target must be a floating-point tensor.*int64"),
-    ({"logits": torch.ones(B, D, dtype=torch.bool)}, TypeError, "logits must be a floating-point tensor"),
-    ({"mu": [[0.0] * L] * B}, TypeError, "mu must be a torch.Tensor, got list"),
-    ({"logits": torch.tensor(1.0), "target": torch.tensor(1.0)}, ValueError, "batch dimension"),
-    ({"target": torch.rand(B, D, device="meta")}, ValueError, "one device.*logits on cpu, target on meta"),
-])
+@pytest.mark.parametrize(
+    "override, error, message",
+    [
+        (
+            {"target": torch.rand(B, D - 1)},
+            ValueError,
+            r"logits \[4, 10\] and target \[4, 9\] must have the same shape",
+        ),
+        ({"logvar": torch.randn(B, L + 1)}, ValueError, r"mu \[4, 3\] and logvar \[4, 4\] must have the same shape"),
+        ({"mu": torch.randn(B + 1, L), "logvar": torch.randn(B + 1, L)}, ValueError, "same batch size"),
+        ({"target": torch.ones(B, D, dtype=torch.long)}, TypeError, r"target must be a floating-point tensor.*int64"),
+        ({"logits": torch.ones(B, D, dtype=torch.bool)}, TypeError, "logits must be a floating-point tensor"),
+        ({"mu": [[0.0] * L] * B}, TypeError, "mu must be a torch.Tensor, got list"),
+        ({"logits": torch.tensor(1.0), "target": torch.tensor(1.0)}, ValueError, "batch dimension"),
+        ({"target": torch.rand(B, D, device="meta")}, ValueError, "one device.*logits on cpu, target on meta"),
+    ],
+)
 def test_elbo_loss_rejects_bad_inputs(override, error, message):
     with pytest.raises(error, match=message):
         fastvae.elbo_loss(**_args(**override))
@@ -70,12 +81,15 @@ def test_reparameterize_rejects_bad_inputs():
         fastvae.reparameterize(mu, logvar.long())
 
 
-@pytest.mark.parametrize("samples, error, message", [
-    (0, ValueError, "samples must be >= 1, got 0"),
-    (-3, ValueError, "samples must be >= 1, got -3"),
-    (2.0, TypeError, "samples must be an int >= 1.*got float"),
-    (True, TypeError, "samples must be an int >= 1.*got bool"),
-])
+@pytest.mark.parametrize(
+    "samples, error, message",
+    [
+        (0, ValueError, "samples must be >= 1, got 0"),
+        (-3, ValueError, "samples must be >= 1, got -3"),
+        (2.0, TypeError, "samples must be an int >= 1.*got float"),
+        (True, TypeError, "samples must be an int >= 1.*got bool"),
+    ],
+)
 def test_reparameterize_samples_is_a_positive_int(samples, error, message):
     with pytest.raises(error, match=message):
         fastvae.reparameterize(torch.randn(B, L), torch.randn(B, L), samples=samples)
@@ -93,32 +107,52 @@ K = 5
 
 
 def _iwae_args(**override):
-    args = {"logits": torch.randn(K, B, D), "x": torch.rand(B, D), "z": torch.randn(K, B, L), "mu": torch.randn(B, L),
-            "logvar": torch.randn(B, L)}
+    args = {
+        "logits": torch.randn(K, B, D),
+        "x": torch.rand(B, D),
+        "z": torch.randn(K, B, L),
+        "mu": torch.randn(B, L),
+        "logvar": torch.randn(B, L),
+    }
     args.update(override)
     return args
 
 
-@pytest.mark.parametrize("override, error, message", [
-    ({"z": torch.randn(K + 1, B, L)}, ValueError,
-     r"z \[6, 4, 3\] and logits \[5, 4, 10\] must have the same number of samples K \(dim 0\)"),
-    ({"z": torch.randn(K, B + 1, L)}, ValueError,
-     r"z \[5, 5, 3\] and logits \[5, 4, 10\] must have the same batch size B \(dim 1\)"),
-    ({"x": torch.rand(B + 1, D)}, ValueError, r"x \[5, 10\] must have the shape \[4, 10\].*batch size B"),
-    ({"x": torch.rand(B, D - 1)}, ValueError, r"x \[4, 9\] must have the shape \[4, 10\].*data shape D"),
-    ({"x": torch.rand(K, B, D)}, ValueError, r"x \[5, 4, 10\] must have the shape \[4, 10\]"),
-    ({"mu": torch.randn(B, L + 1), "logvar": torch.randn(B, L + 1)}, ValueError,
-     r"mu \[4, 4\] must have the shape \[4, 3\] of one sample of z.*latent shape L"),
-    ({"mu": torch.randn(B - 1, L), "logvar": torch.randn(B - 1, L)}, ValueError, r"mu \[3, 3\].*batch size B"),
-    ({"logvar": torch.randn(B, L + 1)}, ValueError, r"logvar \[4, 4\] and mu \[4, 3\] must have the same shape"),
-    ({"logits": torch.randn(B, D), "x": torch.rand(D)}, ValueError, r"z \[5, 4, 3\] and logits \[4, 10\]"),
-    ({"logits": torch.randn(D)}, ValueError, r"logits must be \[K, B, \.\.\.\].*samples=K.*got shape \[10\]"),
-    ({"logits": torch.randn(0, B, D), "z": torch.randn(0, B, L)}, ValueError, "no sample.*K >= 1"),
-    ({"x": torch.ones(B, D, dtype=torch.long)}, TypeError, r"x must be a floating-point tensor.*int64"),
-    ({"z": [[0.0]]}, TypeError, "z must be a torch.Tensor, got list"),
-    ({"mu": torch.randn(B, L, device="meta"), "logvar": torch.randn(B, L, device="meta")}, ValueError,
-     "one device.*logits on cpu.*mu on meta"),
-])
+@pytest.mark.parametrize(
+    "override, error, message",
+    [
+        (
+            {"z": torch.randn(K + 1, B, L)},
+            ValueError,
+            r"z \[6, 4, 3\] and logits \[5, 4, 10\] must have the same number of samples K \(dim 0\)",
+        ),
+        (
+            {"z": torch.randn(K, B + 1, L)},
+            ValueError,
+            r"z \[5, 5, 3\] and logits \[5, 4, 10\] must have the same batch size B \(dim 1\)",
+        ),
+        ({"x": torch.rand(B + 1, D)}, ValueError, r"x \[5, 10\] must have the shape \[4, 10\].*batch size B"),
+        ({"x": torch.rand(B, D - 1)}, ValueError, r"x \[4, 9\] must have the shape \[4, 10\].*data shape D"),
+        ({"x": torch.rand(K, B, D)}, ValueError, r"x \[5, 4, 10\] must have the shape \[4, 10\]"),
+        (
+            {"mu": torch.randn(B, L + 1), "logvar": torch.randn(B, L + 1)},
+            ValueError,
+            r"mu \[4, 4\] must have the shape \[4, 3\] of one sample of z.*latent shape L",
+        ),
+        ({"mu": torch.randn(B - 1, L), "logvar": torch.randn(B - 1, L)}, ValueError, r"mu \[3, 3\].*batch size B"),
+        ({"logvar": torch.randn(B, L + 1)}, ValueError, r"logvar \[4, 4\] and mu \[4, 3\] must have the same shape"),
+        ({"logits": torch.randn(B, D), "x": torch.rand(D)}, ValueError, r"z \[5, 4, 3\] and logits \[4, 10\]"),
+        ({"logits": torch.randn(D)}, ValueError, r"logits must be \[K, B, \.\.\.\].*samples=K.*got shape \[10\]"),
+        ({"logits": torch.randn(0, B, D), "z": torch.randn(0, B, L)}, ValueError, "no sample.*K >= 1"),
+        ({"x": torch.ones(B, D, dtype=torch.long)}, TypeError, r"x must be a floating-point tensor.*int64"),
+        ({"z": [[0.0]]}, TypeError, "z must be a torch.Tensor, got list"),
+        (
+            {"mu": torch.randn(B, L, device="meta"), "logvar": torch.randn(B, L, device="meta")},
+            ValueError,
+            "one device.*logits on cpu.*mu on meta",
+        ),
+    ],
+)
 def test_iwae_loss_rejects_bad_inputs(override, error, message):
     with pytest.raises(error, match=message):
         fastvae.iwae_loss(**_iwae_args(**override))
@@ -151,8 +185,10 @@ def test_iwae_loss_refuses_data_outside_the_unit_interval(bad):
 
 
 def test_unknown_backend_names():
-    with pytest.raises(ValueError, match="unknown fastvae backend 'cuda'.*auto, triton, native, torch"), \
-            fastvae.use_backend("cuda"):
+    with (
+        pytest.raises(ValueError, match="unknown fastvae backend 'cuda'.*auto, triton, native, torch"),
+        fastvae.use_backend("cuda"),
+    ):
         pass
 
 
@@ -162,17 +198,21 @@ def test_bad_environment_backend(monkeypatch):
         fastvae.gaussian_kl(torch.randn(2, 3), torch.randn(2, 3))
 
 
-@pytest.mark.parametrize("beta, error, message", [
-    (float("nan"), ValueError, r"finite number >= 0.*nan"),
-    (float("inf"), ValueError, r"finite number >= 0.*inf"),
-    (torch.tensor(-0.5), ValueError, r"finite number >= 0.*-0.5"),
-    (torch.tensor(float("nan")), ValueError, r"finite number >= 0.*nan"),
-    (torch.ones(B), ValueError, r"beta must be a scalar.*shape \[4\]"),
-    (torch.ones(1), ValueError, r"beta must be a scalar.*shape \[1\]"),
-    (torch.tensor(1), TypeError, "floating-point tensor"),
-    (True, TypeError, "float or a 0-d tensor"),
-    ("0.5", TypeError, "float or a 0-d tensor"),
-], ids=["nan", "inf", "tensor-negative", "tensor-nan", "per-datapoint", "one-element", "int-tensor", "bool", "str"])
+@pytest.mark.parametrize(
+    "beta, error, message",
+    [
+        (float("nan"), ValueError, r"finite number >= 0.*nan"),
+        (float("inf"), ValueError, r"finite number >= 0.*inf"),
+        (torch.tensor(-0.5), ValueError, r"finite number >= 0.*-0.5"),
+        (torch.tensor(float("nan")), ValueError, r"finite number >= 0.*nan"),
+        (torch.ones(B), ValueError, r"beta must be a scalar.*shape \[4\]"),
+        (torch.ones(1), ValueError, r"beta must be a scalar.*shape \[1\]"),
+        (torch.tensor(1), TypeError, "floating-point tensor"),
+        (True, TypeError, "float or a 0-d tensor"),
+        ("0.5", TypeError, "float or a 0-d tensor"),
+    ],
+    ids=["nan", "inf", "tensor-negative", "tensor-nan", "per-datapoint", "one-element", "int-tensor", "bool", "str"],
+)
 def test_beta_is_a_finite_non_negative_scalar(beta, error, message):
     with pytest.raises(error, match=message):
         fastvae.elbo_loss(**_args(), beta=beta)
@@ -190,9 +230,11 @@ def test_a_scalar_tensor_beta_weights_the_kl():
 def test_targets_outside_the_unit_interval_are_refused_with_the_fix(bad):
     args = _args()
     args["target"][1, 3] = bad
-    for call in (lambda: fastvae.elbo_loss(**args),
-                 lambda: fastvae.bernoulli_log_likelihood(args["logits"], args["target"]),
-                 lambda: fastvae.bernoulli_log_likelihood(args["logits"], args["target"], reduction="none")):
+    for call in (
+        lambda: fastvae.elbo_loss(**args),
+        lambda: fastvae.bernoulli_log_likelihood(args["logits"], args["target"]),
+        lambda: fastvae.bernoulli_log_likelihood(args["logits"], args["target"], reduction="none"),
+    ):
         with pytest.raises(ValueError, match=r"target must lie in \[0, 1\].*target\[1, 3\].*x / 255"):
             call()
 
@@ -222,29 +264,77 @@ def test_set_validate_args_takes_a_bool():
 
 
 # --------------------------------------------------------------------------- the likelihood families
-@pytest.mark.parametrize("call, error, message", [
-    (lambda: fastvae.continuous_bernoulli_log_likelihood(torch.randn(B, D), torch.rand(B, D + 1)), ValueError,
-     r"logits \[4, 10\] and x \[4, 11\] must have the same shape"),
-    (lambda: fastvae.continuous_bernoulli_log_likelihood(torch.randn(B, D), torch.ones(B, D, dtype=torch.uint8)),
-     TypeError, "x must be a floating-point tensor"),
-    (lambda: fastvae.continuous_bernoulli_log_likelihood(torch.randn(B, D), torch.rand(B, D), reduction="avg"),
-     ValueError, "unknown reduction 'avg'"),
-    (lambda: fastvae.gaussian_log_likelihood(torch.randn(B, D), torch.randn(B + 1, D)), ValueError,
-     r"mean \[4, 10\] and x \[5, 10\] must have the same shape"),
-    (lambda: fastvae.gaussian_log_likelihood(torch.randn(B, D), torch.randn(B, D), torch.randn(D + 1)), ValueError,
-     r"logvar \[11\] must broadcast to the shape of x \[4, 10\].*per feature \(\[10\]\) or a scalar"),
-    (lambda: fastvae.gaussian_log_likelihood(torch.randn(B, D), torch.randn(B, D), torch.randn(2, D)), ValueError,
-     r"logvar \[2, 10\] must broadcast to the shape of x \[4, 10\]"),
-    (lambda: fastvae.gaussian_log_likelihood(torch.randn(B, D), torch.randn(B, D), torch.randn(3, B, D)), ValueError,
-     r"logvar \[3, 4, 10\] must broadcast to the shape of x \[4, 10\]"),
-    (lambda: fastvae.gaussian_log_likelihood(torch.randn(B, D), torch.randn(B, D), torch.zeros(D, dtype=torch.long)),
-     TypeError, "logvar must be a floating-point tensor"),
-    (lambda: fastvae.gaussian_log_likelihood(torch.randn(B, D), torch.randn(B, D), [0.0] * D), TypeError,
-     "logvar must be a torch.Tensor, got list"),
-    (lambda: fastvae.gaussian_log_likelihood(torch.randn(B, D), torch.randn(B, D), torch.randn(D, device="meta")),
-     ValueError, "one device.*x on cpu, logvar on meta"),
-], ids=["cb-shapes", "cb-int-target", "cb-reduction", "gaussian-shapes", "logvar-width", "logvar-rows",
-        "logvar-more-dims", "logvar-int", "logvar-list", "logvar-device"])
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (
+            lambda: fastvae.continuous_bernoulli_log_likelihood(torch.randn(B, D), torch.rand(B, D + 1)),
+            ValueError,
+            r"logits \[4, 10\] and x \[4, 11\] must have the same shape",
+        ),
+        (
+            lambda: fastvae.continuous_bernoulli_log_likelihood(torch.randn(B, D), torch.ones(B, D, dtype=torch.uint8)),
+            TypeError,
+            "x must be a floating-point tensor",
+        ),
+        (
+            lambda: fastvae.continuous_bernoulli_log_likelihood(torch.randn(B, D), torch.rand(B, D), reduction="avg"),
+            ValueError,
+            "unknown reduction 'avg'",
+        ),
+        (
+            lambda: fastvae.gaussian_log_likelihood(torch.randn(B, D), torch.randn(B + 1, D)),
+            ValueError,
+            r"mean \[4, 10\] and x \[5, 10\] must have the same shape",
+        ),
+        (
+            lambda: fastvae.gaussian_log_likelihood(torch.randn(B, D), torch.randn(B, D), torch.randn(D + 1)),
+            ValueError,
+            r"logvar \[11\] must broadcast to the shape of x \[4, 10\].*per feature \(\[10\]\) or a scalar",
+        ),
+        (
+            lambda: fastvae.gaussian_log_likelihood(torch.randn(B, D), torch.randn(B, D), torch.randn(2, D)),
+            ValueError,
+            r"logvar \[2, 10\] must broadcast to the shape of x \[4, 10\]",
+        ),
+        (
+            lambda: fastvae.gaussian_log_likelihood(torch.randn(B, D), torch.randn(B, D), torch.randn(3, B, D)),
+            ValueError,
+            r"logvar \[3, 4, 10\] must broadcast to the shape of x \[4, 10\]",
+        ),
+        (
+            lambda: fastvae.gaussian_log_likelihood(
+                torch.randn(B, D), torch.randn(B, D), torch.zeros(D, dtype=torch.long)
+            ),
+            TypeError,
+            "logvar must be a floating-point tensor",
+        ),
+        (
+            lambda: fastvae.gaussian_log_likelihood(torch.randn(B, D), torch.randn(B, D), [0.0] * D),
+            TypeError,
+            "logvar must be a torch.Tensor, got list",
+        ),
+        (
+            lambda: fastvae.gaussian_log_likelihood(
+                torch.randn(B, D), torch.randn(B, D), torch.randn(D, device="meta")
+            ),
+            ValueError,
+            "one device.*x on cpu, logvar on meta",
+        ),
+    ],
+    ids=[
+        "cb-shapes",
+        "cb-int-target",
+        "cb-reduction",
+        "gaussian-shapes",
+        "logvar-width",
+        "logvar-rows",
+        "logvar-more-dims",
+        "logvar-int",
+        "logvar-list",
+        "logvar-device",
+    ],
+)
 def test_likelihoods_reject_bad_inputs(call, error, message):
     with pytest.raises(error, match=message):
         call()
@@ -256,8 +346,9 @@ def test_a_log_variance_broadcasts_from_any_shared_shape():
         logvar = torch.randn(shape)
         expected = torch.distributions.Normal(mean.double(), torch.exp(0.5 * logvar.double())).log_prob(x.double())
         got = fastvae.gaussian_log_likelihood(mean, x, logvar, reduction="none")
-        torch.testing.assert_close(got.double(), expected, rtol=2e-6, atol=1e-6,
-                                   msg=lambda m, shape=shape: f"{shape}: {m}")
+        torch.testing.assert_close(
+            got.double(), expected, rtol=2e-6, atol=1e-6, msg=lambda m, shape=shape: f"{shape}: {m}"
+        )
 
 
 @pytest.mark.parametrize("bad", [1.5, -0.25, float("nan")], ids=["above", "below", "nan"])
@@ -290,13 +381,19 @@ def test_the_gaussian_takes_any_real_data():
 
 
 def test_elbo_loss_refuses_an_unknown_likelihood_or_a_stray_log_variance():
-    with pytest.raises(ValueError, match=r"unknown likelihood 'normal'; choose one of 'bernoulli', "
-                                         r"'continuous_bernoulli', 'gaussian'"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown likelihood 'normal'; choose one of 'bernoulli', "
+        r"'continuous_bernoulli', 'gaussian'",
+    ):
         fastvae.elbo_loss(**_args(), likelihood="normal")
     with pytest.raises(ValueError, match="unknown likelihood"):
         fastvae.ELBOLoss(likelihood="laplace")
-    with pytest.raises(ValueError, match=r"decoder_logvar is the log-variance of a Gaussian.*likelihood='bernoulli'.*"
-                                         r"pass likelihood='gaussian'"):
+    with pytest.raises(
+        ValueError,
+        match=r"decoder_logvar is the log-variance of a Gaussian.*likelihood='bernoulli'.*"
+        r"pass likelihood='gaussian'",
+    ):
         fastvae.elbo_loss(**_args(), decoder_logvar=torch.randn(B, D))
     with pytest.raises(ValueError, match="likelihood='continuous_bernoulli'"):
         fastvae.ELBOLoss(likelihood="continuous_bernoulli")(**_args(), decoder_logvar=torch.randn(D))

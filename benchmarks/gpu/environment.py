@@ -22,16 +22,28 @@ def _command(*args: str) -> str | None:
 def describe() -> dict:
     import triton
 
-    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
-            "cuda": torch.version.cuda, "cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "git_commit": _command("git", "rev-parse", "HEAD"), "cuda_available": torch.cuda.is_available()}
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "git_commit": _command("git", "rev-parse", "HEAD"),
+        "cuda_available": torch.cuda.is_available(),
+    }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        info.update(device_name=props.name, capability=f"{props.major}.{props.minor}",
-                    multiprocessors=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1),
-                    nvidia_smi=_command("nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem",
-                                        "--format=csv,noheader"))
+        info.update(
+            device_name=props.name,
+            capability=f"{props.major}.{props.minor}",
+            multiprocessors=props.multi_processor_count,
+            memory_gib=round(props.total_memory / 2**30, 1),
+            nvidia_smi=_command(
+                "nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem", "--format=csv,noheader"
+            ),
+        )
     return info
 
 

@@ -64,9 +64,14 @@ def storage_dtype(*tensors: Tensor | None) -> torch.dtype:
 
 # (parameter, target) dtypes a likelihood kernel reads, a decoder's output against the data:
 # see likelihood_storage. Listing them keeps the compiled and native variants few.
-LIKELIHOOD_DTYPE_PAIRS = ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-                          (torch.bfloat16, torch.float32), (torch.float16, torch.float16),
-                          (torch.float16, torch.float32), (torch.float64, torch.float64))
+LIKELIHOOD_DTYPE_PAIRS = (
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float16),
+    (torch.float16, torch.float32),
+    (torch.float64, torch.float64),
+)
 
 
 def likelihood_storage(param: torch.dtype, target: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
@@ -138,10 +143,16 @@ def is_the_weight(grad_rows: Tensor, weight: float) -> bool:
     hand it over without a pass over [B, D]. Checked only where that costs nothing: eager
     on the CPU, a plain tensor (a CUDA read would synchronize; a trace or a fake tensor has
     no value to read), and no double backward being recorded."""
-    return (type(grad_rows) is Tensor and grad_rows.dim() == 1 and grad_rows.numel() > 0
-            and grad_rows.stride(0) == 0 and grad_rows.device.type == "cpu"
-            and not torch.compiler.is_compiling() and not torch.is_grad_enabled()
-            and grad_rows[0].item() == _in_dtype(weight, grad_rows.dtype))
+    return (
+        type(grad_rows) is Tensor
+        and grad_rows.dim() == 1
+        and grad_rows.numel() > 0
+        and grad_rows.stride(0) == 0
+        and grad_rows.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not torch.is_grad_enabled()
+        and grad_rows[0].item() == _in_dtype(weight, grad_rows.dtype)
+    )
 
 
 def saved_grad_factor(grad_rows: Tensor, weight: float | None, handed_over: bool) -> Tensor | None:
@@ -162,8 +173,7 @@ def transform_active() -> bool:
     jacrev, jacfwd, hessian, vmap) or forward-mode AD is running: the fused kernels have no
     forward-mode or batching rules, so the op's definition in torch ops (its composite) runs
     instead, correct for every transform."""
-    return (torch._C._functorch.peek_interpreter_stack() is not None
-            or forward_ad._current_level >= 0)
+    return torch._C._functorch.peek_interpreter_stack() is not None or forward_ad._current_level >= 0
 
 
 def plain_eager_call(args: Sequence) -> bool:
@@ -178,8 +188,9 @@ def plain_eager_call(args: Sequence) -> bool:
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 
 
-def composite_vjp(composite: Callable, inputs: Sequence, grads: Sequence[Tensor | None],
-                  needs_input_grad: Sequence[bool]) -> list[Tensor | None]:
+def composite_vjp(
+    composite: Callable, inputs: Sequence, grads: Sequence[Tensor | None], needs_input_grad: Sequence[bool]
+) -> list[Tensor | None]:
     """Input gradients of `composite(*inputs)` (the op's definition in torch ops) for the
     output gradients `grads`, recorded so they can be differentiated again.
 
@@ -190,8 +201,17 @@ def composite_vjp(composite: Callable, inputs: Sequence, grads: Sequence[Tensor 
     with torch.enable_grad():
         outputs = composite(*inputs)
         pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
-        found = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wrt], [g for _, g in pairs],
-                                    create_graph=True, allow_unused=True) if pairs else [None] * len(wrt)
+        found = (
+            torch.autograd.grad(
+                [o for o, _ in pairs],
+                [inputs[i] for i in wrt],
+                [g for _, g in pairs],
+                create_graph=True,
+                allow_unused=True,
+            )
+            if pairs
+            else [None] * len(wrt)
+        )
     result: list[Tensor | None] = [None] * len(inputs)
     for i, grad in zip(wrt, found):
         result[i] = grad if grad is not None else torch.zeros_like(inputs[i])
@@ -215,8 +235,14 @@ class FusedOp:
     unless its inputs require grad under grad mode: then the custom op raises torch's own
     error for an op without a derivative instead of silently detaching."""
 
-    def __init__(self, custom_op, forward: Callable, composite: Callable, setup_context: Callable | None = None,
-                 backward: Callable | None = None) -> None:
+    def __init__(
+        self,
+        custom_op,
+        forward: Callable,
+        composite: Callable,
+        setup_context: Callable | None = None,
+        backward: Callable | None = None,
+    ) -> None:
         self.custom_op, self.forward, self.composite = custom_op, forward, composite
         self._function = None
         if backward is not None:
@@ -230,10 +256,14 @@ class FusedOp:
                 setup_context(ctx, args, output)
                 return output
 
-            self._function = type(f"{custom_op._name}_eager", (torch.autograd.Function,), {
-                "forward": staticmethod(function_forward),
-                "backward": staticmethod(backward),
-            })
+            self._function = type(
+                f"{custom_op._name}_eager",
+                (torch.autograd.Function,),
+                {
+                    "forward": staticmethod(function_forward),
+                    "backward": staticmethod(backward),
+                },
+            )
 
     def __call__(self, *args):
         if torch.compiler.is_compiling():  # dynamo: one opaque node

@@ -11,8 +11,7 @@ from fastvae.ops.gaussian.spec import oracle_kl, reduce
 BETA = 0.7  # the KL weight the ELBO specs pass: not 1, so a dropped beta shows
 
 
-def elbo_from(log_prob: Tensor, mu: Tensor, logvar: Tensor, beta: float = BETA,
-              reduction: str = "batchmean") -> Tensor:
+def elbo_from(log_prob: Tensor, mu: Tensor, logvar: Tensor, beta: float = BETA, reduction: str = "batchmean") -> Tensor:
     """-sum log p(x|z) + beta * KL(N(mu, exp(logvar)) || N(0, I)) per datapoint [B] (log p [B, ...]
     per element, mu and logvar [B, L]), reduced as elbo_loss does: "mean" and "batchmean" both
     average over datapoints."""

@@ -36,17 +36,26 @@ ENV_LIB = "FASTVAE_NATIVE_LIB"
 LIBRARY_MODULE = "fastvae._native_cpu"
 ABI_VERSION = 6  # FASTVAE_ABI_VERSION in kernels/fastvae_native.h
 _REPO_ROOT = Path(__file__).resolve().parents[2]
-BUILD_HINT = ("build it with `pip install -e .` (or `pip install .`) in the fastvae checkout, or "
-              "`cmake -S . -B build && cmake --build build` there, or set "
-              f"{ENV_LIB}=/path/to/_native_cpu.so")
+BUILD_HINT = (
+    "build it with `pip install -e .` (or `pip install .`) in the fastvae checkout, or "
+    "`cmake -S . -B build && cmake --build build` there, or set "
+    f"{ENV_LIB}=/path/to/_native_cpu.so"
+)
 
 # dtype codes and status codes of kernels/fastvae_native.h
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 STATUS_OK, STATUS_BAD_DTYPE = 0, 1
 
 # C parameter types -> ctypes; the only ones the ABI uses.
-_CTYPES = {"int": ctypes.c_int, "int64_t": ctypes.c_int64, "uint64_t": ctypes.c_uint64, "double": ctypes.c_double,
-           "const void*": ctypes.c_void_p, "void*": ctypes.c_void_p, "uint32_t*": ctypes.c_void_p}
+_CTYPES = {
+    "int": ctypes.c_int,
+    "int64_t": ctypes.c_int64,
+    "uint64_t": ctypes.c_uint64,
+    "double": ctypes.c_double,
+    "const void*": ctypes.c_void_p,
+    "void*": ctypes.c_void_p,
+    "uint32_t*": ctypes.c_void_p,
+}
 _PROTOTYPE = re.compile(r"int\s+(fastvae_\w+)\s*\(([^)]*)\)")
 
 
@@ -137,8 +146,9 @@ def _load() -> tuple[ctypes.CDLL | None, Path | None, str | None]:
         _bind(lib, path, "fastvae_abi_version")
         version = lib.fastvae_abi_version()
         if version != ABI_VERSION:
-            raise OSError(f"{path} has ABI version {version} but this fastvae expects {ABI_VERSION}; "
-                          f"the library is stale")
+            raise OSError(
+                f"{path} has ABI version {version} but this fastvae expects {ABI_VERSION}; the library is stale"
+            )
     except OSError as error:
         return None, path, f"could not load the native CPU library from {where}: {error}; {BUILD_HINT}"
     return lib, path, None
@@ -194,15 +204,16 @@ def has_openmp() -> bool:
 def check_rows(name: str, t: Tensor, shape: torch.Size | None = None) -> Tensor:
     """t as a CPU float [B, N] with unit column stride (a copy only when it had none)."""
     if t.device.type != "cpu":
-        raise ValueError(f"native backend: {name} is on {t.device}; the native kernels take CPU tensors "
-                         f"(use backend 'triton' or 'torch' for other devices)")
+        raise ValueError(
+            f"native backend: {name} is on {t.device}; the native kernels take CPU tensors "
+            f"(use backend 'triton' or 'torch' for other devices)"
+        )
     if t.dtype not in DTYPE_CODES:
         raise TypeError(f"native backend: {name} has dtype {t.dtype}; use float32, float64, bfloat16 or float16")
     if t.dim() != 2:
         raise ValueError(f"native backend: {name} must be a 2-D row view [B, N], got shape {list(t.shape)}")
     if shape is not None and t.shape != shape:
-        raise ValueError(f"native backend: {name} {list(t.shape)} must have the shape {list(shape)} "
-                         f"of the first input")
+        raise ValueError(f"native backend: {name} {list(t.shape)} must have the shape {list(shape)} of the first input")
     if t.shape[1] > 1 and t.stride(1) != 1:
         t = t.contiguous()
     return t
@@ -215,8 +226,10 @@ def check_periodic_rows(name: str, t: Tensor, rows_of: Tensor) -> Tensor:
     t = check_rows(name, t)
     rows, cols = rows_of.shape
     if t.shape[1] != cols or (t.shape[0] == 0 and rows != 0) or (t.shape[0] and rows % t.shape[0]):
-        raise ValueError(f"native backend: {name} {list(t.shape)} must have {cols} columns and a row count "
-                         f"that divides {rows} (row r is read as row r % {name} rows)")
+        raise ValueError(
+            f"native backend: {name} {list(t.shape)} must have {cols} columns and a row count "
+            f"that divides {rows} (row r is read as row r % {name} rows)"
+        )
     return t
 
 

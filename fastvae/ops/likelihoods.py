@@ -33,10 +33,20 @@ class Likelihood:
 
 
 LIKELIHOODS: dict[str, Likelihood] = {
-    "bernoulli": Likelihood("bernoulli", "bernoulli_forward", bernoulli_log_likelihood_fused,
-                            target_in_unit_interval=True),
-    "continuous_bernoulli": Likelihood("continuous_bernoulli", "continuous_bernoulli_forward",
-                                       continuous_bernoulli_log_likelihood_fused, target_in_unit_interval=True),
-    "gaussian": Likelihood("gaussian_likelihood", "gaussian_likelihood_forward", gaussian_log_likelihood_fused,
-                           target_in_unit_interval=False, takes_logvar=True),
+    "bernoulli": Likelihood(
+        "bernoulli", "bernoulli_forward", bernoulli_log_likelihood_fused, target_in_unit_interval=True
+    ),
+    "continuous_bernoulli": Likelihood(
+        "continuous_bernoulli",
+        "continuous_bernoulli_forward",
+        continuous_bernoulli_log_likelihood_fused,
+        target_in_unit_interval=True,
+    ),
+    "gaussian": Likelihood(
+        "gaussian_likelihood",
+        "gaussian_likelihood_forward",
+        gaussian_log_likelihood_fused,
+        target_in_unit_interval=False,
+        takes_logvar=True,
+    ),
 }

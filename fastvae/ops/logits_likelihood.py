@@ -21,20 +21,35 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from fastvae.ops.common import (FusedOp, as_rows, composite_vjp, loss_dtype, no_grad_placeholder, rows_shape,
-                                saved_grad_factor, scale_saved_grad, view_as_shape)
+from fastvae.ops.common import (
+    FusedOp,
+    as_rows,
+    composite_vjp,
+    loss_dtype,
+    no_grad_placeholder,
+    rows_shape,
+    saved_grad_factor,
+    scale_saved_grad,
+    view_as_shape,
+)
 from fastvae.ops.registry import implementation
 
 
-def logits_likelihood_op(name: str, family: str, kernel: str, log_prob: Callable[[Tensor, Tensor], Tensor],
-                         grad_logits: Callable[[Tensor, Tensor], Tensor]) -> FusedOp:
+def logits_likelihood_op(
+    name: str,
+    family: str,
+    kernel: str,
+    log_prob: Callable[[Tensor, Tensor], Tensor],
+    grad_logits: Callable[[Tensor, Tensor], Tensor],
+) -> FusedOp:
     """The FusedOp `fastvae::<name>` that runs `kernel` of op family `family` (see registry.py).
 
     log_prob(l, x) and grad_logits(l, x) are the reference's per-element log p and dlogp/dl in
     torch ops: the composite (torch.func transforms, double backward) is built from them."""
 
-    def forward(logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool,
-                weight: float | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool, weight: float | None = None
+    ) -> tuple[Tensor, Tensor]:
         """logits, target [B, ...] -> log p (logits' shape if elementwise else [B]), and
         weight * dlogp/dlogits (weight 1 when None; an empty tensor unless compute_grad)."""
         if weight is not None and elementwise:
@@ -43,15 +58,17 @@ def logits_likelihood_op(name: str, family: str, kernel: str, log_prob: Callable
             logp = logits.new_zeros(rows_shape(logits, elementwise), dtype=loss_dtype(logits, target))
             return logp, torch.zeros_like(logits) if compute_grad else no_grad_placeholder(logits)
         run = implementation(family, kernel, logits.device)
-        logp, dlogits = run(as_rows(logits), as_rows(target), elementwise, compute_grad,
-                            1.0 if weight is None else weight)
+        logp, dlogits = run(
+            as_rows(logits), as_rows(target), elementwise, compute_grad, 1.0 if weight is None else weight
+        )
         logp = view_as_shape(logp, rows_shape(logits, elementwise))
         if not compute_grad:
             return logp, no_grad_placeholder(logits)
         return logp, view_as_shape(dlogits, logits.shape)
 
-    def composite(logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool,
-                  weight: float | None = None) -> tuple[Tensor, Tensor]:
+    def composite(
+        logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool, weight: float | None = None
+    ) -> tuple[Tensor, Tensor]:
         """The same outputs from torch ops, differentiable by every autograd mode."""
         compute = loss_dtype(logits, target)
         l, x = logits.to(compute), target.to(compute)
@@ -64,8 +81,9 @@ def logits_likelihood_op(name: str, family: str, kernel: str, log_prob: Callable
     custom_op = torch.library.custom_op(f"fastvae::{name}", forward, mutates_args=())
 
     @custom_op.register_fake
-    def _(logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool,
-          weight: float | None = None) -> tuple[Tensor, Tensor]:
+    def _(
+        logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool, weight: float | None = None
+    ) -> tuple[Tensor, Tensor]:
         logp = logits.new_empty(rows_shape(logits, elementwise), dtype=loss_dtype(logits, target))
         if not compute_grad:
             return logp, no_grad_placeholder(logits)

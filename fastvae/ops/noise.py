@@ -80,8 +80,9 @@ def philox_uint32x4(seed: int | Tensor, counter: Tensor) -> tuple[Tensor, Tensor
     return c0, c1, c2, c3
 
 
-def philox_normal(seed: int | Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
-                  device: torch.device | str = "cpu") -> Tensor:
+def philox_normal(
+    seed: int | Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> Tensor:
     """Standard-normal noise of `shape` from `seed`: element i (row-major) is normal i % 4
     of Philox counter i // 4, as the stream above says. Computed in float64 for float64,
     else in float32."""
@@ -91,6 +92,7 @@ def philox_normal(seed: int | Tensor, shape: tuple[int, ...], dtype: torch.dtype
     u0, u1, u2, u3 = (((c >> 8).to(compute) + 0.5) * 2.0**-24 for c in philox_uint32x4(seed, counter))
     r0, r1 = torch.sqrt(-2.0 * torch.log(u0)), torch.sqrt(-2.0 * torch.log(u2))
     theta1, theta3 = (2.0 * math.pi) * u1, (2.0 * math.pi) * u3
-    groups = torch.stack([r0 * torch.cos(theta1), r0 * torch.sin(theta1),
-                          r1 * torch.cos(theta3), r1 * torch.sin(theta3)], dim=1)  # [G, 4]
+    groups = torch.stack(
+        [r0 * torch.cos(theta1), r0 * torch.sin(theta1), r1 * torch.cos(theta3), r1 * torch.sin(theta3)], dim=1
+    )  # [G, 4]
     return groups.reshape(-1)[:numel].reshape(shape).to(dtype)

@@ -9,8 +9,8 @@ other than themselves.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -43,8 +43,9 @@ class Arg:
             out.extend(size if isinstance(size, tuple) else (size,))
         return tuple(out)
 
-    def make(self, sizes: dict, dtype: torch.dtype, device: torch.device,
-             generator: torch.Generator | None = None) -> Tensor:
+    def make(
+        self, sizes: dict, dtype: torch.dtype, device: torch.device, generator: torch.Generator | None = None
+    ) -> Tensor:
         """Fresh random values of this argument (never zeros), in `dtype` on `device`."""
         shape = self.shape(sizes)
         if self.values == "binary":
@@ -100,12 +101,15 @@ class OpSpec:
         """Bytes the op must move at least: forward reads the inputs and writes the outputs;
         backward reads the inputs and upstream gradients and writes the input gradients; full
         touches each once (a fused kernel keeps the forward's values in registers)."""
+
         def nbytes(arg: Arg) -> int:
             dtype = {"param": param, "target": target, "loss": torch.float32}[arg.kind]
             return math.prod(arg.shape(sizes)) * dtype.itemsize
 
         grads = [a for a in self.inputs if a.differentiable]
-        touched = {"forward": [*self.inputs, *self.outputs],
-                   "backward": [*self.inputs, *self.outputs, *grads],
-                   "full": [*self.inputs, *self.outputs, *self.outputs, *grads]}[mode]
+        touched = {
+            "forward": [*self.inputs, *self.outputs],
+            "backward": [*self.inputs, *self.outputs, *grads],
+            "full": [*self.inputs, *self.outputs, *self.outputs, *grads],
+        }[mode]
         return sum(nbytes(a) for a in touched)

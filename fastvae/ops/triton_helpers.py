@@ -97,8 +97,13 @@ def tiles() -> list[tuple[int, int]]:
 
 
 # --------------------------------------------------------------------------- specializations
-_POINTER_TYPES = {torch.float32: "*fp32", torch.float64: "*fp64", torch.bfloat16: "*bf16",
-                  torch.float16: "*fp16", torch.int64: "*i64"}
+_POINTER_TYPES = {
+    torch.float32: "*fp32",
+    torch.float64: "*fp64",
+    torch.bfloat16: "*bf16",
+    torch.float16: "*fp16",
+    torch.int64: "*i64",
+}
 STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -139,10 +144,24 @@ def logits_likelihood_specializations(kernel) -> list[Specialization]:
     for (logits, target), (block_b, block_d) in itertools.product(LIKELIHOOD_DTYPE_PAIRS, tiles()):
         loss = torch.float64 if logits == torch.float64 else torch.float32
         for elementwise, grad in itertools.product((False, True), repeat=2):
-            pointers = {"logits_ptr": logits, "target_ptr": target, "logp_ptr": loss,
-                        "dlogits_ptr": logits if grad else loss}
-            out.append(Specialization(kernel, pointers,
-                                      {"ELEMENTWISE": elementwise, "COMPUTE_GRAD": grad,
-                                       "COMPUTE": compute_dtype(torch.empty(0, dtype=logits)),
-                                       "BLOCK_B": block_b, "BLOCK_D": block_d}, floats=("weight",)))
+            pointers = {
+                "logits_ptr": logits,
+                "target_ptr": target,
+                "logp_ptr": loss,
+                "dlogits_ptr": logits if grad else loss,
+            }
+            out.append(
+                Specialization(
+                    kernel,
+                    pointers,
+                    {
+                        "ELEMENTWISE": elementwise,
+                        "COMPUTE_GRAD": grad,
+                        "COMPUTE": compute_dtype(torch.empty(0, dtype=logits)),
+                        "BLOCK_B": block_b,
+                        "BLOCK_D": block_d,
+                    },
+                    floats=("weight",),
+                )
+            )
     return out

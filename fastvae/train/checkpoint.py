@@ -32,8 +32,22 @@ from fastvae.train.run_folder import RunFolderError, write_file
 FORMAT_VERSION = 2  # 2: every checkpoint carries the sha256 of its content
 LAST, BEST = "last", "best"
 SUFFIX = ".pt"
-REQUIRED_KEYS = ("config", "model_config", "model", "optimizer", "scaler", "rng", "epoch", "batch", "step",
-                 "best_val", "best_step", "history", "world_size", "sha256")
+REQUIRED_KEYS = (
+    "config",
+    "model_config",
+    "model",
+    "optimizer",
+    "scaler",
+    "rng",
+    "epoch",
+    "batch",
+    "step",
+    "best_val",
+    "best_step",
+    "history",
+    "world_size",
+    "sha256",
+)
 
 
 class CheckpointError(RunFolderError):
@@ -111,23 +125,28 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch.load raises many types for a damaged file
         # torch's own message is left out: for a file its safe loader refuses, it suggests the unsafe one.
-        raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated or corrupt, or it is not "
-                              f"a fastvae-train checkpoint (torch.load raised {type(error).__name__}). Use the "
-                              f"run's other checkpoint (best.pt / last.pt), a backup, or train again") from error
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: the file is truncated or corrupt, or it is not "
+            f"a fastvae-train checkpoint (torch.load raised {type(error).__name__}). Use the "
+            f"run's other checkpoint (best.pt / last.pt), a backup, or train again"
+        ) from error
     if not isinstance(state, dict) or "format_version" not in state:
         raise CheckpointError(f"{path} is not a fastvae-train checkpoint")
     if state["format_version"] != FORMAT_VERSION:
-        raise CheckpointError(f"{path} is a format-{state['format_version']} checkpoint; this fastvae-train "
-                              f"reads format {FORMAT_VERSION} (checkpoints that carry their own checksum). Use "
-                              f"the fastvae version that wrote it, or train again")
+        raise CheckpointError(
+            f"{path} is a format-{state['format_version']} checkpoint; this fastvae-train "
+            f"reads format {FORMAT_VERSION} (checkpoints that carry their own checksum). Use "
+            f"the fastvae version that wrote it, or train again"
+        )
     missing = [key for key in REQUIRED_KEYS if key not in state]
     if missing:
-        raise CheckpointError(f"{path} lacks {', '.join(missing)}: it is not a complete fastvae-train "
-                              f"checkpoint")
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}: it is not a complete fastvae-train checkpoint")
     if content_digest(state) != state["sha256"]:
-        raise CheckpointError(f"checkpoint {path} is damaged: its content does not match the sha256 it was "
-                              f"written with (bits changed on disk or in a copy). Use the run's other "
-                              f"checkpoint (best.pt / last.pt), a backup, or train again")
+        raise CheckpointError(
+            f"checkpoint {path} is damaged: its content does not match the sha256 it was "
+            f"written with (bits changed on disk or in a copy). Use the run's other "
+            f"checkpoint (best.pt / last.pt), a backup, or train again"
+        )
     return state
 
 
@@ -137,8 +156,10 @@ def model_from_checkpoint(state: dict[str, Any], path: Path) -> VAE:
         model = build_model(VAEConfig(**state["model_config"]))
         model.load_state_dict(state["model"])
     except (TypeError, ValueError, RuntimeError) as error:
-        raise CheckpointError(f"checkpoint {path} holds weights that do not fit its model_config "
-                              f"({error}); it is not a consistent fastvae-train checkpoint") from error
+        raise CheckpointError(
+            f"checkpoint {path} holds weights that do not fit its model_config "
+            f"({error}); it is not a consistent fastvae-train checkpoint"
+        ) from error
     return model
 
 
@@ -161,13 +182,17 @@ def check_run_checkpoints(run_dir: Path, repair: bool = False) -> dict[str, Any]
         if repair:
             write_file(best_path, last_path.read_bytes())
             return last
-        raise CheckpointError(f"{best_path} is not the run's best checkpoint: a save stopped between last.pt "
-                              f"and best.pt, and last.pt (step {best_step}) is the best. Resuming the run "
-                              f"repairs best.pt; until then use {last_path}")
+        raise CheckpointError(
+            f"{best_path} is not the run's best checkpoint: a save stopped between last.pt "
+            f"and best.pt, and last.pt (step {best_step}) is the best. Resuming the run "
+            f"repairs best.pt; until then use {last_path}"
+        )
     held = "is missing" if found is None else f"holds step {found}"
-    raise CheckpointError(f"{best_path} {held}, but {last_path} names step {best_step} as the best: best.pt "
-                          f"was replaced or deleted outside fastvae-train. Restore it from a backup, or use "
-                          f"last.pt")
+    raise CheckpointError(
+        f"{best_path} {held}, but {last_path} names step {best_step} as the best: best.pt "
+        f"was replaced or deleted outside fastvae-train. Restore it from a backup, or use "
+        f"last.pt"
+    )
 
 
 # ---------------------------------------------------------------------------

@@ -53,9 +53,16 @@ def run_training(argv: list[str] | None = None) -> dict:
             wall = time.perf_counter() - started
             if dist.is_main:
                 if cfg.plots:
-                    plots.draw_all(best_model, to_unit(run.data.test.images), run.data.test.labels,
-                                   run.state.history, run.run_dir, cfg.seed,
-                                   class_names=CLASS_NAMES.get(cfg.dataset), latent_frames=run.state.latent_frames)
+                    plots.draw_all(
+                        best_model,
+                        to_unit(run.data.test.images),
+                        run.data.test.labels,
+                        run.state.history,
+                        run.run_dir,
+                        cfg.seed,
+                        class_names=CLASS_NAMES.get(cfg.dataset),
+                        latent_frames=run.state.latent_frames,
+                    )
                 progress.console.print(summary_table(run.state.history, test, wall, str(run.run_dir)))
         return test
     except KeyboardInterrupt:

@@ -36,7 +36,7 @@ LEGACY_VALUES = {"likelihood": "bernoulli", "objective": "elbo", "samples": 1, "
 # Flags about this invocation, never taken from the config of the run being resumed.
 INVOCATION_FIELDS = ("out", "resume", "overwrite")
 # Seeds are 64-bit in torch; the epoch is added to the seed for the batch order, so stay below 2**63.
-SEED_LIMIT = 2 ** 63
+SEED_LIMIT = 2**63
 
 
 @dataclass
@@ -102,20 +102,33 @@ class TrainConfig:
         return cls(**{key: value for key, value in with_legacy_values(values).items() if key in known})
 
     def model_config(self, image_shape: tuple[int, int, int]) -> VAEConfig:
-        return VAEConfig(arch=self.arch, image_shape=image_shape, latent_dim=self.latent_dim,
-                         hidden_dims=parse_widths(self.hidden_dims, "--hidden-dims"),
-                         conv_channels=parse_widths(self.conv_channels, "--conv-channels"),
-                         likelihood=LIKELIHOODS[self.likelihood])
+        return VAEConfig(
+            arch=self.arch,
+            image_shape=image_shape,
+            latent_dim=self.latent_dim,
+            hidden_dims=parse_widths(self.hidden_dims, "--hidden-dims"),
+            conv_channels=parse_widths(self.conv_channels, "--conv-channels"),
+            likelihood=LIKELIHOODS[self.likelihood],
+        )
 
     def validate(self) -> None:
         """Raise ValueError naming the flag and the fix for any value or combination that cannot run."""
-        for flag, value in {"--epochs": self.epochs, "--batch-size": self.batch_size,
-                            "--latent-dim": self.latent_dim, "--val-size": self.val_size,
-                            "--iw-batch-size": self.iw_batch_size, "--eval-batch-size": self.eval_batch_size,
-                            "--log-every": self.log_every}.items():
+        for flag, value in {
+            "--epochs": self.epochs,
+            "--batch-size": self.batch_size,
+            "--latent-dim": self.latent_dim,
+            "--val-size": self.val_size,
+            "--iw-batch-size": self.iw_batch_size,
+            "--eval-batch-size": self.eval_batch_size,
+            "--log-every": self.log_every,
+        }.items():
             require_at_least(flag, value, 1)
-        for flag, value in {"--max-steps": self.max_steps, "--kl-warmup": self.kl_warmup,
-                            "--iw-samples": self.iw_samples, "--iw-examples": self.iw_examples}.items():
+        for flag, value in {
+            "--max-steps": self.max_steps,
+            "--kl-warmup": self.kl_warmup,
+            "--iw-samples": self.iw_samples,
+            "--iw-examples": self.iw_examples,
+        }.items():
             require_at_least(flag, value, 0)
         require_finite("--lr", self.lr, above=0.0)
         require_finite("--beta", self.beta, at_least=0.0)
@@ -134,34 +147,46 @@ class TrainConfig:
 
     def _validate_elbo(self) -> None:
         if self.samples > 1:
-            raise ValueError(f"--samples {self.samples} is the number of importance samples of --objective iwae; "
-                             f"the ELBO objective takes one sample per image. Pass --objective iwae to train on "
-                             f"the importance-weighted bound, or drop --samples")
+            raise ValueError(
+                f"--samples {self.samples} is the number of importance samples of --objective iwae; "
+                f"the ELBO objective takes one sample per image. Pass --objective iwae to train on "
+                f"the importance-weighted bound, or drop --samples"
+            )
         if self.estimator is not None:
-            raise ValueError(f"--estimator {self.estimator} picks the gradient estimator of the importance-weighted "
-                             f"bound; pass --objective iwae with it, or drop --estimator")
+            raise ValueError(
+                f"--estimator {self.estimator} picks the gradient estimator of the importance-weighted "
+                f"bound; pass --objective iwae with it, or drop --estimator"
+            )
 
     def _validate_iwae(self) -> None:
         require_choice("--estimator", self.estimator, ESTIMATORS)
         # The bound log (1/K) sum_k p(x, z_k) / q(z_k|x) has no KL term of its own to weight or floor.
         no_kl_term = "the importance-weighted bound (--objective iwae) has no separate KL term"
         if self.beta != 1:
-            raise ValueError(f"--beta {self.beta:g} weights the ELBO's KL term, but {no_kl_term}; drop --beta "
-                             f"(or pass --beta 1), or use --objective elbo")
+            raise ValueError(
+                f"--beta {self.beta:g} weights the ELBO's KL term, but {no_kl_term}; drop --beta "
+                f"(or pass --beta 1), or use --objective elbo"
+            )
         if self.kl_warmup > 0:
-            raise ValueError(f"--kl-warmup {self.kl_warmup} anneals the ELBO's KL term, but {no_kl_term}; drop "
-                             f"--kl-warmup (or pass --kl-warmup 0), or use --objective elbo")
+            raise ValueError(
+                f"--kl-warmup {self.kl_warmup} anneals the ELBO's KL term, but {no_kl_term}; drop "
+                f"--kl-warmup (or pass --kl-warmup 0), or use --objective elbo"
+            )
         if self.free_bits > 0:
-            raise ValueError(f"--free-bits {self.free_bits:g} floors the ELBO's KL term, but {no_kl_term}; drop "
-                             f"--free-bits (or pass --free-bits 0), or use --objective elbo")
+            raise ValueError(
+                f"--free-bits {self.free_bits:g} floors the ELBO's KL term, but {no_kl_term}; drop "
+                f"--free-bits (or pass --free-bits 0), or use --objective elbo"
+            )
 
     def amp_dtype_for(self, device: torch.device) -> torch.dtype | None:
         """The autocast dtype, or None without --amp; fp16 needs CUDA (GradScaler has no CPU path here)."""
         if not self.amp:
             return None
         if self.amp_dtype == "fp16" and device.type != "cuda":
-            raise ValueError("--amp-dtype fp16 needs a CUDA device (fp16 autocast with a GradScaler); on "
-                             f"{device.type} use the default --amp-dtype bf16")
+            raise ValueError(
+                "--amp-dtype fp16 needs a CUDA device (fp16 autocast with a GradScaler); on "
+                f"{device.type} use the default --amp-dtype bf16"
+            )
         return AMP_DTYPES[self.amp_dtype]
 
 
@@ -170,8 +195,7 @@ def require_at_least(flag: str, value: int, lowest: int) -> None:
         raise ValueError(f"{flag} must be >= {lowest}, got {value}")
 
 
-def require_finite(flag: str, value: float, *, above: float | None = None,
-                   at_least: float | None = None) -> None:
+def require_finite(flag: str, value: float, *, above: float | None = None, at_least: float | None = None) -> None:
     """value must be a finite number, > above or >= at_least (argparse's float() takes nan and inf)."""
     if not math.isfinite(value):
         raise ValueError(f"{flag} must be a finite number, got {value}")
@@ -213,84 +237,180 @@ def default_run_dir() -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser(prog="fastvae-train", description="Train a VAE on MNIST-style images with "
-                                "the fused fastvae ops, then report test -ELBO and importance-sampled NLL.")
+    p = argparse.ArgumentParser(
+        prog="fastvae-train",
+        description="Train a VAE on MNIST-style images with "
+        "the fused fastvae ops, then report test -ELBO and importance-sampled NLL.",
+    )
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=d.dataset, help=f"{' | '.join(KNOWN_DATASETS)} | a folder holding "
-                   f"the four IDX files (default: {d.dataset})")
-    g.add_argument("--data-dir", default=d.data_dir, help="folder to look in first, then $FASTVAE_DATA, then "
-                   "the system copy, then a torchvision download (default: none)")
-    g.add_argument("--binarize", choices=BINARIZE_CHOICES, default=d.binarize,
-                   help=f"dynamic: resampled each epoch; static: once; none: grey levels (default: {d.binarize})")
-    g.add_argument("--val-size", type=int, default=d.val_size,
-                   help=f"training images held out for validation (default: {d.val_size})")
+    g.add_argument(
+        "--dataset",
+        default=d.dataset,
+        help=f"{' | '.join(KNOWN_DATASETS)} | a folder holding the four IDX files (default: {d.dataset})",
+    )
+    g.add_argument(
+        "--data-dir",
+        default=d.data_dir,
+        help="folder to look in first, then $FASTVAE_DATA, then "
+        "the system copy, then a torchvision download (default: none)",
+    )
+    g.add_argument(
+        "--binarize",
+        choices=BINARIZE_CHOICES,
+        default=d.binarize,
+        help=f"dynamic: resampled each epoch; static: once; none: grey levels (default: {d.binarize})",
+    )
+    g.add_argument(
+        "--val-size",
+        type=int,
+        default=d.val_size,
+        help=f"training images held out for validation (default: {d.val_size})",
+    )
     g = p.add_argument_group("model")
     g.add_argument("--arch", choices=ARCHS, default=d.arch, help=f"encoder/decoder type (default: {d.arch})")
     g.add_argument("--latent-dim", type=int, default=d.latent_dim, help=f"latent size (default: {d.latent_dim})")
-    g.add_argument("--hidden-dims", default=d.hidden_dims,
-                   help=f"comma-separated dense widths (default: {d.hidden_dims})")
-    g.add_argument("--conv-channels", default=d.conv_channels,
-                   help=f"comma-separated channels of the stride-2 convs, conv arch only (default: {d.conv_channels})")
-    g.add_argument("--likelihood", choices=tuple(LIKELIHOODS), default=None,
-                   help="p(x|z): bernoulli (of binary pixels), continuous-bernoulli (a density on [0, 1]) or "
-                        "gaussian (the decoder gives the mean, with a learned per-pixel variance) (default: "
-                        "continuous-bernoulli with --binarize none, else bernoulli)")
+    g.add_argument(
+        "--hidden-dims", default=d.hidden_dims, help=f"comma-separated dense widths (default: {d.hidden_dims})"
+    )
+    g.add_argument(
+        "--conv-channels",
+        default=d.conv_channels,
+        help=f"comma-separated channels of the stride-2 convs, conv arch only (default: {d.conv_channels})",
+    )
+    g.add_argument(
+        "--likelihood",
+        choices=tuple(LIKELIHOODS),
+        default=None,
+        help="p(x|z): bernoulli (of binary pixels), continuous-bernoulli (a density on [0, 1]) or "
+        "gaussian (the decoder gives the mean, with a learned per-pixel variance) (default: "
+        "continuous-bernoulli with --binarize none, else bernoulli)",
+    )
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the data (default: {d.epochs})")
-    g.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help=f"images per step per process (default: {d.batch_size})")
+    g.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help=f"images per step per process (default: {d.batch_size})"
+    )
     g.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate (default: {d.lr})")
     g.add_argument("--seed", type=int, default=d.seed, help=f"seed of everything random (default: {d.seed})")
     g.add_argument("--beta", type=float, default=d.beta, help=f"KL weight, beta-VAE (default: {d.beta})")
-    g.add_argument("--kl-warmup", type=int, default=d.kl_warmup, metavar="STEPS",
-                   help=f"anneal the KL weight linearly from 0 to beta over STEPS steps (default: {d.kl_warmup})")
-    g.add_argument("--free-bits", type=float, default=d.free_bits, metavar="NATS",
-                   help=f"floor of each latent dimension's batch-mean KL in the loss (default: {d.free_bits})")
-    g.add_argument("--max-steps", type=int, default=d.max_steps,
-                   help=f"stop after this many steps in all, e.g. for a smoke test; 0: no limit "
-                        f"(default: {d.max_steps})")
-    g.add_argument("--time-limit", type=float, default=d.time_limit, metavar="SECONDS",
-                   help="stop training once this invocation has trained this long (checked every --log-every "
-                        f"steps), then validate, save and evaluate as usual; 0: no limit (default: {d.time_limit:g})")
-    g.add_argument("--objective", choices=OBJECTIVES, default=d.objective,
-                   help="elbo: the one-sample ELBO; iwae: the importance-weighted bound on --samples samples "
-                        f"(Burda et al. 2016) (default: {d.objective})")
-    g.add_argument("--samples", type=int, default=None, metavar="K",
-                   help=f"importance samples per image of --objective iwae (default: {DEFAULT_IWAE_SAMPLES} with "
-                        "iwae; elbo takes 1)")
-    g.add_argument("--estimator", choices=ESTIMATORS, default=None,
-                   help="gradient estimator of --objective iwae: iwae (the bound's gradient) or dreg (doubly "
-                        "reparameterized, Tucker et al. 2019) (default: iwae)")
+    g.add_argument(
+        "--kl-warmup",
+        type=int,
+        default=d.kl_warmup,
+        metavar="STEPS",
+        help=f"anneal the KL weight linearly from 0 to beta over STEPS steps (default: {d.kl_warmup})",
+    )
+    g.add_argument(
+        "--free-bits",
+        type=float,
+        default=d.free_bits,
+        metavar="NATS",
+        help=f"floor of each latent dimension's batch-mean KL in the loss (default: {d.free_bits})",
+    )
+    g.add_argument(
+        "--max-steps",
+        type=int,
+        default=d.max_steps,
+        help=f"stop after this many steps in all, e.g. for a smoke test; 0: no limit (default: {d.max_steps})",
+    )
+    g.add_argument(
+        "--time-limit",
+        type=float,
+        default=d.time_limit,
+        metavar="SECONDS",
+        help="stop training once this invocation has trained this long (checked every --log-every "
+        f"steps), then validate, save and evaluate as usual; 0: no limit (default: {d.time_limit:g})",
+    )
+    g.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default=d.objective,
+        help="elbo: the one-sample ELBO; iwae: the importance-weighted bound on --samples samples "
+        f"(Burda et al. 2016) (default: {d.objective})",
+    )
+    g.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        metavar="K",
+        help=f"importance samples per image of --objective iwae (default: {DEFAULT_IWAE_SAMPLES} with "
+        "iwae; elbo takes 1)",
+    )
+    g.add_argument(
+        "--estimator",
+        choices=ESTIMATORS,
+        default=None,
+        help="gradient estimator of --objective iwae: iwae (the bound's gradient) or dreg (doubly "
+        "reparameterized, Tucker et al. 2019) (default: iwae)",
+    )
     g = p.add_argument_group("execution")
     g.add_argument("--amp", action="store_true", help="autocast the step (default: off)")
-    g.add_argument("--amp-dtype", choices=tuple(AMP_DTYPES), default=d.amp_dtype,
-                   help=f"bf16 on CPU or CUDA; fp16 (CUDA only) adds a GradScaler (default: {d.amp_dtype})")
+    g.add_argument(
+        "--amp-dtype",
+        choices=tuple(AMP_DTYPES),
+        default=d.amp_dtype,
+        help=f"bf16 on CPU or CUDA; fp16 (CUDA only) adds a GradScaler (default: {d.amp_dtype})",
+    )
     g.add_argument("--compile", action="store_true", help="torch.compile the training step (default: off)")
-    g.add_argument("--device", choices=DEVICE_CHOICES, default=d.device,
-                   help=f"auto picks cuda when available (default: {d.device})")
-    g.add_argument("--backend", choices=BACKEND_CHOICES, default=d.backend,
-                   help=f"fastvae backend; torch trains with the reference; auto defers to $FASTVAE_BACKEND "
-                        f"(default: {d.backend})")
+    g.add_argument(
+        "--device",
+        choices=DEVICE_CHOICES,
+        default=d.device,
+        help=f"auto picks cuda when available (default: {d.device})",
+    )
+    g.add_argument(
+        "--backend",
+        choices=BACKEND_CHOICES,
+        default=d.backend,
+        help=f"fastvae backend; torch trains with the reference; auto defers to $FASTVAE_BACKEND "
+        f"(default: {d.backend})",
+    )
     g = p.add_argument_group("outputs and evaluation")
-    g.add_argument("--out", default=d.out, help="run folder; with --resume, the resumed run's folder "
-                   "(default: runs/<timestamp>)")
-    g.add_argument("--resume", default=d.resume, metavar="RUN_OR_CHECKPOINT",
-                   help="continue a run folder (its last.pt) or a checkpoint; its config fills unset flags "
-                        "(default: none)")
-    g.add_argument("--overwrite", action="store_true",
-                   help="start a new run in an --out folder that holds one, deleting its checkpoints, metrics "
-                        "and pictures (default: refuse)")
-    g.add_argument("--iw-samples", type=int, default=d.iw_samples,
-                   help=f"importance samples per test image for the NLL; 0 skips it (default: {d.iw_samples})")
-    g.add_argument("--iw-examples", type=int, default=d.iw_examples,
-                   help=f"test images that get the NLL; 0 means all (default: {d.iw_examples})")
-    g.add_argument("--iw-batch-size", type=int, default=d.iw_batch_size,
-                   help=f"(image, sample) pairs per decoder call in the NLL; bounds memory "
-                        f"(default: {d.iw_batch_size})")
-    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size,
-                   help=f"images per evaluation batch (default: {d.eval_batch_size})")
-    g.add_argument("--log-every", type=int, default=d.log_every,
-                   help=f"steps between progress-bar updates (each one syncs) (default: {d.log_every})")
+    g.add_argument(
+        "--out", default=d.out, help="run folder; with --resume, the resumed run's folder (default: runs/<timestamp>)"
+    )
+    g.add_argument(
+        "--resume",
+        default=d.resume,
+        metavar="RUN_OR_CHECKPOINT",
+        help="continue a run folder (its last.pt) or a checkpoint; its config fills unset flags (default: none)",
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in an --out folder that holds one, deleting its checkpoints, metrics "
+        "and pictures (default: refuse)",
+    )
+    g.add_argument(
+        "--iw-samples",
+        type=int,
+        default=d.iw_samples,
+        help=f"importance samples per test image for the NLL; 0 skips it (default: {d.iw_samples})",
+    )
+    g.add_argument(
+        "--iw-examples",
+        type=int,
+        default=d.iw_examples,
+        help=f"test images that get the NLL; 0 means all (default: {d.iw_examples})",
+    )
+    g.add_argument(
+        "--iw-batch-size",
+        type=int,
+        default=d.iw_batch_size,
+        help=f"(image, sample) pairs per decoder call in the NLL; bounds memory (default: {d.iw_batch_size})",
+    )
+    g.add_argument(
+        "--eval-batch-size",
+        type=int,
+        default=d.eval_batch_size,
+        help=f"images per evaluation batch (default: {d.eval_batch_size})",
+    )
+    g.add_argument(
+        "--log-every",
+        type=int,
+        default=d.log_every,
+        help=f"steps between progress-bar updates (each one syncs) (default: {d.log_every})",
+    )
     g.add_argument("--no-plots", dest="plots", action="store_false", help="skip the pictures (default: draw them)")
     return p
 

@@ -20,9 +20,9 @@ import gzip
 import hashlib
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -39,8 +39,18 @@ KNOWN_DATASETS = {
 }
 # Class names by label, for the datasets whose labels mean something fixed.
 CLASS_NAMES = {
-    "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
-                      "Bag", "Ankle boot"),
+    "fashion-mnist": (
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ),
     "mnist": tuple(str(digit) for digit in range(10)),
 }
 DATA_ENV_VAR = "FASTVAE_DATA"
@@ -67,8 +77,9 @@ def _read_bytes(path: Path) -> bytes:
             return gzip.decompress(raw)
         return raw
     except (EOFError, gzip.BadGzipFile, OSError) as error:
-        raise DataError(f"cannot read IDX file {path}: {error}. The file is truncated or corrupt; "
-                        f"delete it and fetch it again") from error
+        raise DataError(
+            f"cannot read IDX file {path}: {error}. The file is truncated or corrupt; delete it and fetch it again"
+        ) from error
 
 
 def read_idx(path: str | os.PathLike) -> Tensor:
@@ -86,14 +97,18 @@ def read_idx(path: str | os.PathLike) -> Tensor:
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise DataError(f"{path} is truncated inside its header; delete it and fetch it again")
-    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = header + math.prod(dims)
     if len(raw) != expected:
-        raise DataError(f"{path} has {len(raw)} bytes but its header {dims} needs {expected}: the file is "
-                        f"truncated or corrupt; delete it and fetch it again")
+        raise DataError(
+            f"{path} has {len(raw)} bytes but its header {dims} needs {expected}: the file is "
+            f"truncated or corrupt; delete it and fetch it again"
+        )
     if math.prod(dims) == 0:
-        raise DataError(f"{path} holds no data (its header says {dims}); a dataset needs at least one image "
-                        f"per split: write the file again with the images in it")
+        raise DataError(
+            f"{path} holds no data (its header says {dims}); a dataset needs at least one image "
+            f"per split: write the file again with the images in it"
+        )
     data = torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8)
     return data.reshape(dims)
 
@@ -108,8 +123,9 @@ def write_idx(path: str | os.PathLike, array: Tensor) -> None:
     Path(path).write_bytes(gzip.compress(raw) if str(path).endswith(".gz") else raw)
 
 
-def write_idx_dataset(folder: str | os.PathLike, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor],
-                      gzipped: bool = True) -> Path:
+def write_idx_dataset(
+    folder: str | os.PathLike, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], gzipped: bool = True
+) -> Path:
     """Write (images uint8 [N, H, W], labels uint8 [N]) train and test pairs as the four IDX files."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -145,8 +161,10 @@ def load_split(folder: Path, split: str) -> tuple[Tensor, Tensor]:
     if images.dim() != 3:
         raise DataError(f"{image_path} holds an array of shape {tuple(images.shape)}; expected [N, H, W] images")
     if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
-        raise DataError(f"{label_path} holds {tuple(labels.shape)} labels for {images.shape[0]} images in "
-                        f"{image_path}; the two files do not belong together")
+        raise DataError(
+            f"{label_path} holds {tuple(labels.shape)} labels for {images.shape[0]} images in "
+            f"{image_path}; the two files do not belong together"
+        )
     return images.unsqueeze(1), labels.long()
 
 
@@ -172,8 +190,10 @@ def _torchvision_download(root: Path, torchvision_name: str) -> Path:
 
 def _how_to_get(name: str, torchvision_name: str, splits: tuple[str, ...]) -> str:
     files = [f"{stem}[.gz]" for split in splits for stem in SPLIT_FILES[split]]
-    hints = [f"pass data_dir (fastvae-train/fastvae-eval: --data-dir FOLDER, or set ${DATA_ENV_VAR}) to a "
-             f"folder holding {', '.join(files)}"]
+    hints = [
+        f"pass data_dir (fastvae-train/fastvae-eval: --data-dir FOLDER, or set ${DATA_ENV_VAR}) to a "
+        f"folder holding {', '.join(files)}"
+    ]
     system_dir = KNOWN_DATASETS[name][0]
     if system_dir is not None:
         hints.append(f"or install the Debian package: sudo apt-get install dataset-{name}")
@@ -181,8 +201,9 @@ def _how_to_get(name: str, torchvision_name: str, splits: tuple[str, ...]) -> st
     return "; ".join(hints)
 
 
-def locate_dataset(dataset: str, data_dir: str | None = None, download: bool = True,
-                   splits: tuple[str, ...] = tuple(SPLIT_FILES)) -> Path:
+def locate_dataset(
+    dataset: str, data_dir: str | None = None, download: bool = True, splits: tuple[str, ...] = tuple(SPLIT_FILES)
+) -> Path:
     """The folder holding the IDX files of `splits` (train and test) of `dataset`, a known name or a folder
     path; `data_dir` is the first place to look for a known name.
 
@@ -190,8 +211,10 @@ def locate_dataset(dataset: str, data_dir: str | None = None, download: bool = T
     if dataset not in KNOWN_DATASETS:
         folder = Path(dataset).expanduser()
         if not folder.is_dir():
-            raise DataError(f"unknown dataset {dataset!r}: choose {' or '.join(KNOWN_DATASETS)}, or pass a "
-                            f"folder that holds the IDX files")
+            raise DataError(
+                f"unknown dataset {dataset!r}: choose {' or '.join(KNOWN_DATASETS)}, or pass a "
+                f"folder that holds the IDX files"
+            )
         missing = missing_files(folder, splits)
         if missing:
             raise DataError(f"dataset folder {folder} lacks {', '.join(m + '[.gz]' for m in missing)}")
@@ -214,8 +237,11 @@ def locate_dataset(dataset: str, data_dir: str | None = None, download: bool = T
             return _torchvision_download(root, torchvision_name)
         except Exception as error:  # noqa: BLE001 - any download failure is reported with the rest
             looked.append(f"torchvision download into {root} failed: {type(error).__name__}: {error}")
-    raise DataError(f"cannot find the {dataset} IDX files. Looked in:\n  " + "\n  ".join(looked)
-                    + f"\nTo fix: {_how_to_get(dataset, torchvision_name, splits)}.")
+    raise DataError(
+        f"cannot find the {dataset} IDX files. Looked in:\n  "
+        + "\n  ".join(looked)
+        + f"\nTo fix: {_how_to_get(dataset, torchvision_name, splits)}."
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -254,8 +280,7 @@ class Datasets:
         return tuple(self.train.images.shape[1:])
 
 
-def load_datasets(dataset: str, data_dir: str | None, val_size: int, seed: int,
-                  download: bool = True) -> Datasets:
+def load_datasets(dataset: str, data_dir: str | None, val_size: int, seed: int, download: bool = True) -> Datasets:
     """Train/validation/test splits; the validation set is `val_size` images held out of train
     by a permutation that depends on `seed` only.
 
@@ -265,16 +290,23 @@ def load_datasets(dataset: str, data_dir: str | None, val_size: int, seed: int,
     train_images, train_labels = load_split(folder, "train")
     test_images, test_labels = load_split(folder, "test")
     if train_images.shape[1:] != test_images.shape[1:]:
-        raise DataError(f"train images are {tuple(train_images.shape[2:])} but test images are "
-                        f"{tuple(test_images.shape[2:])} in {folder}")
+        raise DataError(
+            f"train images are {tuple(train_images.shape[2:])} but test images are "
+            f"{tuple(test_images.shape[2:])} in {folder}"
+        )
     if not 0 < val_size < len(train_images):
-        raise ValueError(f"val_size must be between 1 and {len(train_images) - 1} for the {len(train_images)} "
-                         f"training images in {folder}, got {val_size}")
+        raise ValueError(
+            f"val_size must be between 1 and {len(train_images) - 1} for the {len(train_images)} "
+            f"training images in {folder}, got {val_size}"
+        )
     order = torch.randperm(len(train_images), generator=generator_for("val-split", seed))
     val_idx, train_idx = order[:val_size], order[val_size:]
-    return Datasets(train=Split(train_images[train_idx], train_labels[train_idx]),
-                    val=Split(train_images[val_idx], train_labels[val_idx]),
-                    test=Split(test_images, test_labels), folder=folder)
+    return Datasets(
+        train=Split(train_images[train_idx], train_labels[train_idx]),
+        val=Split(train_images[val_idx], train_labels[val_idx]),
+        test=Split(test_images, test_labels),
+        folder=folder,
+    )
 
 
 def load_test_split(dataset: str, data_dir: str | None, download: bool = True) -> tuple[Split, Path]:
@@ -313,10 +345,19 @@ class EpochBatches:
     the same count); dynamic binarization draws from a generator keyed by
     (seed, epoch, rank), whose state a checkpoint can save mid-epoch."""
 
-    def __init__(self, split: Split, batch_size: int, epoch: int, seed: int, binarize_mode: str,
-                 rank: int = 0, world_size: int = 1) -> None:
-        sampler = DistributedSampler(range(len(split)), num_replicas=world_size, rank=rank,
-                                     shuffle=True, seed=seed, drop_last=False)
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        epoch: int,
+        seed: int,
+        binarize_mode: str,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        sampler = DistributedSampler(
+            range(len(split)), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False
+        )
         sampler.set_epoch(epoch)
         self.indices = torch.tensor(list(sampler), dtype=torch.int64)
         self.split, self.batch_size, self.mode = split, batch_size, binarize_mode
@@ -331,7 +372,7 @@ class EpochBatches:
         Skipped batches are still binarized and dropped, so a resumed epoch
         draws exactly the noise the uninterrupted one did."""
         for number in range(len(self)):
-            index = self.indices[number * self.batch_size:(number + 1) * self.batch_size]
+            index = self.indices[number * self.batch_size : (number + 1) * self.batch_size]
             images = self.split.images[index]
             if self.mode == "dynamic":
                 binary = binarize(images, self.generator)
@@ -345,8 +386,7 @@ class EpochBatches:
                 yield images
 
 
-def eval_batches(split: Split, batch_size: int, rank: int = 0,
-                 world_size: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
+def eval_batches(split: Split, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
     """(images [b, C, H, W], labels [b]) of this rank's contiguous shard, in order, no padding."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -43,8 +43,9 @@ def setup(device_type: str) -> DistInfo:
     if not launched_by_torchrun():
         return DistInfo()
     backend = "nccl" if device_type == "cuda" else "gloo"
-    info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)),
-                    backend)
+    info = DistInfo(
+        int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)), backend
+    )
     if not dist.is_initialized():
         if device_type == "cuda":
             torch.cuda.set_device(info.local_rank)

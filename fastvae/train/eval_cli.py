@@ -19,39 +19,83 @@ from rich.console import Console
 import fastvae
 from fastvae.backend import BACKEND_CHOICES, unavailable_reason
 from fastvae.errors import BackendUnavailableError
-from fastvae.train.checkpoint import (BEST, LAST, check_run_checkpoints, checkpoint_path, load_checkpoint,
-                                      model_from_checkpoint, resolve_checkpoint)
-from fastvae.train.config import (DEFAULT_EVAL_BATCH_SIZE, DEFAULT_IW_BATCH_SIZE, DEFAULT_IW_SAMPLES,
-                                  DEVICE_CHOICES, TrainConfig, pick_device, require_at_least, require_seed)
+from fastvae.train.checkpoint import (
+    BEST,
+    LAST,
+    check_run_checkpoints,
+    checkpoint_path,
+    load_checkpoint,
+    model_from_checkpoint,
+    resolve_checkpoint,
+)
+from fastvae.train.config import (
+    DEFAULT_EVAL_BATCH_SIZE,
+    DEFAULT_IW_BATCH_SIZE,
+    DEFAULT_IW_SAMPLES,
+    DEVICE_CHOICES,
+    TrainConfig,
+    pick_device,
+    require_at_least,
+    require_seed,
+)
 from fastvae.train.data import KNOWN_DATASETS, DataError, Split, load_test_split, prepare_targets
 from fastvae.train.evaluate import evaluate_test, likelihood_fields, results_table
 from fastvae.train.run_folder import RunFolderError, to_json, write_file
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastvae-eval", description="Evaluate a fastvae-train checkpoint "
-                                     "on the test set: -ELBO and importance-sampled NLL in nats.")
+    parser = argparse.ArgumentParser(
+        prog="fastvae-eval",
+        description="Evaluate a fastvae-train checkpoint on the test set: -ELBO and importance-sampled NLL in nats.",
+    )
     parser.add_argument("checkpoint", help="a run folder (uses its best.pt) or a .pt checkpoint file")
-    parser.add_argument("--iw-samples", type=int, default=DEFAULT_IW_SAMPLES,
-                        help=f"importance samples per test image; 0 skips the NLL (default: {DEFAULT_IW_SAMPLES})")
-    parser.add_argument("--iw-batch-size", type=int, default=DEFAULT_IW_BATCH_SIZE,
-                        help=f"(image, sample) pairs per decoder call; bounds memory "
-                             f"(default: {DEFAULT_IW_BATCH_SIZE})")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_EVAL_BATCH_SIZE,
-                        help=f"test images per batch (default: {DEFAULT_EVAL_BATCH_SIZE})")
-    parser.add_argument("--iw-examples", type=int, default=0,
-                        help="test images that get the NLL (the -ELBO always uses all); 0 means all (default: 0)")
-    parser.add_argument("--data-dir", default=None,
-                        help="where the test IDX files are: for a checkpoint trained on a named dataset, the "
-                             "folder to look in first; for one trained on a dataset folder, the folder to use "
-                             "instead of it (default: what the checkpoint's config recorded)")
-    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
-                        help="where to evaluate (default: auto = cuda when available)")
-    parser.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
-                        help="fastvae backend for the ops; auto defers to $FASTVAE_BACKEND (default: auto)")
+    parser.add_argument(
+        "--iw-samples",
+        type=int,
+        default=DEFAULT_IW_SAMPLES,
+        help=f"importance samples per test image; 0 skips the NLL (default: {DEFAULT_IW_SAMPLES})",
+    )
+    parser.add_argument(
+        "--iw-batch-size",
+        type=int,
+        default=DEFAULT_IW_BATCH_SIZE,
+        help=f"(image, sample) pairs per decoder call; bounds memory (default: {DEFAULT_IW_BATCH_SIZE})",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_EVAL_BATCH_SIZE,
+        help=f"test images per batch (default: {DEFAULT_EVAL_BATCH_SIZE})",
+    )
+    parser.add_argument(
+        "--iw-examples",
+        type=int,
+        default=0,
+        help="test images that get the NLL (the -ELBO always uses all); 0 means all (default: 0)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="where the test IDX files are: for a checkpoint trained on a named dataset, the "
+        "folder to look in first; for one trained on a dataset folder, the folder to use "
+        "instead of it (default: what the checkpoint's config recorded)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=DEVICE_CHOICES,
+        default="auto",
+        help="where to evaluate (default: auto = cuda when available)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKEND_CHOICES,
+        default="auto",
+        help="fastvae backend for the ops; auto defers to $FASTVAE_BACKEND (default: auto)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the evaluation noise (default: 0)")
-    parser.add_argument("--output", default=None,
-                        help="JSON file for the results (default: eval-<checkpoint name>.json beside it)")
+    parser.add_argument(
+        "--output", default=None, help="JSON file for the results (default: eval-<checkpoint name>.json beside it)"
+    )
     return parser
 
 
@@ -83,16 +127,20 @@ def _test_split(config: TrainConfig, data_dir: str | None, image_shape: tuple[in
         if data_dir:
             dataset = data_dir
         elif not Path(dataset).expanduser().is_dir():
-            raise DataError(f"the checkpoint was trained on the dataset folder {dataset}, which is not there; "
-                            f"pass --data-dir FOLDER holding its t10k-images-idx3-ubyte[.gz] and "
-                            f"t10k-labels-idx1-ubyte[.gz]")
+            raise DataError(
+                f"the checkpoint was trained on the dataset folder {dataset}, which is not there; "
+                f"pass --data-dir FOLDER holding its t10k-images-idx3-ubyte[.gz] and "
+                f"t10k-labels-idx1-ubyte[.gz]"
+            )
     test, folder = load_test_split(dataset, data_dir or config.data_dir)
     if tuple(test.images.shape[1:]) != tuple(image_shape):
         shown = "x".join(str(n) for n in test.images.shape[1:])
         wanted = "x".join(str(n) for n in image_shape)
-        raise DataError(f"the test images in {folder} are {shown} (CxHxW) but the checkpoint's model takes "
-                        f"{wanted}: it was trained on another dataset ({config.dataset}); pass --data-dir with "
-                        f"that one's test files")
+        raise DataError(
+            f"the test images in {folder} are {shown} (CxHxW) but the checkpoint's model takes "
+            f"{wanted}: it was trained on another dataset ({config.dataset}); pass --data-dir with "
+            f"that one's test files"
+        )
     return test
 
 
@@ -110,9 +158,16 @@ def run_eval(args: argparse.Namespace) -> dict[str, float]:
     test = prepare_targets(test, config.binarize, "test")
     backend = contextlib.nullcontext() if args.backend == "auto" else fastvae.use_backend(args.backend)
     with backend:
-        result = evaluate_test(model, test, iw_samples=args.iw_samples,
-                               iw_examples=args.iw_examples, iw_batch_size=args.iw_batch_size,
-                               batch_size=args.batch_size, device=device, seed=args.seed)
+        result = evaluate_test(
+            model,
+            test,
+            iw_samples=args.iw_samples,
+            iw_examples=args.iw_examples,
+            iw_batch_size=args.iw_batch_size,
+            batch_size=args.batch_size,
+            device=device,
+            seed=args.seed,
+        )
     result.update({**likelihood_fields(model.likelihood, config.binarize), "checkpoint": str(path)})
     return result
 
@@ -129,8 +184,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         write_file(output, to_json(result, indent=2) + "\n")
     except RunFolderError as error:
-        sys.exit(f"fastvae-eval: error: {error}. The results are printed above; pass --output FILE to save "
-                 f"them elsewhere")
+        sys.exit(
+            f"fastvae-eval: error: {error}. The results are printed above; pass --output FILE to save them elsewhere"
+        )
 
 
 if __name__ == "__main__":

@@ -17,9 +17,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
-
 from rich.table import Table
+from torch import Tensor
 
 import fastvae
 from fastvae.train.data import derive_seed, eval_batches
@@ -27,10 +26,14 @@ from fastvae.train.distributed import DistInfo, all_reduce_sum
 
 # What the NLL of a likelihood is, where it is not the probability of binary images (the
 # results' "nll_note"): the README quotes these, keep them short and exact.
-DENSITY_NOTE = ("a density: -log p of the pixel values scaled to [0, 1], in nats per image; not a probability "
-                "of the 8-bit or binarized images, so not comparable with the NLLs of discrete likelihoods")
-GREY_BERNOULLI_NOTE = ("the Bernoulli of grey levels in [0, 1] (--binarize none) is not a normalized likelihood; "
-                       "not comparable with the NLLs of binarized images")
+DENSITY_NOTE = (
+    "a density: -log p of the pixel values scaled to [0, 1], in nats per image; not a probability "
+    "of the 8-bit or binarized images, so not comparable with the NLLs of discrete likelihoods"
+)
+GREY_BERNOULLI_NOTE = (
+    "the Bernoulli of grey levels in [0, 1] (--binarize none) is not a normalized likelihood; "
+    "not comparable with the NLLs of binarized images"
+)
 
 
 def make_generator(device: torch.device, *keys: int | str) -> torch.Generator:
@@ -42,14 +45,14 @@ def elbo_rows(model, x: Tensor, generator: torch.Generator) -> tuple[Tensor, Ten
     """One-sample ELBO terms of x [B, C, H, W]: recon = -log p(x|z) [B] and KL [B], float32."""
     mu, logvar = model.encode(x)
     z = fastvae.reparameterize(mu, logvar, generator=generator)
-    recon, kl = fastvae.elbo_terms(model.decode(z), x, mu, logvar, likelihood=model.likelihood,
-                                   decoder_logvar=model.decoder_log_variance())
+    recon, kl = fastvae.elbo_terms(
+        model.decode(z), x, mu, logvar, likelihood=model.likelihood, decoder_logvar=model.decoder_log_variance()
+    )
     return recon.float(), kl.float()
 
 
 @torch.no_grad()
-def iw_log_likelihood(model, x: Tensor, samples: int, iw_batch_size: int,
-                      generator: torch.Generator) -> Tensor:
+def iw_log_likelihood(model, x: Tensor, samples: int, iw_batch_size: int, generator: torch.Generator) -> Tensor:
     """Importance-sampled log p(x) [B] float64 for x [B, C, H, W] with `samples` draws each.
 
     A chunk of k samples gives the bound L_k = logsumexp_k log w - log k per datapoint (fastvae.iwae_loss),
@@ -67,8 +70,16 @@ def iw_log_likelihood(model, x: Tensor, samples: int, iw_batch_size: int,
         k = min(per_chunk, samples - done)
         z = fastvae.reparameterize(mu, logvar, samples=k, generator=generator)  # [k, B, L]
         decoded = model.decode(z.flatten(0, 1)).unflatten(0, (k, batch))
-        bound = -fastvae.iwae_loss(decoded, x, z, mu, logvar, likelihood=model.likelihood,
-                                   decoder_logvar=model.decoder_log_variance(), reduction="none")
+        bound = -fastvae.iwae_loss(
+            decoded,
+            x,
+            z,
+            mu,
+            logvar,
+            likelihood=model.likelihood,
+            decoder_logvar=model.decoder_log_variance(),
+            reduction="none",
+        )
         total = torch.logaddexp(total, bound.double() + math.log(k))
         done += k
     return total - math.log(samples)
@@ -90,8 +101,7 @@ def _reduce(sums: list[float], device: torch.device, dist_info) -> list[float]:
     return all_reduce_sum(values, dist_info).tolist()
 
 
-def evaluate_elbo(model, split, batch_size: int, device: torch.device, seed: int,
-                  dist_info=None) -> dict[str, float]:
+def evaluate_elbo(model, split, batch_size: int, device: torch.device, seed: int, dist_info=None) -> dict[str, float]:
     """Mean -ELBO, reconstruction term and KL in nats per datapoint over `split` (prepared targets)."""
     dist_info = dist_info or DistInfo()
     generator = torch.Generator().manual_seed(seed)
@@ -107,8 +117,17 @@ def evaluate_elbo(model, split, batch_size: int, device: torch.device, seed: int
     return {"neg_elbo": (recon_sum + kl_sum) / count, "recon": recon_sum / count, "kl": kl_sum / count}
 
 
-def evaluate_nll(model, split, samples: int, iw_batch_size: int, batch_size: int, device: torch.device,
-                 seed: int, dist_info=None, progress=None) -> dict[str, float]:
+def evaluate_nll(
+    model,
+    split,
+    samples: int,
+    iw_batch_size: int,
+    batch_size: int,
+    device: torch.device,
+    seed: int,
+    dist_info=None,
+    progress=None,
+) -> dict[str, float]:
     """Importance-sampled NLL in nats per datapoint and its standard error over datapoints."""
     dist_info = dist_info or DistInfo()
     generator = make_generator(device, "iw", seed)
@@ -124,12 +143,27 @@ def evaluate_nll(model, split, samples: int, iw_batch_size: int, batch_size: int
     total, total_sq, count = _reduce(sums, device, dist_info)
     mean = total / max(count, 1.0)
     variance = max(total_sq / count - mean * mean, 0.0) * count / (count - 1) if count > 1 else 0.0
-    return {"nll": mean, "nll_stderr": math.sqrt(variance / max(count, 1.0)), "iw_samples": samples,
-            "examples": int(count)}
+    return {
+        "nll": mean,
+        "nll_stderr": math.sqrt(variance / max(count, 1.0)),
+        "iw_samples": samples,
+        "examples": int(count),
+    }
 
 
-def evaluate_test(model, split, *, iw_samples: int, iw_examples: int, iw_batch_size: int, batch_size: int,
-                  device: torch.device, seed: int, dist_info=None, progress=None) -> dict[str, float]:
+def evaluate_test(
+    model,
+    split,
+    *,
+    iw_samples: int,
+    iw_examples: int,
+    iw_batch_size: int,
+    batch_size: int,
+    device: torch.device,
+    seed: int,
+    dist_info=None,
+    progress=None,
+) -> dict[str, float]:
     """Test -ELBO (+ its terms) over the whole split and IW NLL over its first `iw_examples`
     images (0: all) with `iw_samples` samples each (0: no NLL), in nats per datapoint, in float32 math."""
     for name, value in (("iw_samples", iw_samples), ("iw_examples", iw_examples)):
@@ -141,10 +175,17 @@ def evaluate_test(model, split, *, iw_samples: int, iw_examples: int, iw_batch_s
     if iw_samples > 0:
         if 0 < iw_examples < len(split):
             split = type(split)(split.images[:iw_examples], split.labels[:iw_examples])
-        nll = evaluate_nll(model, split, iw_samples, iw_batch_size, min(batch_size, iw_batch_size),
-                           device, seed, dist_info, progress)
-        result.update({"test_nll": nll["nll"], "test_nll_stderr": nll["nll_stderr"],
-                       "iw_samples": nll["iw_samples"], "iw_examples": nll["examples"]})
+        nll = evaluate_nll(
+            model, split, iw_samples, iw_batch_size, min(batch_size, iw_batch_size), device, seed, dist_info, progress
+        )
+        result.update(
+            {
+                "test_nll": nll["nll"],
+                "test_nll_stderr": nll["nll_stderr"],
+                "iw_samples": nll["iw_samples"],
+                "iw_examples": nll["examples"],
+            }
+        )
     return result
 
 

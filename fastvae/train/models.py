@@ -68,8 +68,10 @@ class VAEConfig:
             factor = 2 ** len(self.conv_channels)
             _, height, width = self.image_shape
             if height % factor or width % factor:
-                raise ValueError(f"the conv VAE halves H and W {len(self.conv_channels)} times, so they must "
-                                 f"be divisible by {factor}; images are {height}x{width}: pass fewer conv channels")
+                raise ValueError(
+                    f"the conv VAE halves H and W {len(self.conv_channels)} times, so they must "
+                    f"be divisible by {factor}; images are {height}x{width}: pass fewer conv channels"
+                )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -176,8 +178,7 @@ class MLPVAE(VAE):
         pixels = math.prod(config.image_shape)
         widths = [pixels, *config.hidden_dims]
         self.encoder = nn.Sequential(nn.Flatten(), *_mlp(widths + [2 * config.latent_dim]))
-        self.decoder = nn.Sequential(*_mlp([config.latent_dim, *reversed(widths)]),
-                                     nn.Unflatten(1, config.image_shape))
+        self.decoder = nn.Sequential(*_mlp([config.latent_dim, *reversed(widths)]), nn.Unflatten(1, config.image_shape))
 
 
 class ConvVAE(VAE):
@@ -201,8 +202,9 @@ class ConvVAE(VAE):
             deconv.append(nn.ConvTranspose2d(fan_in, fan_out, config.conv_kernel, stride=2, padding=1))
             if i < len(up) - 2:
                 deconv.append(nn.ReLU())
-        self.decoder = nn.Sequential(*_mlp([config.latent_dim, *reversed(dense)]), nn.ReLU(),
-                                     nn.Unflatten(1, inner_shape), *deconv)
+        self.decoder = nn.Sequential(
+            *_mlp([config.latent_dim, *reversed(dense)]), nn.ReLU(), nn.Unflatten(1, inner_shape), *deconv
+        )
 
 
 def build_model(config: VAEConfig) -> VAE:
@@ -218,4 +220,3 @@ def parse_widths(text: str, name: str) -> tuple[int, ...]:
     if not widths or any(w < 1 for w in widths):
         raise ValueError(f"{name} needs at least one positive width; got {text!r}")
     return widths
-

@@ -25,8 +25,14 @@ SCATTER_POINTS = 5000
 FRAME_POINTS = 2000  # test images in each frame of the latent evolution GIF
 FRAME_MS = 600  # how long the GIF shows each epoch
 DPI = 100
-PICTURE_FILES = ("reconstructions.png", "samples.png", "learning_curves.png", "latent_scatter.png",
-                 "manifold.png", "latent_evolution.gif")
+PICTURE_FILES = (
+    "reconstructions.png",
+    "samples.png",
+    "learning_curves.png",
+    "latent_scatter.png",
+    "manifold.png",
+    "latent_evolution.gif",
+)
 
 
 def _figure(width: float, height: float):
@@ -70,8 +76,9 @@ def reconstructions(model, images: Tensor, path: Path) -> None:
     images = images[:RECON_IMAGES]
     mu, _ = model.encode(images.to(device))
     decoded = _pixels(model.likelihood_mean(model.decode(mu)))
-    _save_image(tile(torch.cat([images.cpu(), decoded]), 2, len(images)), path,
-                "test inputs (top) and reconstructions (bottom)")
+    _save_image(
+        tile(torch.cat([images.cpu(), decoded]), 2, len(images)), path, "test inputs (top) and reconstructions (bottom)"
+    )
 
 
 def prior_samples(model, path: Path, seed: int) -> None:
@@ -89,8 +96,9 @@ def learning_curves(history: list[dict], path: Path) -> None:
         rows = [row for row in history if key in row]
         if rows:
             ax.plot([row["step"] for row in rows], [row[key] for row in rows], marker="o", label=label)
-    ax.plot([row["step"] for row in history], [row["val_neg_elbo"] for row in history], marker="o",
-            label="validation -ELBO")
+    ax.plot(
+        [row["step"] for row in history], [row["val_neg_elbo"] for row in history], marker="o", label="validation -ELBO"
+    )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("nats per datapoint")
     ax.legend()
@@ -106,8 +114,13 @@ def posterior_means(model, images: Tensor) -> Tensor:
     return mu.float().cpu()
 
 
-def scatter_figure(points: Tensor, labels: Tensor, class_names: Sequence[str] | None, title: str,
-                   limits: tuple[float, float, float, float] | None = None):
+def scatter_figure(
+    points: Tensor,
+    labels: Tensor,
+    class_names: Sequence[str] | None,
+    title: str,
+    limits: tuple[float, float, float, float] | None = None,
+):
     """A Figure of 2-D points [n, 2] coloured by integer label [n].
 
     class_names: the name of each label, shown in a legend; None (a dataset of unknown
@@ -136,17 +149,16 @@ def scatter_figure(points: Tensor, labels: Tensor, class_names: Sequence[str] | 
     return figure
 
 
-def latent_scatter(model, images: Tensor, labels: Tensor, path: Path,
-                   class_names: Sequence[str] | None = None) -> None:
+def latent_scatter(model, images: Tensor, labels: Tensor, path: Path, class_names: Sequence[str] | None = None) -> None:
     """Posterior means of test images in a 2-D latent, coloured by class (named when class_names is given)."""
     points = posterior_means(model, images[:SCATTER_POINTS])
-    figure = scatter_figure(points, labels[:SCATTER_POINTS], class_names,
-                            "test set in latent space (posterior means)")
+    figure = scatter_figure(points, labels[:SCATTER_POINTS], class_names, "test set in latent space (posterior means)")
     figure.savefig(path, bbox_inches="tight")
 
 
-def latent_evolution(frames: Sequence[Tensor], labels: Tensor, path: Path,
-                     class_names: Sequence[str] | None = None) -> None:
+def latent_evolution(
+    frames: Sequence[Tensor], labels: Tensor, path: Path, class_names: Sequence[str] | None = None
+) -> None:
     """An animated GIF, one frame per epoch: the posterior means [n, 2] of the first n test images
     after that epoch (labels: the class of each test image), on axes fixed over all frames."""
     import numpy
@@ -160,8 +172,13 @@ def latent_evolution(frames: Sequence[Tensor], labels: Tensor, path: Path,
     x1, y1 = (high + margin).tolist()
     pictures = []
     for epoch, points in enumerate(frames, start=1):
-        figure = scatter_figure(points, labels[:len(points)], class_names,
-                                f"posterior means of the test set after epoch {epoch}", (x0, x1, y0, y1))
+        figure = scatter_figure(
+            points,
+            labels[: len(points)],
+            class_names,
+            f"posterior means of the test set after epoch {epoch}",
+            (x0, x1, y0, y1),
+        )
         figure.canvas.draw()
         pictures.append(Image.fromarray(numpy.asarray(figure.canvas.buffer_rgba())).convert("RGB"))
     pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=FRAME_MS, loop=0)
@@ -175,13 +192,23 @@ def manifold(model, path: Path) -> None:
     z1, z0 = torch.meshgrid(axis.flip(0), axis, indexing="ij")
     z = torch.stack([z0.reshape(-1), z1.reshape(-1)], dim=1).to(device)
     means = _pixels(model.likelihood_mean(model.decode(z)))
-    _save_image(tile(means, MANIFOLD_GRID, MANIFOLD_GRID), path,
-                f"decoded latent grid over [-{MANIFOLD_RANGE:g}, {MANIFOLD_RANGE:g}]^2")
+    _save_image(
+        tile(means, MANIFOLD_GRID, MANIFOLD_GRID),
+        path,
+        f"decoded latent grid over [-{MANIFOLD_RANGE:g}, {MANIFOLD_RANGE:g}]^2",
+    )
 
 
-def draw_all(model, test_images: Tensor, test_labels: Tensor, history: list[dict], run_dir: Path,
-             seed: int, class_names: Sequence[str] | None = None,
-             latent_frames: Sequence[Tensor] = ()) -> list[Path]:
+def draw_all(
+    model,
+    test_images: Tensor,
+    test_labels: Tensor,
+    history: list[dict],
+    run_dir: Path,
+    seed: int,
+    class_names: Sequence[str] | None = None,
+    latent_frames: Sequence[Tensor] = (),
+) -> list[Path]:
     """Every picture of a run into run_dir; returns the paths written.
 
     test_images [n, C, H, W] in [0, 1] and test_labels [n]; class_names: the name of each

@@ -21,9 +21,16 @@ class TrainProgress:
     def __init__(self, epochs: int, enabled: bool, console: Console | None = None) -> None:
         self.console = console or Console()
         self.epochs, self.enabled = epochs, enabled
-        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[live]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                            console=self.console, disable=not enabled)
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[live]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=not enabled,
+        )
         self.task = None
 
     def __enter__(self) -> TrainProgress:
@@ -36,8 +43,7 @@ class TrainProgress:
     def start_epoch(self, epoch: int, batches: int, done: int) -> None:
         if self.task is not None:
             self.bar.remove_task(self.task)
-        self.task = self.bar.add_task(f"epoch {epoch + 1}/{self.epochs}", total=batches, completed=done,
-                                      live="")
+        self.task = self.bar.add_task(f"epoch {epoch + 1}/{self.epochs}", total=batches, completed=done, live="")
 
     def update(self, batch: int, means: dict[str, float], seconds: float, images: float) -> None:
         """means: the training stats per image, by name (STAT_LABELS), over the `images` this rank
@@ -49,8 +55,10 @@ class TrainProgress:
     def end_epoch(self, row: dict) -> None:
         if self.enabled:
             name, value = train_headline(row)
-            self.bar.console.log(f"epoch {row['epoch']}: train {STAT_LABELS[name]} {value:.2f}, "
-                                 f"val -ELBO {row['val_neg_elbo']:.2f} nats, {row['samples_per_s']:.0f} samples/s")
+            self.bar.console.log(
+                f"epoch {row['epoch']}: train {STAT_LABELS[name]} {value:.2f}, "
+                f"val -ELBO {row['val_neg_elbo']:.2f} nats, {row['samples_per_s']:.0f} samples/s"
+            )
 
     def note(self, text: str) -> None:
         """A line of its own above the bars (rank 0 only)."""
@@ -85,17 +93,25 @@ def summary_table(history: list[dict], test: dict, wall_seconds: float, run_dir:
         table.add_column(name, justify="right")
 
     def row(split: str, values: dict) -> None:
-        shown = {name: f"{values[key]:.2f}" for name, key in (("-ELBO", "neg_elbo"), ("recon", "recon"),
-                                                               ("KL", "kl"), (iw_bound, "neg_iw_bound"))
-                 if key in values}
+        shown = {
+            name: f"{values[key]:.2f}"
+            for name, key in (("-ELBO", "neg_elbo"), ("recon", "recon"), ("KL", "kl"), (iw_bound, "neg_iw_bound"))
+            if key in values
+        }
         shown["NLL (IW)"] = values.get("nll", "")
         table.add_row(split, *(shown.get(name, "") for name in columns))
 
     for split in ("train", "val"):
-        values = {key[len(split) + 1:]: value for key, value in last.items() if key.startswith(f"{split}_")}
+        values = {key[len(split) + 1 :]: value for key, value in last.items() if key.startswith(f"{split}_")}
         if values:
             row(split, values)
-    nll = (f"{test['test_nll']:.2f} ± {test['test_nll_stderr']:.2f} (K={test['iw_samples']}, "
-           f"{test['iw_examples']} images)") if "test_nll" in test else "skipped"
+    nll = (
+        (
+            f"{test['test_nll']:.2f} ± {test['test_nll_stderr']:.2f} (K={test['iw_samples']}, "
+            f"{test['iw_examples']} images)"
+        )
+        if "test_nll" in test
+        else "skipped"
+    )
     row("test", {"neg_elbo": test["test_neg_elbo"], "recon": test["test_recon"], "kl": test["test_kl"], "nll": nll})
     return table

@@ -128,13 +128,17 @@ class RunFolderLock:
         except BlockingIOError:
             holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "unknown"
             self.release()
-            raise RunFolderError(f"run folder {self.folder} is in use by another fastvae-train (pid {holder}). "
-                                 f"Wait for it to finish, or stop it (kill {holder}) and continue the run with "
-                                 f"--resume {self.folder}; or pass another --out") from None
+            raise RunFolderError(
+                f"run folder {self.folder} is in use by another fastvae-train (pid {holder}). "
+                f"Wait for it to finish, or stop it (kill {holder}) and continue the run with "
+                f"--resume {self.folder}; or pass another --out"
+            ) from None
         except OSError as error:
             self.release()
-            raise RunFolderError(f"cannot lock run folder {self.folder} ({self.path.name}: {_reason(error)}). "
-                                 f"Make the folder writable, or pass another --out") from error
+            raise RunFolderError(
+                f"cannot lock run folder {self.folder} ({self.path.name}: {_reason(error)}). "
+                f"Make the folder writable, or pass another --out"
+            ) from error
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
 

@@ -27,12 +27,12 @@ from fastvae.backend import unavailable_reason
 from fastvae.errors import BackendUnavailableError
 from fastvae.train import checkpoint as ckpt
 from fastvae.train import plots
+from fastvae.train.config import MODEL_FIELDS, TrainConfig, default_run_dir, pick_device, with_legacy_values
 from fastvae.train.data import Datasets, EpochBatches, derive_seed, load_datasets, prepare_targets, to_unit
 from fastvae.train.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object
 from fastvae.train.evaluate import evaluate_elbo, evaluate_test, likelihood_fields
 from fastvae.train.models import VAE, build_model
 from fastvae.train.progress import TrainProgress
-from fastvae.train.config import MODEL_FIELDS, TrainConfig, default_run_dir, pick_device, with_legacy_values
 from fastvae.train.run_folder import RunFolderError, RunFolderLock, remove_stale_temp_files, to_json, write_file
 
 # What a run writes into its folder besides pictures; a folder holding any of the first four holds a run.
@@ -63,8 +63,14 @@ class ELBOObjective(nn.Module):
         batch = x.shape[0]
         kl_sum = kl.detach().sum()
         if self.free_bits <= 0:
-            loss = fastvae.elbo_loss(decoded, x, kl=kl, beta=kl_weight, likelihood=self.model.likelihood,
-                                     decoder_logvar=self.model.decoder_log_variance())
+            loss = fastvae.elbo_loss(
+                decoded,
+                x,
+                kl=kl,
+                beta=kl_weight,
+                likelihood=self.model.likelihood,
+                decoder_logvar=self.model.decoder_log_variance(),
+            )
             recon_sum = loss.detach() * batch - kl_weight * kl_sum
         else:
             recon = -self.model.log_likelihood(decoded, x, reduction="sum")
@@ -92,8 +98,16 @@ class IWAEObjective(nn.Module):
         mu, logvar = self.model.encode(x)
         z = fastvae.reparameterize(mu, logvar, samples=self.samples)  # [K, B, L]
         decoded = self.model.decode(z.flatten(0, 1)).unflatten(0, (self.samples, batch))  # [K, B, C, H, W]
-        loss = fastvae.iwae_loss(decoded, x, z, mu, logvar, likelihood=self.model.likelihood,
-                                 estimator=self.estimator, decoder_logvar=self.model.decoder_log_variance())
+        loss = fastvae.iwae_loss(
+            decoded,
+            x,
+            z,
+            mu,
+            logvar,
+            likelihood=self.model.likelihood,
+            estimator=self.estimator,
+            decoder_logvar=self.model.decoder_log_variance(),
+        )
         return loss, (loss.detach() * batch).reshape(1)
 
 
@@ -167,8 +181,9 @@ def train_epoch(run: Run, progress: TrainProgress, deadline: float) -> tuple[dic
     also when they are checked for NaN and inf (a non-finite loss poisons the sums for good) and
     when --time-limit's clock is read (the steps have just been waited for, so it counts them)."""
     cfg, state = run.config, run.state
-    batches = EpochBatches(run.data.train, cfg.batch_size, state.epoch, cfg.seed, cfg.binarize,
-                           run.dist.rank, run.dist.world_size)
+    batches = EpochBatches(
+        run.data.train, cfg.batch_size, state.epoch, cfg.seed, cfg.binarize, run.dist.rank, run.dist.world_size
+    )
     progress.start_epoch(state.epoch, len(batches), state.batch)
     stats_count = len(run.stat_names)
     sums = torch.zeros(stats_count + 1, dtype=torch.float64, device=run.device)  # the stats, then images
@@ -184,8 +199,9 @@ def train_epoch(run: Run, progress: TrainProgress, deadline: float) -> tuple[dic
             totals = sums.tolist()
             stop_unless_finite(run, "training loss", totals[:stats_count], checked_step)
             checked_step = state.step
-            progress.update(state.batch, _per_image(run.stat_names, totals), time.perf_counter() - started,
-                            totals[stats_count])
+            progress.update(
+                state.batch, _per_image(run.stat_names, totals), time.perf_counter() - started, totals[stats_count]
+            )
         if cfg.max_steps and state.step >= cfg.max_steps:
             stopped = "--max-steps"
         elif logged and _out_of_time(deadline, run.dist):
@@ -195,8 +211,10 @@ def train_epoch(run: Run, progress: TrainProgress, deadline: float) -> tuple[dic
     seconds = time.perf_counter() - started
     totals = all_reduce_sum(sums, run.dist).tolist()
     stop_unless_finite(run, "training loss", totals[:stats_count], checked_step)
-    metrics = {**{f"train_{name}": value for name, value in _per_image(run.stat_names, totals).items()},
-               "objective": cfg.objective}
+    metrics = {
+        **{f"train_{name}": value for name, value in _per_image(run.stat_names, totals).items()},
+        "objective": cfg.objective,
+    }
     if cfg.objective == "iwae":
         metrics.update({"samples": cfg.samples, "estimator": cfg.estimator})
     else:
@@ -208,7 +226,7 @@ def train_epoch(run: Run, progress: TrainProgress, deadline: float) -> tuple[dic
 def _per_image(names: tuple[str, ...], totals: list[float]) -> dict[str, float]:
     """The stats' sums (then the image count, last in `totals`) as per-image means by name."""
     count = max(totals[len(names)], 1.0)
-    return {name: total / count for name, total in zip(names, totals[:len(names)], strict=True)}
+    return {name: total / count for name, total in zip(names, totals[: len(names)], strict=True)}
 
 
 def _out_of_time(deadline: float, dist: DistInfo) -> bool:
@@ -230,8 +248,10 @@ def stop_unless_finite(run: Run, what: str, values: list[float], checked_step: i
     when = f"at step {state.step}" if first >= state.step else f"between steps {first} and {state.step}"
     last = ckpt.checkpoint_path(run.run_dir, ckpt.LAST)
     if state.history:
-        kept = (f"{last} (step {state.history[-1]['step']}) is the last good checkpoint and is kept; continue "
-                f"from it with fastvae-train --resume {run.run_dir} --lr {cfg.lr / 10:g}")
+        kept = (
+            f"{last} (step {state.history[-1]['step']}) is the last good checkpoint and is kept; continue "
+            f"from it with fastvae-train --resume {run.run_dir} --lr {cfg.lr / 10:g}"
+        )
     else:
         kept = f"no checkpoint was written yet; start again with a lower --lr (e.g. {cfg.lr / 10:g})"
     tries = [f"a lower --lr (this run: {cfg.lr:g})"]
@@ -239,8 +259,10 @@ def stop_unless_finite(run: Run, what: str, values: list[float], checked_step: i
         tries.append("--amp-dtype bf16 (fp16 overflows where bf16 does not)")
     if cfg.beta > 1:
         tries.append(f"a smaller --beta (this run: {cfg.beta:g})")
-    raise TrainingDiverged(f"the {what} became non-finite ({', '.join(f'{v:g}' for v in values)}) {when}; "
-                           f"training stopped. Try {', or '.join(tries)}. {kept}")
+    raise TrainingDiverged(
+        f"the {what} became non-finite ({', '.join(f'{v:g}' for v in values)}) {when}; "
+        f"training stopped. Try {', or '.join(tries)}. {kept}"
+    )
 
 
 def checkpoint_state(run: Run) -> dict:
@@ -252,11 +274,22 @@ def checkpoint_state(run: Run) -> dict:
     else:
         gathered = [rng]
     s = run.state
-    return {"config": run.config.to_dict(), "model_config": run.model.config.to_dict(),
-            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-            "scaler": run.scaler.state_dict(), "rng": gathered, "epoch": s.epoch, "batch": s.batch,
-            "step": s.step, "best_val": s.best_val, "best_step": s.best_step, "history": s.history,
-            "latent_frames": s.latent_frames, "world_size": run.dist.world_size}
+    return {
+        "config": run.config.to_dict(),
+        "model_config": run.model.config.to_dict(),
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "rng": gathered,
+        "epoch": s.epoch,
+        "batch": s.batch,
+        "step": s.step,
+        "best_val": s.best_val,
+        "best_step": s.best_step,
+        "history": s.history,
+        "latent_frames": s.latent_frames,
+        "world_size": run.dist.world_size,
+    }
 
 
 def save_checkpoints(run: Run, improved: bool) -> None:
@@ -279,12 +312,17 @@ def end_of_segment(run: Run, train_metrics: dict, started: float, val_split, epo
 
     A segment is an epoch, or its first part when --max-steps stops it."""
     cfg, state = run.config, run.state
-    val = evaluate_elbo(run.model, val_split, cfg.eval_batch_size, run.device, derive_seed("val", cfg.seed),
-                        run.dist)
+    val = evaluate_elbo(run.model, val_split, cfg.eval_batch_size, run.device, derive_seed("val", cfg.seed), run.dist)
     # The last look at the weights before they are saved: never checkpoint a model that gives NaN.
     stop_unless_finite(run, "validation -ELBO", [val["neg_elbo"]], state.step - 1)
-    row = {"epoch": state.epoch + 1, "epoch_complete": epoch_done, "step": state.step, **train_metrics,
-           **{f"val_{key}": value for key, value in val.items()}, "seconds": time.perf_counter() - started}
+    row = {
+        "epoch": state.epoch + 1,
+        "epoch_complete": epoch_done,
+        "step": state.step,
+        **train_metrics,
+        **{f"val_{key}": value for key, value in val.items()},
+        "seconds": time.perf_counter() - started,
+    }
     state.history.append(row)
     improved = val["neg_elbo"] < state.best_val
     if improved:
@@ -292,7 +330,7 @@ def end_of_segment(run: Run, train_metrics: dict, started: float, val_split, epo
     if epoch_done:
         state.epoch, state.batch = state.epoch + 1, 0
         if run.dist.is_main and cfg.plots and run.model.config.latent_dim == 2:
-            images = to_unit(run.data.test.images[:plots.FRAME_POINTS])
+            images = to_unit(run.data.test.images[: plots.FRAME_POINTS])
             state.latent_frames.append(plots.posterior_means(run.model, images))
     save_checkpoints(run, improved)
     return row
@@ -302,12 +340,16 @@ def fit(run: Run, progress: TrainProgress) -> None:
     """Train until --epochs or --max-steps; a run resumed there trains nothing and says so."""
     cfg, state = run.config, run.state
     if cfg.max_steps and state.step >= cfg.max_steps:
-        progress.note(f"already at --max-steps {cfg.max_steps} (step {state.step}): nothing to train, "
-                      f"evaluating best.pt. Pass a larger --max-steps (or 0) to train on")
+        progress.note(
+            f"already at --max-steps {cfg.max_steps} (step {state.step}): nothing to train, "
+            f"evaluating best.pt. Pass a larger --max-steps (or 0) to train on"
+        )
         return
     if state.epoch >= cfg.epochs:
-        progress.note(f"all {cfg.epochs} --epochs are trained: nothing to train, evaluating best.pt. Pass a "
-                      f"larger --epochs to train on")
+        progress.note(
+            f"all {cfg.epochs} --epochs are trained: nothing to train, evaluating best.pt. Pass a "
+            f"larger --epochs to train on"
+        )
         return
     val_split = prepare_targets(run.data.val, cfg.binarize, "val")
     # This invocation's own budget: a resumed run gets --time-limit again, counted from here.
@@ -318,8 +360,10 @@ def fit(run: Run, progress: TrainProgress) -> None:
         row = end_of_segment(run, train_metrics, started, val_split, epoch_done)
         progress.end_epoch(row)
         if stopped == "--time-limit":
-            progress.note(f"--time-limit {cfg.time_limit:g} s reached at step {state.step}: training stopped, "
-                          f"evaluating best.pt. Continue with fastvae-train --resume {run.run_dir}")
+            progress.note(
+                f"--time-limit {cfg.time_limit:g} s reached at step {state.step}: training stopped, "
+                f"evaluating best.pt. Continue with fastvae-train --resume {run.run_dir}"
+            )
         if stopped:
             break
 
@@ -341,8 +385,9 @@ def open_run_folder(cfg: TrainConfig, dist: DistInfo, resources: ExitStack) -> P
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise RunFolderError(f"cannot create run folder {run_dir}: {error.strerror or error}; "
-                                 f"pass another --out") from error
+            raise RunFolderError(
+                f"cannot create run folder {run_dir}: {error.strerror or error}; pass another --out"
+            ) from error
         resources.enter_context(RunFolderLock(run_dir))
         remove_stale_temp_files(run_dir)
         _prepare_contents(cfg, run_dir)
@@ -355,18 +400,24 @@ def _prepare_contents(cfg: TrainConfig, run_dir: Path) -> None:
     source = ckpt.resolve_checkpoint(cfg.resume) if cfg.resume else None
     if source is not None and source.resolve() == last.resolve():
         if cfg.overwrite:
-            raise ValueError(f"--overwrite would delete {last}, the checkpoint --resume continues; drop "
-                             f"--overwrite to continue the run, or drop --resume to start it over")
+            raise ValueError(
+                f"--overwrite would delete {last}, the checkpoint --resume continues; drop "
+                f"--overwrite to continue the run, or drop --resume to start it over"
+            )
         ckpt.check_run_checkpoints(run_dir, repair=True)
         return
     if source is not None and source.parent.resolve() == run_dir.resolve():
-        raise ValueError(f"--resume {source} would continue from {source.name} inside its own run folder and "
-                         f"replace the run's later last.pt; pass --out NEW_FOLDER to branch a new run from it")
+        raise ValueError(
+            f"--resume {source} would continue from {source.name} inside its own run folder and "
+            f"replace the run's later last.pt; pass --out NEW_FOLDER to branch a new run from it"
+        )
     held = [name for name in RUN_RESULTS if (run_dir / name).exists()]
     if held and not cfg.overwrite:
-        raise ValueError(f"run folder {run_dir} already holds a run ({', '.join(held)}). Continue it with "
-                         f"--resume {run_dir}, start it over with --overwrite (deleting its checkpoints, metrics "
-                         f"and pictures), or pass another --out")
+        raise ValueError(
+            f"run folder {run_dir} already holds a run ({', '.join(held)}). Continue it with "
+            f"--resume {run_dir}, start it over with --overwrite (deleting its checkpoints, metrics "
+            f"and pictures), or pass another --out"
+        )
     if held:
         _clear_run(run_dir)
     if source is not None:
@@ -392,9 +443,11 @@ def _branch_from(source: Path, run_dir: Path) -> None:
         found = ckpt.load_checkpoint(best_source)["step"] if best_source.is_file() else None
         if found != state["best_step"]:
             held = "nothing" if found is None else f"step {found}"
-            raise ckpt.CheckpointError(f"{source} names step {state['best_step']} as its best checkpoint, but "
-                                       f"{best_source} holds {held}; resume from a run folder whose best.pt "
-                                       f"belongs to its last.pt")
+            raise ckpt.CheckpointError(
+                f"{source} names step {state['best_step']} as its best checkpoint, but "
+                f"{best_source} holds {held}; resume from a run folder whose best.pt "
+                f"belongs to its last.pt"
+            )
     write_file(ckpt.checkpoint_path(run_dir, ckpt.LAST), source.read_bytes())
     write_file(ckpt.checkpoint_path(run_dir, ckpt.BEST), best_source.read_bytes())
 
@@ -435,8 +488,9 @@ def _load_data(cfg: TrainConfig) -> Datasets:
     try:
         return load_datasets(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.seed)
     except ValueError as error:  # load_datasets raises ValueError for val_size only
-        raise ValueError(f"--val-size {cfg.val_size} leaves no training images: {error}; pass a smaller "
-                         f"--val-size") from error
+        raise ValueError(
+            f"--val-size {cfg.val_size} leaves no training images: {error}; pass a smaller --val-size"
+        ) from error
 
 
 def _load_resume(cfg: TrainConfig, dist: DistInfo, run_dir: Path) -> dict | None:
@@ -448,16 +502,23 @@ def _load_resume(cfg: TrainConfig, dist: DistInfo, run_dir: Path) -> dict | None
     saved_config = with_legacy_values(state["config"])
     saved = {key: saved_config.get(key) for key in MODEL_FIELDS}
     wanted = {key: getattr(cfg, key) for key in MODEL_FIELDS}
-    diffs = [f"{key}: checkpoint {saved[key]!r}, this run {wanted[key]!r}" for key in MODEL_FIELDS
-             if saved[key] != wanted[key]]
+    diffs = [
+        f"{key}: checkpoint {saved[key]!r}, this run {wanted[key]!r}"
+        for key in MODEL_FIELDS
+        if saved[key] != wanted[key]
+    ]
     if diffs:
-        raise ckpt.CheckpointError(f"checkpoint {path} was trained with another model config "
-                                   f"({'; '.join(diffs)}). Drop the conflicting flags to use the checkpoint's "
-                                   f"values, or start a new run with another --out")
+        raise ckpt.CheckpointError(
+            f"checkpoint {path} was trained with another model config "
+            f"({'; '.join(diffs)}). Drop the conflicting flags to use the checkpoint's "
+            f"values, or start a new run with another --out"
+        )
     if state["world_size"] != dist.world_size:
-        raise ckpt.CheckpointError(f"{path} was written by {state['world_size']} processes and this run has "
-                                   f"{dist.world_size}; resume with the same count (torchrun --nproc-per-node "
-                                   f"{state['world_size']}) so batches and noise continue unchanged")
+        raise ckpt.CheckpointError(
+            f"{path} was written by {state['world_size']} processes and this run has "
+            f"{dist.world_size}; resume with the same count (torchrun --nproc-per-node "
+            f"{state['world_size']}) so batches and noise continue unchanged"
+        )
     return state
 
 
@@ -472,9 +533,15 @@ def _restore(run: Run, state: dict) -> None:
         group["lr"] = run.config.lr
     run.scaler.load_state_dict(state["scaler"])
     ckpt.restore_rng(state["rng"][run.dist.rank])
-    run.state = Progress(epoch=state["epoch"], batch=state["batch"], step=state["step"], best_val=state["best_val"],
-                         best_step=state["best_step"], history=list(state["history"]),
-                         latent_frames=list(state["latent_frames"]))
+    run.state = Progress(
+        epoch=state["epoch"],
+        batch=state["batch"],
+        step=state["step"],
+        best_val=state["best_val"],
+        best_step=state["best_step"],
+        history=list(state["history"]),
+        latent_frames=list(state["latent_frames"]),
+    )
 
 
 def final_evaluation(run: Run, progress: TrainProgress) -> tuple[dict, VAE]:
@@ -484,20 +551,36 @@ def final_evaluation(run: Run, progress: TrainProgress) -> tuple[dict, VAE]:
     path = ckpt.checkpoint_path(run.run_dir, ckpt.BEST)
     best = ckpt.load_checkpoint(path)
     if best["step"] != run.state.best_step:
-        raise ckpt.CheckpointError(f"{path} holds step {best['step']}, but this run's best checkpoint is step "
-                                   f"{run.state.best_step}: best.pt was replaced while the run was going. "
-                                   f"Use last.pt, or train again")
+        raise ckpt.CheckpointError(
+            f"{path} holds step {best['step']}, but this run's best checkpoint is step "
+            f"{run.state.best_step}: best.pt was replaced while the run was going. "
+            f"Use last.pt, or train again"
+        )
     model = ckpt.model_from_checkpoint(best, path).to(run.device)
     test = prepare_targets(run.data.test, cfg.binarize, "test")
     nll_examples = cfg.iw_examples if 0 < cfg.iw_examples < len(test) else len(test)
     with progress.evaluating(nll_examples if cfg.iw_samples else 0) as advance:
-        result = evaluate_test(model, test, iw_samples=cfg.iw_samples, iw_examples=cfg.iw_examples,
-                               iw_batch_size=cfg.iw_batch_size, batch_size=cfg.eval_batch_size,
-                               device=run.device, seed=derive_seed("test", cfg.seed), dist_info=run.dist,
-                               progress=advance)
-    result.update({**likelihood_fields(model.likelihood, cfg.binarize), "checkpoint": path.name,
-                   "checkpoint_sha256": best["sha256"], "best_step": best["step"],
-                   "best_epoch": best["history"][-1]["epoch"]})
+        result = evaluate_test(
+            model,
+            test,
+            iw_samples=cfg.iw_samples,
+            iw_examples=cfg.iw_examples,
+            iw_batch_size=cfg.iw_batch_size,
+            batch_size=cfg.eval_batch_size,
+            device=run.device,
+            seed=derive_seed("test", cfg.seed),
+            dist_info=run.dist,
+            progress=advance,
+        )
+    result.update(
+        {
+            **likelihood_fields(model.likelihood, cfg.binarize),
+            "checkpoint": path.name,
+            "checkpoint_sha256": best["sha256"],
+            "best_step": best["step"],
+            "best_epoch": best["history"][-1]["epoch"],
+        }
+    )
     if run.dist.is_main:
         write_file(run.run_dir / TEST_METRICS_FILE, to_json(result, indent=2) + "\n")
     return result, model
@@ -509,9 +592,16 @@ def prepare(cfg: TrainConfig, dist: DistInfo, resources: ExitStack) -> Run:
     resources: closed when the run ends; it holds the run folder's lock."""
     run = build_run(cfg, dist, resources)
     if dist.is_main:
-        info = {**cfg.to_dict(), "model_config": run.model.config.to_dict(), "data_folder": str(run.data.folder),
-                "world_size": dist.world_size, "distributed_backend": dist.backend, "device": str(run.device),
-                "torch": torch.__version__, "fastvae": fastvae.__version__}
+        info = {
+            **cfg.to_dict(),
+            "model_config": run.model.config.to_dict(),
+            "data_folder": str(run.data.folder),
+            "world_size": dist.world_size,
+            "distributed_backend": dist.backend,
+            "device": str(run.device),
+            "torch": torch.__version__,
+            "fastvae": fastvae.__version__,
+        }
         write_file(run.run_dir / CONFIG_FILE, to_json(info, indent=2) + "\n")
         # A kill between last.pt and metrics.jsonl leaves the rows one save behind; last.pt decides.
         if run.state.history:

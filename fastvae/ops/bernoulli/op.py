@@ -13,7 +13,8 @@ import torch
 from fastvae.ops.bernoulli.reference import log_prob
 from fastvae.ops.logits_likelihood import logits_likelihood_op
 
-bernoulli_log_likelihood_fused = logits_likelihood_op("bernoulli_log_likelihood", "bernoulli", "bernoulli_forward",
-                                                      log_prob, lambda l, x: x - torch.sigmoid(l))
+bernoulli_log_likelihood_fused = logits_likelihood_op(
+    "bernoulli_log_likelihood", "bernoulli", "bernoulli_forward", log_prob, lambda l, x: x - torch.sigmoid(l)
+)
 bernoulli_log_likelihood_op = bernoulli_log_likelihood_fused.custom_op
 bernoulli_log_likelihood_composite = bernoulli_log_likelihood_fused.composite

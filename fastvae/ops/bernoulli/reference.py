@@ -31,8 +31,9 @@ def log_prob(logits: Tensor, target: Tensor) -> Tensor:
     return torch.where((target >= 0) & (target <= 1), logp, torch.nan)
 
 
-def bernoulli_forward(logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool,
-                      weight: float = 1.0) -> tuple[Tensor, Tensor | None]:
+def bernoulli_forward(
+    logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool, weight: float = 1.0
+) -> tuple[Tensor, Tensor | None]:
     """logits [B, D], target [T, D] (T dividing B: row-periodic) -> log p ([B, D] if elementwise
     else [B]), weight * dlogp/dlogits (or None).
 

@@ -70,12 +70,15 @@ OPS = (
         inputs=(LOGITS, TARGET, MU, LOGVAR),
         outputs=(Arg("loss", (), kind="loss"),),
         fastvae=lambda logits, target, mu, logvar, reduction="batchmean": fastvae.elbo_loss(
-            logits, target, mu, logvar, beta=0.7, reduction=reduction),
+            logits, target, mu, logvar, beta=0.7, reduction=reduction
+        ),
         oracle=lambda logits, target, mu, logvar, reduction="batchmean": reduce(
-            oracle_elbo_rows(logits, target, mu, logvar, 0.7), "sum" if reduction == "sum" else
-            "none" if reduction == "none" else "batchmean"),
+            oracle_elbo_rows(logits, target, mu, logvar, 0.7),
+            "sum" if reduction == "sum" else "none" if reduction == "none" else "batchmean",
+        ),
         eager=lambda logits, target, mu, logvar, reduction="batchmean": eager_elbo_loss(
-            logits, target, mu, logvar, 0.7, reduction),
+            logits, target, mu, logvar, 0.7, reduction
+        ),
         reductions=("none", "sum", "mean", "batchmean"),
     ),
     OpSpec(

@@ -16,8 +16,14 @@ import triton
 import triton.language as tl
 
 from fastvae.ops.common import likelihood_inputs, loss_dtype
-from fastvae.ops.triton_helpers import (LAUNCH_OPTIONS, Specialization, compute_dtype, log1p_small,
-                                        logits_likelihood_specializations, tile)
+from fastvae.ops.triton_helpers import (
+    LAUNCH_OPTIONS,
+    Specialization,
+    compute_dtype,
+    log1p_small,
+    logits_likelihood_specializations,
+    tile,
+)
 
 
 @triton.jit
@@ -26,10 +32,17 @@ def _bernoulli_fwd_kernel(
     target_ptr,  # [T, D], T dividing B: logits row b reads target row b % T
     logp_ptr,  # [B, D] contiguous if ELEMENTWISE else [B]; in the compute dtype
     dlogits_ptr,  # [B, D] contiguous in logits' dtype, written if COMPUTE_GRAD
-    B, D, target_rows, stride_logits, stride_target,
+    B,
+    D,
+    target_rows,
+    stride_logits,
+    stride_target,
     weight,  # dlogits = weight * dlogp/dlogits
-    ELEMENTWISE: tl.constexpr, COMPUTE_GRAD: tl.constexpr, COMPUTE: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    ELEMENTWISE: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # int64 offsets: b * stride exceeds 2^31 for large batches of images.
     o_b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
@@ -58,8 +71,9 @@ def _bernoulli_fwd_kernel(
         tl.store(logp_ptr + o_b, b_logp_row, mask=m_b)
 
 
-def bernoulli_forward(logits: torch.Tensor, target: torch.Tensor, elementwise: bool, compute_grad: bool,
-                      weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+def bernoulli_forward(
+    logits: torch.Tensor, target: torch.Tensor, elementwise: bool, compute_grad: bool, weight: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits [B, D], target [T, D] (T dividing B) -> log p ([B, D] or [B]), weight * dlogp/dlogits | None."""
     B, D = logits.shape
     (l,), x = likelihood_inputs((logits,), target)
@@ -68,10 +82,23 @@ def bernoulli_forward(logits: torch.Tensor, target: torch.Tensor, elementwise: b
     dlogits = torch.empty((B, D), dtype=l.dtype, device=logits.device) if compute_grad else None
     block_b, block_d = tile(D)
     _bernoulli_fwd_kernel[(triton.cdiv(B, block_b),)](
-        l, x, logp, dlogits if compute_grad else logp,
-        B, D, x.shape[0], l.stride(0), x.stride(0), float(weight),
-        ELEMENTWISE=elementwise, COMPUTE_GRAD=compute_grad, COMPUTE=compute_dtype(l),
-        BLOCK_B=block_b, BLOCK_D=block_d, **LAUNCH_OPTIONS)
+        l,
+        x,
+        logp,
+        dlogits if compute_grad else logp,
+        B,
+        D,
+        x.shape[0],
+        l.stride(0),
+        x.stride(0),
+        float(weight),
+        ELEMENTWISE=elementwise,
+        COMPUTE_GRAD=compute_grad,
+        COMPUTE=compute_dtype(l),
+        BLOCK_B=block_b,
+        BLOCK_D=block_d,
+        **LAUNCH_OPTIONS,
+    )
     return logp, None if dlogits is None else dlogits.to(logits.dtype)
 
 

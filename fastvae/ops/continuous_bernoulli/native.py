@@ -22,8 +22,9 @@ int fastvae_continuous_bernoulli_forward(
 """)
 
 
-def continuous_bernoulli_forward(logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool,
-                                 weight: float = 1.0) -> tuple[Tensor, Tensor | None]:
+def continuous_bernoulli_forward(
+    logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool, weight: float = 1.0
+) -> tuple[Tensor, Tensor | None]:
     """logits [B, D], target [T, D] (T divides B) -> log p ([B, D] if elementwise else [B]),
     weight * dlogp/dlogits (or None)."""
     logits = check_rows("logits", logits)
@@ -32,7 +33,21 @@ def continuous_bernoulli_forward(logits: Tensor, target: Tensor, elementwise: bo
     rows, cols = l.shape
     logp = torch.empty((rows, cols) if elementwise else (rows,), dtype=loss_dtype(l))
     grad = torch.empty((rows, cols), dtype=l.dtype) if compute_grad else None
-    library.call("fastvae_continuous_bernoulli_forward", DTYPE_CODES[l.dtype], DTYPE_CODES[x.dtype],
-                 rows, cols, l.data_ptr(), l.stride(0), x.data_ptr(), x.stride(0), x.shape[0],
-                 int(bool(elementwise)), logp.data_ptr(), pointer(grad), float(weight), num_threads())
+    library.call(
+        "fastvae_continuous_bernoulli_forward",
+        DTYPE_CODES[l.dtype],
+        DTYPE_CODES[x.dtype],
+        rows,
+        cols,
+        l.data_ptr(),
+        l.stride(0),
+        x.data_ptr(),
+        x.stride(0),
+        x.shape[0],
+        int(bool(elementwise)),
+        logp.data_ptr(),
+        pointer(grad),
+        float(weight),
+        num_threads(),
+    )
     return logp, grad if grad is None or grad.dtype == logits.dtype else grad.to(logits.dtype)

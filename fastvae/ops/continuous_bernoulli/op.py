@@ -12,5 +12,5 @@ from fastvae.ops.continuous_bernoulli.reference import grad_logits, log_prob
 from fastvae.ops.logits_likelihood import logits_likelihood_op
 
 continuous_bernoulli_log_likelihood_fused = logits_likelihood_op(
-    "continuous_bernoulli_log_likelihood", "continuous_bernoulli", "continuous_bernoulli_forward",
-    log_prob, grad_logits)
+    "continuous_bernoulli_log_likelihood", "continuous_bernoulli", "continuous_bernoulli_forward", log_prob, grad_logits
+)

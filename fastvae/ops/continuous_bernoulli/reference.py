@@ -42,9 +42,19 @@ from fastvae.ops.common import loss_dtype, tile_rows
 # Below this |l|, the series; at and above it, the closed forms (whose cancellations are mild there).
 SERIES_BELOW = 1.0
 # c_k of h(l) = sum_k c_k l^(2k), k = 1..11, and 2k c_k of h'(l) / l.
-H_SERIES = (-1 / 24, 1 / 2880, -1 / 181440, 1 / 9676800, -1 / 479001600, 691 / 15692092416000,
-            -1 / 1046139494400, 3617 / 170729965486080000, -43867 / 91963695909076992000,
-            174611 / 16057153253965824000000, -77683 / 310224200866619719680000)
+H_SERIES = (
+    -1 / 24,
+    1 / 2880,
+    -1 / 181440,
+    1 / 9676800,
+    -1 / 479001600,
+    691 / 15692092416000,
+    -1 / 1046139494400,
+    3617 / 170729965486080000,
+    -43867 / 91963695909076992000,
+    174611 / 16057153253965824000000,
+    -77683 / 310224200866619719680000,
+)
 H_PRIME_SERIES = tuple(2 * k * c for k, c in enumerate(H_SERIES, start=1))
 
 
@@ -83,14 +93,18 @@ def grad_logits(logits: Tensor, target: Tensor) -> Tensor:
     """dlogp/dlogits per element, NaN where target is outside [0, 1]."""
     small, l_series, a_closed, e = _branches(logits)
     series = (target - 0.5) + l_series * _polynomial(l_series * l_series, H_PRIME_SERIES)
-    closed = (target - (logits > 0).to(logits.dtype)
-              + torch.sign(logits) * ((1.0 - e) - a_closed * e) / (a_closed * (1.0 - e)))
+    closed = (
+        target
+        - (logits > 0).to(logits.dtype)
+        + torch.sign(logits) * ((1.0 - e) - a_closed * e) / (a_closed * (1.0 - e))
+    )
     grad = torch.where(small, series, closed)
     return torch.where((target >= 0) & (target <= 1), grad, torch.nan)
 
 
-def continuous_bernoulli_forward(logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool,
-                                 weight: float = 1.0) -> tuple[Tensor, Tensor | None]:
+def continuous_bernoulli_forward(
+    logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool, weight: float = 1.0
+) -> tuple[Tensor, Tensor | None]:
     """logits [B, D], target [T, D] (T divides B) -> log p ([B, D] if elementwise else [B]),
     weight * dlogp/dlogits [B, D] (or None).
 

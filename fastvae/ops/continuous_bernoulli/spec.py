@@ -56,11 +56,14 @@ OPS = (
         inputs=(LOGITS, TARGET, MU, LOGVAR),
         outputs=(Arg("loss", (), kind="loss"),),
         fastvae=lambda logits, target, mu, logvar, reduction="batchmean": fastvae.elbo_loss(
-            logits, target, mu, logvar, beta=BETA, reduction=reduction, likelihood="continuous_bernoulli"),
+            logits, target, mu, logvar, beta=BETA, reduction=reduction, likelihood="continuous_bernoulli"
+        ),
         oracle=lambda logits, target, mu, logvar, reduction="batchmean": elbo_from(
-            oracle_log_prob(logits, target), mu, logvar, reduction=reduction),
+            oracle_log_prob(logits, target), mu, logvar, reduction=reduction
+        ),
         eager=lambda logits, target, mu, logvar, reduction="batchmean": elbo_from(
-            eager_log_prob(logits, target), mu, logvar, reduction=reduction),
+            eager_log_prob(logits, target), mu, logvar, reduction=reduction
+        ),
         reductions=("none", "sum", "mean", "batchmean"),
     ),
 )

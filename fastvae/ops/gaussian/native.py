@@ -38,8 +38,9 @@ def _as(dtype: torch.dtype, t: Tensor | None) -> Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
-def reparameterize_kl_forward(mu: Tensor, logvar: Tensor, eps: Tensor | None,
-                              seed: Tensor, samples: int = 1) -> tuple[Tensor, Tensor]:
+def reparameterize_kl_forward(
+    mu: Tensor, logvar: Tensor, eps: Tensor | None, seed: Tensor, samples: int = 1
+) -> tuple[Tensor, Tensor]:
     """mu, logvar [B, L], eps [K * B, L] (or None: Philox noise from seed) -> z [K * B, L] (mu's dtype), kl [B]."""
     mu = check_rows("mu", mu)
     logvar = check_rows("logvar", logvar, mu.shape)
@@ -49,14 +50,35 @@ def reparameterize_kl_forward(mu: Tensor, logvar: Tensor, eps: Tensor | None,
     m, lv, e = _as(dtype, mu), _as(dtype, logvar), _as(dtype, eps)
     z = torch.empty((samples * rows, cols), dtype=dtype)
     kl = torch.empty(rows, dtype=loss_dtype(mu, logvar))
-    library.call("fastvae_reparameterize_kl_forward", DTYPE_CODES[dtype], rows, cols, samples,
-                 m.data_ptr(), m.stride(0), lv.data_ptr(), lv.stride(0), pointer(e), row_stride(e),
-                 0 if e is not None else seed_value(seed), z.data_ptr(), kl.data_ptr(), num_threads())
+    library.call(
+        "fastvae_reparameterize_kl_forward",
+        DTYPE_CODES[dtype],
+        rows,
+        cols,
+        samples,
+        m.data_ptr(),
+        m.stride(0),
+        lv.data_ptr(),
+        lv.stride(0),
+        pointer(e),
+        row_stride(e),
+        0 if e is not None else seed_value(seed),
+        z.data_ptr(),
+        kl.data_ptr(),
+        num_threads(),
+    )
     return _as(mu.dtype, z), kl
 
 
-def reparameterize_kl_backward(grad_z: Tensor | None, grad_kl: Tensor | None, mu: Tensor, logvar: Tensor,
-                               eps: Tensor | None, seed: Tensor, samples: int = 1) -> tuple[Tensor, Tensor]:
+def reparameterize_kl_backward(
+    grad_z: Tensor | None,
+    grad_kl: Tensor | None,
+    mu: Tensor,
+    logvar: Tensor,
+    eps: Tensor | None,
+    seed: Tensor,
+    samples: int = 1,
+) -> tuple[Tensor, Tensor]:
     """grad_z [K * B, L] | None, grad_kl [B] | None -> grad_mu, grad_logvar [B, L] (mu's, logvar's dtype).
 
     eps None regenerates the forward noise from seed."""
@@ -77,15 +99,33 @@ def reparameterize_kl_backward(grad_z: Tensor | None, grad_kl: Tensor | None, mu
     grad_mu = torch.empty((rows, cols), dtype=dtype)
     grad_logvar = torch.empty((rows, cols), dtype=dtype)
     noise_seed = seed_value(seed) if gz is not None and e is None else 0
-    library.call("fastvae_reparameterize_kl_backward", DTYPE_CODES[dtype], rows, cols, samples,
-                 pointer(gz), row_stride(gz), pointer(grad_kl), 0 if grad_kl is None else grad_kl.stride(0),
-                 m.data_ptr(), m.stride(0), lv.data_ptr(), lv.stride(0), pointer(e), row_stride(e), noise_seed,
-                 grad_mu.data_ptr(), grad_logvar.data_ptr(), num_threads())
+    library.call(
+        "fastvae_reparameterize_kl_backward",
+        DTYPE_CODES[dtype],
+        rows,
+        cols,
+        samples,
+        pointer(gz),
+        row_stride(gz),
+        pointer(grad_kl),
+        0 if grad_kl is None else grad_kl.stride(0),
+        m.data_ptr(),
+        m.stride(0),
+        lv.data_ptr(),
+        lv.stride(0),
+        pointer(e),
+        row_stride(e),
+        noise_seed,
+        grad_mu.data_ptr(),
+        grad_logvar.data_ptr(),
+        num_threads(),
+    )
     return _as(mu.dtype, grad_mu), _as(logvar.dtype, grad_logvar)
 
 
-def gaussian_kl_forward(mu: Tensor, logvar: Tensor, elementwise: bool,
-                        compute_grad: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def gaussian_kl_forward(
+    mu: Tensor, logvar: Tensor, elementwise: bool, compute_grad: bool
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """mu, logvar [B, L] -> kl ([B, L] if elementwise else [B]), dkl/dmu, dkl/dlogvar (or None)."""
     mu = check_rows("mu", mu)
     logvar = check_rows("logvar", logvar, mu.shape)
@@ -95,9 +135,21 @@ def gaussian_kl_forward(mu: Tensor, logvar: Tensor, elementwise: bool,
     kl = torch.empty((rows, cols) if elementwise else (rows,), dtype=loss_dtype(mu, logvar))
     grad_mu = torch.empty((rows, cols), dtype=dtype) if compute_grad else None
     grad_logvar = torch.empty((rows, cols), dtype=dtype) if compute_grad else None
-    library.call("fastvae_gaussian_kl_forward", DTYPE_CODES[dtype], rows, cols,
-                 m.data_ptr(), m.stride(0), lv.data_ptr(), lv.stride(0), int(bool(elementwise)),
-                 kl.data_ptr(), pointer(grad_mu), pointer(grad_logvar), num_threads())
+    library.call(
+        "fastvae_gaussian_kl_forward",
+        DTYPE_CODES[dtype],
+        rows,
+        cols,
+        m.data_ptr(),
+        m.stride(0),
+        lv.data_ptr(),
+        lv.stride(0),
+        int(bool(elementwise)),
+        kl.data_ptr(),
+        pointer(grad_mu),
+        pointer(grad_logvar),
+        num_threads(),
+    )
     if not compute_grad:
         return kl, None, None
     return kl, _as(mu.dtype, grad_mu), _as(logvar.dtype, grad_logvar)

@@ -23,8 +23,18 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastvae.ops.common import (FusedOp, as_rows, as_sample_rows, composite_vjp, loss_dtype, no_grad_placeholder,
-                                rows_shape, sample_shape, scale_saved_grad, view_as_shape)
+from fastvae.ops.common import (
+    FusedOp,
+    as_rows,
+    as_sample_rows,
+    composite_vjp,
+    loss_dtype,
+    no_grad_placeholder,
+    rows_shape,
+    sample_shape,
+    scale_saved_grad,
+    view_as_shape,
+)
 from fastvae.ops.gaussian.reference import kl_elements
 from fastvae.ops.noise import draw_seed, philox_normal
 from fastvae.ops.registry import implementation
@@ -40,8 +50,9 @@ def _seed_for(mu: Tensor, eps: Optional[Tensor], seed: Optional[Tensor]) -> Tens
     return seed.detach().to(mu.device, torch.int64).clone()
 
 
-def _reparameterize_kl(mu: Tensor, logvar: Tensor, eps: Optional[Tensor], seed: Optional[Tensor],
-                       samples: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
+def _reparameterize_kl(
+    mu: Tensor, logvar: Tensor, eps: Optional[Tensor], seed: Optional[Tensor], samples: Optional[int]
+) -> tuple[Tensor, Tensor, Tensor]:
     """mu, logvar [B, ...], eps [B, ...] ([K, B, ...] with samples K) -> z [B, ...] ([K, B, ...])
     in mu's dtype, kl [B], the seed used ([] int64).
 
@@ -56,8 +67,9 @@ def _reparameterize_kl(mu: Tensor, logvar: Tensor, eps: Optional[Tensor], seed: 
     return view_as_shape(z, z_shape), kl, seed_used
 
 
-def reparameterize_kl_composite(mu: Tensor, logvar: Tensor, eps: Optional[Tensor], seed: Optional[Tensor],
-                                samples: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
+def reparameterize_kl_composite(
+    mu: Tensor, logvar: Tensor, eps: Optional[Tensor], seed: Optional[Tensor], samples: Optional[int]
+) -> tuple[Tensor, Tensor, Tensor]:
     """The same outputs from torch ops, differentiable by every autograd mode."""
     seed_used = _seed_for(mu, eps, seed)
     compute = loss_dtype(mu, logvar)
@@ -72,40 +84,66 @@ reparameterize_kl_op = torch.library.custom_op("fastvae::reparameterize_kl", _re
 
 
 @reparameterize_kl_op.register_fake
-def _(mu: Tensor, logvar: Tensor, eps: Optional[Tensor], seed: Optional[Tensor],
-      samples: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
+def _(
+    mu: Tensor, logvar: Tensor, eps: Optional[Tensor], seed: Optional[Tensor], samples: Optional[int]
+) -> tuple[Tensor, Tensor, Tensor]:
     z = mu.new_empty(sample_shape(mu, samples))
     kl = mu.new_empty(mu.shape[:1], dtype=loss_dtype(mu, logvar))
     return z, kl, torch.empty((), dtype=torch.int64, device=mu.device)
 
 
-def _reparameterize_kl_backward(grad_z: Optional[Tensor], grad_kl: Optional[Tensor], mu: Tensor, logvar: Tensor,
-                                eps: Optional[Tensor], seed: Tensor, samples: Optional[int]) -> tuple[Tensor, Tensor]:
+def _reparameterize_kl_backward(
+    grad_z: Optional[Tensor],
+    grad_kl: Optional[Tensor],
+    mu: Tensor,
+    logvar: Tensor,
+    eps: Optional[Tensor],
+    seed: Tensor,
+    samples: Optional[int],
+) -> tuple[Tensor, Tensor]:
     """grad_z [B, ...] ([K, B, ...] with samples K) | None, grad_kl [B] | None -> grad_mu, grad_logvar
     (mu's and logvar's shape), summed over the samples."""
     if mu.numel() == 0:
         return torch.zeros_like(mu), torch.zeros_like(logvar)
     kernel = implementation("gaussian", "reparameterize_kl_backward", mu.device)
-    grad_mu, grad_logvar = kernel(None if grad_z is None else as_sample_rows(grad_z, samples), grad_kl,
-                                  as_rows(mu), as_rows(logvar), None if eps is None else as_sample_rows(eps, samples),
-                                  seed, 1 if samples is None else samples)
+    grad_mu, grad_logvar = kernel(
+        None if grad_z is None else as_sample_rows(grad_z, samples),
+        grad_kl,
+        as_rows(mu),
+        as_rows(logvar),
+        None if eps is None else as_sample_rows(eps, samples),
+        seed,
+        1 if samples is None else samples,
+    )
     return view_as_shape(grad_mu, mu.shape), view_as_shape(grad_logvar, logvar.shape)
 
 
-reparameterize_kl_backward_op = torch.library.custom_op("fastvae::reparameterize_kl_backward",
-                                                        _reparameterize_kl_backward, mutates_args=())
+reparameterize_kl_backward_op = torch.library.custom_op(
+    "fastvae::reparameterize_kl_backward", _reparameterize_kl_backward, mutates_args=()
+)
 
 
 @reparameterize_kl_backward_op.register_fake
-def _(grad_z: Optional[Tensor], grad_kl: Optional[Tensor], mu: Tensor, logvar: Tensor,
-      eps: Optional[Tensor], seed: Tensor, samples: Optional[int]) -> tuple[Tensor, Tensor]:
-    return (torch.empty_like(mu, memory_format=torch.contiguous_format),
-            torch.empty_like(logvar, memory_format=torch.contiguous_format))
+def _(
+    grad_z: Optional[Tensor],
+    grad_kl: Optional[Tensor],
+    mu: Tensor,
+    logvar: Tensor,
+    eps: Optional[Tensor],
+    seed: Tensor,
+    samples: Optional[int],
+) -> tuple[Tensor, Tensor]:
+    return (
+        torch.empty_like(mu, memory_format=torch.contiguous_format),
+        torch.empty_like(logvar, memory_format=torch.contiguous_format),
+    )
 
 
 def _no_composite(*args):
-    raise RuntimeError("fastvae::reparameterize_kl_backward has no derivative of its own: differentiate "
-                       "fastvae.reparameterize_kl, whose backward recomputes in torch ops when a graph is recorded")
+    raise RuntimeError(
+        "fastvae::reparameterize_kl_backward has no derivative of its own: differentiate "
+        "fastvae.reparameterize_kl, whose backward recomputes in torch ops when a graph is recorded"
+    )
 
 
 reparameterize_kl_backward_fused = FusedOp(reparameterize_kl_backward_op, _reparameterize_kl_backward, _no_composite)
@@ -125,8 +163,14 @@ def _reparameterize_kl_grads(ctx, grad_z: Tensor | None, grad_kl: Tensor | None,
     if grad_z is None and grad_kl is None:
         return None, None, None, None, None
     if torch.is_grad_enabled():  # create_graph=True: record a differentiable backward
-        return tuple(composite_vjp(reparameterize_kl_composite, (mu, logvar, eps, seed, ctx.samples),
-                                   (grad_z, grad_kl), ctx.needs_input_grad[:3] + (False, False)))
+        return tuple(
+            composite_vjp(
+                reparameterize_kl_composite,
+                (mu, logvar, eps, seed, ctx.samples),
+                (grad_z, grad_kl),
+                ctx.needs_input_grad[:3] + (False, False),
+            )
+        )
     grad_mu = grad_logvar = grad_eps = None
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
         grad_mu, grad_logvar = reparameterize_kl_backward_fused(grad_z, grad_kl, mu, logvar, eps, seed, ctx.samples)
@@ -137,8 +181,13 @@ def _reparameterize_kl_grads(ctx, grad_z: Tensor | None, grad_kl: Tensor | None,
     return grad_mu, grad_logvar, grad_eps, None, None
 
 
-reparameterize_kl_fused = FusedOp(reparameterize_kl_op, _reparameterize_kl, reparameterize_kl_composite,
-                                  _reparameterize_kl_setup, _reparameterize_kl_grads)
+reparameterize_kl_fused = FusedOp(
+    reparameterize_kl_op,
+    _reparameterize_kl,
+    reparameterize_kl_composite,
+    _reparameterize_kl_setup,
+    _reparameterize_kl_grads,
+)
 
 
 # --------------------------------------------------------------------------- gaussian_kl
@@ -159,8 +208,9 @@ def _gaussian_kl(mu: Tensor, logvar: Tensor, elementwise: bool, compute_grad: bo
     return kl, view_as_shape(dmu, mu.shape), view_as_shape(dlogvar, logvar.shape)
 
 
-def gaussian_kl_composite(mu: Tensor, logvar: Tensor, elementwise: bool,
-                          compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+def gaussian_kl_composite(
+    mu: Tensor, logvar: Tensor, elementwise: bool, compute_grad: bool
+) -> tuple[Tensor, Tensor, Tensor]:
     """The same outputs from torch ops, differentiable by every autograd mode."""
     compute = loss_dtype(mu, logvar)
     kl = kl_elements(mu.to(compute), logvar.to(compute))
@@ -178,8 +228,11 @@ def _(mu: Tensor, logvar: Tensor, elementwise: bool, compute_grad: bool) -> tupl
     kl = mu.new_empty(rows_shape(mu, elementwise), dtype=loss_dtype(mu, logvar))
     if not compute_grad:
         return kl, no_grad_placeholder(mu), no_grad_placeholder(logvar)
-    return (kl, torch.empty_like(mu, memory_format=torch.contiguous_format),
-            torch.empty_like(logvar, memory_format=torch.contiguous_format))
+    return (
+        kl,
+        torch.empty_like(mu, memory_format=torch.contiguous_format),
+        torch.empty_like(logvar, memory_format=torch.contiguous_format),
+    )
 
 
 def _gaussian_kl_setup(ctx, inputs, output) -> None:

@@ -56,8 +56,9 @@ def noise(mu: Tensor, eps: Tensor | None, seed: Tensor, compute: torch.dtype, sa
     return philox_normal(seed, shape, compute, mu.device)
 
 
-def reparameterize_kl_forward(mu: Tensor, logvar: Tensor, eps: Tensor | None,
-                              seed: Tensor, samples: int = 1) -> tuple[Tensor, Tensor]:
+def reparameterize_kl_forward(
+    mu: Tensor, logvar: Tensor, eps: Tensor | None, seed: Tensor, samples: int = 1
+) -> tuple[Tensor, Tensor]:
     """mu, logvar [B, L], eps [K * B, L] -> z [K * B, L] (mu's dtype), kl [B]."""
     compute = loss_dtype(mu, logvar)
     m, lv = mu.to(compute), logvar.to(compute)
@@ -65,8 +66,15 @@ def reparameterize_kl_forward(mu: Tensor, logvar: Tensor, eps: Tensor | None,
     return z.reshape(-1, mu.shape[1]).to(mu.dtype), kl_elements(m, lv).sum(dim=1)
 
 
-def reparameterize_kl_backward(grad_z: Tensor | None, grad_kl: Tensor | None, mu: Tensor, logvar: Tensor,
-                               eps: Tensor | None, seed: Tensor, samples: int = 1) -> tuple[Tensor, Tensor]:
+def reparameterize_kl_backward(
+    grad_z: Tensor | None,
+    grad_kl: Tensor | None,
+    mu: Tensor,
+    logvar: Tensor,
+    eps: Tensor | None,
+    seed: Tensor,
+    samples: int = 1,
+) -> tuple[Tensor, Tensor]:
     """grad_z [K * B, L] | None, grad_kl [B] | None -> grad_mu, grad_logvar [B, L] (mu's, logvar's dtype)."""
     compute = loss_dtype(mu, logvar)
     m, lv = mu.to(compute), logvar.to(compute)
@@ -84,8 +92,9 @@ def reparameterize_kl_backward(grad_z: Tensor | None, grad_kl: Tensor | None, mu
     return grad_mu.to(mu.dtype), grad_logvar.to(logvar.dtype)
 
 
-def gaussian_kl_forward(mu: Tensor, logvar: Tensor, elementwise: bool,
-                        compute_grad: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def gaussian_kl_forward(
+    mu: Tensor, logvar: Tensor, elementwise: bool, compute_grad: bool
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """mu, logvar [B, L] -> kl ([B, L] if elementwise else [B]), dkl/dmu, dkl/dlogvar (or None)."""
     compute = loss_dtype(mu, logvar)
     m, lv = mu.to(compute), logvar.to(compute)

@@ -66,7 +66,8 @@ OPS = (
         inputs=(MU, LOGVAR),
         outputs=(Arg("z", ("samples", "batch", "latent")), Arg("kl", ("batch",), kind="loss")),
         fastvae=lambda mu, logvar, samples, generator=None: fastvae.reparameterize_kl(
-            mu, logvar, samples=samples, generator=generator),
+            mu, logvar, samples=samples, generator=generator
+        ),
         oracle=oracle_reparameterize_kl,
         eager=eager_reparameterize_kl_samples,
         noise_dims=("samples",) + MU.dims,

@@ -20,20 +20,35 @@ import triton
 import triton.language as tl
 
 from fastvae.ops.common import loss_dtype, storage_dtype
-from fastvae.ops.triton_helpers import (LAUNCH_OPTIONS, STORAGE_DTYPES, Specialization, compute_dtype, philox_normal,
-                                        tile, tiles)
+from fastvae.ops.triton_helpers import (
+    LAUNCH_OPTIONS,
+    STORAGE_DTYPES,
+    Specialization,
+    compute_dtype,
+    philox_normal,
+    tile,
+    tiles,
+)
 
 
 @triton.jit
 def _reparameterize_kl_fwd_kernel(
-    mu_ptr, logvar_ptr,  # [B, L] each, row strides below, unit column stride
+    mu_ptr,
+    logvar_ptr,  # [B, L] each, row strides below, unit column stride
     eps_ptr,  # [K * B, L], row stride below
     seed_ptr,  # [] int64, read when not HAS_EPS
     z_ptr,  # [K * B, L] contiguous
     kl_ptr,  # [B] in the compute dtype
-    B, L, rows_z,  # rows_z = K * B: the programs cover z's rows
-    stride_mu, stride_logvar, stride_eps,
-    HAS_EPS: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr,
+    B,
+    L,
+    rows_z,  # rows_z = K * B: the programs cover z's rows
+    stride_mu,
+    stride_logvar,
+    stride_eps,
+    HAS_EPS: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_L: tl.constexpr,
 ):
     # int64 offsets: r * stride exceeds 2^31 for large batches of wide rows.
     o_r = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
@@ -92,13 +107,26 @@ def _expm1_minus_x(x):
 def _reparameterize_kl_bwd_kernel(
     grad_z_ptr,  # [K * B, L] row stride stride_gz, read if HAS_GRAD_Z
     grad_kl_ptr,  # [B] in the compute dtype, element stride stride_gkl (0: one value broadcast), if HAS_GRAD_KL
-    mu_ptr, logvar_ptr,  # [B, L] each, row strides below
+    mu_ptr,
+    logvar_ptr,  # [B, L] each, row strides below
     eps_ptr,  # [K * B, L], row stride below
     seed_ptr,  # [] int64, read when HAS_GRAD_Z and not HAS_EPS
-    grad_mu_ptr, grad_logvar_ptr,  # [B, L] contiguous
-    B, L, K, stride_gz, stride_gkl, stride_mu, stride_logvar, stride_eps,
-    HAS_GRAD_Z: tl.constexpr, HAS_GRAD_KL: tl.constexpr, HAS_EPS: tl.constexpr,
-    COMPUTE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr,
+    grad_mu_ptr,
+    grad_logvar_ptr,  # [B, L] contiguous
+    B,
+    L,
+    K,
+    stride_gz,
+    stride_gkl,
+    stride_mu,
+    stride_logvar,
+    stride_eps,
+    HAS_GRAD_Z: tl.constexpr,
+    HAS_GRAD_KL: tl.constexpr,
+    HAS_EPS: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_L: tl.constexpr,
 ):
     o_b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     m_b = o_b < B
@@ -119,8 +147,7 @@ def _reparameterize_kl_bwd_kernel(
             for _ in range(0, K):
                 b_gz = tl.load(grad_z_ptr + o_r[:, None] * stride_gz + o_l[None, :], mask=m, other=0.0).to(COMPUTE)
                 if HAS_EPS:
-                    b_eps = tl.load(eps_ptr + o_r[:, None] * stride_eps + o_l[None, :], mask=m,
-                                    other=0.0).to(COMPUTE)
+                    b_eps = tl.load(eps_ptr + o_r[:, None] * stride_eps + o_l[None, :], mask=m, other=0.0).to(COMPUTE)
                 else:
                     b_eps = philox_normal(seed, o_r[:, None] * L + o_l[None, :], COMPUTE)
                 b_gmu += b_gz
@@ -139,12 +166,20 @@ def _reparameterize_kl_bwd_kernel(
 
 @triton.jit
 def _gaussian_kl_fwd_kernel(
-    mu_ptr, logvar_ptr,  # [B, L] each, row strides below, unit column stride
+    mu_ptr,
+    logvar_ptr,  # [B, L] each, row strides below, unit column stride
     kl_ptr,  # [B, L] contiguous if ELEMENTWISE else [B]; in the compute dtype
-    dmu_ptr, dlogvar_ptr,  # [B, L] contiguous, written if COMPUTE_GRAD
-    B, L, stride_mu, stride_logvar,
-    ELEMENTWISE: tl.constexpr, COMPUTE_GRAD: tl.constexpr, COMPUTE: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr,
+    dmu_ptr,
+    dlogvar_ptr,  # [B, L] contiguous, written if COMPUTE_GRAD
+    B,
+    L,
+    stride_mu,
+    stride_logvar,
+    ELEMENTWISE: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_L: tl.constexpr,
 ):
     o_b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     m_b = o_b < B
@@ -172,8 +207,9 @@ def _grid(rows: int, block_b: int) -> tuple[int]:
     return (triton.cdiv(rows, block_b),)
 
 
-def reparameterize_kl_forward(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None,
-                              seed: torch.Tensor, samples: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def reparameterize_kl_forward(
+    mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None, seed: torch.Tensor, samples: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """mu, logvar [B, L], eps [K * B, L] -> z [K * B, L] (mu's dtype), kl [B]."""
     B, L = mu.shape
     dtype = storage_dtype(mu, logvar, eps)
@@ -183,14 +219,36 @@ def reparameterize_kl_forward(mu: torch.Tensor, logvar: torch.Tensor, eps: torch
     block_b, block_l = tile(L)
     e_arg = e if e is not None else m
     _reparameterize_kl_fwd_kernel[_grid(samples * B, block_b)](
-        m, lv, e_arg, seed, z, kl, B, L, samples * B, m.stride(0), lv.stride(0), e_arg.stride(0),
-        HAS_EPS=e is not None, COMPUTE=compute_dtype(m), BLOCK_B=block_b, BLOCK_L=block_l, **LAUNCH_OPTIONS)
+        m,
+        lv,
+        e_arg,
+        seed,
+        z,
+        kl,
+        B,
+        L,
+        samples * B,
+        m.stride(0),
+        lv.stride(0),
+        e_arg.stride(0),
+        HAS_EPS=e is not None,
+        COMPUTE=compute_dtype(m),
+        BLOCK_B=block_b,
+        BLOCK_L=block_l,
+        **LAUNCH_OPTIONS,
+    )
     return z.to(mu.dtype), kl
 
 
-def reparameterize_kl_backward(grad_z: torch.Tensor | None, grad_kl: torch.Tensor | None, mu: torch.Tensor,
-                               logvar: torch.Tensor, eps: torch.Tensor | None,
-                               seed: torch.Tensor, samples: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def reparameterize_kl_backward(
+    grad_z: torch.Tensor | None,
+    grad_kl: torch.Tensor | None,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    eps: torch.Tensor | None,
+    seed: torch.Tensor,
+    samples: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """grad_z [K * B, L] | None, grad_kl [B] | None -> grad_mu, grad_logvar [B, L] (mu's, logvar's dtype)."""
     B, L = mu.shape
     dtype = storage_dtype(mu, logvar, eps, grad_z)
@@ -201,15 +259,36 @@ def reparameterize_kl_backward(grad_z: torch.Tensor | None, grad_kl: torch.Tenso
     block_b, block_l = tile(L)
     gz_arg, gkl_arg, e_arg = (t if t is not None else m for t in (gz, gkl, e))
     _reparameterize_kl_bwd_kernel[_grid(B, block_b)](
-        gz_arg, gkl_arg, m, lv, e_arg, seed, grad_mu, grad_logvar,
-        B, L, samples, gz_arg.stride(0), gkl_arg.stride(0), m.stride(0), lv.stride(0), e_arg.stride(0),
-        HAS_GRAD_Z=gz is not None, HAS_GRAD_KL=gkl is not None, HAS_EPS=gz is not None and e is not None,
-        COMPUTE=compute_dtype(m), BLOCK_B=block_b, BLOCK_L=block_l, **LAUNCH_OPTIONS)
+        gz_arg,
+        gkl_arg,
+        m,
+        lv,
+        e_arg,
+        seed,
+        grad_mu,
+        grad_logvar,
+        B,
+        L,
+        samples,
+        gz_arg.stride(0),
+        gkl_arg.stride(0),
+        m.stride(0),
+        lv.stride(0),
+        e_arg.stride(0),
+        HAS_GRAD_Z=gz is not None,
+        HAS_GRAD_KL=gkl is not None,
+        HAS_EPS=gz is not None and e is not None,
+        COMPUTE=compute_dtype(m),
+        BLOCK_B=block_b,
+        BLOCK_L=block_l,
+        **LAUNCH_OPTIONS,
+    )
     return grad_mu.to(mu.dtype), grad_logvar.to(logvar.dtype)
 
 
-def gaussian_kl_forward(mu: torch.Tensor, logvar: torch.Tensor, elementwise: bool,
-                        compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def gaussian_kl_forward(
+    mu: torch.Tensor, logvar: torch.Tensor, elementwise: bool, compute_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """mu, logvar [B, L] -> kl ([B, L] or [B]), dkl/dmu | None, dkl/dlogvar | None."""
     B, L = mu.shape
     dtype = storage_dtype(mu, logvar)
@@ -219,10 +298,22 @@ def gaussian_kl_forward(mu: torch.Tensor, logvar: torch.Tensor, elementwise: boo
     dlogvar = torch.empty((B, L), dtype=dtype, device=mu.device) if compute_grad else None
     block_b, block_l = tile(L)
     _gaussian_kl_fwd_kernel[_grid(B, block_b)](
-        m, lv, kl, dmu if compute_grad else kl, dlogvar if compute_grad else kl,
-        B, L, m.stride(0), lv.stride(0),
-        ELEMENTWISE=elementwise, COMPUTE_GRAD=compute_grad, COMPUTE=compute_dtype(m),
-        BLOCK_B=block_b, BLOCK_L=block_l, **LAUNCH_OPTIONS)
+        m,
+        lv,
+        kl,
+        dmu if compute_grad else kl,
+        dlogvar if compute_grad else kl,
+        B,
+        L,
+        m.stride(0),
+        lv.stride(0),
+        ELEMENTWISE=elementwise,
+        COMPUTE_GRAD=compute_grad,
+        COMPUTE=compute_dtype(m),
+        BLOCK_B=block_b,
+        BLOCK_L=block_l,
+        **LAUNCH_OPTIONS,
+    )
     if not compute_grad:
         return kl, None, None
     return kl, dmu.to(mu.dtype), dlogvar.to(logvar.dtype)
@@ -237,17 +328,39 @@ def specializations() -> list[Specialization]:
         tile_args = {"COMPUTE": compute, "BLOCK_B": block_b, "BLOCK_L": block_l}
         tensors = {"mu_ptr": dtype, "logvar_ptr": dtype, "eps_ptr": dtype, "seed_ptr": torch.int64}
         for has_eps in (False, True):
-            out.append(Specialization(_reparameterize_kl_fwd_kernel, {**tensors, "z_ptr": dtype, "kl_ptr": loss},
-                                      {"HAS_EPS": has_eps, **tile_args}))
+            out.append(
+                Specialization(
+                    _reparameterize_kl_fwd_kernel,
+                    {**tensors, "z_ptr": dtype, "kl_ptr": loss},
+                    {"HAS_EPS": has_eps, **tile_args},
+                )
+            )
         for has_gz, has_gkl, has_eps in ((1, 1, 0), (1, 1, 1), (1, 0, 0), (1, 0, 1), (0, 1, 0)):
-            pointers = {"grad_z_ptr": dtype, "grad_kl_ptr": loss, **tensors, "grad_mu_ptr": dtype,
-                        "grad_logvar_ptr": dtype}
-            out.append(Specialization(_reparameterize_kl_bwd_kernel, pointers,
-                                      {"HAS_GRAD_Z": bool(has_gz), "HAS_GRAD_KL": bool(has_gkl),
-                                       "HAS_EPS": bool(has_eps), **tile_args}))
+            pointers = {
+                "grad_z_ptr": dtype,
+                "grad_kl_ptr": loss,
+                **tensors,
+                "grad_mu_ptr": dtype,
+                "grad_logvar_ptr": dtype,
+            }
+            out.append(
+                Specialization(
+                    _reparameterize_kl_bwd_kernel,
+                    pointers,
+                    {"HAS_GRAD_Z": bool(has_gz), "HAS_GRAD_KL": bool(has_gkl), "HAS_EPS": bool(has_eps), **tile_args},
+                )
+            )
         for elementwise, grad in itertools.product((False, True), repeat=2):
-            pointers = {"mu_ptr": dtype, "logvar_ptr": dtype, "kl_ptr": loss,
-                        "dmu_ptr": dtype if grad else loss, "dlogvar_ptr": dtype if grad else loss}
-            out.append(Specialization(_gaussian_kl_fwd_kernel, pointers,
-                                      {"ELEMENTWISE": elementwise, "COMPUTE_GRAD": grad, **tile_args}))
+            pointers = {
+                "mu_ptr": dtype,
+                "logvar_ptr": dtype,
+                "kl_ptr": loss,
+                "dmu_ptr": dtype if grad else loss,
+                "dlogvar_ptr": dtype if grad else loss,
+            }
+            out.append(
+                Specialization(
+                    _gaussian_kl_fwd_kernel, pointers, {"ELEMENTWISE": elementwise, "COMPUTE_GRAD": grad, **tile_args}
+                )
+            )
     return out

@@ -24,9 +24,9 @@ int fastvae_gaussian_likelihood_forward(
 """)
 
 
-def gaussian_likelihood_forward(mean: Tensor, target: Tensor, logvar: Tensor | None, elementwise: bool,
-                                compute_grad: bool, weight: float = 1.0
-                                ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def gaussian_likelihood_forward(
+    mean: Tensor, target: Tensor, logvar: Tensor | None, elementwise: bool, compute_grad: bool, weight: float = 1.0
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """mean [B, D], target [T, D], logvar [R, D] | None (T, R divide B) -> log p ([B, D] if elementwise
     else [B]), weight * dlogp/dmean, weight * dlogp/dlogvar [B, D] (None without compute_grad or logvar)."""
     mean = check_rows("mean", mean)
@@ -37,12 +37,28 @@ def gaussian_likelihood_forward(mean: Tensor, target: Tensor, logvar: Tensor | N
     logp = torch.empty((rows, cols) if elementwise else (rows,), dtype=loss_dtype(m))
     dmean = torch.empty((rows, cols), dtype=m.dtype) if compute_grad else None
     dlogvar = torch.empty((rows, cols), dtype=logvar_grad_dtype(m, x, s)) if compute_grad and s is not None else None
-    library.call("fastvae_gaussian_likelihood_forward", DTYPE_CODES[m.dtype], DTYPE_CODES[x.dtype],
-                 DTYPE_CODES[m.dtype if dlogvar is None else dlogvar.dtype], rows, cols,
-                 m.data_ptr(), m.stride(0), x.data_ptr(), x.stride(0), x.shape[0],
-                 pointer(s), row_stride(s), 1 if s is None else s.shape[0],
-                 int(bool(elementwise)), logp.data_ptr(), pointer(dmean), pointer(dlogvar), float(weight),
-                 num_threads())
+    library.call(
+        "fastvae_gaussian_likelihood_forward",
+        DTYPE_CODES[m.dtype],
+        DTYPE_CODES[x.dtype],
+        DTYPE_CODES[m.dtype if dlogvar is None else dlogvar.dtype],
+        rows,
+        cols,
+        m.data_ptr(),
+        m.stride(0),
+        x.data_ptr(),
+        x.stride(0),
+        x.shape[0],
+        pointer(s),
+        row_stride(s),
+        1 if s is None else s.shape[0],
+        int(bool(elementwise)),
+        logp.data_ptr(),
+        pointer(dmean),
+        pointer(dlogvar),
+        float(weight),
+        num_threads(),
+    )
     if dmean is not None:
         dmean = dmean.to(mean.dtype)
     if dlogvar is not None:

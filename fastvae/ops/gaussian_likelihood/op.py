@@ -19,8 +19,17 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastvae.ops.common import (FusedOp, as_rows, composite_vjp, loss_dtype, no_grad_placeholder, rows_shape,
-                                saved_grad_factor, scale_saved_grad, view_as_shape)
+from fastvae.ops.common import (
+    FusedOp,
+    as_rows,
+    composite_vjp,
+    loss_dtype,
+    no_grad_placeholder,
+    rows_shape,
+    saved_grad_factor,
+    scale_saved_grad,
+    view_as_shape,
+)
 from fastvae.ops.gaussian_likelihood.reference import grads, log_prob
 from fastvae.ops.registry import implementation
 
@@ -43,8 +52,14 @@ def _logvar_rows(logvar: Optional[Tensor], mean: Tensor, compute: torch.dtype) -
     return as_rows(shared.expand(mean.shape[1:]).unsqueeze(0))
 
 
-def _gaussian(mean: Tensor, target: Tensor, logvar: Optional[Tensor], elementwise: bool, compute_grad: bool,
-              weight: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor]:
+def _gaussian(
+    mean: Tensor,
+    target: Tensor,
+    logvar: Optional[Tensor],
+    elementwise: bool,
+    compute_grad: bool,
+    weight: Optional[float] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """mean, target [B, ...], logvar None or broadcasting to them -> log p (mean's shape if
     elementwise else [B]), weight * dlogp/dmean and weight * dlogp/dlogvar, both mean's shape
     (weight 1 when None; empty tensors unless compute_grad, and for dlogvar without logvar)."""
@@ -55,12 +70,21 @@ def _gaussian(mean: Tensor, target: Tensor, logvar: Optional[Tensor], elementwis
         logp = mean.new_zeros(rows_shape(mean, elementwise), dtype=compute)
         if not compute_grad:
             return logp, no_grad_placeholder(mean), no_grad_placeholder(mean)
-        dlogvar = (no_grad_placeholder(mean) if logvar is None
-                   else mean.new_zeros(mean.shape, dtype=_logvar_grad_dtype(mean, target, logvar)))
+        dlogvar = (
+            no_grad_placeholder(mean)
+            if logvar is None
+            else mean.new_zeros(mean.shape, dtype=_logvar_grad_dtype(mean, target, logvar))
+        )
         return logp, torch.zeros_like(mean), dlogvar
     kernel = implementation("gaussian_likelihood", "gaussian_likelihood_forward", mean.device)
-    logp, dmean, dlogvar = kernel(as_rows(mean), as_rows(target), _logvar_rows(logvar, mean, compute),
-                                  elementwise, compute_grad, 1.0 if weight is None else weight)
+    logp, dmean, dlogvar = kernel(
+        as_rows(mean),
+        as_rows(target),
+        _logvar_rows(logvar, mean, compute),
+        elementwise,
+        compute_grad,
+        1.0 if weight is None else weight,
+    )
     logp = view_as_shape(logp, rows_shape(mean, elementwise))
     if not compute_grad:
         return logp, no_grad_placeholder(mean), no_grad_placeholder(mean)
@@ -71,9 +95,14 @@ def _gaussian(mean: Tensor, target: Tensor, logvar: Optional[Tensor], elementwis
     return logp, view_as_shape(dmean, mean.shape), dlogvar
 
 
-def gaussian_log_likelihood_composite(mean: Tensor, target: Tensor, logvar: Optional[Tensor], elementwise: bool,
-                                      compute_grad: bool, weight: Optional[float] = None
-                                      ) -> tuple[Tensor, Tensor, Tensor]:
+def gaussian_log_likelihood_composite(
+    mean: Tensor,
+    target: Tensor,
+    logvar: Optional[Tensor],
+    elementwise: bool,
+    compute_grad: bool,
+    weight: Optional[float] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """The same outputs from torch ops, differentiable by every autograd mode."""
     compute = loss_dtype(mean, target, logvar)
     m, x = mean.to(compute), target.to(compute)
@@ -84,23 +113,32 @@ def gaussian_log_likelihood_composite(mean: Tensor, target: Tensor, logvar: Opti
         return logp, no_grad_placeholder(mean), no_grad_placeholder(mean)
     scale = 1.0 if weight is None else weight
     dmean, dlogvar = grads(m, x, s)
-    dlogvar = (no_grad_placeholder(mean) if dlogvar is None
-               else (scale * dlogvar).to(_logvar_grad_dtype(mean, target, logvar)))
+    dlogvar = (
+        no_grad_placeholder(mean) if dlogvar is None else (scale * dlogvar).to(_logvar_grad_dtype(mean, target, logvar))
+    )
     return logp, (scale * dmean).to(mean.dtype), dlogvar
 
 
-gaussian_log_likelihood_op = torch.library.custom_op("fastvae::gaussian_log_likelihood", _gaussian,
-                                                     mutates_args=())
+gaussian_log_likelihood_op = torch.library.custom_op("fastvae::gaussian_log_likelihood", _gaussian, mutates_args=())
 
 
 @gaussian_log_likelihood_op.register_fake
-def _(mean: Tensor, target: Tensor, logvar: Optional[Tensor], elementwise: bool, compute_grad: bool,
-      weight: Optional[float] = None) -> tuple[Tensor, Tensor, Tensor]:
+def _(
+    mean: Tensor,
+    target: Tensor,
+    logvar: Optional[Tensor],
+    elementwise: bool,
+    compute_grad: bool,
+    weight: Optional[float] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     logp = mean.new_empty(rows_shape(mean, elementwise), dtype=loss_dtype(mean, target, logvar))
     if not compute_grad:
         return logp, no_grad_placeholder(mean), no_grad_placeholder(mean)
-    dlogvar = (no_grad_placeholder(mean) if logvar is None
-               else mean.new_empty(mean.shape, dtype=_logvar_grad_dtype(mean, target, logvar)))
+    dlogvar = (
+        no_grad_placeholder(mean)
+        if logvar is None
+        else mean.new_empty(mean.shape, dtype=_logvar_grad_dtype(mean, target, logvar))
+    )
     return logp, torch.empty_like(mean, memory_format=torch.contiguous_format), dlogvar
 
 
@@ -128,8 +166,11 @@ def _grads(ctx, grad_logp: Tensor | None, _grad_dmean: Tensor | None, _grad_dlog
     needs_mean, needs_target, needs_logvar = ctx.needs_input_grad[:3]
     if torch.is_grad_enabled():  # create_graph=True: record a differentiable backward
         inputs = (mean, target, logvar, ctx.elementwise, False, None)
-        return tuple(composite_vjp(gaussian_log_likelihood_composite, inputs, (grad_logp,),
-                                   ctx.needs_input_grad[:3] + (False,) * 3))
+        return tuple(
+            composite_vjp(
+                gaussian_log_likelihood_composite, inputs, (grad_logp,), ctx.needs_input_grad[:3] + (False,) * 3
+            )
+        )
     grad_mean = grad_target = grad_logvar = None
     if needs_mean or needs_logvar:
         if not ctx.compute_grad or ctx.handed_over:
@@ -152,5 +193,6 @@ def _grads(ctx, grad_logp: Tensor | None, _grad_dmean: Tensor | None, _grad_dlog
     return grad_mean, grad_target, grad_logvar, None, None, None
 
 
-gaussian_log_likelihood_fused = FusedOp(gaussian_log_likelihood_op, _gaussian, gaussian_log_likelihood_composite,
-                                        _setup, _grads)
+gaussian_log_likelihood_fused = FusedOp(
+    gaussian_log_likelihood_op, _gaussian, gaussian_log_likelihood_composite, _setup, _grads
+)

@@ -58,9 +58,9 @@ def logvar_grad_dtype(mean: Tensor, target: Tensor, logvar: Tensor) -> torch.dty
     return logvar.dtype if logvar.shape[0] == mean.shape[0] else loss_dtype(mean, target, logvar)
 
 
-def gaussian_likelihood_forward(mean: Tensor, target: Tensor, logvar: Tensor | None, elementwise: bool,
-                                compute_grad: bool, weight: float = 1.0
-                                ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def gaussian_likelihood_forward(
+    mean: Tensor, target: Tensor, logvar: Tensor | None, elementwise: bool, compute_grad: bool, weight: float = 1.0
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """mean [B, D], target [T, D], logvar [R, D] or None (T and R divide B) -> log p ([B, D] if
     elementwise else [B]), weight * dlogp/dmean [B, D] and weight * dlogp/dlogvar [B, D] (None
     without compute_grad, or without logvar).

@@ -35,7 +35,8 @@ def _log_likelihood_spec(name, inputs, benchmark=True):
         inputs=inputs,
         outputs=(Arg("logp", (), kind="loss"),),
         fastvae=lambda mean, x, *logvar, reduction="batchmean": fastvae.gaussian_log_likelihood(
-            mean, x, *logvar, reduction=reduction),
+            mean, x, *logvar, reduction=reduction
+        ),
         oracle=lambda mean, x, *logvar, reduction="batchmean": reduce(oracle_log_prob(mean, x, *logvar), reduction),
         eager=lambda mean, x, *logvar, reduction="batchmean": reduce(eager_log_prob(mean, x, *logvar), reduction),
         reductions=("none", "sum", "mean", "batchmean"),
@@ -52,12 +53,14 @@ OPS = (
         inputs=(MEAN, X, MU, LOGVAR, DECODER_LOGVAR),
         outputs=(Arg("loss", (), kind="loss"),),
         fastvae=lambda mean, x, mu, logvar, decoder_logvar, reduction="batchmean": fastvae.elbo_loss(
-            mean, x, mu, logvar, beta=BETA, reduction=reduction, likelihood="gaussian",
-            decoder_logvar=decoder_logvar),
+            mean, x, mu, logvar, beta=BETA, reduction=reduction, likelihood="gaussian", decoder_logvar=decoder_logvar
+        ),
         oracle=lambda mean, x, mu, logvar, decoder_logvar, reduction="batchmean": elbo_from(
-            oracle_log_prob(mean, x, decoder_logvar), mu, logvar, reduction=reduction),
+            oracle_log_prob(mean, x, decoder_logvar), mu, logvar, reduction=reduction
+        ),
         eager=lambda mean, x, mu, logvar, decoder_logvar, reduction="batchmean": elbo_from(
-            eager_log_prob(mean, x, decoder_logvar), mu, logvar, reduction=reduction),
+            eager_log_prob(mean, x, decoder_logvar), mu, logvar, reduction=reduction
+        ),
         reductions=("none", "sum", "mean", "batchmean"),
     ),
 )

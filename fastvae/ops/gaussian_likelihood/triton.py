@@ -29,10 +29,20 @@ def _gaussian_likelihood_fwd_kernel(
     logp_ptr,  # [B, D] contiguous if ELEMENTWISE else [B]; in the compute dtype
     dmean_ptr,  # [B, D] contiguous in the mean's storage dtype, written if COMPUTE_GRAD
     dlogvar_ptr,  # [B, D] contiguous, written if COMPUTE_GRAD and HAS_LOGVAR
-    B, D, stride_mean, stride_target, stride_logvar, target_rows, logvar_rows,
+    B,
+    D,
+    stride_mean,
+    stride_target,
+    stride_logvar,
+    target_rows,
+    logvar_rows,
     weight,  # dmean, dlogvar = weight * dlogp/dmean, weight * dlogp/dlogvar
-    HAS_LOGVAR: tl.constexpr, ELEMENTWISE: tl.constexpr, COMPUTE_GRAD: tl.constexpr, COMPUTE: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_LOGVAR: tl.constexpr,
+    ELEMENTWISE: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # int64 offsets: b * stride exceeds 2^31 for large batches of images.
     o_b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
@@ -72,9 +82,14 @@ def _gaussian_likelihood_fwd_kernel(
         tl.store(logp_ptr + o_b, b_logp_row, mask=m_b)
 
 
-def gaussian_likelihood_forward(mean: torch.Tensor, target: torch.Tensor, logvar: torch.Tensor | None,
-                                elementwise: bool, compute_grad: bool, weight: float = 1.0
-                                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def gaussian_likelihood_forward(
+    mean: torch.Tensor,
+    target: torch.Tensor,
+    logvar: torch.Tensor | None,
+    elementwise: bool,
+    compute_grad: bool,
+    weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """mean [B, D], target [T, D], logvar [R, D] | None (T, R divide B) -> log p ([B, D] or [B]),
     weight * dlogp/dmean, weight * dlogp/dlogvar [B, D] (None without compute_grad or logvar)."""
     B, D = mean.shape
@@ -83,15 +98,33 @@ def gaussian_likelihood_forward(mean: torch.Tensor, target: torch.Tensor, logvar
     device = mean.device
     logp = torch.empty((B, D) if elementwise else (B,), dtype=compute, device=device)
     dmean = torch.empty((B, D), dtype=m.dtype, device=device) if compute_grad else None
-    dlogvar = (torch.empty((B, D), dtype=logvar_grad_dtype(m, x, s), device=device)
-               if compute_grad and s is not None else None)
+    dlogvar = (
+        torch.empty((B, D), dtype=logvar_grad_dtype(m, x, s), device=device) if compute_grad and s is not None else None
+    )
     block_b, block_d = tile(D)
     _gaussian_likelihood_fwd_kernel[(triton.cdiv(B, block_b),)](
-        m, x, m if s is None else s, logp, logp if dmean is None else dmean, logp if dlogvar is None else dlogvar,
-        B, D, m.stride(0), x.stride(0), 0 if s is None else s.stride(0), x.shape[0], 1 if s is None else s.shape[0],
+        m,
+        x,
+        m if s is None else s,
+        logp,
+        logp if dmean is None else dmean,
+        logp if dlogvar is None else dlogvar,
+        B,
+        D,
+        m.stride(0),
+        x.stride(0),
+        0 if s is None else s.stride(0),
+        x.shape[0],
+        1 if s is None else s.shape[0],
         float(weight),
-        HAS_LOGVAR=s is not None, ELEMENTWISE=elementwise, COMPUTE_GRAD=compute_grad, COMPUTE=compute_dtype(m),
-        BLOCK_B=block_b, BLOCK_D=block_d, **LAUNCH_OPTIONS)
+        HAS_LOGVAR=s is not None,
+        ELEMENTWISE=elementwise,
+        COMPUTE_GRAD=compute_grad,
+        COMPUTE=compute_dtype(m),
+        BLOCK_B=block_b,
+        BLOCK_D=block_d,
+        **LAUNCH_OPTIONS,
+    )
     if dmean is not None:
         dmean = dmean.to(mean.dtype)
     if dlogvar is not None:
@@ -107,10 +140,27 @@ def specializations() -> list[Specialization]:
         for has_logvar, elementwise, grad in itertools.product((False, True), repeat=3):
             # dlogvar: the param dtype for a log-variance row per mean row, the compute dtype for fewer.
             for dlogvar in dict.fromkeys((param, loss) if has_logvar and grad else (loss,)):
-                pointers = {"mean_ptr": param, "target_ptr": target, "logvar_ptr": param, "logp_ptr": loss,
-                            "dmean_ptr": param if grad else loss, "dlogvar_ptr": dlogvar}
-                out.append(Specialization(_gaussian_likelihood_fwd_kernel, pointers,
-                                          {"HAS_LOGVAR": has_logvar, "ELEMENTWISE": elementwise,
-                                           "COMPUTE_GRAD": grad, "COMPUTE": compute_dtype(torch.empty(0, dtype=param)),
-                                           "BLOCK_B": block_b, "BLOCK_D": block_d}, floats=("weight",)))
+                pointers = {
+                    "mean_ptr": param,
+                    "target_ptr": target,
+                    "logvar_ptr": param,
+                    "logp_ptr": loss,
+                    "dmean_ptr": param if grad else loss,
+                    "dlogvar_ptr": dlogvar,
+                }
+                out.append(
+                    Specialization(
+                        _gaussian_likelihood_fwd_kernel,
+                        pointers,
+                        {
+                            "HAS_LOGVAR": has_logvar,
+                            "ELEMENTWISE": elementwise,
+                            "COMPUTE_GRAD": grad,
+                            "COMPUTE": compute_dtype(torch.empty(0, dtype=param)),
+                            "BLOCK_B": block_b,
+                            "BLOCK_D": block_d,
+                        },
+                        floats=("weight",),
+                    )
+                )
     return out

@@ -28,8 +28,9 @@ int fastvae_iwae_backward(
 """)
 
 
-def _latent(per_sample: Tensor, z: Tensor, mu: Tensor,
-            logvar: Tensor) -> tuple[torch.dtype, torch.dtype, Tensor, Tensor, Tensor]:
+def _latent(
+    per_sample: Tensor, z: Tensor, mu: Tensor, logvar: Tensor
+) -> tuple[torch.dtype, torch.dtype, Tensor, Tensor, Tensor]:
     """The storage dtype, its compute dtype and z, mu, logvar checked and in that storage dtype, for a
     [K, B] per-sample tensor (log p or the weights): float64 throughout when it is float64."""
     mu = check_rows("mu", mu)
@@ -49,14 +50,29 @@ def iwae_forward(logp: Tensor, z: Tensor, mu: Tensor, logvar: Tensor) -> tuple[T
     logp = logp.to(compute).contiguous()
     loss = torch.empty(rows, dtype=compute)
     weights = torch.empty((samples, rows), dtype=compute)
-    library.call("fastvae_iwae_forward", DTYPE_CODES[dtype], samples, rows, mu.shape[1], logp.data_ptr(),
-                 z.data_ptr(), z.stride(0), mu.data_ptr(), mu.stride(0), logvar.data_ptr(), logvar.stride(0),
-                 loss.data_ptr(), weights.data_ptr(), num_threads())
+    library.call(
+        "fastvae_iwae_forward",
+        DTYPE_CODES[dtype],
+        samples,
+        rows,
+        mu.shape[1],
+        logp.data_ptr(),
+        z.data_ptr(),
+        z.stride(0),
+        mu.data_ptr(),
+        mu.stride(0),
+        logvar.data_ptr(),
+        logvar.stride(0),
+        loss.data_ptr(),
+        weights.data_ptr(),
+        num_threads(),
+    )
     return loss, weights
 
 
-def iwae_backward(grad_rows: Tensor, weights: Tensor, z: Tensor, mu: Tensor, logvar: Tensor,
-                  dreg: bool) -> tuple[Tensor, Tensor, Tensor]:
+def iwae_backward(
+    grad_rows: Tensor, weights: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, dreg: bool
+) -> tuple[Tensor, Tensor, Tensor]:
     """grad_rows [B], weights [K, B] -> grad_z [K * B, L], grad_mu and grad_logvar [B, L] (zero for
     DReG), in z's, mu's and logvar's dtypes."""
     z_dtype, mu_dtype, logvar_dtype = z.dtype, mu.dtype, logvar.dtype
@@ -69,8 +85,25 @@ def iwae_backward(grad_rows: Tensor, weights: Tensor, z: Tensor, mu: Tensor, log
     weights = weights.to(compute).contiguous()
     grad_z = torch.empty((samples * rows, mu.shape[1]), dtype=dtype)
     grad_mu, grad_logvar = torch.empty(mu.shape, dtype=dtype), torch.empty(mu.shape, dtype=dtype)
-    library.call("fastvae_iwae_backward", DTYPE_CODES[dtype], samples, rows, mu.shape[1],
-                 grad_rows.data_ptr(), grad_rows.stride(0), weights.data_ptr(),
-                 z.data_ptr(), z.stride(0), mu.data_ptr(), mu.stride(0), logvar.data_ptr(), logvar.stride(0),
-                 int(bool(dreg)), grad_z.data_ptr(), grad_mu.data_ptr(), grad_logvar.data_ptr(), num_threads())
+    library.call(
+        "fastvae_iwae_backward",
+        DTYPE_CODES[dtype],
+        samples,
+        rows,
+        mu.shape[1],
+        grad_rows.data_ptr(),
+        grad_rows.stride(0),
+        weights.data_ptr(),
+        z.data_ptr(),
+        z.stride(0),
+        mu.data_ptr(),
+        mu.stride(0),
+        logvar.data_ptr(),
+        logvar.stride(0),
+        int(bool(dreg)),
+        grad_z.data_ptr(),
+        grad_mu.data_ptr(),
+        grad_logvar.data_ptr(),
+        num_threads(),
+    )
     return grad_z.to(z_dtype), grad_mu.to(mu_dtype), grad_logvar.to(logvar_dtype)

@@ -72,8 +72,17 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastvae.ops.common import (FusedOp, as_rows, as_sample_rows, composite_vjp, loss_dtype, no_grad_placeholder,
-                                scale_saved_grad, scale_saved_grad_, view_as_shape)
+from fastvae.ops.common import (
+    FusedOp,
+    as_rows,
+    as_sample_rows,
+    composite_vjp,
+    loss_dtype,
+    no_grad_placeholder,
+    scale_saved_grad,
+    scale_saved_grad_,
+    view_as_shape,
+)
 from fastvae.ops.iwae import reference
 from fastvae.ops.likelihoods import LIKELIHOODS
 from fastvae.ops.registry import family, implementation
@@ -87,18 +96,19 @@ def _decoder_logvar_rows(decoder_logvar: Tensor, output: Tensor) -> Tensor:
     rows whose count divides K * B: one row when it is shared by every sample and datapoint (a
     learned per-pixel or scalar log-variance), B rows when per datapoint, K * B when per sample."""
     data_dims = output.dim() - 2
-    leading = decoder_logvar.shape[:max(decoder_logvar.dim() - data_dims, 0)]
+    leading = decoder_logvar.shape[: max(decoder_logvar.dim() - data_dims, 0)]
     if all(size == 1 for size in leading):  # the same for every sample and datapoint
-        shared = decoder_logvar.reshape(decoder_logvar.shape[len(leading):]) if leading else decoder_logvar
+        shared = decoder_logvar.reshape(decoder_logvar.shape[len(leading) :]) if leading else decoder_logvar
         return as_rows(shared.expand(output.shape[2:]).unsqueeze(0))
     if len(leading) == 1 or (len(leading) == 2 and leading[0] == 1):  # per datapoint [B, ...] or [1, B, ...]
-        per_datapoint = decoder_logvar.reshape(decoder_logvar.shape[len(leading) - 1:])
+        per_datapoint = decoder_logvar.reshape(decoder_logvar.shape[len(leading) - 1 :])
         return as_rows(per_datapoint.expand(output.shape[1:]))
     return as_sample_rows(decoder_logvar.expand(output.shape), output.shape[0])
 
 
-def _score(kernel: Callable, logits: Tensor, x: Tensor, decoder_logvar: Tensor | None, compute_grad: bool,
-           compute: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def _score(
+    kernel: Callable, logits: Tensor, x: Tensor, decoder_logvar: Tensor | None, compute_grad: bool, compute: torch.dtype
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """log p(x | logits) per sample and datapoint [K, B] (compute dtype), dlogp/dlogits (logits' shape)
     and, for a likelihood with the decoder's log-variance, dlogp/d(log-variance) per element
     (logits' shape, unreduced) from a likelihood kernel reading x [B, ...] row-periodically.
@@ -112,10 +122,14 @@ def _score(kernel: Callable, logits: Tensor, x: Tensor, decoder_logvar: Tensor |
         logp, dlogits = kernel(rows, target, False, compute_grad, 1.0)
         dlogvar = None
     else:
-        logp, dlogits, dlogvar = kernel(rows, target, _decoder_logvar_rows(decoder_logvar, logits), False,
-                                        compute_grad, 1.0)
-    return (logp.view(samples, batch).to(compute), None if dlogits is None else dlogits.view(logits.shape),
-            None if dlogvar is None else dlogvar.view(logits.shape))
+        logp, dlogits, dlogvar = kernel(
+            rows, target, _decoder_logvar_rows(decoder_logvar, logits), False, compute_grad, 1.0
+        )
+    return (
+        logp.view(samples, batch).to(compute),
+        None if dlogits is None else dlogits.view(logits.shape),
+        None if dlogvar is None else dlogvar.view(logits.shape),
+    )
 
 
 def _latent_rows(z: Tensor, mu: Tensor, logvar: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -148,9 +162,17 @@ class _DReGBound(torch.autograd.Function):
         return -grad_rows * weights, grad_z, grad_mu, grad_logvar  # log p keeps the IWAE weights
 
 
-def iwae_loss_composite(logits: Tensor, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor,
-                        decoder_logvar: Tensor | None, likelihood: str, estimator: str,
-                        compute_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def iwae_loss_composite(
+    logits: Tensor,
+    x: Tensor,
+    z: Tensor,
+    mu: Tensor,
+    logvar: Tensor,
+    decoder_logvar: Tensor | None,
+    likelihood: str,
+    estimator: str,
+    compute_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The op's outputs from torch ops (the reference kernels), differentiable by every autograd mode
     for the IWAE estimator and by reverse mode for DReG."""
     entry = LIKELIHOODS[likelihood]
@@ -159,13 +181,26 @@ def iwae_loss_composite(logits: Tensor, x: Tensor, z: Tensor, mu: Tensor, logvar
     logp, dlogits, dlogvar = _score(likelihood_reference, logits, x, decoder_logvar, compute_grad, compute)
     bound = _DReGBound.apply if estimator == "dreg" else reference.iwae_forward
     rows, weights = bound(logp, *_latent_rows(z, mu, logvar))
-    return (rows, weights, dlogits if compute_grad else no_grad_placeholder(logits),
-            no_grad_placeholder(logits) if dlogvar is None else dlogvar)
+    return (
+        rows,
+        weights,
+        dlogits if compute_grad else no_grad_placeholder(logits),
+        no_grad_placeholder(logits) if dlogvar is None else dlogvar,
+    )
 
 
 # --------------------------------------------------------------------------- the fused op
-def _iwae_loss(logits: Tensor, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, decoder_logvar: Optional[Tensor],
-               likelihood: str, estimator: str, compute_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _iwae_loss(
+    logits: Tensor,
+    x: Tensor,
+    z: Tensor,
+    mu: Tensor,
+    logvar: Tensor,
+    decoder_logvar: Optional[Tensor],
+    likelihood: str,
+    estimator: str,
+    compute_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """logits [K, B, ...], x [B, ...], z [K, B, ...], mu and logvar [B, ...], the decoder's
     log-variance (a Gaussian likelihood's, broadcasting to logits; else None) -> the loss rows [B],
     the normalized weights [K, B] (both in the compute dtype), dlogp/dlogits, unweighted, in the
@@ -177,14 +212,22 @@ def _iwae_loss(logits: Tensor, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor,
     samples, batch = logits.shape[:2]
     if batch == 0:
         dlogits = torch.zeros_like(logits) if compute_grad else no_grad_placeholder(logits)
-        dlogvar = (torch.zeros_like(logits, dtype=compute) if compute_grad and decoder_logvar is not None
-                   else no_grad_placeholder(logits))
+        dlogvar = (
+            torch.zeros_like(logits, dtype=compute)
+            if compute_grad and decoder_logvar is not None
+            else no_grad_placeholder(logits)
+        )
         return logits.new_zeros(0, dtype=compute), logits.new_zeros((samples, 0), dtype=compute), dlogits, dlogvar
-    logp, dlogits, dlogvar = _score(implementation(entry.family, entry.kernel, logits.device), logits, x,
-                                    decoder_logvar, compute_grad, compute)
+    logp, dlogits, dlogvar = _score(
+        implementation(entry.family, entry.kernel, logits.device), logits, x, decoder_logvar, compute_grad, compute
+    )
     rows, weights = implementation("iwae", "iwae_forward", logits.device)(logp, *_latent_rows(z, mu, logvar))
-    return (rows, weights, dlogits if compute_grad else no_grad_placeholder(logits),
-            no_grad_placeholder(logits) if dlogvar is None else dlogvar)
+    return (
+        rows,
+        weights,
+        dlogits if compute_grad else no_grad_placeholder(logits),
+        no_grad_placeholder(logits) if dlogvar is None else dlogvar,
+    )
 
 
 def _dlogvar_dtype(logits: Tensor, decoder_logvar: Tensor, compute: torch.dtype) -> torch.dtype:
@@ -197,15 +240,27 @@ iwae_loss_op = torch.library.custom_op("fastvae::iwae_loss", _iwae_loss, mutates
 
 
 @iwae_loss_op.register_fake
-def _(logits: Tensor, x: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, decoder_logvar: Optional[Tensor],
-      likelihood: str, estimator: str, compute_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _(
+    logits: Tensor,
+    x: Tensor,
+    z: Tensor,
+    mu: Tensor,
+    logvar: Tensor,
+    decoder_logvar: Optional[Tensor],
+    likelihood: str,
+    estimator: str,
+    compute_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     compute = loss_dtype(logits, x, z, mu, logvar, decoder_logvar)
     rows = logits.new_empty(logits.shape[1:2], dtype=compute)
     weights = logits.new_empty(logits.shape[:2], dtype=compute)
     if not compute_grad:
         return rows, weights, no_grad_placeholder(logits), no_grad_placeholder(logits)
-    dlogvar = (no_grad_placeholder(logits) if decoder_logvar is None
-               else logits.new_empty(logits.shape, dtype=_dlogvar_dtype(logits, decoder_logvar, compute)))
+    dlogvar = (
+        no_grad_placeholder(logits)
+        if decoder_logvar is None
+        else logits.new_empty(logits.shape, dtype=_dlogvar_dtype(logits, decoder_logvar, compute))
+    )
     return rows, weights, torch.empty_like(logits, memory_format=torch.contiguous_format), dlogvar
 
 
@@ -226,8 +281,9 @@ def _setup(ctx, inputs, output) -> None:
         ctx.save_for_backward(logits, x, z, mu, logvar, decoder_logvar, weights, dlogvar, dlogits)
 
 
-def _iwae_backward(grad_rows: Tensor, weights: Tensor, z: Tensor, mu: Tensor, logvar: Tensor,
-                   dreg: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _iwae_backward(
+    grad_rows: Tensor, weights: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, dreg: bool
+) -> tuple[Tensor, Tensor, Tensor]:
     """grad_rows [B], weights [K, B] -> grad_z [K, B, ...], grad_mu and grad_logvar (their inputs'
     shapes; zero for DReG)."""
     if weights.numel() == 0:
@@ -241,14 +297,17 @@ iwae_backward_op = torch.library.custom_op("fastvae::iwae_backward", _iwae_backw
 
 
 @iwae_backward_op.register_fake
-def _(grad_rows: Tensor, weights: Tensor, z: Tensor, mu: Tensor, logvar: Tensor,
-      dreg: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _(
+    grad_rows: Tensor, weights: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, dreg: bool
+) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (z, mu, logvar))
 
 
 def _no_composite(*args):
-    raise RuntimeError("fastvae::iwae_backward has no derivative of its own: differentiate fastvae.iwae_loss, "
-                       "whose backward recomputes in torch ops when a graph is recorded")
+    raise RuntimeError(
+        "fastvae::iwae_backward has no derivative of its own: differentiate fastvae.iwae_loss, "
+        "whose backward recomputes in torch ops when a graph is recorded"
+    )
 
 
 # A custom op of its own, so that a traced backward (torch.compile) sees one opaque node.
@@ -258,6 +317,7 @@ iwae_backward_fused = FusedOp(iwae_backward_op, _iwae_backward, _no_composite)
 def _logits_grad(ctx, inputs: tuple, saved: list[Tensor], coef: Tensor) -> Tensor:
     """dL/dlogits = coef_kb * dlogp/dlogits from the forward's gradient (recomputed when the forward
     did not write it, or gave it away in an earlier backward of a retained graph)."""
+
     def recompute() -> Tensor:
         return iwae_loss_fused(*inputs[:8], True)[2]
 
@@ -278,8 +338,13 @@ def _decoder_logvar_grad(inputs: tuple, dlogvar: Tensor, coef: Tensor, compute_g
     return per_element.sum_to_size(decoder_logvar.shape).to(decoder_logvar.dtype)
 
 
-def _grads(ctx, grad_rows: Tensor | None, _grad_weights: Tensor | None, _grad_dlogits: Tensor | None,
-           _grad_dlogvar: Tensor | None):
+def _grads(
+    ctx,
+    grad_rows: Tensor | None,
+    _grad_weights: Tensor | None,
+    _grad_dlogits: Tensor | None,
+    _grad_dlogvar: Tensor | None,
+):
     none = (None,) * 9
     if grad_rows is None:  # only the weights or the gradient outputs were used: they carry no gradient
         return none
@@ -287,15 +352,17 @@ def _grads(ctx, grad_rows: Tensor | None, _grad_weights: Tensor | None, _grad_dl
     needs = ctx.needs_input_grad
     inputs = (logits, x, z, mu, logvar, decoder_logvar, ctx.likelihood, ctx.estimator, False)
     if torch.is_grad_enabled():  # create_graph=True: record a differentiable backward
-        return tuple(composite_vjp(iwae_loss_composite, inputs, (grad_rows, None, None, None),
-                                   needs[:6] + (False,) * 3))
+        return tuple(
+            composite_vjp(iwae_loss_composite, inputs, (grad_rows, None, None, None), needs[:6] + (False,) * 3)
+        )
     grad_logits = grad_x = grad_z = grad_mu = grad_logvar = grad_decoder_logvar = None
     coef = -grad_rows.to(weights.dtype) * weights  # c_kb
     if needs[0]:
         grad_logits = _logits_grad(ctx, inputs, saved, coef)
     if needs[1]:  # the data's gradient (rare): from the likelihood's reference in torch ops
-        grad_x = composite_vjp(iwae_loss_composite, inputs, (grad_rows, None, None, None),
-                               (False, True) + (False,) * 7)[1]
+        grad_x = composite_vjp(
+            iwae_loss_composite, inputs, (grad_rows, None, None, None), (False, True) + (False,) * 7
+        )[1]
     if needs[2] or needs[3] or needs[4]:
         grad_z, grad_mu, grad_logvar = iwae_backward_fused(grad_rows, weights, z, mu, logvar, ctx.estimator == "dreg")
     if needs[5]:

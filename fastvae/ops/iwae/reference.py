@@ -35,8 +35,9 @@ from torch import Tensor
 from fastvae.ops.common import loss_dtype
 
 
-def _samples(logp_or_weights: Tensor, z: Tensor, mu: Tensor, logvar: Tensor,
-             compute: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+def _samples(
+    logp_or_weights: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, compute: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
     """z as [K, B, L] and mu, logvar [B, L], all in the compute dtype."""
     samples, rows = logp_or_weights.shape
     return z.to(compute).reshape(samples, rows, -1), mu.to(compute), logvar.to(compute)
@@ -53,8 +54,9 @@ def iwae_forward(logp: Tensor, z: Tensor, mu: Tensor, logvar: Tensor) -> tuple[T
     return math.log(log_w.shape[0]) - lse, torch.exp(log_w - lse)
 
 
-def iwae_backward(grad_rows: Tensor, weights: Tensor, z: Tensor, mu: Tensor, logvar: Tensor,
-                  dreg: bool) -> tuple[Tensor, Tensor, Tensor]:
+def iwae_backward(
+    grad_rows: Tensor, weights: Tensor, z: Tensor, mu: Tensor, logvar: Tensor, dreg: bool
+) -> tuple[Tensor, Tensor, Tensor]:
     """grad_rows [B], weights [K, B] -> grad_z [K * B, L], grad_mu and grad_logvar [B, L] (zero for
     DReG), in z's, mu's and logvar's dtypes."""
     compute = loss_dtype(weights, z, mu, logvar)

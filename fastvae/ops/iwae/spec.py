@@ -55,7 +55,7 @@ def oracle_dreg_rows(logits, x, z, mu, logvar):
     mu and logvar get none (0 * their sum keeps them in the graph, so autograd gives zeros)."""
     value = oracle_iwae_rows(logits, x, z, mu, logvar)
     weights = torch.softmax(oracle_log_weights(logits, x, z, mu, logvar), dim=0).detach()
-    encoder = -(weights ** 2 * oracle_log_weights(logits.detach(), x, z, mu.detach(), logvar.detach())).sum(0)
+    encoder = -(weights**2 * oracle_log_weights(logits.detach(), x, z, mu.detach(), logvar.detach())).sum(0)
     decoder = -(weights * oracle_log_prob(logits, x.expand_as(logits)).flatten(2).sum(-1)).sum(0)
     surrogate = encoder + decoder
     return value.detach() + (surrogate - surrogate.detach()) + 0.0 * (mu.sum() + logvar.sum())
@@ -101,19 +101,29 @@ FLOAT32_WEIGHTS_TOLERANCE = 2e-4
 def _gaussian_spec(name, decoder_logvar, benchmark):
     """iwae_loss with likelihood="gaussian": the decoder gives the mean, and its log-variance is
     `decoder_logvar` (an output per sample, or a parameter that broadcasts)."""
+
     def fused(mean, x, z, mu, logvar, decoder_logvar, reduction="batchmean"):
-        return fastvae.iwae_loss(mean, x, z, mu, logvar, likelihood="gaussian", decoder_logvar=decoder_logvar,
-                                 reduction=reduction)
+        return fastvae.iwae_loss(
+            mean, x, z, mu, logvar, likelihood="gaussian", decoder_logvar=decoder_logvar, reduction=reduction
+        )
 
     def oracle(mean, x, z, mu, logvar, decoder_logvar, reduction="batchmean"):
         def log_prob(mean_k, x_k):
             return oracle_gaussian_log_prob(mean_k, x_k, decoder_logvar)
+
         return _reduce_rows(oracle_iwae_rows(mean, x, z, mu, logvar, log_prob=log_prob), reduction)
 
-    return OpSpec(name=name, inputs=(MEANS, REAL_X, Z, MU, LOGVAR, decoder_logvar),
-                  outputs=(Arg("loss", (), kind="loss"),), fastvae=fused, oracle=oracle,
-                  eager=eager_gaussian_iwae_loss if benchmark else None, reductions=REDUCTIONS,
-                  min_tolerance=FLOAT32_WEIGHTS_TOLERANCE, benchmark=benchmark)
+    return OpSpec(
+        name=name,
+        inputs=(MEANS, REAL_X, Z, MU, LOGVAR, decoder_logvar),
+        outputs=(Arg("loss", (), kind="loss"),),
+        fastvae=fused,
+        oracle=oracle,
+        eager=eager_gaussian_iwae_loss if benchmark else None,
+        reductions=REDUCTIONS,
+        min_tolerance=FLOAT32_WEIGHTS_TOLERANCE,
+        benchmark=benchmark,
+    )
 
 
 OPS = (
@@ -131,8 +141,9 @@ OPS = (
         name="iwae_loss_dreg",
         inputs=(LOGITS, X, Z, MU, LOGVAR),
         outputs=(Arg("loss", (), kind="loss"),),
-        fastvae=lambda *inputs, reduction="batchmean": fastvae.iwae_loss(*inputs, estimator="dreg",
-                                                                          reduction=reduction),
+        fastvae=lambda *inputs, reduction="batchmean": fastvae.iwae_loss(
+            *inputs, estimator="dreg", reduction=reduction
+        ),
         oracle=lambda *inputs, reduction="batchmean": _reduce_rows(oracle_dreg_rows(*inputs), reduction),
         reductions=REDUCTIONS,
         min_tolerance=FLOAT32_WEIGHTS_TOLERANCE,
@@ -142,10 +153,12 @@ OPS = (
         name="iwae_loss_continuous_bernoulli",
         inputs=(LOGITS, X, Z, MU, LOGVAR),
         outputs=(Arg("loss", (), kind="loss"),),
-        fastvae=lambda *inputs, reduction="batchmean": fastvae.iwae_loss(*inputs, likelihood="continuous_bernoulli",
-                                                                          reduction=reduction),
+        fastvae=lambda *inputs, reduction="batchmean": fastvae.iwae_loss(
+            *inputs, likelihood="continuous_bernoulli", reduction=reduction
+        ),
         oracle=lambda *inputs, reduction="batchmean": _reduce_rows(
-            oracle_iwae_rows(*inputs, log_prob=oracle_cb_log_prob), reduction),
+            oracle_iwae_rows(*inputs, log_prob=oracle_cb_log_prob), reduction
+        ),
         reductions=REDUCTIONS,
         min_tolerance=FLOAT32_WEIGHTS_TOLERANCE,
         benchmark=False,  # the bound's kernels are iwae_loss's; the likelihood's are benchmarked on their own

@@ -25,11 +25,19 @@ from fastvae.ops.triton_helpers import LAUNCH_OPTIONS, STORAGE_DTYPES, Specializ
 def _iwae_fwd_kernel(
     logp_ptr,  # [K * B] in the compute dtype
     z_ptr,  # [K * B, L], row stride below, unit column stride
-    mu_ptr, logvar_ptr,  # [B, L] each, row strides below
+    mu_ptr,
+    logvar_ptr,  # [B, L] each, row strides below
     loss_ptr,  # [B] in the compute dtype
     weights_ptr,  # [K * B] in the compute dtype: log w after the first loop over k, w~ after the second
-    K, B, L, stride_z, stride_mu, stride_logvar,
-    COMPUTE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr,
+    K,
+    B,
+    L,
+    stride_z,
+    stride_mu,
+    stride_logvar,
+    COMPUTE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_L: tl.constexpr,
 ):
     o_b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     m_b = o_b < B
@@ -80,11 +88,22 @@ def _iwae_bwd_kernel(
     grad_rows_ptr,  # [B] in the compute dtype, element stride stride_grad_rows (0: one value broadcast)
     weights_ptr,  # [K * B] in the compute dtype
     z_ptr,  # [K * B, L], row stride below
-    mu_ptr, logvar_ptr,  # [B, L] each, row strides below
+    mu_ptr,
+    logvar_ptr,  # [B, L] each, row strides below
     grad_z_ptr,  # [K * B, L] contiguous
-    grad_mu_ptr, grad_logvar_ptr,  # [B, L] contiguous; zero for DREG
-    K, B, L, stride_grad_rows, stride_z, stride_mu, stride_logvar,
-    DREG: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr,
+    grad_mu_ptr,
+    grad_logvar_ptr,  # [B, L] contiguous; zero for DREG
+    K,
+    B,
+    L,
+    stride_grad_rows,
+    stride_z,
+    stride_mu,
+    stride_logvar,
+    DREG: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_L: tl.constexpr,
 ):
     o_b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     m_b = o_b < B
@@ -135,8 +154,9 @@ def _grid(rows: int, block_b: int) -> tuple[int]:
     return (triton.cdiv(rows, block_b),)
 
 
-def iwae_forward(logp: torch.Tensor, z: torch.Tensor, mu: torch.Tensor,
-                 logvar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def iwae_forward(
+    logp: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """log p [K, B], z [K * B, L], mu and logvar [B, L] -> the loss rows [B] and the normalized
     weights [K, B], in the compute dtype."""
     samples, rows = logp.shape
@@ -146,13 +166,29 @@ def iwae_forward(logp: torch.Tensor, z: torch.Tensor, mu: torch.Tensor,
     weights = torch.empty((samples, rows), dtype=compute, device=z.device)
     block_b, block_l = tile(mu.shape[1])
     _iwae_fwd_kernel[_grid(rows, block_b)](
-        logp, z, mu, logvar, loss, weights, samples, rows, mu.shape[1], z.stride(0), mu.stride(0), logvar.stride(0),
-        COMPUTE=compute_dtype(z), BLOCK_B=block_b, BLOCK_L=block_l, **LAUNCH_OPTIONS)
+        logp,
+        z,
+        mu,
+        logvar,
+        loss,
+        weights,
+        samples,
+        rows,
+        mu.shape[1],
+        z.stride(0),
+        mu.stride(0),
+        logvar.stride(0),
+        COMPUTE=compute_dtype(z),
+        BLOCK_B=block_b,
+        BLOCK_L=block_l,
+        **LAUNCH_OPTIONS,
+    )
     return loss, weights
 
 
-def iwae_backward(grad_rows: torch.Tensor, weights: torch.Tensor, z: torch.Tensor, mu: torch.Tensor,
-                  logvar: torch.Tensor, dreg: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def iwae_backward(
+    grad_rows: torch.Tensor, weights: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, dreg: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """grad_rows [B], weights [K, B] -> grad_z [K * B, L], grad_mu and grad_logvar [B, L] (zero for
     DReG), in z's, mu's and logvar's dtypes."""
     samples, rows = weights.shape
@@ -165,9 +201,27 @@ def iwae_backward(grad_rows: torch.Tensor, weights: torch.Tensor, z: torch.Tenso
     grad_logvar = torch.empty(mu.shape, dtype=z.dtype, device=z.device)
     block_b, block_l = tile(mu.shape[1])
     _iwae_bwd_kernel[_grid(rows, block_b)](
-        grad_rows, weights, z, mu, logvar, grad_z, grad_mu, grad_logvar,
-        samples, rows, mu.shape[1], grad_rows.stride(0), z.stride(0), mu.stride(0), logvar.stride(0),
-        DREG=bool(dreg), COMPUTE=compute_dtype(z), BLOCK_B=block_b, BLOCK_L=block_l, **LAUNCH_OPTIONS)
+        grad_rows,
+        weights,
+        z,
+        mu,
+        logvar,
+        grad_z,
+        grad_mu,
+        grad_logvar,
+        samples,
+        rows,
+        mu.shape[1],
+        grad_rows.stride(0),
+        z.stride(0),
+        mu.stride(0),
+        logvar.stride(0),
+        DREG=bool(dreg),
+        COMPUTE=compute_dtype(z),
+        BLOCK_B=block_b,
+        BLOCK_L=block_l,
+        **LAUNCH_OPTIONS,
+    )
     return tuple(t.to(dtype) for t, dtype in zip((grad_z, grad_mu, grad_logvar), dtypes))
 
 
@@ -178,10 +232,21 @@ def specializations() -> list[Specialization]:
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         tile_args = {"COMPUTE": compute_dtype(torch.empty(0, dtype=dtype)), "BLOCK_B": block_b, "BLOCK_L": block_l}
         latent = {"z_ptr": dtype, "mu_ptr": dtype, "logvar_ptr": dtype}
-        out.append(Specialization(_iwae_fwd_kernel, {"logp_ptr": compute, **latent, "loss_ptr": compute,
-                                                     "weights_ptr": compute}, tile_args))
+        out.append(
+            Specialization(
+                _iwae_fwd_kernel,
+                {"logp_ptr": compute, **latent, "loss_ptr": compute, "weights_ptr": compute},
+                tile_args,
+            )
+        )
         for dreg in (False, True):
-            pointers = {"grad_rows_ptr": compute, "weights_ptr": compute, **latent, "grad_z_ptr": dtype,
-                        "grad_mu_ptr": dtype, "grad_logvar_ptr": dtype}
+            pointers = {
+                "grad_rows_ptr": compute,
+                "weights_ptr": compute,
+                **latent,
+                "grad_z_ptr": dtype,
+                "grad_mu_ptr": dtype,
+                "grad_logvar_ptr": dtype,
+            }
             out.append(Specialization(_iwae_bwd_kernel, pointers, {"DREG": dreg, **tile_args}))
     return out
