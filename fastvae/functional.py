@@ -410,6 +410,21 @@ _DREG_FIRST_ORDER_ONLY = (
     "a function), so it has no double backward and no torch.func transform; differentiate "
     "the bound itself with estimator='iwae' for those"
 )
+# Before this torch, dynamo mistraces a gradient hook on an intermediate tensor that captures a
+# tensor of the graph (the one DReG puts on z): the compiled graph refers to a value it never
+# defines. Checked: torch 2.11 fails, 2.14 works.
+DREG_COMPILE_MIN_TORCH = (2, 14)
+_DREG_COMPILE_NEEDS_NEWER_TORCH = (
+    f"iwae_loss(estimator='dreg') inside torch.compile needs torch >= "
+    f"{'.'.join(map(str, DREG_COMPILE_MIN_TORCH))} (this is torch {torch.__version__}, whose dynamo "
+    "mistraces the gradient hook DReG puts on z); call the DReG loss outside torch.compile, or use "
+    "estimator='iwae'"
+)
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
 
 
 def _weight_z_gradient(z: Tensor, weights: Tensor) -> None:
@@ -494,6 +509,8 @@ def iwae_loss(
     check.check_choice("estimator", estimator, ESTIMATORS)
     if estimator == "dreg" and not torch.compiler.is_compiling() and transform_active():
         raise RuntimeError(_DREG_FIRST_ORDER_ONLY)
+    if estimator == "dreg" and torch.compiler.is_compiling() and _torch_version() < DREG_COMPILE_MIN_TORCH:
+        raise RuntimeError(_DREG_COMPILE_NEEDS_NEWER_TORCH)
     check.check_reduction(reduction)
     _check_iwae_inputs(logits, x, z, mu, logvar)
     if decoder_logvar is not None:

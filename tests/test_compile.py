@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import fastvae
+from fastvae.functional import DREG_COMPILE_MIN_TORCH, _torch_version
 from fastvae.ops.bernoulli.op import bernoulli_log_likelihood_fused, bernoulli_log_likelihood_op
 from fastvae.ops.continuous_bernoulli.op import continuous_bernoulli_log_likelihood_fused
 from fastvae.ops.gaussian.op import (
@@ -274,7 +275,13 @@ def test_compile_fullgraph_iwae_matches_eager(backend, estimator):
 
     with fastvae.use_backend(backend):
         eager_loss, eager_grads = _loss_and_grads(model, step, x)
-        loss, grads = _loss_and_grads(model, torch.compile(step, fullgraph=True, backend="aot_eager"), x)
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+        if estimator == "dreg" and _torch_version() < DREG_COMPILE_MIN_TORCH:
+            # torch 2.11's dynamo mistraces DReG's gradient hook on z: refused by name, not mistraced.
+            with pytest.raises(Exception, match=r"estimator='dreg'\) inside torch.compile needs torch >="):
+                compiled(x)
+            return
+        loss, grads = _loss_and_grads(model, compiled, x)
     assert_close_to(loss, eager_loss.double(), "loss")
     for i, (g, g_eager) in enumerate(zip(grads, eager_grads)):
         assert_close_to(g, g_eager.double(), f"grad of parameter {i}")
