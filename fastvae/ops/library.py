@@ -253,3 +253,32 @@ def seed_value(seed: Tensor) -> int:
 
 def num_threads() -> int:
     return torch.get_num_threads()
+
+
+def call_logits_likelihood(
+    name: str, logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool, weight: float, compute
+) -> tuple[Tensor, Tensor | None]:
+    """Run `name`, a likelihood-from-logits kernel with the C signature the Bernoulli's and the
+    continuous Bernoulli's share, on row views logits [B, D] and target [T, D] already in the dtypes
+    it reads; log p comes back in `compute`, the gradient in logits' dtype (or None)."""
+    rows, cols = logits.shape
+    logp = torch.empty((rows, cols) if elementwise else (rows,), dtype=compute)
+    grad = torch.empty((rows, cols), dtype=logits.dtype) if compute_grad else None
+    call(
+        name,
+        DTYPE_CODES[logits.dtype],
+        DTYPE_CODES[target.dtype],
+        rows,
+        cols,
+        logits.data_ptr(),
+        logits.stride(0),
+        target.data_ptr(),
+        target.stride(0),
+        target.shape[0],
+        int(bool(elementwise)),
+        logp.data_ptr(),
+        pointer(grad),
+        float(weight),
+        num_threads(),
+    )
+    return logp, grad

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastvae.ops.common import LIKELIHOOD_DTYPE_PAIRS
+from fastvae.ops.common import LIKELIHOOD_DTYPE_PAIRS, likelihood_inputs, loss_dtype
 
 # Philox4x32-10 constants; the stream is specified in fastvae.ops.noise.
 PHILOX_MUL_A: tl.constexpr = tl.constexpr(0xD2511F53)
@@ -133,6 +133,39 @@ class Specialization:
             else:
                 out[arg] = "fp32" if arg in self.floats else "i32"
         return out
+
+
+def launch_logits_likelihood(
+    kernel, logits: torch.Tensor, target: torch.Tensor, elementwise: bool, compute_grad: bool, weight: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run a likelihood-from-logits kernel (the Bernoulli's, the continuous Bernoulli's: one
+    signature, the one logits_likelihood_specializations lists) on logits [B, D] and target [T, D]
+    (T dividing B) read in the dtypes of common.likelihood_inputs. Returns log p ([B, D] if
+    elementwise else [B], the compute dtype) and weight * dlogp/dlogits in logits' dtype (or None)."""
+    B, D = logits.shape
+    (l,), x = likelihood_inputs((logits,), target)
+    logp = torch.empty((B, D) if elementwise else (B,), dtype=loss_dtype(l), device=logits.device)
+    dlogits = torch.empty((B, D), dtype=l.dtype, device=logits.device) if compute_grad else None
+    block_b, block_d = tile(D)
+    kernel[(triton.cdiv(B, block_b),)](
+        l,
+        x,
+        logp,
+        dlogits if compute_grad else logp,
+        B,
+        D,
+        x.shape[0],
+        l.stride(0),
+        x.stride(0),
+        float(weight),
+        ELEMENTWISE=elementwise,
+        COMPUTE_GRAD=compute_grad,
+        COMPUTE=compute_dtype(l),
+        BLOCK_B=block_b,
+        BLOCK_D=block_d,
+        **LAUNCH_OPTIONS,
+    )
+    return logp, None if dlogits is None else dlogits.to(logits.dtype)
 
 
 def logits_likelihood_specializations(kernel) -> list[Specialization]:

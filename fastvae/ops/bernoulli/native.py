@@ -11,7 +11,7 @@ from torch import Tensor
 
 from fastvae.ops import library
 from fastvae.ops.common import loss_dtype
-from fastvae.ops.library import DTYPE_CODES, check_periodic_rows, check_rows, num_threads, pointer
+from fastvae.ops.library import check_periodic_rows, check_rows
 
 library.declare("""
 int fastvae_bernoulli_forward(
@@ -30,24 +30,7 @@ def bernoulli_forward(
     target = check_periodic_rows("target", target, logits)
     compute = loss_dtype(logits, target)
     l, x = (logits.to(compute), target.to(compute)) if compute == torch.float64 else (logits, target)
-    rows, cols = logits.shape
-    logp = torch.empty((rows, cols) if elementwise else (rows,), dtype=compute)
-    grad = torch.empty((rows, cols), dtype=l.dtype) if compute_grad else None
-    library.call(
-        "fastvae_bernoulli_forward",
-        DTYPE_CODES[l.dtype],
-        DTYPE_CODES[x.dtype],
-        rows,
-        cols,
-        l.data_ptr(),
-        l.stride(0),
-        x.data_ptr(),
-        x.stride(0),
-        x.shape[0],
-        int(bool(elementwise)),
-        logp.data_ptr(),
-        pointer(grad),
-        float(weight),
-        num_threads(),
+    logp, grad = library.call_logits_likelihood(
+        "fastvae_bernoulli_forward", l, x, elementwise, compute_grad, weight, compute
     )
     return logp, grad if grad is None or grad.dtype == logits.dtype else grad.to(logits.dtype)

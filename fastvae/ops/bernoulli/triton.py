@@ -15,14 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
-from fastvae.ops.common import likelihood_inputs, loss_dtype
 from fastvae.ops.triton_helpers import (
-    LAUNCH_OPTIONS,
     Specialization,
-    compute_dtype,
+    launch_logits_likelihood,
     log1p_small,
     logits_likelihood_specializations,
-    tile,
 )
 
 
@@ -75,31 +72,7 @@ def bernoulli_forward(
     logits: torch.Tensor, target: torch.Tensor, elementwise: bool, compute_grad: bool, weight: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits [B, D], target [T, D] (T dividing B) -> log p ([B, D] or [B]), weight * dlogp/dlogits | None."""
-    B, D = logits.shape
-    (l,), x = likelihood_inputs((logits,), target)
-    compute = loss_dtype(l)
-    logp = torch.empty((B, D) if elementwise else (B,), dtype=compute, device=logits.device)
-    dlogits = torch.empty((B, D), dtype=l.dtype, device=logits.device) if compute_grad else None
-    block_b, block_d = tile(D)
-    _bernoulli_fwd_kernel[(triton.cdiv(B, block_b),)](
-        l,
-        x,
-        logp,
-        dlogits if compute_grad else logp,
-        B,
-        D,
-        x.shape[0],
-        l.stride(0),
-        x.stride(0),
-        float(weight),
-        ELEMENTWISE=elementwise,
-        COMPUTE_GRAD=compute_grad,
-        COMPUTE=compute_dtype(l),
-        BLOCK_B=block_b,
-        BLOCK_D=block_d,
-        **LAUNCH_OPTIONS,
-    )
-    return logp, None if dlogits is None else dlogits.to(logits.dtype)
+    return launch_logits_likelihood(_bernoulli_fwd_kernel, logits, target, elementwise, compute_grad, weight)
 
 
 def specializations() -> list[Specialization]:

@@ -7,12 +7,11 @@ float32 data without a copy); the target may have fewer rows than the logits (se
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from fastvae.ops import library
 from fastvae.ops.common import likelihood_inputs, loss_dtype
-from fastvae.ops.library import DTYPE_CODES, check_periodic_rows, check_rows, num_threads, pointer
+from fastvae.ops.library import check_periodic_rows, check_rows
 
 library.declare("""
 int fastvae_continuous_bernoulli_forward(
@@ -30,24 +29,7 @@ def continuous_bernoulli_forward(
     logits = check_rows("logits", logits)
     target = check_periodic_rows("target", target, logits)
     (l,), x = likelihood_inputs((logits,), target)
-    rows, cols = l.shape
-    logp = torch.empty((rows, cols) if elementwise else (rows,), dtype=loss_dtype(l))
-    grad = torch.empty((rows, cols), dtype=l.dtype) if compute_grad else None
-    library.call(
-        "fastvae_continuous_bernoulli_forward",
-        DTYPE_CODES[l.dtype],
-        DTYPE_CODES[x.dtype],
-        rows,
-        cols,
-        l.data_ptr(),
-        l.stride(0),
-        x.data_ptr(),
-        x.stride(0),
-        x.shape[0],
-        int(bool(elementwise)),
-        logp.data_ptr(),
-        pointer(grad),
-        float(weight),
-        num_threads(),
+    logp, grad = library.call_logits_likelihood(
+        "fastvae_continuous_bernoulli_forward", l, x, elementwise, compute_grad, weight, loss_dtype(l)
     )
     return logp, grad if grad is None or grad.dtype == logits.dtype else grad.to(logits.dtype)

@@ -14,14 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastvae.ops.common import likelihood_inputs, loss_dtype
-from fastvae.ops.triton_helpers import (
-    LAUNCH_OPTIONS,
-    Specialization,
-    compute_dtype,
-    logits_likelihood_specializations,
-    tile,
-)
+from fastvae.ops.triton_helpers import Specialization, launch_logits_likelihood, logits_likelihood_specializations
 
 
 @triton.jit
@@ -64,9 +57,9 @@ def _continuous_bernoulli_fwd_kernel(
     dlogits_ptr,  # [B, D] contiguous in logits' dtype, written if COMPUTE_GRAD
     B,
     D,
+    target_rows,
     stride_logits,
     stride_target,
-    target_rows,
     weight,  # dlogits = weight * dlogp/dlogits
     ELEMENTWISE: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
@@ -115,31 +108,7 @@ def continuous_bernoulli_forward(
     logits: torch.Tensor, target: torch.Tensor, elementwise: bool, compute_grad: bool, weight: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits [B, D], target [T, D] (T divides B) -> log p ([B, D] or [B]), weight * dlogp/dlogits | None."""
-    B, D = logits.shape
-    (l,), x = likelihood_inputs((logits,), target)
-    compute = loss_dtype(l)
-    logp = torch.empty((B, D) if elementwise else (B,), dtype=compute, device=logits.device)
-    dlogits = torch.empty((B, D), dtype=l.dtype, device=logits.device) if compute_grad else None
-    block_b, block_d = tile(D)
-    _continuous_bernoulli_fwd_kernel[(triton.cdiv(B, block_b),)](
-        l,
-        x,
-        logp,
-        dlogits if compute_grad else logp,
-        B,
-        D,
-        l.stride(0),
-        x.stride(0),
-        x.shape[0],
-        float(weight),
-        ELEMENTWISE=elementwise,
-        COMPUTE_GRAD=compute_grad,
-        COMPUTE=compute_dtype(l),
-        BLOCK_B=block_b,
-        BLOCK_D=block_d,
-        **LAUNCH_OPTIONS,
-    )
-    return logp, None if dlogits is None else dlogits.to(logits.dtype)
+    return launch_logits_likelihood(_continuous_bernoulli_fwd_kernel, logits, target, elementwise, compute_grad, weight)
 
 
 def specializations() -> list[Specialization]:
