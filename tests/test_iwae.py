@@ -244,6 +244,19 @@ def test_an_empty_batch_gives_zeros_of_the_right_shape(backend):
     assert logits.grad.shape == logits.shape and z.grad.shape == z.shape and mu.grad.shape == mu.shape
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_empty_batch_keeps_the_fake_dtypes_of_a_per_sample_decoder_log_variance(backend):
+    """The per-element dlogp/d(log-variance) of a per-sample bf16 log-variance is bf16 (the fake
+    implementation's dtype, which compiled graphs trust), also when the batch is empty."""
+    logits, x, z, mu, logvar = _inputs(batch=0, dtype=torch.float32)
+    logits = logits.bfloat16()
+    decoder_logvar = torch.zeros(logits.shape, dtype=torch.bfloat16, device=DEVICE)
+    with fastvae.use_backend(backend):
+        torch.library.opcheck(
+            iwae_op.iwae_loss_op, (logits, x, z, mu, logvar, decoder_logvar, "gaussian", "iwae", True)
+        )
+
+
 def test_every_likelihood_names_a_forward_kernel_of_its_family():
     """A LIKELIHOODS entry is a family and one of its registered kernels: the table is how elbo_loss
     and iwae_loss reach the likelihoods, so an entry that points nowhere must fail here, not in a

@@ -213,7 +213,7 @@ def _iwae_loss(
     if batch == 0:
         dlogits = torch.zeros_like(logits) if compute_grad else no_grad_placeholder(logits)
         dlogvar = (
-            torch.zeros_like(logits, dtype=compute)
+            torch.zeros_like(logits, dtype=_dlogvar_dtype(logits, decoder_logvar, compute))
             if compute_grad and decoder_logvar is not None
             else no_grad_placeholder(logits)
         )
