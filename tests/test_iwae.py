@@ -245,15 +245,23 @@ def test_an_empty_batch_gives_zeros_of_the_right_shape(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_an_empty_batch_keeps_the_fake_dtypes_of_a_per_sample_decoder_log_variance(backend):
-    """The per-element dlogp/d(log-variance) of a per-sample bf16 log-variance is bf16 (the fake
-    implementation's dtype, which compiled graphs trust), also when the batch is empty."""
-    logits, x, z, mu, logvar = _inputs(batch=0, dtype=torch.float32)
-    logits = logits.bfloat16()
-    decoder_logvar = torch.zeros(logits.shape, dtype=torch.bfloat16, device=DEVICE)
+@pytest.mark.parametrize("samples, batch", [(1, 3), (3, 2), (3, 0)], ids=["K1", "K3", "empty"])
+@pytest.mark.parametrize("layout", ["sample", "datapoint", "datapoint-with-samples-dim", "pixel"])
+def test_the_decoder_log_variance_gradient_has_the_dtype_the_fake_promises(backend, samples, batch, layout):
+    """opcheck on bf16 means and log-variances: the per-element dlogp/d(log-variance) is in the
+    log-variance's dtype when it has the means' shape, else float32, for every K (with K = 1 a
+    per-datapoint log-variance has as many rows as the means) and an empty batch."""
+    logits, x, z, mu, logvar = _inputs(samples=samples, batch=batch, dtype=torch.float32)
+    shape = {
+        "sample": logits.shape,
+        "datapoint": logits.shape[1:],
+        "datapoint-with-samples-dim": (1, *logits.shape[1:]),
+        "pixel": logits.shape[2:],
+    }[layout]
+    decoder_logvar = torch.randn(shape, generator=torch.Generator().manual_seed(4)).to(DEVICE, torch.bfloat16)
     with fastvae.use_backend(backend):
         torch.library.opcheck(
-            iwae_op.iwae_loss_op, (logits, x, z, mu, logvar, decoder_logvar, "gaussian", "iwae", True)
+            iwae_op.iwae_loss_op, (logits.bfloat16(), x, z, mu, logvar, decoder_logvar, "gaussian", "iwae", True)
         )
 
 

@@ -226,7 +226,9 @@ def _iwae_loss(
         rows,
         weights,
         dlogits if compute_grad else no_grad_placeholder(logits),
-        no_grad_placeholder(logits) if dlogvar is None else dlogvar,
+        # The kernel writes the log-variance's own dtype whenever it reads a row per scored row,
+        # per datapoint with K = 1 included; the op's rule (and its fake) is _dlogvar_dtype's.
+        no_grad_placeholder(logits) if dlogvar is None else dlogvar.to(_dlogvar_dtype(logits, decoder_logvar, compute)),
     )
 
 
