@@ -50,7 +50,8 @@ class LinearLatent(nn.Module):
         return mean, torch.log(self.VAR_INFLATION * var)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return (z * self.w + self.b).reshape(-1, 1, 1, PIXELS)  # [B, 1, 1, D]
+        # z [..., 1] -> [..., 1, 1, D]: leading dims kept, as models.VAE.decode keeps K samples' [K, B].
+        return (z * self.w + self.b).reshape(*z.shape[:-1], 1, 1, PIXELS)
 
 
 def log_lik_on_grid(model: LinearLatent, x: torch.Tensor) -> torch.Tensor:

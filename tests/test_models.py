@@ -154,3 +154,16 @@ def test_the_learned_gaussian_variance_stops_at_the_8_bit_rounding_variance():
     assert model.decoder_logvar.grad[0, 0, 0] == 0
     above = values > MIN_DECODER_LOGVAR
     assert above.sum() > 0 and (model.decoder_logvar.grad[above] != 0).all()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decode_takes_samples_per_image(arch):
+    """z [K, B, L] decodes to [K, B, C, H, W], each sample as the decoder gives it alone."""
+    model = build_model(
+        VAEConfig(arch=arch, image_shape=(1, 8, 8), latent_dim=3, hidden_dims=(16,), conv_channels=(4,))
+    )
+    z = torch.randn(4, 5, 3, generator=torch.Generator().manual_seed(6))
+    decoded = model.decode(z)
+    assert decoded.shape == (4, 5, 1, 8, 8)
+    for k in range(4):
+        torch.testing.assert_close(decoded[k], model.decode(z[k]), rtol=1e-5, atol=1e-6)

@@ -277,7 +277,7 @@ def test_iwae_objective_is_the_bound_and_trains_every_parameter(likelihood, esti
     with torch.no_grad():
         mu, logvar = model.encode(x)
         z = fastvae.reparameterize(mu, logvar, samples=4)
-        decoded = model.decode(z.flatten(0, 1)).unflatten(0, (4, 5))
+        decoded = model.decode(z.flatten(0, 1)).unflatten(0, (4, 5))  # independent of decode's own reshaping
         mu, logvar, z = mu.double(), logvar.double(), z.double()
         log_w = (
             _log_lik(model, decoded, x).flatten(2).sum(2)

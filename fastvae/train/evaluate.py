@@ -69,7 +69,7 @@ def iw_log_likelihood(model, x: Tensor, samples: int, iw_batch_size: int, genera
     while done < samples:
         k = min(per_chunk, samples - done)
         z = fastvae.reparameterize(mu, logvar, samples=k, generator=generator)  # [k, B, L]
-        decoded = model.decode(z.flatten(0, 1)).unflatten(0, (k, batch))
+        decoded = model.decode(z)  # [k, B, C, H, W]
         bound = -fastvae.iwae_loss(
             decoded,
             x,

@@ -121,8 +121,11 @@ class VAE(nn.Module):
         return self.encoder(x).chunk(2, dim=1)
 
     def decode(self, z: Tensor) -> Tensor:
-        """z [B, L] -> the decoder output [B, C, H, W]: logits, or the Gaussian's mean."""
-        return self.decoder(z)
+        """z [..., L] -> the decoder output [..., C, H, W]: logits, or the Gaussian's mean. Leading
+        dims beyond the batch (K samples per image, [K, B, L]) go through the decoder as one batch."""
+        if z.dim() == 2:
+            return self.decoder(z)
+        return self.decoder(z.flatten(0, -2)).unflatten(0, z.shape[:-1])
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """x [B, C, H, W] -> decoder output [B, C, H, W], mu, logvar [B, L], kl [B] (float32).

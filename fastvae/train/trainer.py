@@ -94,10 +94,9 @@ class IWAEObjective(nn.Module):
     def forward(self, x: Tensor, kl_weight: Tensor) -> tuple[Tensor, Tensor]:
         """kl_weight: unused (the bound has no KL term to weight; the config refuses a --beta), taken so
         that the step calls both objectives alike."""
-        batch = x.shape[0]
         mu, logvar = self.model.encode(x)
         z = fastvae.reparameterize(mu, logvar, samples=self.samples)  # [K, B, L]
-        decoded = self.model.decode(z.flatten(0, 1)).unflatten(0, (self.samples, batch))  # [K, B, C, H, W]
+        decoded = self.model.decode(z)  # [K, B, C, H, W]
         loss = fastvae.iwae_loss(
             decoded,
             x,
@@ -108,7 +107,7 @@ class IWAEObjective(nn.Module):
             estimator=self.estimator,
             decoder_logvar=self.model.decoder_log_variance(),
         )
-        return loss, (loss.detach() * batch).reshape(1)
+        return loss, (loss.detach() * x.shape[0]).reshape(1)
 
 
 def build_objective(cfg: TrainConfig, model: VAE) -> nn.Module:
