@@ -27,21 +27,33 @@ from benchmarks.harness import isolate_inductor_cache, pin_cpu_allocator
 WARMUP_STEPS = 20
 
 
-def paired_ratios(steps: dict, blocks: int, steps_per_block: int, device: torch.device) -> tuple[list, dict]:
-    """Per block pair: plain seconds / fastvae seconds; and each provider's seconds per step."""
-    ratios, seconds = [], {name: [] for name in steps}
+def interleaved_seconds(steps: dict, blocks: int, steps_per_block: int, device: torch.device) -> dict:
+    """Each step's seconds per step, one value per block: the steps run one after another in
+    blocks of steps_per_block, their order reversed every block, so drift hits all alike."""
+    names = list(steps)
+    seconds = {name: [] for name in names}
     for block in range(blocks):
-        per_step = {}
-        for name in PROVIDERS if block % 2 else PROVIDERS[::-1]:
+        for name in names if block % 2 else names[::-1]:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
             for _ in range(steps_per_block):
                 steps[name]()
-            per_step[name] = (time.perf_counter() - start) / steps_per_block
-            seconds[name].append(per_step[name])
-        ratios.append(per_step["plain"] / per_step["fastvae"])
-    return ratios, seconds
+            seconds[name].append((time.perf_counter() - start) / steps_per_block)
+    return seconds
+
+
+def speed_ratio(baseline: list, other: list) -> dict:
+    """Per block: baseline seconds / other seconds (above 1: `other` is faster); their median and
+    quartiles, and each side's median milliseconds per step."""
+    low, median, high = statistics.quantiles([b / o for b, o in zip(baseline, other)], n=4)
+    return {
+        "plain_ms": statistics.median(baseline) * 1e3,
+        "fastvae_ms": statistics.median(other) * 1e3,
+        "ratio_median": median,
+        "ratio_q1": low,
+        "ratio_q3": high,
+    }
 
 
 def measure(
@@ -60,8 +72,7 @@ def measure(
     for step in steps.values():
         for _ in range(WARMUP_STEPS):
             step()
-    ratios, seconds = paired_ratios(steps, blocks, steps_per_block, device)
-    low, median, high = statistics.quantiles(ratios, n=4)
+    seconds = interleaved_seconds(steps, blocks, steps_per_block, device)
     return {
         "compile": compile_mode,
         "amp": amp,
@@ -70,12 +81,21 @@ def measure(
         "blocks": blocks,
         "steps_per_block": steps_per_block,
         "device": str(device),
-        "plain_ms": statistics.median(seconds["plain"]) * 1e3,
-        "fastvae_ms": statistics.median(seconds["fastvae"]) * 1e3,
-        "ratio_median": statistics.median(ratios),
-        "ratio_q1": low,
-        "ratio_q3": high,
+        **speed_ratio(seconds["plain"], seconds["fastvae"]),
     }
+
+
+def report_result(label: str, result: dict, json_path: str | None) -> None:
+    """Print one measured setting (a speed_ratio dict with its setting) and append it to json_path."""
+    print(
+        f"  {label}: plain {result['plain_ms']:.2f} ms, fastvae {result['fastvae_ms']:.2f} ms per step; "
+        f"fastvae speed / plain: median {result['ratio_median']:.3f}x "
+        f"(quartiles {result['ratio_q1']:.3f} to {result['ratio_q3']:.3f})",
+        flush=True,
+    )
+    if json_path:
+        with open(json_path, "a") as handle:
+            handle.write(json.dumps(result) + "\n")
 
 
 def print_report(path: str) -> None:
@@ -130,16 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     for amp in (False, True):
         result = measure(args.compile, amp, args.batch_size, args.blocks, args.steps, device, not args.no_optimizer)
-        print(
-            f"  {'AMP ' if amp else 'fp32'}: plain {result['plain_ms']:.2f} ms, "
-            f"fastvae {result['fastvae_ms']:.2f} ms per step; "
-            f"fastvae speed / plain: median {result['ratio_median']:.3f}x "
-            f"(quartiles {result['ratio_q1']:.3f} to {result['ratio_q3']:.3f})",
-            flush=True,
-        )
-        if args.json:
-            with open(args.json, "a") as handle:
-                handle.write(json.dumps(result) + "\n")
+        report_result(f"{'AMP ' if amp else 'fp32'}", result, args.json)
 
 
 if __name__ == "__main__":

@@ -210,3 +210,14 @@ def test_a_cpu_run_is_not_held_to_the_gpu_targets(results, tmp_path, capsys):
     path.write_text(json.dumps(doc))
     report.main([str(path), "--plot", str(tmp_path / "cpu.png")])
     assert "target, GPU" not in capsys.readouterr().out
+
+
+def test_compiled_cpu_crossover_measures_every_variant_and_restores_the_threshold():
+    from benchmarks import compiled_cpu_crossover as crossover
+    from fastvae.ops import common
+
+    shipped = common.COMPILED_CPU_COMPOSITE_MAX_ELEMENTS
+    results = crossover.measure(batch_size=4, amp=False, blocks=2, steps_per_block=1, quick=True)
+    assert [r["variant"] for r in results] == list(crossover.VARIANTS)
+    assert all(r["plain_ms"] > 0 and r["fastvae_ms"] > 0 and r["ratio_median"] > 0 for r in results), results
+    assert shipped == common.COMPILED_CPU_COMPOSITE_MAX_ELEMENTS

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from torch import nn
 
 import fastvae
 from fastvae.functional import DREG_COMPILE_MIN_TORCH, _torch_version
+from fastvae.ops import common
 from fastvae.ops.bernoulli.op import bernoulli_log_likelihood_fused, bernoulli_log_likelihood_op
 from fastvae.ops.continuous_bernoulli.op import continuous_bernoulli_log_likelihood_fused
 from fastvae.ops.gaussian.op import (
@@ -19,6 +22,8 @@ from fastvae.ops.gaussian.op import (
 )
 from fastvae.ops.gaussian_likelihood.op import gaussian_log_likelihood_fused
 from fastvae.ops.iwae.op import iwae_loss_fused, iwae_loss_op
+from fastvae.ops.noise import draw_seed, philox_normal
+from fastvae.ops.registry import op_specs
 
 from helpers import BACKENDS, DEVICE, assert_close_to
 
@@ -143,17 +148,45 @@ def test_eager_path_matches_the_custom_op_bit_for_bit(backend):
             assert torch.equal(a, b), f"{fused.custom_op._name}: the eager path and the custom op differ"
 
 
-def test_traced_calls_take_the_custom_op():
-    """Under torch.compile the FusedOp must hand dynamo the registered op (one graph node)."""
-    mu, logvar = _latent()
+def _traced_targets(fn, *args) -> list[str]:
+    """The call targets dynamo records for fn(*args) (fullgraph)."""
+    torch._dynamo.reset()
     seen = []
 
     def backend(graph, example_inputs):
         seen.extend(str(node.target) for node in graph.graph.nodes if node.op == "call_function")
         return graph
 
-    torch.compile(lambda m, v: fastvae.reparameterize_kl(m, v)[1].sum(), backend=backend, fullgraph=True)(mu, logvar)
-    assert any("fastvae.reparameterize_kl" in target for target in seen), seen
+    torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return seen
+
+
+@pytest.mark.parametrize(
+    "backend, max_elements, custom_op",
+    [("auto", None, False), ("auto", 4, True), ("native", None, True), ("torch", None, True)],
+    ids=["auto-small", "auto-large", "native", "torch"],
+)
+def test_traced_cpu_calls_lower_by_size_and_backend(monkeypatch, backend, max_elements, custom_op):
+    """In a compiled graph on the CPU, a small call under the default backend is the op's composite
+    (torch ops inductor fuses); a larger one, or any call under a backend chosen by name, stays one
+    opaque custom-op node. Either way the result is what eager computes, noise included."""
+    if max_elements is not None:
+        monkeypatch.setattr(common, "COMPILED_CPU_COMPOSITE_MAX_ELEMENTS", max_elements)
+    mu, logvar = (torch.randn(3, 5) for _ in range(2))
+
+    def z_and_kl(m, v):
+        return fastvae.reparameterize_kl(m, v)
+
+    with fastvae.use_backend(backend):
+        targets = _traced_targets(z_and_kl, mu, logvar)
+        torch.manual_seed(7)
+        eager = z_and_kl(mu, logvar)
+        torch._dynamo.reset()
+        torch.manual_seed(7)
+        traced = torch.compile(z_and_kl, backend="aot_eager", fullgraph=True)(mu, logvar)
+    assert any("fastvae.reparameterize_kl" in t for t in targets) == custom_op, targets
+    for name, got, want in zip(("z", "kl"), traced, eager):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean", "batchmean"])
@@ -166,6 +199,7 @@ def test_eager_elbo_loss_matches_the_traced_one(backend, reduction):
     logits = torch.randn(5, 9, device=DEVICE, requires_grad=True)
     target = torch.rand(5, 9, device=DEVICE).requires_grad_()
     kl = (torch.rand(5, device=DEVICE) + 0.1).requires_grad_()
+    torch._dynamo.reset()  # dynamo guards on the backend: each case's traces count against one limit
     traced = torch.compile(fastvae.elbo_loss, backend="aot_eager", fullgraph=True)
     for beta in (0.4, torch.tensor(0.4, device=DEVICE)):
         for upstream in (1.0, 1.7):
@@ -318,3 +352,42 @@ def test_autocast_bf16_forward_and_backward(backend):
     assert z.dtype == torch.bfloat16 and kl.dtype == torch.float32 and loss.dtype == torch.float32
     loss.backward()  # ...and hand back float32 parameter gradients through autocast's casts
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("spec", op_specs(), ids=[s.name for s in op_specs()])
+def test_compiled_cpu_composites_match_the_float64_oracle(spec):
+    """Every public op compiled on the CPU under the default backend, at a size where the graph
+    holds its composite rather than the custom op: values and every gradient against the oracle,
+    the noise included (the composite draws the same Philox stream from the same seed)."""
+    cpu, seed = torch.device("cpu"), 1234
+    shape = {"batch": 3, "data": 7, "latent": 5, "samples": 2}
+    generator = torch.Generator().manual_seed(seed)
+    for reduction in spec.reductions or (None,):
+        inputs = [arg.make(shape, torch.float32, cpu, generator) for arg in spec.inputs]
+        kwargs, oracle_kwargs = spec.size_arguments(shape), spec.size_arguments(shape)
+        if reduction is not None:
+            kwargs["reduction"] = oracle_kwargs["reduction"] = reduction
+        if spec.noise_dims is not None:
+            eps_seed = draw_seed(cpu, torch.Generator().manual_seed(seed))
+            oracle_kwargs["eps"] = philox_normal(eps_seed, spec.noise_shape(shape), torch.float64, cpu)
+        leaves = [x.detach().clone().requires_grad_(arg.differentiable) for arg, x in zip(spec.inputs, inputs)]
+        torch._dynamo.reset()
+        torch.manual_seed(seed)  # the default generator then draws the seed a fresh one would
+        with fastvae.use_backend("auto"):
+            compiled = torch.compile(functools.partial(spec.fastvae, **kwargs), backend="aot_eager", fullgraph=True)
+            outputs = compiled(*leaves)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        upstream = [torch.randn(o.shape, generator=generator) + 0.5 for o in outputs]
+        grads = torch.autograd.grad(outputs, [x for x in leaves if x.requires_grad], upstream)
+        doubles = [x.detach().double().requires_grad_(arg.differentiable) for arg, x in zip(spec.inputs, inputs)]
+        expected = spec.oracle(*doubles, **oracle_kwargs)
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        expected_grads = torch.autograd.grad(
+            expected, [x for x in doubles if x.requires_grad], [u.double() for u in upstream]
+        )
+        where = f"{spec.name}[{reduction}]" if reduction else spec.name
+        for arg, out, want in zip(spec.outputs, outputs, expected):
+            assert_close_to(out, want, f"{where} {arg.name}", spec.min_tolerance)
+        names = [arg.name for arg in spec.inputs if arg.differentiable]
+        for name, g, want in zip(names, grads, expected_grads):
+            assert_close_to(g, want, f"{where} d/d{name}", spec.min_tolerance)

@@ -50,3 +50,13 @@ def test_a_cache_folder_the_user_set_is_kept(monkeypatch):
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/mine")
     assert isolate_inductor_cache() == "/somewhere/mine"
+
+
+def test_importing_fastvae_leaves_the_cache_folder_to_choose():
+    """Importing torch._dynamo fixes TORCHINDUCTOR_CACHE_DIR to the shared default; fastvae must not
+    do it at import, or isolate_inductor_cache (called after the import) would keep that folder."""
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    code = "import os, fastvae, fastvae.train; print(os.environ.get('TORCHINDUCTOR_CACHE_DIR'))"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "None", done.stdout

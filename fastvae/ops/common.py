@@ -11,6 +11,8 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
+from fastvae.backend import requested_backend
+
 
 # --------------------------------------------------------------------------- rows and dtypes
 def as_rows(t: Tensor) -> Tensor:
@@ -176,6 +178,24 @@ def transform_active() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None or forward_ad._current_level >= 0
 
 
+# In a compiled graph on the CPU, an op whose largest tensor holds at most this many elements
+# runs as its composite: inductor fuses those torch ops into the graph's own C++ loops. As one
+# opaque custom op it costs a call back into Python and ctypes, and its kernel runs cold between
+# the graph's matrix products (`python -m benchmarks.compiled_cpu_crossover` measures both ways).
+COMPILED_CPU_COMPOSITE_MAX_ELEMENTS = 1 << 18
+
+
+def composite_in_compiled_graph(args: Sequence) -> bool:
+    """(Inside a torch.compile trace.) Whether this call lowers to the op's composite: small CPU
+    calls under the default backend (COMPILED_CPU_COMPOSITE_MAX_ELEMENTS). A backend chosen by
+    name keeps the custom op, so the kernels stay what a test or a user asked to run (dynamo guards
+    on the backend: choosing another one retraces)."""
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    if not tensors or any(t.device.type != "cpu" for t in tensors):
+        return False
+    return max(t.numel() for t in tensors) <= COMPILED_CPU_COMPOSITE_MAX_ELEMENTS and requested_backend() == "auto"
+
+
 def plain_eager_call(args: Sequence) -> bool:
     """True when nothing but eager PyTorch can observe this call: no torch.compile or export
     trace, no torch function or dispatch mode (fake tensors, profilers that record aten ops,
@@ -229,7 +249,8 @@ class FusedOp:
       redispatch, Python implementation), which `python -m benchmarks.eager_paths` measures
       against this route.
     - `composite(*args)`, the same outputs from torch ops (the op's definition), under
-      torch.func transforms and forward-mode AD (see `transform_active`).
+      torch.func transforms and forward-mode AD (see `transform_active`), and for small CPU
+      calls in a compiled graph (see `composite_in_compiled_graph`).
 
     An op without backward (a backward op itself) calls `forward` directly in eager mode,
     unless its inputs require grad under grad mode: then the custom op raises torch's own
@@ -266,8 +287,8 @@ class FusedOp:
             )
 
     def __call__(self, *args):
-        if torch.compiler.is_compiling():  # dynamo: one opaque node
-            return self.custom_op(*args)
+        if torch.compiler.is_compiling():  # dynamo: one opaque node, or torch ops inductor fuses
+            return self.composite(*args) if composite_in_compiled_graph(args) else self.custom_op(*args)
         if transform_active():
             return self.composite(*args)
         if not plain_eager_call(args):

@@ -85,7 +85,7 @@ from fastvae.ops.common import (
 )
 from fastvae.ops.iwae import reference
 from fastvae.ops.likelihoods import LIKELIHOODS
-from fastvae.ops.registry import family, implementation
+from fastvae.ops.registry import implementation
 
 ESTIMATORS = ("iwae", "dreg")
 
@@ -177,8 +177,7 @@ def iwae_loss_composite(
     for the IWAE estimator and by reverse mode for DReG."""
     entry = LIKELIHOODS[likelihood]
     compute = loss_dtype(logits, x, z, mu, logvar, decoder_logvar)
-    likelihood_reference = getattr(family(entry.family).module("torch"), entry.kernel)
-    logp, dlogits, dlogvar = _score(likelihood_reference, logits, x, decoder_logvar, compute_grad, compute)
+    logp, dlogits, dlogvar = _score(entry.reference, logits, x, decoder_logvar, compute_grad, compute)
     bound = _DReGBound.apply if estimator == "dreg" else reference.iwae_forward
     rows, weights = bound(logp, *_latent_rows(z, mu, logvar))
     return (
