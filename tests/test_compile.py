@@ -375,6 +375,11 @@ def test_compiled_cpu_composites_match_the_float64_oracle(spec):
         torch.manual_seed(seed)  # the default generator then draws the seed a fresh one would
         with fastvae.use_backend("auto"):
             compiled = torch.compile(functools.partial(spec.fastvae, **kwargs), backend="aot_eager", fullgraph=True)
+            if spec.name == "iwae_loss_dreg" and _torch_version() < DREG_COMPILE_MIN_TORCH:
+                # Refused by name on torch 2.11 (test_compile_fullgraph_iwae_matches_eager says why).
+                with pytest.raises(Exception, match=r"estimator='dreg'\) inside torch.compile needs torch >="):
+                    compiled(*leaves)
+                return
             outputs = compiled(*leaves)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         upstream = [torch.randn(o.shape, generator=generator) + 0.5 for o in outputs]
