@@ -185,15 +185,20 @@ def transform_active() -> bool:
 COMPILED_CPU_COMPOSITE_MAX_ELEMENTS = 1 << 18
 
 
-def composite_in_compiled_graph(args: Sequence) -> bool:
+def largest_input(*args) -> int:
+    """The elements of a call's largest tensor argument: the size of most ops' work."""
+    return max((a.numel() for a in args if isinstance(a, Tensor)), default=0)
+
+
+def composite_in_compiled_graph(args: Sequence, work_elements: Callable[..., int] = largest_input) -> bool:
     """(Inside a torch.compile trace.) Whether this call lowers to the op's composite: small CPU
-    calls under the default backend (COMPILED_CPU_COMPOSITE_MAX_ELEMENTS). A backend chosen by
-    name keeps the custom op, so the kernels stay what a test or a user asked to run (dynamo guards
-    on the backend: choosing another one retraces)."""
+    calls (work_elements(*args) at most COMPILED_CPU_COMPOSITE_MAX_ELEMENTS) under the default
+    backend. A backend chosen by name keeps the custom op, so the kernels stay what a test or a
+    user asked to run (dynamo guards on the backend: choosing another one retraces)."""
     tensors = [a for a in args if isinstance(a, Tensor)]
     if not tensors or any(t.device.type != "cpu" for t in tensors):
         return False
-    return max(t.numel() for t in tensors) <= COMPILED_CPU_COMPOSITE_MAX_ELEMENTS and requested_backend() == "auto"
+    return work_elements(*args) <= COMPILED_CPU_COMPOSITE_MAX_ELEMENTS and requested_backend() == "auto"
 
 
 def plain_eager_call(args: Sequence) -> bool:
@@ -263,8 +268,16 @@ class FusedOp:
         composite: Callable,
         setup_context: Callable | None = None,
         backward: Callable | None = None,
+        work_elements: Callable[..., int] = largest_input,
     ) -> None:
+        """work_elements(*args): the size of a call's work, which picks the composite or the node in
+        a compiled CPU graph (see composite_in_compiled_graph); the largest input unless the op
+        writes more than it reads (a sampler's K samples)."""
         self.custom_op, self.forward, self.composite = custom_op, forward, composite
+        self.work_elements = work_elements
+        # A backward op (no backward of its own) runs only inside its forward op's backward, which
+        # runs only when that forward stayed a node: it stays a node too, whatever its size.
+        self.lowers_in_compiled_graphs = backward is not None
         self._function = None
         if backward is not None:
             custom_op.register_autograd(backward, setup_context=setup_context)
@@ -288,7 +301,9 @@ class FusedOp:
 
     def __call__(self, *args):
         if torch.compiler.is_compiling():  # dynamo: one opaque node, or torch ops inductor fuses
-            return self.composite(*args) if composite_in_compiled_graph(args) else self.custom_op(*args)
+            if self.lowers_in_compiled_graphs and composite_in_compiled_graph(args, self.work_elements):
+                return self.composite(*args)
+            return self.custom_op(*args)
         if transform_active():
             return self.composite(*args)
         if not plain_eager_call(args):

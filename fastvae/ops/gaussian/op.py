@@ -187,6 +187,7 @@ reparameterize_kl_fused = FusedOp(
     reparameterize_kl_composite,
     _reparameterize_kl_setup,
     _reparameterize_kl_grads,
+    work_elements=lambda mu, logvar, eps, seed, samples: mu.numel() * (samples or 1),
 )
 
 
