@@ -187,7 +187,11 @@ COMPILED_CPU_COMPOSITE_MAX_ELEMENTS = 1 << 18
 
 def largest_input(*args) -> int:
     """The elements of a call's largest tensor argument: the size of most ops' work."""
-    return max((a.numel() for a in args if isinstance(a, Tensor)), default=0)
+    largest = 0
+    for a in args:  # a loop, not max(..., default=0): torch 2.11's dynamo cannot trace that
+        if isinstance(a, Tensor) and a.numel() > largest:
+            largest = a.numel()
+    return largest
 
 
 def composite_in_compiled_graph(args: Sequence, work_elements: Callable[..., int] = largest_input) -> bool:
