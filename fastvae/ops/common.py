@@ -178,10 +178,11 @@ def transform_active() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None or forward_ad._current_level >= 0
 
 
-# In a compiled graph on the CPU, an op whose largest tensor holds at most this many elements
-# runs as its composite: inductor fuses those torch ops into the graph's own C++ loops. As one
-# opaque custom op it costs a call back into Python and ctypes, and its kernel runs cold between
-# the graph's matrix products (`python -m benchmarks.compiled_cpu_crossover` measures both ways).
+# In a compiled graph on the CPU, an op whose work (FusedOp's work_elements: its largest tensor,
+# a sampler's K samples) is at most this many elements runs as its composite: inductor fuses
+# those torch ops into the graph's own C++ loops. As one opaque custom op it costs a call back
+# into Python and ctypes, and its kernel runs cold between the graph's matrix products
+# (`python -m benchmarks.compiled_cpu_crossover` measures both ways).
 COMPILED_CPU_COMPOSITE_MAX_ELEMENTS = 1 << 18
 
 
