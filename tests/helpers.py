@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastvae.backend import BACKENDS as BACKEND_NAMES
 from fastvae.backend import unavailable_reason
+from fastvae.ops.noise import draw_seed, philox_normal
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -62,6 +63,23 @@ def assert_close_to(actual: Tensor, expected: Tensor, name: str, min_tolerance: 
 
 def leaf(t: Tensor) -> Tensor:
     return t.detach().clone().requires_grad_(True)
+
+
+def oracle_noise(spec, sizes: dict, seed: int, device: torch.device) -> Tensor:
+    """The float64 noise an op spec's oracle takes as eps: what a generator seeded with `seed` (or
+    torch.manual_seed(seed)'s default one) makes the op draw at `sizes`."""
+    drawn = draw_seed(device, torch.Generator(device).manual_seed(seed))
+    return philox_normal(drawn, spec.noise_shape(sizes), torch.float64, device)
+
+
+def oracle_outputs_and_grads(spec, inputs: list, kwargs: dict, upstream: list) -> tuple[tuple, tuple]:
+    """An op spec's float64 oracle on `inputs`: its outputs, and the gradient of each differentiable
+    input for the upstream gradients `upstream`."""
+    leaves = [x.detach().double().requires_grad_(arg.differentiable) for arg, x in zip(spec.inputs, inputs)]
+    outputs = spec.oracle(*leaves, **kwargs)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    grads = torch.autograd.grad(outputs, [x for x in leaves if x.requires_grad], [u.double() for u in upstream])
+    return outputs, grads
 
 
 class RecordPointwiseSizes(TorchDispatchMode):

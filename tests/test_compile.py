@@ -22,10 +22,9 @@ from fastvae.ops.gaussian.op import (
 )
 from fastvae.ops.gaussian_likelihood.op import gaussian_log_likelihood_fused
 from fastvae.ops.iwae.op import iwae_loss_fused, iwae_loss_op
-from fastvae.ops.noise import draw_seed, philox_normal
 from fastvae.ops.registry import op_specs
 
-from helpers import BACKENDS, DEVICE, assert_close_to
+from helpers import BACKENDS, DEVICE, assert_close_to, oracle_noise, oracle_outputs_and_grads
 
 
 def _latent(requires_grad=True, dtype=torch.float32, shape=(3, 5)):
@@ -404,8 +403,7 @@ def test_compiled_cpu_composites_match_the_float64_oracle(spec):
         if reduction is not None:
             kwargs["reduction"] = oracle_kwargs["reduction"] = reduction
         if spec.noise_dims is not None:
-            eps_seed = draw_seed(cpu, torch.Generator().manual_seed(seed))
-            oracle_kwargs["eps"] = philox_normal(eps_seed, spec.noise_shape(shape), torch.float64, cpu)
+            oracle_kwargs["eps"] = oracle_noise(spec, shape, seed, cpu)
         leaves = [x.detach().clone().requires_grad_(arg.differentiable) for arg, x in zip(spec.inputs, inputs)]
         torch._dynamo.reset()
         torch.manual_seed(seed)  # the default generator then draws the seed a fresh one would
@@ -420,12 +418,7 @@ def test_compiled_cpu_composites_match_the_float64_oracle(spec):
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         upstream = [torch.randn(o.shape, generator=generator) + 0.5 for o in outputs]
         grads = torch.autograd.grad(outputs, [x for x in leaves if x.requires_grad], upstream)
-        doubles = [x.detach().double().requires_grad_(arg.differentiable) for arg, x in zip(spec.inputs, inputs)]
-        expected = spec.oracle(*doubles, **oracle_kwargs)
-        expected = expected if isinstance(expected, tuple) else (expected,)
-        expected_grads = torch.autograd.grad(
-            expected, [x for x in doubles if x.requires_grad], [u.double() for u in upstream]
-        )
+        expected, expected_grads = oracle_outputs_and_grads(spec, inputs, oracle_kwargs, upstream)
         where = f"{spec.name}[{reduction}]" if reduction else spec.name
         for arg, out, want in zip(spec.outputs, outputs, expected):
             assert_close_to(out, want, f"{where} {arg.name}", spec.min_tolerance)

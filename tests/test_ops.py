@@ -7,10 +7,9 @@ import pytest
 import torch
 
 import fastvae
-from fastvae.ops.noise import draw_seed, philox_normal
 from fastvae.ops.registry import op_specs
 
-from helpers import BACKENDS, DEVICE, DTYPES, assert_close_to
+from helpers import BACKENDS, DEVICE, DTYPES, assert_close_to, oracle_noise, oracle_outputs_and_grads
 
 SPECS = op_specs()
 # Sizes per axis: odd widths below, inside and beyond one Triton tile row (32, 128, 1024); samples
@@ -36,14 +35,6 @@ def _call_and_grads(spec, backend, inputs, kwargs):
     return outputs, grads, [u.double() for u in upstream]
 
 
-def _oracle(spec, inputs, kwargs, upstream):
-    leaves = [x.detach().double().requires_grad_(arg.differentiable) for arg, x in zip(spec.inputs, inputs)]
-    outputs = spec.oracle(*leaves, **kwargs)
-    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    grads = torch.autograd.grad(outputs, [x for x in leaves if x.requires_grad], upstream)
-    return outputs, grads
-
-
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -59,10 +50,9 @@ def test_op_matches_its_float64_oracle(spec, backend, dtype, shape):
             kwargs["reduction"] = oracle_kwargs["reduction"] = reduction
         if spec.noise_dims is not None:
             kwargs["generator"] = torch.Generator(DEVICE).manual_seed(SEED)
-            seed = draw_seed(DEVICE, torch.Generator(DEVICE).manual_seed(SEED))
-            oracle_kwargs["eps"] = philox_normal(seed, spec.noise_shape(shape), torch.float64, DEVICE)
+            oracle_kwargs["eps"] = oracle_noise(spec, shape, SEED, DEVICE)
         outputs, grads, upstream = _call_and_grads(spec, backend, inputs, kwargs)
-        expected, expected_grads = _oracle(spec, inputs, oracle_kwargs, upstream)
+        expected, expected_grads = oracle_outputs_and_grads(spec, inputs, oracle_kwargs, upstream)
         where = f"{spec.name}[{reduction}]" if reduction else spec.name
         for arg, out, want in zip(spec.outputs, outputs, expected):
             if arg.kind == "loss":
