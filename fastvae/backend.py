@@ -13,8 +13,10 @@ backend by name that cannot run raises :class:`BackendUnavailableError` with the
 and the fix.
 
 Choose with ``FASTVAE_BACKEND=auto|triton|native|torch`` or, for a block of code,
-``with fastvae.use_backend("torch"): ...`` (the context manager wins). What each backend
-implements is listed in `fastvae.ops.registry`.
+``with fastvae.use_backend("torch"): ...`` (the context manager wins). The variable is read
+once, when fastvae is imported: every op call consults the choice, and reading the
+environment on each call cost more than a small CPU kernel (see `read_environment`). What
+each backend implements is listed in `fastvae.ops.registry`.
 """
 
 from __future__ import annotations
@@ -35,7 +37,12 @@ BACKEND_CHOICES = ("auto",) + BACKENDS
 ENV_VAR = "FASTVAE_BACKEND"
 
 _override = threading.local()
-_warned_auto_fallback = False
+# FASTVAE_BACKEND as read_environment found it: a choice, or the error an unknown value raises.
+_environment_choice = "auto"
+_environment_error: str | None = None
+# What "auto" resolves to on the CPU once decided: whether the native library loaded does not
+# change within a process.
+_auto_cpu_backend: str | None = None
 
 
 def _check_name(name: str) -> str:
@@ -44,18 +51,32 @@ def _check_name(name: str) -> str:
     return name
 
 
+def read_environment() -> None:
+    """Read FASTVAE_BACKEND (again). fastvae reads it when imported; a process that changes the
+    variable later calls this, or, better, chooses with `use_backend`."""
+    global _environment_choice, _environment_error
+    env = (os.environ.get(ENV_VAR) or "").strip().lower() or "auto"
+    valid = env in BACKEND_CHOICES
+    _environment_choice = env if valid else "auto"
+    _environment_error = (
+        None
+        if valid
+        else f"{ENV_VAR}={os.environ.get(ENV_VAR)!r} is not a fastvae backend; set it to one of "
+        f"{', '.join(BACKEND_CHOICES)}"
+    )
+
+
 def requested_backend() -> str:
     """The backend the user asked for: use_backend() if active, else $FASTVAE_BACKEND, else auto."""
     override = getattr(_override, "name", None)
     if override is not None:
         return override
-    env = os.environ.get(ENV_VAR)
-    if env is None:
-        return "auto"
-    env = env.strip().lower() or "auto"
-    if env not in BACKEND_CHOICES:
-        raise ValueError(f"{ENV_VAR}={env!r} is not a fastvae backend; set it to one of {', '.join(BACKEND_CHOICES)}")
-    return env
+    if _environment_error is not None:
+        raise ValueError(_environment_error)
+    return _environment_choice
+
+
+read_environment()
 
 
 @contextlib.contextmanager
@@ -127,26 +148,28 @@ def available_backends() -> dict[str, str | None]:
 
 def resolve_backend_name(device: torch.device) -> str:
     """The backend that runs ops on `device` now; raises if the requested one cannot."""
-    global _warned_auto_fallback
     name = requested_backend()
     if name == "auto":
         if device.type == "cuda":
-            name = "triton"
-        elif device.type == "cpu":
-            reason = _native_reason(device)
-            if reason is None:
-                return "native"
-            if not _warned_auto_fallback:
-                _warned_auto_fallback = True
-                warnings.warn(
-                    f"fastvae: native CPU kernels unavailable ({reason}); using the torch "
-                    f"reference backend. Set {ENV_VAR}=torch to silence this.",
-                    stacklevel=3,
-                )
-            return "torch"
-        else:
-            return "torch"
+            return "triton"
+        if device.type == "cpu":
+            return _auto_cpu_backend or _resolve_auto_cpu()
+        return "torch"
     reason = unavailable_reason(name, device)
     if reason is not None:
         raise BackendUnavailableError(f"fastvae backend {name!r} cannot run on {device}: {reason}")
     return name
+
+
+def _resolve_auto_cpu() -> str:
+    """native when its library loads, else torch with a warning (once); remembered."""
+    global _auto_cpu_backend
+    reason = _native_reason(torch.device("cpu"))
+    if reason is not None:
+        warnings.warn(
+            f"fastvae: native CPU kernels unavailable ({reason}); using the torch "
+            f"reference backend. Set {ENV_VAR}=torch to silence this.",
+            stacklevel=4,
+        )
+    _auto_cpu_backend = "native" if reason is None else "torch"
+    return _auto_cpu_backend

@@ -145,17 +145,20 @@ def _log_likelihood(
     elementwise: bool,
     weight: float | None,
     target_name: str = "target",
+    check_target: bool = True,
 ) -> Tensor:
     """log p(target | output) of `likelihood` (fastvae.ops.likelihoods), per element or per datapoint
     [B] for a loss that adds `weight` * their sum (its kernel writes the gradient so scaled).
 
     A target outside [0, 1] of a likelihood from logits is a ValueError naming target_name where
-    that can be checked for free (validation.check_unit_interval), NaN elsewhere."""
+    that can be checked for free (validation.check_unit_interval), NaN elsewhere; check_target
+    False leaves that check to the caller, which passes it a sum it computes anyway."""
     entry = LIKELIHOODS[likelihood]
     if entry.takes_logvar:
         return entry.fused(output, target, decoder_logvar, elementwise, _needs_grad(output, decoder_logvar), weight)[0]
     result = entry.fused(output, target, elementwise, _needs_grad(output), weight)[0]
-    check.check_unit_interval(target_name, result, target)
+    if check_target:
+        check.check_unit_interval(target_name, result, target)
     return result
 
 
@@ -172,8 +175,11 @@ def _reduced_log_likelihood(
     if reduction == "none":
         return _log_likelihood(likelihood, output, target, decoder_logvar, True, None, target_name)
     weight = _reduction_weight(reduction, output, output.numel())
-    rows = _log_likelihood(likelihood, output, target, decoder_logvar, False, weight, target_name)
-    return _reduce_rows(rows, reduction, output.numel())
+    rows = _log_likelihood(likelihood, output, target, decoder_logvar, False, weight, check_target=False)
+    reduced = _reduce_rows(rows, reduction, output.numel())
+    if LIKELIHOODS[likelihood].target_in_unit_interval:
+        check.check_unit_interval(target_name, reduced, target)
+    return reduced
 
 
 def bernoulli_log_likelihood(logits: Tensor, target: Tensor, reduction: str = "batchmean") -> Tensor:
@@ -264,6 +270,13 @@ def _check_posterior(logits: Tensor, mu: Tensor, logvar: Tensor) -> None:
 
 
 def _check_kl_rows(kl: Tensor, logits: Tensor) -> None:
+    if (
+        isinstance(kl, Tensor)
+        and kl.is_floating_point()
+        and kl.device == logits.device
+        and kl.shape == logits.shape[:1]
+    ):
+        return  # the common case in one expression; the checks below name what is wrong
     check.check_float_tensor("kl", kl)
     check.check_same_device(logits=logits, kl=kl)
     if kl.shape != logits.shape[:1]:
@@ -363,9 +376,12 @@ def elbo_loss(
     divisor = 1 if reduction == "sum" else max(logits.shape[0], 1)
     # The likelihood's kernel is told the loss's weight on it, -1/divisor: its saved gradient
     # then is d(loss)/d(logits), and loss.backward() hands it over with no pass over [B, D].
-    logp = _log_likelihood(likelihood, logits, target, decoder_logvar, False, -1.0 / divisor)
+    logp = _log_likelihood(likelihood, logits, target, decoder_logvar, False, -1.0 / divisor, check_target=False)
+    logp_sum = logp.sum()
+    if LIKELIHOODS[likelihood].target_in_unit_interval:
+        check.check_unit_interval("target", logp_sum, target)
     weighted_kl = kl.sum() if isinstance(beta, (int, float)) and beta == 1 else beta * kl.sum()
-    loss = weighted_kl - logp.sum()
+    loss = weighted_kl - logp_sum
     return loss if divisor == 1 else loss / divisor
 
 

@@ -1,7 +1,10 @@
 """Checks of what users pass to fastvae's public functions, each in one place, and the switch
 for the checks that read tensor values.
 
-Checks of types, shapes and devices always run: they cost nothing. Checks of values
+Checks of types, shapes and devices always run. They run on every call, and inside a
+training step each Python call meets cold caches and costs microseconds, so the common
+checks first test the valid case in one expression and only then, to name what is wrong,
+take the detailed path. Checks of values
 (targets in [0, 1], a non-negative beta) read data, so they run only where that needs
 no host synchronization: on CPU tensors, in eager mode. There, with validation on (the
 default, as `torch.distributions`' validate_args), a bad value is a ValueError that names
@@ -40,15 +43,14 @@ def validate_args_enabled() -> bool:
     return _validate_values
 
 
-def _values_readable(t: Tensor) -> bool:
-    """Whether checking t's values costs no host sync and is possible at all."""
-    return (
-        _validate_values
-        and t.device.type == "cpu"
-        and type(t) in (Tensor, torch.nn.Parameter)
-        and not torch.compiler.is_compiling()
-        and not transform_active()
-    )
+def _values_readable(*tensors: Tensor) -> bool:
+    """Whether checking these tensors' values costs no host sync and is possible at all."""
+    if not _validate_values or torch.compiler.is_compiling() or transform_active():
+        return False
+    for t in tensors:
+        if t.device.type != "cpu" or (type(t) is not Tensor and type(t) is not torch.nn.Parameter):
+            return False
+    return True
 
 
 def check_float_tensor(name: str, t: object, *, batched: bool = True) -> None:
@@ -74,14 +76,24 @@ def check_same_shape(a_name: str, a: Tensor, b_name: str, b: Tensor) -> None:
 
 def check_same_device(**tensors: Tensor) -> None:
     first, *rest = tensors.values()
-    if all(t.device == first.device for t in rest):
-        return
-    listing = ", ".join(f"{name} on {t.device}" for name, t in tensors.items())
-    raise ValueError(f"all tensors must be on one device, got {listing}; move them with .to(device)")
+    for t in rest:
+        if t.device != first.device:
+            listing = ", ".join(f"{name} on {t.device}" for name, t in tensors.items())
+            raise ValueError(f"all tensors must be on one device, got {listing}; move them with .to(device)")
 
 
 def check_pair(a_name: str, a: Tensor, b_name: str, b: Tensor) -> None:
     """Two float tensors of one shape on one device."""
+    if (
+        isinstance(a, Tensor)
+        and isinstance(b, Tensor)
+        and a.is_floating_point()
+        and b.is_floating_point()
+        and a.dim() != 0
+        and a.shape == b.shape
+        and a.device == b.device
+    ):
+        return
     check_float_tensor(a_name, a)
     check_float_tensor(b_name, b)
     check_same_shape(a_name, a, b_name, b)
@@ -148,6 +160,26 @@ def check_reduction(reduction: str) -> None:
 def check_beta(beta: object, device: torch.device | None = None) -> None:
     """beta weights the KL: a finite float >= 0, or a 0-d float tensor (on the loss's device, or
     the CPU) holding one."""
+    if type(beta) is float and 0 <= beta < math.inf:  # the common cases, decided at once
+        return
+    if not (
+        type(beta) is Tensor
+        and beta.dim() == 0
+        and beta.is_floating_point()
+        and (device is None or beta.device == device or beta.device.type == "cpu")
+    ):
+        _reject_beta(beta, device)
+        if not isinstance(beta, Tensor):
+            return
+    if _values_readable(beta):
+        value = beta.item()
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"beta must be a finite number >= 0 (it weights the KL term), got tensor({value})")
+
+
+def _reject_beta(beta: object, device: torch.device | None) -> None:
+    """Raise what is wrong with a beta check_beta's fast path did not accept; return if nothing is
+    (an int, a float subclass, a tensor subclass such as a Parameter)."""
     if isinstance(beta, bool) or not isinstance(beta, (numbers.Real, Tensor)):
         raise TypeError(f"beta must be a float or a 0-d tensor, got {type(beta).__name__}")
     if isinstance(beta, numbers.Real):
@@ -163,19 +195,20 @@ def check_beta(beta: object, device: torch.device | None = None) -> None:
         raise TypeError(f"beta must be a floating-point tensor, got {beta.dtype}; use beta.float()")
     if device is not None and beta.device != device and beta.device.type != "cpu":
         raise ValueError(f"beta is on {beta.device} but the loss is on {device}; move it with beta.to(device)")
-    if _values_readable(beta):
-        value = beta.item()
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"beta must be a finite number >= 0 (it weights the KL term), got tensor({value})")
 
 
 def check_unit_interval(name: str, result: Tensor, target: Tensor) -> None:
     """After a likelihood whose kernels write NaN for targets outside [0, 1]: where the values
     can be read for free, raise instead, naming the argument. `result` is the op's output
-    (per-datapoint rows, or elements), which is NaN wherever a target was out of range."""
-    if not (_values_readable(result) and _values_readable(target)):
+    (per-datapoint rows, or elements) or a sum of it, which is NaN wherever a target was out
+    of range; a sum the caller computes anyway is the cheapest to test (one value read)."""
+    if not _values_readable(result, target):
         return
-    if not torch.isnan(result).any():
+    if result.dim() == 0:
+        value = result.item()
+        if value == value:  # not NaN
+            return
+    elif not torch.isnan(result).any():
         return
     outside = (target < 0) | (target > 1) | torch.isnan(target)
     if outside.any():

@@ -30,3 +30,4 @@ def pytest_sessionstart(session):
 def _fresh_backend_state(monkeypatch):
     """Each test starts from FASTVAE_BACKEND unset so backend choice is explicit in the test."""
     monkeypatch.delenv("FASTVAE_BACKEND", raising=False)
+    fastvae.backend.read_environment()

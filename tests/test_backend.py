@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastvae
-from fastvae.backend import BackendUnavailableError, requested_backend, resolve_backend_name
+from fastvae.backend import BackendUnavailableError, read_environment, requested_backend, resolve_backend_name
 
 
 def test_available_backends_names_every_backend_with_a_reason_or_none():
@@ -22,6 +22,7 @@ def test_available_backends_names_every_backend_with_a_reason_or_none():
 
 def test_context_manager_beats_environment(monkeypatch):
     monkeypatch.setenv("FASTVAE_BACKEND", "native")
+    read_environment()
     assert requested_backend() == "native"
     with fastvae.use_backend("torch"):
         assert requested_backend() == "torch"

@@ -194,6 +194,7 @@ def test_unknown_backend_names():
 
 def test_bad_environment_backend(monkeypatch):
     monkeypatch.setenv("FASTVAE_BACKEND", "fast")
+    fastvae.backend.read_environment()
     with pytest.raises(ValueError, match="FASTVAE_BACKEND='fast' is not a fastvae backend"):
         fastvae.gaussian_kl(torch.randn(2, 3), torch.randn(2, 3))
 

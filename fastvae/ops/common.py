@@ -3,6 +3,7 @@ mechanism that connects a fused forward/backward to PyTorch's autograd and compi
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from collections.abc import Callable, Sequence
@@ -41,7 +42,7 @@ def as_sample_rows(t: Tensor, samples: int | None) -> Tensor:
 
 def sample_shape(like: Tensor, samples: int | None) -> tuple[int, ...]:
     """The shape of K samples of `like` [B, ...]: [K, B, ...], or like's own for samples None."""
-    return tuple(like.shape) if samples is None else (samples,) + tuple(like.shape)
+    return like.shape if samples is None else (samples, *like.shape)
 
 
 def view_as_shape(t: Tensor, shape: Sequence[int]) -> Tensor:
@@ -52,16 +53,25 @@ def view_as_shape(t: Tensor, shape: Sequence[int]) -> Tensor:
 def loss_dtype(*tensors: Tensor | None) -> torch.dtype:
     """The dtype losses come back in and all math runs in: float64 when any input is float64
     (gradcheck), else float32 (bf16 and fp16 inputs are computed in float32)."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+    for t in tensors:  # loops, not generator expressions: these run on every eager call
+        if t is not None and t.dtype == torch.float64:
+            return torch.float64
+    return torch.float32
 
 
 def storage_dtype(*tensors: Tensor | None) -> torch.dtype:
     """The one dtype a kernel that reads several same-kind tensors takes: theirs if they agree,
     else the compute dtype (mixes are rare, e.g. mu and logvar are halves of one output, and
     one storage dtype per kernel keeps the compiled variants few)."""
-    present = [t for t in tensors if t is not None]
-    first = present[0].dtype
-    return first if all(t.dtype == first for t in present) else loss_dtype(*present)
+    first = None
+    for t in tensors:
+        if t is None:
+            continue
+        if first is None:
+            first = t.dtype
+        elif t.dtype != first:
+            return loss_dtype(*tensors)
+    return first
 
 
 # (parameter, target) dtypes a likelihood kernel reads, a decoder's output against the data:
@@ -131,6 +141,7 @@ def scale_saved_grad_(saved: Tensor, grad_output: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- the saved gradient
+@functools.lru_cache(maxsize=64)  # a loss passes the same weight (-1/B) on every step
 def _in_dtype(value: float, dtype: torch.dtype) -> float:
     """`value` rounded to float32 unless dtype is float64 (the losses' two dtypes), as a Python float."""
     return value if dtype == torch.float64 else struct.unpack("f", struct.pack("f", value))[0]
@@ -208,14 +219,24 @@ def composite_in_compiled_graph(args: Sequence, work_elements: Callable[..., int
 
 def plain_eager_call(args: Sequence) -> bool:
     """True when nothing but eager PyTorch can observe this call: no torch.compile or export
-    trace, no torch function or dispatch mode (fake tensors, profilers that record aten ops,
-    FlopCounter), only plain tensors."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack():
+    trace, no torch.func transform or forward-mode AD (see transform_active), no torch function
+    or dispatch mode (fake tensors, profilers that record aten ops, FlopCounter), only plain
+    tensors.
+
+    One function of flat checks, on every eager call of every op: inside a training step each
+    Python call runs with cold caches and costs microseconds (docs/design.md, "The eager path")."""
+    if (
+        torch.compiler.is_compiling()
+        or torch._C._functorch.peek_interpreter_stack() is not None
+        or forward_ad._current_level >= 0
+        or torch._C._len_torch_function_stack()
+        or torch._C._len_torch_dispatch_stack()
+    ):
         return False
-    return all(type(a) in _PLAIN_TENSORS for a in args if isinstance(a, Tensor))
-
-
-_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+    for a in args:
+        if isinstance(a, Tensor) and type(a) is not Tensor and type(a) is not torch.nn.Parameter:
+            return False
+    return True
 
 
 def composite_vjp(
@@ -305,16 +326,16 @@ class FusedOp:
             )
 
     def __call__(self, *args):
+        if plain_eager_call(args):  # the common case first, decided by one function
+            if self._function is not None:
+                return self._function.apply(*args)
+            if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+                return self.custom_op(*args)
+            return self.forward(*args)
         if torch.compiler.is_compiling():  # dynamo: one opaque node, or torch ops inductor fuses
             if self.lowers_in_compiled_graphs and composite_in_compiled_graph(args, self.work_elements):
                 return self.composite(*args)
             return self.custom_op(*args)
         if transform_active():
             return self.composite(*args)
-        if not plain_eager_call(args):
-            return self.custom_op(*args)
-        if self._function is not None:
-            return self._function.apply(*args)
-        if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
-            return self.custom_op(*args)
-        return self.forward(*args)
+        return self.custom_op(*args)

@@ -186,10 +186,10 @@ def function(name: str):
 
 def call(name: str, *args) -> None:
     """Call C function `name`; a non-zero status becomes a Python error."""
-    status = function(name)(*args)
-    if status == STATUS_BAD_DTYPE:
-        raise TypeError(f"native backend: {name} does not support this dtype combination")
+    status = function(name)(*args)  # functools.cache: one C-level dict lookup after the first call
     if status != STATUS_OK:
+        if status == STATUS_BAD_DTYPE:
+            raise TypeError(f"native backend: {name} does not support this dtype combination")
         raise RuntimeError(f"native backend: {name} failed with status {status}")
 
 
@@ -203,6 +203,13 @@ def has_openmp() -> bool:
 # ---------------------------------------------------------------------------
 def check_rows(name: str, t: Tensor, shape: torch.Size | None = None) -> Tensor:
     """t as a CPU float [B, N] with unit column stride (a copy only when it had none)."""
+    if t.dim() != 2 or t.dtype not in DTYPE_CODES or t.device.type != "cpu" or (shape is not None and t.shape != shape):
+        _reject_rows(name, t, shape)
+    return t if t.shape[1] <= 1 or t.stride(1) == 1 else t.contiguous()
+
+
+def _reject_rows(name: str, t: Tensor, shape: torch.Size | None) -> None:
+    """Why check_rows refuses t, as the error a caller can act on."""
     if t.device.type != "cpu":
         raise ValueError(
             f"native backend: {name} is on {t.device}; the native kernels take CPU tensors "
@@ -212,11 +219,7 @@ def check_rows(name: str, t: Tensor, shape: torch.Size | None = None) -> Tensor:
         raise TypeError(f"native backend: {name} has dtype {t.dtype}; use float32, float64, bfloat16 or float16")
     if t.dim() != 2:
         raise ValueError(f"native backend: {name} must be a 2-D row view [B, N], got shape {list(t.shape)}")
-    if shape is not None and t.shape != shape:
-        raise ValueError(f"native backend: {name} {list(t.shape)} must have the shape {list(shape)} of the first input")
-    if t.shape[1] > 1 and t.stride(1) != 1:
-        t = t.contiguous()
-    return t
+    raise ValueError(f"native backend: {name} {list(t.shape)} must have the shape {list(shape)} of the first input")
 
 
 def check_periodic_rows(name: str, t: Tensor, rows_of: Tensor) -> Tensor:

@@ -72,7 +72,15 @@ def family(name: str) -> Family:
 
 def implementation(family_name: str, kernel: str, device: torch.device) -> Callable:
     """The `kernel` function of the backend that runs ops on `device` now (see fastvae.backend)."""
-    return getattr(family(family_name).module(resolve_backend_name(device)), kernel)
+    backend = resolve_backend_name(device)
+    found = _KERNELS.get((family_name, kernel, backend))
+    if found is None:
+        found = _KERNELS[family_name, kernel, backend] = getattr(family(family_name).module(backend), kernel)
+    return found
+
+
+# (family, kernel, backend) -> the function: one dict lookup per op call once it is known.
+_KERNELS: dict[tuple[str, str, str], Callable] = {}
 
 
 def op_specs() -> list:

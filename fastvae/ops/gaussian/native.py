@@ -93,7 +93,8 @@ def reparameterize_kl_backward(
         if grad_kl.shape != mu.shape[:1]:
             raise ValueError(f"native backend: grad_kl {list(grad_kl.shape)} must have shape [{mu.shape[0]}]")
         # Any element stride, 0 included: the backward of kl.sum() hands over one value expanded.
-        grad_kl = grad_kl.to(device="cpu", dtype=compute)
+        if grad_kl.dtype != compute or grad_kl.device.type != "cpu":
+            grad_kl = grad_kl.to(device="cpu", dtype=compute)
     dtype = storage_dtype(mu, logvar, eps, grad_z)
     m, lv, e, gz = _as(dtype, mu), _as(dtype, logvar), _as(dtype, eps), _as(dtype, grad_z)
     grad_mu = torch.empty((rows, cols), dtype=dtype)

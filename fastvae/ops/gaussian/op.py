@@ -58,13 +58,13 @@ def _reparameterize_kl(
 
     With eps None, noise comes from `seed`, or from a seed drawn here when seed is None."""
     seed_used = _seed_for(mu, eps, seed)
-    z_shape = sample_shape(mu, samples)
     if mu.numel() == 0:
+        z_shape = sample_shape(mu, samples)
         return mu.new_empty(z_shape), mu.new_zeros(mu.shape[:1], dtype=loss_dtype(mu, logvar)), seed_used
     kernel = implementation("gaussian", "reparameterize_kl_forward", mu.device)
     eps_rows = None if eps is None else as_sample_rows(eps, samples)
     z, kl = kernel(as_rows(mu), as_rows(logvar), eps_rows, seed_used, 1 if samples is None else samples)
-    return view_as_shape(z, z_shape), kl, seed_used
+    return view_as_shape(z, sample_shape(mu, samples)), kl, seed_used
 
 
 def reparameterize_kl_composite(
