@@ -19,7 +19,11 @@ from fastvae.ops.noise import draw_seed
 
 
 def _needs_grad(*tensors: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if torch.is_grad_enabled():
+        for t in tensors:  # a loop, not any(genexpr): this runs on every call
+            if t is not None and t.requires_grad:
+                return True
+    return False
 
 
 def _reduction_weight(reduction: str, rows: Tensor, elements: int) -> float:

@@ -203,7 +203,8 @@ def has_openmp() -> bool:
 # ---------------------------------------------------------------------------
 def check_rows(name: str, t: Tensor, shape: torch.Size | None = None) -> Tensor:
     """t as a CPU float [B, N] with unit column stride (a copy only when it had none)."""
-    if t.dim() != 2 or t.dtype not in DTYPE_CODES or t.device.type != "cpu" or (shape is not None and t.shape != shape):
+    # is_cpu, not device.type: no torch.device object built on every call
+    if not t.is_cpu or t.dim() != 2 or t.dtype not in DTYPE_CODES or (shape is not None and t.shape != shape):
         _reject_rows(name, t, shape)
     return t if t.shape[1] <= 1 or t.stride(1) == 1 else t.contiguous()
 
@@ -246,7 +247,7 @@ def row_stride(t: Tensor | None) -> int:
 
 def seed_value(seed: Tensor) -> int:
     """The seed a CPU kernel takes: the 0-d int64 CPU tensor's value (no device sync on the CPU)."""
-    if seed.device.type != "cpu":
+    if not seed.is_cpu:
         raise ValueError(f"native backend: the seed is on {seed.device}; the native kernels take CPU tensors")
     value = int(seed)
     if value < 0:

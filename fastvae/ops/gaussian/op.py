@@ -41,13 +41,13 @@ from fastvae.ops.registry import implementation
 
 
 # --------------------------------------------------------------------------- reparameterize_kl
-def _seed_for(mu: Tensor, eps: Optional[Tensor], seed: Optional[Tensor]) -> Tensor:
+def _seed_for(device: torch.device, eps: Optional[Tensor], seed: Optional[Tensor]) -> Tensor:
     """The seed the call uses (a new tensor: custom ops may not return their inputs)."""
     if eps is not None:
-        return torch.zeros((), dtype=torch.int64, device=mu.device)
+        return torch.zeros((), dtype=torch.int64, device=device)
     if seed is None:
-        return draw_seed(mu.device)
-    return seed.detach().to(mu.device, torch.int64).clone()
+        return draw_seed(device)
+    return seed.detach().to(device, torch.int64).clone()
 
 
 def _reparameterize_kl(
@@ -57,11 +57,12 @@ def _reparameterize_kl(
     in mu's dtype, kl [B], the seed used ([] int64).
 
     With eps None, noise comes from `seed`, or from a seed drawn here when seed is None."""
-    seed_used = _seed_for(mu, eps, seed)
+    device = mu.device  # built once: each .device call makes a new torch.device
+    seed_used = _seed_for(device, eps, seed)
     if mu.numel() == 0:
         z_shape = sample_shape(mu, samples)
         return mu.new_empty(z_shape), mu.new_zeros(mu.shape[:1], dtype=loss_dtype(mu, logvar)), seed_used
-    kernel = implementation("gaussian", "reparameterize_kl_forward", mu.device)
+    kernel = implementation("gaussian", "reparameterize_kl_forward", device)
     eps_rows = None if eps is None else as_sample_rows(eps, samples)
     z, kl = kernel(as_rows(mu), as_rows(logvar), eps_rows, seed_used, 1 if samples is None else samples)
     return view_as_shape(z, sample_shape(mu, samples)), kl, seed_used
@@ -71,7 +72,7 @@ def reparameterize_kl_composite(
     mu: Tensor, logvar: Tensor, eps: Optional[Tensor], seed: Optional[Tensor], samples: Optional[int]
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The same outputs from torch ops, differentiable by every autograd mode."""
-    seed_used = _seed_for(mu, eps, seed)
+    seed_used = _seed_for(mu.device, eps, seed)
     compute = loss_dtype(mu, logvar)
     shape = sample_shape(mu, samples)
     noise = eps.to(compute) if eps is not None else philox_normal(seed_used, shape, compute, mu.device)
@@ -173,7 +174,10 @@ def _reparameterize_kl_grads(ctx, grad_z: Tensor | None, grad_kl: Tensor | None,
         )
     grad_mu = grad_logvar = grad_eps = None
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-        grad_mu, grad_logvar = reparameterize_kl_backward_fused(grad_z, grad_kl, mu, logvar, eps, seed, ctx.samples)
+        # Eager (the Function route: nothing observes the forward op either), the backward op's
+        # body runs directly; otherwise it is the custom op a trace or a mode records.
+        backward_op = _reparameterize_kl_backward if getattr(ctx, "eager", False) else reparameterize_kl_backward_fused
+        grad_mu, grad_logvar = backward_op(grad_z, grad_kl, mu, logvar, eps, seed, ctx.samples)
     if ctx.needs_input_grad[2] and grad_z is not None:
         # Rare (eps as a learned input): plain PyTorch is enough here (logvar broadcasts over the samples).
         compute = loss_dtype(grad_z, logvar)
