@@ -25,9 +25,20 @@ from torch import Tensor
 from fastvae.ops.common import loss_dtype
 
 
+def log1p_small(e: Tensor) -> Tensor:
+    """log(1 + e) for e >= 0 from log, accurate where 1 + e rounds to 1 (Goldberg's correction, as
+    the Triton kernels compute it). torch.log1p would do, but its AVX-512 vector form runs several
+    times slower than log on some CPUs, in eager torch and in inductor's generated code alike, and
+    this is the composite compiled graphs inline (docs/design.md, "Compiled code on the CPU")."""
+    u = 1.0 + e
+    rounded = u == 1.0
+    # The divisor is patched where u == 1 only so the unused branch never divides by zero.
+    return torch.where(rounded, e, torch.log(u) * (e / torch.where(rounded, 1.0, u - 1.0)))
+
+
 def log_prob(logits: Tensor, target: Tensor) -> Tensor:
     """log p(target | logits) per element (differentiable), NaN where target is outside [0, 1]."""
-    logp = logits * target - torch.clamp_min(logits, 0.0) - torch.log1p(torch.exp(-logits.abs()))
+    logp = logits * target - torch.clamp_min(logits, 0.0) - log1p_small(torch.exp(-logits.abs()))
     return torch.where((target >= 0) & (target <= 1), logp, torch.nan)
 
 
