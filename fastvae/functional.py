@@ -155,15 +155,23 @@ def _log_likelihood(
     [B] for a loss that adds `weight` * their sum (its kernel writes the gradient so scaled).
 
     A target outside [0, 1] of a likelihood from logits is a ValueError naming target_name where
-    that can be checked for free (validation.check_unit_interval), NaN elsewhere; check_target
-    False leaves that check to the caller, which passes it a sum it computes anyway."""
+    that can be checked for free (_check_target_range), NaN elsewhere; check_target False leaves
+    that check to the caller, which passes it a sum it computes anyway."""
     entry = LIKELIHOODS[likelihood]
     if entry.takes_logvar:
         return entry.fused(output, target, decoder_logvar, elementwise, _needs_grad(output, decoder_logvar), weight)[0]
     result = entry.fused(output, target, elementwise, _needs_grad(output), weight)[0]
     if check_target:
-        check.check_unit_interval(target_name, result, target)
+        _check_target_range(likelihood, target_name, result, target)
     return result
+
+
+def _check_target_range(likelihood: str, target_name: str, value: Tensor, target: Tensor) -> None:
+    """For a likelihood whose data lie in [0, 1]: a target outside it is a ValueError naming
+    target_name where values are readable. `value` is the op's output or a sum of it (NaN wherever
+    a target was out of range); a sum the caller computes anyway costs one value read."""
+    if LIKELIHOODS[likelihood].target_in_unit_interval:
+        check.check_unit_interval(target_name, value, target)
 
 
 def _reduced_log_likelihood(
@@ -181,8 +189,7 @@ def _reduced_log_likelihood(
     weight = _reduction_weight(reduction, output, output.numel())
     rows = _log_likelihood(likelihood, output, target, decoder_logvar, False, weight, check_target=False)
     reduced = _reduce_rows(rows, reduction, output.numel())
-    if LIKELIHOODS[likelihood].target_in_unit_interval:
-        check.check_unit_interval(target_name, reduced, target)
+    _check_target_range(likelihood, target_name, reduced, target)
     return reduced
 
 
@@ -382,8 +389,7 @@ def elbo_loss(
     # then is d(loss)/d(logits), and loss.backward() hands it over with no pass over [B, D].
     logp = _log_likelihood(likelihood, logits, target, decoder_logvar, False, -1.0 / divisor, check_target=False)
     logp_sum = logp.sum()
-    if LIKELIHOODS[likelihood].target_in_unit_interval:
-        check.check_unit_interval("target", logp_sum, target)
+    _check_target_range(likelihood, "target", logp_sum, target)
     weighted_kl = kl.sum() if isinstance(beta, (int, float)) and beta == 1 else beta * kl.sum()
     loss = weighted_kl - logp_sum
     return loss if divisor == 1 else loss / divisor
@@ -540,8 +546,7 @@ def iwae_loss(
     )
     if estimator == "dreg" and z.requires_grad and torch.is_grad_enabled():
         _weight_z_gradient(z, weights)
-    if LIKELIHOODS[likelihood].target_in_unit_interval:
-        check.check_unit_interval("x", rows, x)
+    _check_target_range(likelihood, "x", rows, x)
     if reduction == "none":
         return rows
     # "mean" is the mean over datapoints, as for the other per-datapoint loss, elbo_loss.

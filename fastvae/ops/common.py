@@ -217,6 +217,11 @@ def composite_in_compiled_graph(args: Sequence, work_elements: Callable[..., int
     return work_elements(*args) <= COMPILED_CPU_COMPOSITE_MAX_ELEMENTS and requested_backend() == "auto"
 
 
+# Tensors whose values and dispatch are torch's own: a subclass (a fake or functional tensor, a
+# user's __torch_function__ type) may run any code on each op, or have no values to read.
+PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+
+
 def plain_eager_call(args: Sequence) -> bool:
     """True when nothing but eager PyTorch can observe this call: no torch.compile or export
     trace, no torch.func transform or forward-mode AD (see transform_active), no torch function
@@ -233,8 +238,8 @@ def plain_eager_call(args: Sequence) -> bool:
         or torch._C._len_torch_dispatch_stack()
     ):
         return False
-    for a in args:
-        if isinstance(a, Tensor) and type(a) is not Tensor and type(a) is not torch.nn.Parameter:
+    for a in args:  # noqa: SIM110 - a loop costs less per call than all() over a generator
+        if isinstance(a, Tensor) and type(a) not in PLAIN_TENSOR_TYPES:
             return False
     return True
 
