@@ -81,6 +81,8 @@ def measure(
         "blocks": blocks,
         "steps_per_block": steps_per_block,
         "device": str(device),
+        # torch's CPU vector ISA (ATEN_CPU_CAPABILITY changes it): its math functions differ in speed
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         **speed_ratio(seconds["plain"], seconds["fastvae"]),
     }
 
@@ -107,7 +109,7 @@ def print_report(path: str) -> None:
         print(
             f"  batch {r['batch_size']:5d}, {r['compile']:15s}, {'AMP ' if r['amp'] else 'fp32'}: plain "
             f"{r['plain_ms']:.3f} ms, fastvae {r['fastvae_ms']:.3f} ms; {r['ratio_median']:.3f}x "
-            f"(quartiles {r['ratio_q1']:.3f} to {r['ratio_q3']:.3f}), {r['device']}"
+            f"(quartiles {r['ratio_q1']:.3f} to {r['ratio_q3']:.3f}), {r['device']} {r.get('cpu_capability', '')}"
         )
 
 
