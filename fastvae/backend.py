@@ -55,14 +55,12 @@ def read_environment() -> None:
     """Read FASTVAE_BACKEND (again). fastvae reads it when imported; a process that changes the
     variable later calls this, or, better, chooses with `use_backend`."""
     global _environment_choice, _environment_error
-    env = (os.environ.get(ENV_VAR) or "").strip().lower() or "auto"
+    raw = os.environ.get(ENV_VAR)
+    env = (raw or "").strip().lower() or "auto"
     valid = env in BACKEND_CHOICES
     _environment_choice = env if valid else "auto"
     _environment_error = (
-        None
-        if valid
-        else f"{ENV_VAR}={os.environ.get(ENV_VAR)!r} is not a fastvae backend; set it to one of "
-        f"{', '.join(BACKEND_CHOICES)}"
+        None if valid else f"{ENV_VAR}={raw!r} is not a fastvae backend; set it to one of {', '.join(BACKEND_CHOICES)}"
     )
 
 
