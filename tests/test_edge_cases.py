@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastvae
 from fastvae.ops.bernoulli.op import bernoulli_log_likelihood_fused
 from fastvae.ops.bernoulli.spec import oracle_log_prob as oracle_logp
+from fastvae.ops.continuous_bernoulli.op import continuous_bernoulli_log_likelihood_fused
 from fastvae.ops.continuous_bernoulli.spec import oracle_log_prob as oracle_cb
 from fastvae.ops.gaussian.spec import oracle_kl
 from fastvae.ops.gaussian_likelihood.spec import oracle_log_prob as oracle_gaussian
@@ -128,6 +129,41 @@ def test_continuous_bernoulli_is_accurate_at_every_logit(backend, dtype):
         logp.backward(torch.ones_like(logp))
     logits64 = leaf(logits.detach().double())
     expected = oracle_cb(logits64, target.double())
+    expected.sum().backward()
+    _per_column(logp, expected, "logp")
+    _per_column(logits.grad, logits64.grad, "grad_logits")
+
+
+# Logits where 1 + exp(-|l|) rounds to 1 in float32 (|l| > 17) or float64 (|l| > 37), where it just
+# does not, and small ones: the softplus tail's two branches and their seam, and the kink at 0.
+BERNOULLI_EXTREME_LOGITS = [-100.0, -40.0, -30.0, -17.5, -16.0, -1.0, -1e-3, 0.0]
+BERNOULLI_EXTREME_LOGITS += [-v for v in BERNOULLI_EXTREME_LOGITS[:-1]]
+COMPOSITE_CASES = {
+    "bernoulli": (bernoulli_log_likelihood_fused, oracle_logp, BERNOULLI_EXTREME_LOGITS),
+    "continuous_bernoulli": (continuous_bernoulli_log_likelihood_fused, oracle_cb, CB_EXTREME_LOGITS),
+}
+
+
+# Not the continuous Bernoulli in float64: its oracle adds two values near -log 2 and log 2, good to
+# about 1e-16 absolute, which per element at l = 1e-8 (log p about 5e-9) is no float64 check.
+@pytest.mark.parametrize(
+    ("likelihood", "dtype"),
+    [("bernoulli", torch.float32), ("bernoulli", torch.float64), ("continuous_bernoulli", torch.float32)],
+    ids=str,
+)
+def test_composite_gradients_are_exact_at_extreme_logits(likelihood, dtype):
+    """The composites that compiled CPU graphs inline and torch.func transforms differentiate: their
+    values and autograd gradients must match the oracle element by element, at l = 0 (a kink of
+    max(l, 0) and |l|, which autograd must resolve to the true slope) and where the softplus tail's
+    correction or the continuous Bernoulli's series takes over."""
+    fused, oracle, values = COMPOSITE_CASES[likelihood]
+    logits = leaf(torch.tensor([values] * 4, dtype=dtype))
+    target = torch.rand(4, len(values), dtype=dtype)
+    target[0], target[1] = 0.0, 1.0  # binary data, beside grey levels
+    logp, _ = fused.composite(logits, target, True, False)
+    logp.backward(torch.ones_like(logp))
+    logits64 = leaf(logits.detach().double())
+    expected = oracle(logits64, target.double())
     expected.sum().backward()
     _per_column(logp, expected, "logp")
     _per_column(logits.grad, logits64.grad, "grad_logits")

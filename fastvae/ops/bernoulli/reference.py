@@ -37,8 +37,14 @@ def log1p_small(e: Tensor) -> Tensor:
 
 
 def log_prob(logits: Tensor, target: Tensor) -> Tensor:
-    """log p(target | logits) per element (differentiable), NaN where target is outside [0, 1]."""
-    logp = logits * target - torch.clamp_min(logits, 0.0) - log1p_small(torch.exp(-logits.abs()))
+    """log p(target | logits) per element (differentiable), NaN where target is outside [0, 1].
+
+    max(l, 0) is written (l + |l|) / 2 (exact in floating point): at l = 0 autograd then gives it
+    the slope 1/2 (sign(0) = 0), and the softplus tail's kink gets 0, so dlogp/dl = x - 1/2 =
+    x - sigmoid(0) there. clamp_min(l, 0) would give slope 1 and a gradient off by 1/2, which a
+    decoder whose last layer starts at zero meets on its first step."""
+    magnitude = logits.abs()
+    logp = logits * target - 0.5 * (logits + magnitude) - log1p_small(torch.exp(-magnitude))
     return torch.where((target >= 0) & (target <= 1), logp, torch.nan)
 
 
