@@ -48,7 +48,7 @@ def _values_readable(*tensors: Tensor) -> bool:
     if not _validate_values or torch.compiler.is_compiling() or transform_active():
         return False
     for t in tensors:  # noqa: SIM110 - a loop costs less per call than all() over a generator
-        if t.device.type != "cpu" or type(t) not in PLAIN_TENSOR_TYPES:
+        if not t.is_cpu or type(t) not in PLAIN_TENSOR_TYPES:  # is_cpu: no torch.device built
             return False
     return True
 
