@@ -169,6 +169,22 @@ def test_composite_gradients_are_exact_at_extreme_logits(likelihood, dtype):
     _per_column(logits.grad, logits64.grad, "grad_logits")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_composite_keeps_tiny_gradients_of_well_predicted_binary_data(dtype):
+    """A background pixel (x = 0) predicted with logit l << 0, or a foreground one (x = 1) with
+    l >> 0, has dlogp/dl = -+sigmoid(-|l|), tiny but exact in floating point. The composite's
+    autograd must not lose it to rounding beside a 1/2 or a 1 that cancels: each element is
+    checked on its own scale."""
+    magnitudes = torch.tensor([1.0, 5.0, 17.5, 30.0, 40.0, 60.0, 100.0], dtype=torch.float64)
+    logits = leaf(torch.cat([-magnitudes, magnitudes]).to(dtype))
+    target = torch.cat([torch.zeros_like(magnitudes), torch.ones_like(magnitudes)]).to(dtype)
+    logp, _ = bernoulli_log_likelihood_fused.composite(logits[None], target[None], True, False)
+    logp.sum().backward()
+    expected = torch.cat([-torch.sigmoid(-magnitudes), torch.sigmoid(-magnitudes)])
+    for i in range(expected.numel()):
+        assert_close_to(logits.grad[i : i + 1], expected[i : i + 1], f"grad_logits at l = {logits[i].item()}")
+
+
 # (logvar, x - mean) pairs: log-variances of +-30, data far from the mean, and x == mean exactly.
 # Float16 holds gradients up to 65504 only, so its extremes are milder.
 GAUSSIAN_EXTREMES = {

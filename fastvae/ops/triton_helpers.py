@@ -74,10 +74,10 @@ def philox_normal(seed, index, COMPUTE: tl.constexpr):
 
 @triton.jit
 def log1p_small(e):
-    """log(1 + e) for e >= 0, accurate when 1 + e rounds to 1 (Goldberg's correction)."""
+    """log(1 + e) for 0 <= e <= 1, accurate when 1 + e rounds: log(u) plus the rounding error of
+    u = 1 + e over u, as fastvae/ops/bernoulli/reference.py's log1p_small says why."""
     u = 1.0 + e
-    # The divisor is patched where u == 1 only so the unused branch never divides by zero.
-    return tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
+    return tl.log(u) + (e - (u - 1.0)) / u
 
 
 def compute_dtype(*tensors: torch.Tensor | None):

@@ -26,25 +26,32 @@ from fastvae.ops.common import loss_dtype
 
 
 def log1p_small(e: Tensor) -> Tensor:
-    """log(1 + e) for e >= 0 from log, accurate where 1 + e rounds to 1 (Goldberg's correction, as
-    the Triton kernels compute it). torch.log1p would do, but its AVX-512 vector form runs several
-    times slower than log on some CPUs, in eager torch and in inductor's generated code alike, and
-    this is the composite compiled graphs inline (docs/design.md, "Compiled code on the CPU")."""
+    """log(1 + e) for 0 <= e <= 1 from log, accurate where 1 + e rounds (to 1, for tiny e), as the
+    Triton kernels compute it. With u = 1 + e rounded, the rounding error r = e - (u - 1) is exact
+    (u - 1 is, by Sterbenz), and log(1 + e) = log(u) + log(1 + r/u) = log(u) + r/u to within
+    (r/u)^2 <= eps^2. torch.log1p would do, but its AVX-512 vector form runs several times slower
+    than log on some CPUs, in eager torch and in inductor's generated code alike, and this is the
+    composite compiled graphs inline (docs/design.md, "Compiled code on the CPU").
+
+    Autograd sees log(u) alone, whose derivatives 1/u, -1/u^2, ... are log1p's to rounding: r is
+    zero in exact arithmetic, so the correction enters detached. Differentiated, it would cost a
+    compiled training step more than the rest of the likelihood's backward (docs/benchmarks.md)."""
     u = 1.0 + e
-    rounded = u == 1.0
-    # The divisor is patched where u == 1 only so the unused branch never divides by zero.
-    return torch.where(rounded, e, torch.log(u) * (e / torch.where(rounded, 1.0, u - 1.0)))
+    return torch.log(u) + ((e - (u - 1.0)) / u).detach()
 
 
 def log_prob(logits: Tensor, target: Tensor) -> Tensor:
     """log p(target | logits) per element (differentiable), NaN where target is outside [0, 1].
 
-    max(l, 0) is written (l + |l|) / 2 (exact in floating point): at l = 0 autograd then gives it
-    the slope 1/2 (sign(0) = 0), and the softplus tail's kink gets 0, so dlogp/dl = x - 1/2 =
-    x - sigmoid(0) there. clamp_min(l, 0) would give slope 1 and a gradient off by 1/2, which a
-    decoder whose last layer starts at zero meets on its first step."""
+    max(l, 0) is written l * step(l), with step(l) = (1 + sign(l)) / 2 (1 above zero, 0 below,
+    1/2 at 0) and sign's derivative zero: autograd then gives it the slope step(l), and the
+    softplus tail's kink at 0 gets slope 0 (sign(0) = 0), so dlogp/dl = x - 1/2 = x - sigmoid(0)
+    there; clamp_min(l, 0) would give slope 1 and a gradient off by 1/2, which a decoder whose
+    last layer starts at zero meets on its first step. Below zero the slope is exactly 0, so the
+    tail's exp(l) is not lost to rounding beside a 1/2 that (l + |l|) / 2 would add and cancel."""
     magnitude = logits.abs()
-    logp = logits * target - 0.5 * (logits + magnitude) - log1p_small(torch.exp(-magnitude))
+    positive_part = logits * (0.5 * (1.0 + torch.sign(logits)))
+    logp = logits * target - positive_part - log1p_small(torch.exp(-magnitude))
     return torch.where((target >= 0) & (target <= 1), logp, torch.nan)
 
 
