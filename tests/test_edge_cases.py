@@ -185,6 +185,21 @@ def test_composite_keeps_tiny_gradients_of_well_predicted_binary_data(dtype):
         assert_close_to(logits.grad[i : i + 1], expected[i : i + 1], f"grad_logits at l = {logits[i].item()}")
 
 
+def test_composite_second_derivative_is_exact_at_the_kink():
+    """torch.func differentiates the composite twice (Hessians, gradient penalties): at l = 0, where
+    max(l, 0) and |l| have kinks, d2logp/dl2 must be -sigmoid'(0) = -1/4, and dlogp/dl x - 1/2."""
+    target = torch.rand((), dtype=torch.float64)
+
+    def logp(logit):
+        return bernoulli_log_likelihood_fused.composite(logit[None, None], target[None, None], True, False)[0][0, 0]
+
+    for zero in (0.0, -0.0):
+        logit = torch.tensor(zero, dtype=torch.float64)
+        assert_close_to(torch.func.grad(logp)(logit)[None], (target - 0.5)[None], "dlogp/dl at 0")
+        quarter = torch.tensor([-0.25], dtype=torch.float64)
+        assert_close_to(torch.func.hessian(logp)(logit)[None], quarter, "d2logp/dl2 at 0")
+
+
 # (logvar, x - mean) pairs: log-variances of +-30, data far from the mean, and x == mean exactly.
 # Float16 holds gradients up to 65504 only, so its extremes are milder.
 GAUSSIAN_EXTREMES = {

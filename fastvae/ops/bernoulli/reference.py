@@ -43,15 +43,19 @@ def log1p_small(e: Tensor) -> Tensor:
 def log_prob(logits: Tensor, target: Tensor) -> Tensor:
     """log p(target | logits) per element (differentiable), NaN where target is outside [0, 1].
 
-    max(l, 0) is written l * step(l), with step(l) = (1 + sign(l)) / 2 (1 above zero, 0 below,
-    1/2 at 0) and sign's derivative zero: autograd then gives it the slope step(l), and the
-    softplus tail's kink at 0 gets slope 0 (sign(0) = 0), so dlogp/dl = x - 1/2 = x - sigmoid(0)
-    there; clamp_min(l, 0) would give slope 1 and a gradient off by 1/2, which a decoder whose
-    last layer starts at zero meets on its first step. Below zero the slope is exactly 0, so the
-    tail's exp(l) is not lost to rounding beside a 1/2 that (l + |l|) / 2 would add and cancel."""
-    magnitude = logits.abs()
-    positive_part = logits * (0.5 * (1.0 + torch.sign(logits)))
-    logp = logits * target - positive_part - log1p_small(torch.exp(-magnitude))
+    Autograd must see softplus(l) = max(l, 0) + log1p(exp(-|l|)) as one smooth function, at
+    l = 0 too, where both pieces have a kink. Both are written with the same side s = +1 for
+    l >= 0, -1 below (a constant to autograd): |l| = s*l and max(l, 0) = l*(1 + s)/2. At l = 0
+    autograd then takes both pieces' right-hand derivatives (1 and -1/2), which add up to the
+    true 1/2 = sigmoid(0), and the second derivative to the true 1/4; clamp_min(l, 0) would give
+    slope 1 with |l|'s sign(0) = 0, a gradient off by 1/2, which a decoder whose last layer
+    starts at zero meets on its first step. Away from zero the slope of max(l, 0) is exactly 0
+    or 1, so the tail's exp(-|l|) is not lost to rounding beside a 1/2 that (l + |l|) / 2 would
+    add and cancel."""
+    side = torch.where(logits >= 0, 1.0, -1.0)
+    # x*l - max(l, 0) as one product: its slope x - [l >= 0] is formed before the tail's is added,
+    # so a gradient x - sigmoid(l) near 0 (x = 1, l >> 0) is not lost to rounding either.
+    logp = logits * (target - 0.5 * (1.0 + side)) - log1p_small(torch.exp(-(logits * side)))
     return torch.where((target >= 0) & (target <= 1), logp, torch.nan)
 
 
