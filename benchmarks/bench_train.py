@@ -57,17 +57,11 @@ class PlainObjective(nn.Module):
         return recon / batch + kl_weight * kl / batch, torch.stack([recon + kl, recon, kl]).detach()
 
 
-def make_step(
-    provider: str,
-    compile_mode: str,
-    amp: bool,
-    device: torch.device,
-    quick: bool = False,
-    optimize: bool = True,
-    batch_size: int = BATCH_SIZE,
+def make_parts(
+    provider: str, compile_mode: str, device: torch.device, quick: bool = False, batch_size: int = BATCH_SIZE
 ):
-    """A closure running one training step as fastvae-train runs it; with optimize=False only its
-    forward and backward (no Adam step), where the loss side's share is larger."""
+    """What one training step uses, as fastvae-train builds it: (objective, optimizer, x, kl_weight),
+    the objective compiled unless compile_mode is "eager"."""
     torch.manual_seed(0)
     model = build_model(VAEConfig(image_shape=IMAGE_SHAPE)).to(device)
     objective = ELBOObjective(model, free_bits=0.0) if provider == "fastvae" else PlainObjective(model)
@@ -80,9 +74,23 @@ def make_step(
             else torch.compile(objective, mode=None if compile_mode == "default" else compile_mode)
         )
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    low = torch.bfloat16  # AMP is bf16 autocast on both devices: no GradScaler in the timed step
     x = (torch.rand(batch_size, *IMAGE_SHAPE, device=device) < 0.5).float()
-    weight = torch.tensor(1.0, device=device)
+    return objective, optimizer, x, torch.tensor(1.0, device=device)
+
+
+def make_step(
+    provider: str,
+    compile_mode: str,
+    amp: bool,
+    device: torch.device,
+    quick: bool = False,
+    optimize: bool = True,
+    batch_size: int = BATCH_SIZE,
+):
+    """A closure running one training step as fastvae-train runs it; with optimize=False only its
+    forward and backward (no Adam step), where the loss side's share is larger."""
+    objective, optimizer, x, weight = make_parts(provider, compile_mode, device, quick, batch_size)
+    low = torch.bfloat16  # AMP is bf16 autocast on both devices: no GradScaler in the timed step
 
     def step() -> None:
         if compile_mode == "reduce-overhead":

@@ -221,3 +221,14 @@ def test_compiled_cpu_crossover_measures_every_variant_and_restores_the_threshol
     assert [r["variant"] for r in results] == list(crossover.VARIANTS)
     assert all(r["plain_ms"] > 0 and r["fastvae_ms"] > 0 and r["ratio_median"] > 0 for r in results), results
     assert shipped == common.COMPILED_CPU_COMPOSITE_MAX_ELEMENTS
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
+def test_step_anatomy_times_every_part_of_both_steps_through_their_own_guards(amp):
+    from benchmarks import step_anatomy
+
+    medians = step_anatomy.measure(amp=amp, batch_size=4, blocks=2, steps_per_block=1, quick=True)
+    assert set(medians) == {"plain", "fastvae"}
+    for provider, parts in medians.items():
+        assert list(parts) == list(step_anatomy.PARTS)
+        assert all(seconds > 0 for seconds in parts.values()), (provider, parts)
