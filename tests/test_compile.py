@@ -148,15 +148,20 @@ def test_eager_path_matches_the_custom_op_bit_for_bit(backend):
 
 
 def _traced_targets(fn, *args) -> list[str]:
-    """The call targets dynamo records for fn(*args) (fullgraph)."""
+    """The call targets of the forward graph that a compiler backend receives for fn(*args)
+    (fullgraph): after AOTAutograd, where each in-graph op has become its composite's torch ops
+    or the custom op's node."""
+    from torch._dynamo.backends.common import aot_autograd
+
     torch._dynamo.reset()
     seen = []
 
-    def backend(graph, example_inputs):
+    def forward_compiler(graph, example_inputs):
         seen.extend(str(node.target) for node in graph.graph.nodes if node.op == "call_function")
         return graph
 
-    torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    torch.compile(fn, backend=aot_autograd(fw_compiler=forward_compiler), fullgraph=True)(*args)
+    assert not any("_in_graph" in target for target in seen), f"an in-graph op reached the compiler: {seen}"
     return seen
 
 

@@ -193,7 +193,8 @@ def transform_active() -> bool:
 # a sampler's K samples) is at most this many elements runs as its composite: inductor fuses
 # those torch ops into the graph's own C++ loops. As one opaque custom op it costs a call back
 # into Python and ctypes, and its kernel runs cold between the graph's matrix products
-# (`python -m benchmarks.compiled_cpu_crossover` measures both ways).
+# (`python -m benchmarks.compiled_cpu_crossover` measures both ways). Read when a graph is
+# traced, not guarded: a change takes effect in graphs traced after it (torch._dynamo.reset()).
 COMPILED_CPU_COMPOSITE_MAX_ELEMENTS = 1 << 18
 
 
@@ -207,14 +208,38 @@ def largest_input(*args) -> int:
 
 
 def composite_in_compiled_graph(args: Sequence, work_elements: Callable[..., int] = largest_input) -> bool:
-    """(Inside a torch.compile trace.) Whether this call lowers to the op's composite: small CPU
-    calls (work_elements(*args) at most COMPILED_CPU_COMPOSITE_MAX_ELEMENTS) under the default
-    backend. A backend chosen by name keeps the custom op, so the kernels stay what a test or a
-    user asked to run (dynamo guards on the backend: choosing another one retraces)."""
+    """(While a graph is traced, under the default backend.) Whether this call lowers to the op's
+    composite: small CPU calls, work_elements(*args) at most COMPILED_CPU_COMPOSITE_MAX_ELEMENTS."""
     tensors = [a for a in args if isinstance(a, Tensor)]
     if not tensors or any(t.device.type != "cpu" for t in tensors):
         return False
-    return work_elements(*args) <= COMPILED_CPU_COMPOSITE_MAX_ELEMENTS and requested_backend() == "auto"
+    return work_elements(*args) <= COMPILED_CPU_COMPOSITE_MAX_ELEMENTS
+
+
+# The in-graph ops (see FusedOp): CompositeImplicitAutograd ops, whose Python body runs only while
+# a graph is traced (dynamo's fake-tensor pass, then AOTAutograd's), never per call.
+_IN_GRAPH_LIBRARY = torch.library.Library("fastvae", "FRAGMENT")
+
+
+def define_in_graph_op(custom_op, composite: Callable, work_elements: Callable[..., int]):
+    """`fastvae::<name>_in_graph(bool default_backend, <the custom op's arguments>)`, the op torch.compile
+    records for a call of `custom_op`. Its body decides, as the graph is traced, what the graph
+    holds instead: the composite's torch ops for a small CPU call under the default backend (see
+    composite_in_compiled_graph), else the custom op's node. Dynamo guards only on what the caller
+    passes (default_backend among it): nothing the composite reads (its helpers, its Philox
+    constants, torch functions) becomes a guard checked before every call of the compiled code."""
+    schema = custom_op._opoverload._schema
+    name = f"{schema.name.split('::')[1]}_in_graph"
+    arguments = str(schema)[str(schema).index("(") + 1 :]  # "Tensor mu, ...) -> (Tensor, ...)"
+    _IN_GRAPH_LIBRARY.define(f"{name}(bool default_backend, {arguments}")
+
+    def lower(default_backend: bool, *args):
+        if default_backend and composite_in_compiled_graph(args, work_elements):
+            return tuple(composite(*args))
+        return tuple(custom_op(*args))
+
+    _IN_GRAPH_LIBRARY.impl(name, lower, "CompositeImplicitAutograd")
+    return getattr(torch.ops.fastvae, name).default
 
 
 # Tensors whose values and dispatch are torch's own: a subclass (a fake or functional tensor, a
@@ -285,8 +310,9 @@ class FusedOp:
       redispatch, Python implementation), which `python -m benchmarks.eager_paths` measures
       against this route.
     - `composite(*args)`, the same outputs from torch ops (the op's definition), under
-      torch.func transforms and forward-mode AD (see `transform_active`), and for small CPU
-      calls in a compiled graph (see `composite_in_compiled_graph`).
+      torch.func transforms and forward-mode AD (see `transform_active`).
+    - `in_graph`, what torch.compile records: an op that lowers, as the graph is traced, to the
+      composite for a small CPU call or to the custom op's node (see `define_in_graph_op`).
 
     An op without backward (a backward op itself) calls `forward` directly in eager mode,
     unless its inputs require grad under grad mode: then the custom op raises torch's own
@@ -305,13 +331,13 @@ class FusedOp:
         a compiled CPU graph (see composite_in_compiled_graph); the largest input unless the op
         writes more than it reads (a sampler's K samples)."""
         self.custom_op, self.forward, self.composite = custom_op, forward, composite
-        self.work_elements = work_elements
         # A backward op (no backward of its own) runs only inside its forward op's backward, which
         # runs only when that forward stayed a node: it stays a node too, whatever its size.
-        self.lowers_in_compiled_graphs = backward is not None
+        self.in_graph = None
         self._function = None
         if backward is not None:
             custom_op.register_autograd(backward, setup_context=setup_context)
+            self.in_graph = define_in_graph_op(custom_op, composite, work_elements)
 
             def function_forward(ctx, *args):
                 # The ctx-first form: with a separate setup_context, Function.apply runs
@@ -338,8 +364,10 @@ class FusedOp:
                 return self.custom_op(*args)
             return self.forward(*args)
         if torch.compiler.is_compiling():  # dynamo: one opaque node, or torch ops inductor fuses
-            if self.lowers_in_compiled_graphs and composite_in_compiled_graph(args, self.work_elements):
-                return self.composite(*args)
+            if self.in_graph is not None:
+                # The backend choice is read here, in the trace, so that dynamo guards on it:
+                # choosing another backend retraces.
+                return self.in_graph(requested_backend() == "auto", *args)
             return self.custom_op(*args)
         if transform_active():
             return self.composite(*args)
