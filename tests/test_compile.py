@@ -430,3 +430,39 @@ def test_compiled_cpu_composites_match_the_float64_oracle(spec):
         names = [arg.name for arg in spec.inputs if arg.differentiable]
         for name, g, want in zip(names, grads, expected_grads):
             assert_close_to(g, want, f"{where} d/d{name}", spec.min_tolerance)
+
+
+@pytest.mark.parametrize("reduction", ["none", "batchmean"])
+@pytest.mark.parametrize("family", ["bernoulli", "continuous_bernoulli"])
+def test_a_compiled_likelihoods_written_out_derivative_matches_the_oracle(family, reduction):
+    """In a compiled CPU graph a likelihood from logits gets its derivative written out (an
+    autograd.Function, see logits_likelihood.py) instead of autograd's. On image-shaped [B, C, H, W]
+    inputs, per element and per datapoint, the gradients of logits and target must be the
+    float64 oracle's."""
+    from fastvae.ops.bernoulli.spec import oracle_log_prob as bernoulli_oracle
+    from fastvae.ops.continuous_bernoulli.spec import oracle_log_prob as continuous_oracle
+
+    public = {
+        "bernoulli": fastvae.bernoulli_log_likelihood,
+        "continuous_bernoulli": fastvae.continuous_bernoulli_log_likelihood,
+    }
+    oracle = {"bernoulli": bernoulli_oracle, "continuous_bernoulli": continuous_oracle}[family]
+    generator = torch.Generator().manual_seed(11)
+    logits = (3 * torch.randn(4, 2, 3, 5, generator=generator)).requires_grad_()
+    target = torch.rand(4, 2, 3, 5, generator=generator).requires_grad_()
+    upstream_shape = logits.shape if reduction == "none" else ()
+    upstream = torch.randn(upstream_shape, generator=generator) + 0.5
+    torch._dynamo.reset()
+    with fastvae.use_backend("auto"):
+        compiled = torch.compile(
+            functools.partial(public[family], reduction=reduction), backend="aot_eager", fullgraph=True
+        )
+        value = compiled(logits, target)
+    grads = torch.autograd.grad(value, (logits, target), upstream)
+    l64, x64 = (t.detach().double().requires_grad_() for t in (logits, target))
+    expected = oracle(l64, x64)
+    expected = expected if reduction == "none" else expected.flatten(1).sum(1).mean()
+    expected_grads = torch.autograd.grad(expected, (l64, x64), upstream.double())
+    assert_close_to(value, expected, f"{family}[{reduction}] log p")
+    for name, got, want in zip(("d/dlogits", "d/dtarget"), grads, expected_grads):
+        assert_close_to(got, want, f"{family}[{reduction}] {name}")

@@ -326,10 +326,12 @@ class FusedOp:
         setup_context: Callable | None = None,
         backward: Callable | None = None,
         work_elements: Callable[..., int] = largest_input,
+        lowered: Callable | None = None,
     ) -> None:
         """work_elements(*args): the size of a call's work, which picks the composite or the node in
         a compiled CPU graph (see composite_in_compiled_graph); the largest input unless the op
-        writes more than it reads (a sampler's K samples)."""
+        writes more than it reads (a sampler's K samples). lowered: what such a graph gets instead
+        of the composite, the same outputs with a cheaper derivative (None: the composite)."""
         self.custom_op, self.forward, self.composite = custom_op, forward, composite
         # A backward op (no backward of its own) runs only inside its forward op's backward, which
         # runs only when that forward stayed a node: it stays a node too, whatever its size.
@@ -337,7 +339,7 @@ class FusedOp:
         self._function = None
         if backward is not None:
             custom_op.register_autograd(backward, setup_context=setup_context)
-            self.in_graph = define_in_graph_op(custom_op, composite, work_elements)
+            self.in_graph = define_in_graph_op(custom_op, lowered or composite, work_elements)
 
             def function_forward(ctx, *args):
                 # The ctx-first form: with a separate setup_context, Function.apply runs

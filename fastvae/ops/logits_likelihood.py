@@ -66,17 +66,52 @@ def logits_likelihood_op(
             return logp, no_grad_placeholder(logits)
         return logp, view_as_shape(dlogits, logits.shape)
 
+    def log_prob_of(l: Tensor, x: Tensor, elementwise: bool) -> Tensor:
+        logp = log_prob(l, x)
+        return logp if elementwise else logp.reshape(l.shape[0], -1).sum(dim=1)
+
+    class WrittenOutDerivative(torch.autograd.Function):
+        """log_prob_of with its derivative written out: grad * dlogp/dl and grad * l for the target.
+        Autograd's own derivative of log_prob recomputes the softplus tail's pieces (exp, where,
+        the division by 1 + e); this one is the single sigmoid that plain BCE-with-logits' backward
+        computes. Its backward is torch ops, so autograd can differentiate it again."""
+
+        @staticmethod
+        def forward(ctx, l: Tensor, x: Tensor, elementwise: bool) -> Tensor:
+            ctx.save_for_backward(l, x)
+            return log_prob_of(l, x, elementwise)
+
+        @staticmethod
+        def backward(ctx, grad: Tensor):
+            l, x = ctx.saved_tensors
+            grad = grad.reshape(grad.shape + (1,) * (l.dim() - grad.dim()))  # a row's over its elements
+            grad_l = grad * grad_logits(l, x) if ctx.needs_input_grad[0] else None
+            grad_x = grad * l if ctx.needs_input_grad[1] else None
+            return grad_l, grad_x, None
+
+    def outputs(
+        logp_of: Callable, logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool, weight: float | None
+    ) -> tuple[Tensor, Tensor]:
+        compute = loss_dtype(logits, target)
+        l, x = logits.to(compute), target.to(compute)
+        logp = logp_of(l, x, elementwise)
+        if not compute_grad:
+            return logp, no_grad_placeholder(logits)
+        return logp, ((1.0 if weight is None else weight) * grad_logits(l, x)).to(logits.dtype)
+
     def composite(
         logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool, weight: float | None = None
     ) -> tuple[Tensor, Tensor]:
         """The same outputs from torch ops, differentiable by every autograd mode."""
-        compute = loss_dtype(logits, target)
-        l, x = logits.to(compute), target.to(compute)
-        logp = log_prob(l, x)
-        logp = logp if elementwise else logp.reshape(logits.shape[0], -1).sum(dim=1)
-        if not compute_grad:
-            return logp, no_grad_placeholder(logits)
-        return logp, ((1.0 if weight is None else weight) * grad_logits(l, x)).to(logits.dtype)
+        return outputs(log_prob_of, logits, target, elementwise, compute_grad, weight)
+
+    def lowered(
+        logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool, weight: float | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The composite as a compiled CPU graph gets it: the derivative written out, which an
+        autograd.Function can be there (AOTAutograd traces it; dynamo, which could not trace its
+        torch.func rules, never sees it) and not in the composite torch.func transforms use."""
+        return outputs(WrittenOutDerivative.apply, logits, target, elementwise, compute_grad, weight)
 
     custom_op = torch.library.custom_op(f"fastvae::{name}", forward, mutates_args=())
 
@@ -135,5 +170,5 @@ def logits_likelihood_op(
             grad_target = scale_saved_grad(logits, grad_logp).to(ctx.target_dtype)
         return grad_logits_out, grad_target, None, None, None
 
-    fused = FusedOp(custom_op, forward, composite, setup_context, backward)
+    fused = FusedOp(custom_op, forward, composite, setup_context, backward, lowered=lowered)
     return fused
