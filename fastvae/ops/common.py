@@ -221,13 +221,17 @@ def composite_in_compiled_graph(args: Sequence, work_elements: Callable[..., int
 _IN_GRAPH_LIBRARY = torch.library.Library("fastvae", "FRAGMENT")
 
 
-def define_in_graph_op(custom_op, composite: Callable, work_elements: Callable[..., int]):
+def define_in_graph_op(
+    custom_op, composite: Callable, work_elements: Callable[..., int], lowered: Callable | None = None
+):
     """`fastvae::<name>_in_graph(bool default_backend, <the custom op's arguments>)`, the op torch.compile
     records for a call of `custom_op`. Its body decides, as the graph is traced, what the graph
-    holds instead: the composite's torch ops for a small CPU call under the default backend (see
-    composite_in_compiled_graph), else the custom op's node. Dynamo guards only on what the caller
-    passes (default_backend among it): nothing the composite reads (its helpers, its Philox
-    constants, torch functions) becomes a guard checked before every call of the compiled code."""
+    holds instead: for a small CPU call under the default backend (see composite_in_compiled_graph)
+    the torch ops of `lowered` (the composite with a cheaper derivative, an autograd.Function), or
+    of the composite itself inside a torch.func transform, which such a Function does not support;
+    else the custom op's node. Dynamo guards only on what the caller passes (default_backend among
+    it): nothing the composite reads (its helpers, its Philox constants, torch functions) becomes
+    a guard checked before every call of the compiled code."""
     schema = custom_op._opoverload._schema
     name = f"{schema.name.split('::')[1]}_in_graph"
     arguments = str(schema)[str(schema).index("(") + 1 :]  # "Tensor mu, ...) -> (Tensor, ...)"
@@ -235,7 +239,7 @@ def define_in_graph_op(custom_op, composite: Callable, work_elements: Callable[.
 
     def lower(default_backend: bool, *args):
         if default_backend and composite_in_compiled_graph(args, work_elements):
-            return tuple(composite(*args))
+            return tuple((composite if lowered is None or transform_active() else lowered)(*args))
         return tuple(custom_op(*args))
 
     _IN_GRAPH_LIBRARY.impl(name, lower, "CompositeImplicitAutograd")
@@ -331,7 +335,7 @@ class FusedOp:
         """work_elements(*args): the size of a call's work, which picks the composite or the node in
         a compiled CPU graph (see composite_in_compiled_graph); the largest input unless the op
         writes more than it reads (a sampler's K samples). lowered: what such a graph gets instead
-        of the composite, the same outputs with a cheaper derivative (None: the composite)."""
+        of the composite, the same outputs with a cheaper derivative (see define_in_graph_op)."""
         self.custom_op, self.forward, self.composite = custom_op, forward, composite
         # A backward op (no backward of its own) runs only inside its forward op's backward, which
         # runs only when that forward stayed a node: it stays a node too, whatever its size.
@@ -339,7 +343,7 @@ class FusedOp:
         self._function = None
         if backward is not None:
             custom_op.register_autograd(backward, setup_context=setup_context)
-            self.in_graph = define_in_graph_op(custom_op, lowered or composite, work_elements)
+            self.in_graph = define_in_graph_op(custom_op, composite, work_elements, lowered)
 
             def function_forward(ctx, *args):
                 # The ctx-first form: with a separate setup_context, Function.apply runs
