@@ -9,6 +9,7 @@ loss = fastvae.iwae_loss(decoder(z), x, z, mu, logvar)  # the importance-weighte
 """
 
 from fastvae.backend import available_backends, use_backend
+from fastvae.compiler import compile_options, skip_fastvae_code_guards
 from fastvae.errors import BackendUnavailableError
 from fastvae.functional import (
     bernoulli_log_likelihood,
@@ -32,6 +33,7 @@ __all__ = [
     "IWAELoss",
     "available_backends",
     "bernoulli_log_likelihood",
+    "compile_options",
     "continuous_bernoulli_log_likelihood",
     "elbo_loss",
     "elbo_terms",
@@ -41,5 +43,6 @@ __all__ = [
     "reparameterize",
     "reparameterize_kl",
     "set_validate_args",
+    "skip_fastvae_code_guards",
     "use_backend",
 ]

@@ -484,3 +484,62 @@ def test_a_torch_func_transform_inside_torch_compile_gets_the_composite(transfor
         eager = fn(*args)
         traced = torch.compile(fn, backend="aot_eager", fullgraph=True)(*args)
     torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-6)
+
+
+def _vae_loss(x, h):
+    mu, logvar = h.chunk(2, dim=1)
+    z, kl = fastvae.reparameterize_kl(mu, logvar)
+    return fastvae.elbo_loss(z.repeat(1, 3), x, kl=kl)
+
+
+def test_compile_options_drop_only_the_guards_on_fastvae_code():
+    """fastvae.compile_options' guard filter drops guards on what fastvae's modules hold (functions,
+    modules, classes, the fused ops) and keeps every guard on a value (the backend choice among
+    them) and every guard on anything else."""
+    from fastvae.compiler import _IDENTITY_GUARDS
+
+    decisions = []
+
+    def recording(entries):
+        keep = fastvae.skip_fastvae_code_guards(entries)
+        decisions.extend(zip(entries, keep))
+        return keep
+
+    torch._dynamo.reset()
+    x, h = torch.rand(4, 6), torch.randn(4, 4)
+    torch.compile(_vae_loss, backend="eager", options={"guard_filter_fn": recording}, fullgraph=True)(x, h)
+    dropped = [e for e, keep in decisions if not keep]
+    kept = [e for e, keep in decisions if keep]
+    assert len(dropped) >= 20, f"only {len(dropped)} guards dropped"
+    for e in dropped:
+        assert "fastvae" in e.name and e.guard_type in _IDENTITY_GUARDS, (e.name, e.guard_type)
+    assert any("_environment_choice" in e.name for e in kept), "the backend choice must stay guarded"
+    assert all(e.guard_type not in _IDENTITY_GUARDS for e in kept if "fastvae" in e.name)
+    assert any(e.name == "x" and e.guard_type == "TENSOR_MATCH" for e in kept)
+
+
+def test_with_compile_options_another_backend_still_retraces():
+    """The backend choice is a value fastvae's filter keeps: choosing another backend after compiling
+    retraces, and each trace computes what that backend computes eagerly (z's noise aside: the loss
+    is checked, which the noise enters)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(_vae_loss, backend=counter, options=fastvae.compile_options(), fullgraph=True)
+    x, h = torch.rand(4, 6), torch.randn(4, 4)
+    for expected_frames, backend in ((1, "auto"), (2, "torch"), (2, "auto")):
+        with fastvae.use_backend(backend):
+            torch.manual_seed(1)
+            eager = _vae_loss(x, h)
+            torch.manual_seed(1)
+            traced = compiled(x, h)
+        assert counter.frame_count == expected_frames, (backend, counter.frame_count)
+        torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_options_are_new_each_call_and_keep_the_mode():
+    """torch.compile empties the options it is given: each call must return its own dict."""
+    first, second = fastvae.compile_options(), fastvae.compile_options()
+    assert first is not second and first["guard_filter_fn"] is fastvae.skip_fastvae_code_guards
+    assert fastvae.compile_options("reduce-overhead")["triton.cudagraphs"] is True

@@ -473,7 +473,8 @@ def build_run(cfg: TrainConfig, dist: DistInfo, resources: ExitStack) -> Run:
     if dist.enabled:
         ids = [device.index] if device.type == "cuda" else None
         objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
-    step_fn = torch.compile(objective) if cfg.compile else objective
+    # Without guards on fastvae's own code: see fastvae.compiler.
+    step_fn = torch.compile(objective, options=fastvae.compile_options()) if cfg.compile else objective
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     cfg.out = str(run_dir)
