@@ -28,8 +28,9 @@ VARIANTS = {"custom op": 0, "composite": 1 << 62, "shipped": SHIPPED}
 
 
 def variant_step(max_elements: int, amp: bool, batch_size: int, quick: bool):
-    """fastvae's compiled step, traced and run with the threshold at max_elements (dynamo guards on
-    the threshold, so each variant keeps its own graph)."""
+    """fastvae's compiled step, traced and run with the threshold at max_elements. The threshold is
+    read when a graph is traced, not guarded; each variant keeps its own graph because it is its
+    own torch.compile, whose cache entries dynamo keeps apart from the others'."""
     step = make_step("fastvae", "default", amp, torch.device("cpu"), quick=quick, batch_size=batch_size)
 
     def run() -> None:
