@@ -64,3 +64,36 @@ def test_triton_on_an_unsupported_device_does_not_advise_what_is_already_set(mon
     with fastvae.use_backend("triton"), pytest.raises(BackendUnavailableError) as info:
         resolve_backend_name(torch.device("meta"))
     assert "meta" in str(info.value) and "set TRITON_INTERPRET=1" not in str(info.value)
+
+
+def test_backward_runs_on_the_backend_its_forward_was_asked_for(monkeypatch):
+    """use_backend() is thread-local, and autograd runs a CUDA graph's backward on a thread of its
+    own: a backward run from a thread with no choice of its own (as there) still uses the
+    forward's backend for its kernels."""
+    import threading
+
+    import fastvae.ops.registry as registry
+
+    resolved: list[str] = []
+
+    def recording(device):
+        name = resolve_backend_name(device)
+        resolved.append(name)
+        return name
+
+    monkeypatch.setattr(registry, "resolve_backend_name", recording)
+    generator = torch.Generator().manual_seed(7)
+    mu = torch.randn(4, 3, generator=generator, requires_grad=True)
+    logvar = torch.randn(4, 3, generator=generator, requires_grad=True)
+    logits = torch.randn(2, 4, 5, generator=generator, requires_grad=True)
+    x = torch.rand(4, 5, generator=generator)
+    with fastvae.use_backend("torch"):
+        z, kl = fastvae.reparameterize_kl(mu, logvar, samples=2, generator=torch.Generator().manual_seed(1))
+        loss = fastvae.iwae_loss(logits, x, z, mu, logvar) + kl.sum()
+    resolved.clear()
+    ran = threading.Thread(target=loss.backward)
+    ran.start()
+    ran.join()
+    assert resolved, "the backward resolved no kernel: this test no longer sees what it checks"
+    assert set(resolved) == {"torch"}, f"backward kernels ran on {sorted(set(resolved))}, the forward on torch"
+    assert mu.grad is not None and torch.isfinite(mu.grad).all()

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
-from fastvae.backend import requested_backend
+from fastvae.backend import requested_backend, use_backend
 
 
 # --------------------------------------------------------------------------- rows and dtypes
@@ -303,6 +303,24 @@ def composite_vjp(
     return result
 
 
+def _backward_on_the_forwards_backend(setup_context: Callable, backward: Callable) -> tuple[Callable, Callable]:
+    """setup_context and backward such that backward, and every kernel it runs (a backward op, a
+    recomputed forward), uses the backend the forward was asked for. use_backend() is
+    thread-local, and autograd runs a CUDA graph's backward on a thread of its own, where the
+    block's choice is not seen: without this, `with use_backend("torch")` around a CUDA forward
+    would run Triton kernels in its backward."""
+
+    def setup_recording_backend(ctx, inputs, output) -> None:
+        ctx.backend = requested_backend()
+        setup_context(ctx, inputs, output)
+
+    def backward_on_recorded_backend(ctx, *grads):
+        with use_backend(ctx.backend):
+            return backward(ctx, *grads)
+
+    return setup_recording_backend, backward_on_recorded_backend
+
+
 class FusedOp:
     """A fused op as fastvae.functional calls it: one forward, setup_context and backward,
     reachable two ways that run the same three functions, and a composite for transforms.
@@ -342,6 +360,7 @@ class FusedOp:
         self.in_graph = None
         self._function = None
         if backward is not None:
+            setup_context, backward = _backward_on_the_forwards_backend(setup_context, backward)
             custom_op.register_autograd(backward, setup_context=setup_context)
             self.in_graph = define_in_graph_op(custom_op, composite, work_elements, lowered)
 
