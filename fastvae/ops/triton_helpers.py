@@ -110,7 +110,7 @@ STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 @dataclass(frozen=True)
 class Specialization:
     """One compiled form of a kernel: pointer dtypes and constexpr values (the rest of the
-    arguments are 32-bit integers or float32 scalars, as the launchers pass them)."""
+    arguments are 32-bit integers, or float64 scalars where `floats` names them)."""
 
     kernel: Any  # a triton.JITFunction
     pointers: dict[str, torch.dtype]
@@ -131,7 +131,7 @@ class Specialization:
             elif arg in self.pointers:
                 out[arg] = _POINTER_TYPES[self.pointers[arg]]
             else:
-                out[arg] = "fp32" if arg in self.floats else "i32"
+                out[arg] = "fp64" if arg in self.floats else "i32"
         return out
 
 

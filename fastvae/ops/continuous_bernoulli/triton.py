@@ -60,13 +60,14 @@ def _continuous_bernoulli_fwd_kernel(
     target_rows,
     stride_logits,
     stride_target,
-    weight,  # dlogits = weight * dlogp/dlogits
+    weight: tl.float64,  # dlogits = weight * dlogp/dlogits; float64: a float32 argument would round -1/B
     ELEMENTWISE: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     COMPUTE: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    weight = tl.full((), weight, COMPUTE)  # a Python float in the interpreter: made COMPUTE directly
     # int64 offsets: b * stride exceeds 2^31 for large batches of images.
     o_b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     m_b = o_b < B

@@ -36,7 +36,7 @@ def _gaussian_likelihood_fwd_kernel(
     stride_logvar,
     target_rows,
     logvar_rows,
-    weight,  # dmean, dlogvar = weight * dlogp/dmean, weight * dlogp/dlogvar
+    weight: tl.float64,  # dmean, dlogvar = weight * dlogp/d(mean, logvar); float64: float32 would round -1/B
     HAS_LOGVAR: tl.constexpr,
     ELEMENTWISE: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
@@ -44,6 +44,7 @@ def _gaussian_likelihood_fwd_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    weight = tl.full((), weight, COMPUTE)  # a Python float in the interpreter: made COMPUTE directly
     # int64 offsets: b * stride exceeds 2^31 for large batches of images.
     o_b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     m_b = o_b < B
