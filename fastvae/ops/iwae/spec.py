@@ -91,11 +91,12 @@ def eager_gaussian_iwae_loss(mean, x, z, mu, logvar, decoder_logvar, reduction="
 
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
-# The normalized weights are a softmax over log-likelihoods summed over D elements, and float32
-# holds such a sum (|log p| ~ 1700 at the tests' D = 1100) to 0.5 ulp = 6e-5: two samples' log
-# weights differ by up to ~1e-4 from the exact ones, and the softmax passes that on to every
-# gradient as a relative error (8e-5 measured, on every backend, the torch reference included).
-FLOAT32_WEIGHTS_TOLERANCE = 2e-4
+# The normalized weights are a softmax over log-likelihoods summed over D elements, and an error in
+# a log weight reaches every gradient as a relative error of the same size. In float32 such a sum
+# (|log p| ~ 1700 at the tests' D = 1100) carries an error that depends on the order of its
+# additions, bounded by about log2(D) * eps * 1700 = 2e-3: 8e-5 was measured on the CPU backends
+# (the torch reference included), 2.6e-4 with Triton's blocked sums on an H200.
+FLOAT32_WEIGHTS_TOLERANCE = 5e-4
 
 
 def _gaussian_spec(name, decoder_logvar, benchmark):
