@@ -232,3 +232,15 @@ def test_step_anatomy_times_every_part_of_both_steps_through_their_own_guards(am
     for provider, parts in medians.items():
         assert list(parts) == list(step_anatomy.PARTS)
         assert all(seconds > 0 for seconds in parts.values()), (provider, parts)
+
+
+def test_the_gpu_run_measures_every_gpu_target_at_its_sizes():
+    """The prepared GPU run's sweep is trimmed to fit its time: it must still hold each GPU target's
+    op at batches the target covers, with both competitors to compare against."""
+    cuda = torch.device("cuda")
+    for target in (t for t in report.TARGETS if t.device == "cuda"):
+        assert target.op in axes.GPU_TARGET_OPS
+        spec = next(s for s in op_specs() if s.name == target.op)
+        cases = [c for c in axes.cases(target.op, spec.axes, cuda, "gpu-run") if c.batch >= target.min_batch]
+        assert {c.provider.name for c in cases} == {"eager", "compiled", "fastvae-triton"}, target.op
+        assert len({c.batch for c in cases}) >= 2, f"{target.op}: one batch size only"

@@ -9,14 +9,19 @@
 #   3. tests         the whole suite on CUDA: CUDA-graph replays, reduce-overhead, fp16 with a
 #                    GradScaler, one-process NCCL DDP, Triton against the reference
 #   4. ops           the GPU benchmark sweep (--gpu-run)                -> OUTDIR/ops.json
-#   5. eval A/B      fastvae-eval's NLL, fused against unfused, K = 1000    -> OUTDIR/eval_ab.jsonl
-#   6. train A/B     eager, compile, compile reduce-overhead; fp32, bf16; batch 128, 1024
+#   5. profile       where a training step's time goes, per provider   -> OUTDIR/profile.txt
+#   6. eval A/B      fastvae-eval's NLL, fused against unfused, K = 1000    -> OUTDIR/eval_ab.jsonl
+#   7. train A/B     eager, compile, compile reduce-overhead; fp32, bf16; batch 128, 1024
 #                                                                        -> OUTDIR/train_ab.jsonl
-#   7. report        tables, targets, plot                              -> OUTDIR/report.txt, ops.png
+#   8. report        tables and targets                                 -> OUTDIR/report.txt
 #
 # Every stage has a time limit and appends to OUTDIR/run.log; OUTDIR/summary.txt says how each
-# ended. Without a CUDA device the same script is a rehearsal: each GPU stage runs at smoke
-# size on the CPU and says so, so the script itself is tested where no GPU is.
+# ended. A stage at its limit is interrupted (SIGINT), so a benchmark stage still writes what it
+# measured. GPU_RUN_SKIP, a regular expression, skips the stages whose names it matches (e.g.
+# "A/B" when those were measured in an earlier run). The plot is drawn where the results land:
+# `python -m benchmarks.report OUTDIR/ops.json`. Without a CUDA device the same
+# script is a rehearsal: each GPU stage runs at smoke size on the CPU and says so, so the script
+# itself is tested where no GPU is.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu/run.sh OUTDIR}
 mkdir -p "$OUT"
@@ -32,14 +37,18 @@ say() { echo "$*" | tee -a "$OUT/summary.txt"; }
 # The whole run has a budget (the device time a session is lent is short): each stage's limit is
 # cut to what is left of it, and a stage with under 20 s left is skipped and says so. The last
 # REPORT_SECONDS are kept for the report, which turns whatever was measured into tables.
-BUDGET=${GPU_RUN_SECONDS:-480}
-REPORT_SECONDS=40
+BUDGET=${GPU_RUN_SECONDS:-540}
+REPORT_SECONDS=30
 DEADLINE=$(( $(date +%s) + BUDGET - REPORT_SECONDS ))
 
 # stage NAME SECONDS COMMAND...: run with a time limit, log to run.log, record how it ended.
 stage() {
   local name=$1 limit=$2 start rc left
   shift 2
+  if [ -n "${GPU_RUN_SKIP:-}" ] && [[ $name =~ $GPU_RUN_SKIP ]]; then
+    say "$name: skipped (GPU_RUN_SKIP)"
+    return
+  fi
   start=$(date +%s)
   left=$(( DEADLINE - start ))
   if [ "$left" -lt 20 ]; then
@@ -48,7 +57,7 @@ stage() {
   fi
   [ "$limit" -gt "$left" ] && limit=$left
   echo "==> $name: $*" >>"$OUT/run.log"
-  timeout --kill-after=15 "$limit" "$@" >>"$OUT/run.log" 2>&1
+  timeout --signal=INT --kill-after=15 "$limit" "$@" >>"$OUT/run.log" 2>&1
   rc=$?
   case $rc in
     0) say "$name: ok ($(( $(date +%s) - start )) s)" ;;
@@ -84,6 +93,7 @@ if [ "$GPU" = 1 ]; then
     $(for t in $kernel_tests; do printf -- '--ignore=%s ' "$t"; done)
   stage ops 120 "$PY" -m pytest benchmarks/bench_ops.py --benchmark-only --gpu-run -q -p no:cacheprovider \
     --benchmark-json="$OUT/ops.json"
+  stage profile 60 bash -c "'$PY' -m benchmarks.gpu.profile_step > '$OUT/profile.txt'"
   stage "eval A/B (fused NLL against unfused, K = 1000)" 40 "$PY" -m benchmarks.eval_ab --repeats 5 \
     --json "$OUT/eval_ab.jsonl"
   for batch in 128 1024; do
@@ -98,6 +108,8 @@ else
   stage "ops (smoke: one op, CPU)" 200 "$PY" -m pytest benchmarks/bench_ops.py --benchmark-only \
     --benchmark-min-rounds=1 --bench-seconds=0.01 -q -p no:cacheprovider -k "vae_loss and B128 and fp32" \
     --benchmark-json="$OUT/ops.json"
+  stage "profile (smoke: eager, CPU)" 60 bash -c "'$PY' -m benchmarks.gpu.profile_step --modes eager --steps 2 \
+    > '$OUT/profile.txt'"
   stage "eval A/B (smoke: K = 20, CPU)" 60 "$PY" -m benchmarks.eval_ab --samples 20 --images 4 --repeats 2 \
     --json "$OUT/eval_ab.jsonl"
   stage "train A/B (smoke: eager, CPU)" 120 "$PY" -m benchmarks.train_ab --compile eager --blocks 2 --steps 1 \
@@ -105,9 +117,22 @@ else
   say "train A/B reduce-overhead: skipped (CUDA graphs need a CUDA device)"
 fi
 
+# Each part of the report is written on its own: a part whose results are missing says so and
+# leaves the others.
 DEADLINE=$(( $(date +%s) + REPORT_SECONDS ))
-stage report "$REPORT_SECONDS" bash -c "'$PY' -m benchmarks.report '$OUT/ops.json' --plot '$OUT/ops.png' > '$OUT/report.txt' \
-  && '$PY' -m benchmarks.train_ab --report '$OUT/train_ab.jsonl' >> '$OUT/report.txt' \
-  && { [ ! -f '$OUT/eval_ab.jsonl' ] || { echo 'eval A/B, one JSON line per run:'; cat '$OUT/eval_ab.jsonl'; }; } \
-     >> '$OUT/report.txt'"
+: >"$OUT/report.txt"
+PLOT=$(mktemp -d)/ops.png  # not in OUTDIR: the device returns a few files only
+report_part() {
+  local file=$1
+  shift
+  if [ -s "$OUT/$file" ]; then
+    "$PY" -m "$@" >>"$OUT/report.txt" 2>&1 || echo "($file: the report failed; see above)" >>"$OUT/report.txt"
+  else
+    echo "($file: nothing was measured)" >>"$OUT/report.txt"
+  fi
+}
+stage report "$REPORT_SECONDS" bash -c "$(declare -f report_part); OUT='$OUT' PY='$PY'; \
+  report_part ops.json benchmarks.report '$OUT/ops.json' --plot '$PLOT'; \
+  report_part train_ab.jsonl benchmarks.train_ab --report '$OUT/train_ab.jsonl'; \
+  report_part eval_ab.jsonl json.tool --json-lines '$OUT/eval_ab.jsonl'"
 say "results in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
