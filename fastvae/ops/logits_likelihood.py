@@ -30,6 +30,7 @@ from fastvae.ops.common import (
     rows_shape,
     saved_grad_factor,
     scale_saved_grad,
+    scale_saved_grad_,
     view_as_shape,
 )
 from fastvae.ops.registry import implementation
@@ -160,12 +161,15 @@ def logits_likelihood_op(
                 # saved gradient was handed over and may have been changed by its receiver.
                 _, dlogits = fused(logits, target, ctx.elementwise, True, ctx.weight)
             factor = saved_grad_factor(grad_logp, ctx.weight, ctx.handed_over)
-            if factor is None:
-                ctx.handed_over = True
-                ctx.dlogits = None  # given away: the receiver owns it now
-                grad_logits_out = dlogits
-            else:
+            # Ours to give away: as it is when the upstream gradient is the weight, else (eager)
+            # scaled in place, with no second [B, D] buffer; its receiver owns it then, and a
+            # second backward recomputes it. A traced backward's saved output stays as it is.
+            if factor is not None and saved:
                 grad_logits_out = scale_saved_grad(dlogits, factor)
+            else:
+                grad_logits_out = dlogits if factor is None else scale_saved_grad_(dlogits, factor)
+                ctx.handed_over = True
+                ctx.dlogits = None
         if ctx.needs_input_grad[1]:
             grad_target = scale_saved_grad(logits, grad_logp).to(ctx.target_dtype)
         return grad_logits_out, grad_target, None, None, None

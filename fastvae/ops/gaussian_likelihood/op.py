@@ -28,6 +28,7 @@ from fastvae.ops.common import (
     rows_shape,
     saved_grad_factor,
     scale_saved_grad,
+    scale_saved_grad_,
     view_as_shape,
 )
 from fastvae.ops.gaussian_likelihood.reference import grads, log_prob
@@ -178,13 +179,17 @@ def _grads(ctx, grad_logp: Tensor | None, _grad_dmean: Tensor | None, _grad_dlog
             # saved gradients were handed over and may have been changed by their receivers.
             _, dmean, dlogvar = gaussian_log_likelihood_fused(mean, target, logvar, ctx.elementwise, True, ctx.weight)
         factor = saved_grad_factor(grad_logp, ctx.weight, ctx.handed_over)
-        if factor is None:
+        # Ours to give away: as they are when the upstream gradient is the weight, else (eager)
+        # scaled in place; a traced backward's saved outputs must stay as they are.
+        ours = factor is None or not saved
+        scale = scale_saved_grad_ if ours else scale_saved_grad
+        if ours:
             ctx.handed_over = True
             ctx.dmean = ctx.dlogvar = None  # given away: the receivers own them now
         if needs_mean:
-            grad_mean = dmean if factor is None else scale_saved_grad(dmean, factor)
+            grad_mean = dmean if factor is None else scale(dmean, factor)
         if needs_logvar:
-            per_element = dlogvar if factor is None else scale_saved_grad(dlogvar, factor)
+            per_element = dlogvar if factor is None else scale(dlogvar, factor)
             grad_logvar = per_element.sum_to_size(logvar.shape).to(logvar.dtype)
     if needs_target:
         compute = loss_dtype(mean, target, logvar)
