@@ -106,10 +106,12 @@ def print_report(path: str) -> None:
         rows = [json.loads(line) for line in lines if line.strip()]
     print(f"training step A/B ({len(rows)} settings; fastvae speed / plain, median of paired blocks)")
     for r in rows:
+        # The ATen CPU kernels' instruction set matters only where the step runs on the CPU.
+        where = " ".join(filter(None, (r["device"], r.get("cpu_capability") if r["device"] == "cpu" else None)))
         print(
             f"  batch {r['batch_size']:5d}, {r['compile']:15s}, {'AMP ' if r['amp'] else 'fp32'}: plain "
             f"{r['plain_ms']:.3f} ms, fastvae {r['fastvae_ms']:.3f} ms; {r['ratio_median']:.3f}x "
-            f"(quartiles {r['ratio_q1']:.3f} to {r['ratio_q3']:.3f}), {r['device']} {r.get('cpu_capability', '')}"
+            f"(quartiles {r['ratio_q1']:.3f} to {r['ratio_q3']:.3f}), {where}"
         )
 
 

@@ -9,7 +9,8 @@
 #   3. tests         the whole suite on CUDA: CUDA-graph replays, reduce-overhead, fp16 with a
 #                    GradScaler, one-process NCCL DDP, Triton against the reference
 #   4. ops           the GPU benchmark sweep (--gpu-run)                -> OUTDIR/ops.json
-#   5. profile       where a training step's time goes, per provider   -> OUTDIR/profile.txt
+#   5. profile       host time per op call and launch; where a training step's time goes
+#                                                                        -> OUTDIR/profile.txt
 #   6. eval A/B      fastvae-eval's NLL, fused against unfused, K = 1000    -> OUTDIR/eval_ab.jsonl
 #   7. train A/B     eager, compile, compile reduce-overhead; fp32, bf16; batch 128, 1024
 #                                                                        -> OUTDIR/train_ab.jsonl
@@ -37,7 +38,7 @@ say() { echo "$*" | tee -a "$OUT/summary.txt"; }
 # The whole run has a budget (the device time a session is lent is short): each stage's limit is
 # cut to what is left of it, and a stage with under 20 s left is skipped and says so. The last
 # REPORT_SECONDS are kept for the report, which turns whatever was measured into tables.
-BUDGET=${GPU_RUN_SECONDS:-540}
+BUDGET=${GPU_RUN_SECONDS:-480}
 REPORT_SECONDS=30
 DEADLINE=$(( $(date +%s) + BUDGET - REPORT_SECONDS ))
 
@@ -89,17 +90,18 @@ if [ "$GPU" = 1 ]; then
   kernel_tests="tests/test_cuda.py tests/test_ops.py tests/test_iwae.py tests/test_likelihoods.py tests/test_noise.py
     tests/test_edge_cases.py tests/test_compile.py tests/test_autodiff.py tests/test_validation.py"
   stage "tests (kernels on CUDA)" 110 "$PY" -m pytest -q -p no:cacheprovider -rs $workers $kernel_tests
-  stage "tests (the rest)" 60 "$PY" -m pytest -q -p no:cacheprovider $workers --ignore=tests/test_triton_compile.py \
+  stage "tests (the rest)" 75 "$PY" -m pytest -q -p no:cacheprovider $workers --ignore=tests/test_triton_compile.py \
     $(for t in $kernel_tests; do printf -- '--ignore=%s ' "$t"; done)
   stage ops 120 "$PY" -m pytest benchmarks/bench_ops.py --benchmark-only --gpu-run -q -p no:cacheprovider \
     --benchmark-json="$OUT/ops.json"
-  stage profile 60 bash -c "'$PY' -m benchmarks.gpu.profile_step > '$OUT/profile.txt'"
+  stage profile 75 bash -c "'$PY' -m benchmarks.gpu.launch_overhead > '$OUT/profile.txt' \
+    && '$PY' -m benchmarks.gpu.profile_step >> '$OUT/profile.txt'"
   stage "eval A/B (fused NLL against unfused, K = 1000)" 40 "$PY" -m benchmarks.eval_ab --repeats 5 \
     --json "$OUT/eval_ab.jsonl"
   for batch in 128 1024; do
     for mode in eager default reduce-overhead; do
       stage "train A/B batch $batch $mode" 60 "$PY" -m benchmarks.train_ab --compile "$mode" \
-        --batch-size "$batch" --blocks 30 --steps 5 --json "$OUT/train_ab.jsonl"
+        --batch-size "$batch" --blocks 20 --steps 5 --json "$OUT/train_ab.jsonl"
     done
   done
 else
@@ -108,8 +110,8 @@ else
   stage "ops (smoke: one op, CPU)" 200 "$PY" -m pytest benchmarks/bench_ops.py --benchmark-only \
     --benchmark-min-rounds=1 --bench-seconds=0.01 -q -p no:cacheprovider -k "vae_loss and B128 and fp32" \
     --benchmark-json="$OUT/ops.json"
-  stage "profile (smoke: eager, CPU)" 60 bash -c "'$PY' -m benchmarks.gpu.profile_step --modes eager --steps 2 \
-    > '$OUT/profile.txt'"
+  stage "profile (smoke: eager, CPU)" 60 bash -c "'$PY' -m benchmarks.gpu.launch_overhead --calls 40 > '$OUT/profile.txt' \
+    && '$PY' -m benchmarks.gpu.profile_step --modes eager --steps 2 >> '$OUT/profile.txt'"
   stage "eval A/B (smoke: K = 20, CPU)" 60 "$PY" -m benchmarks.eval_ab --samples 20 --images 4 --repeats 2 \
     --json "$OUT/eval_ab.jsonl"
   stage "train A/B (smoke: eager, CPU)" 120 "$PY" -m benchmarks.train_ab --compile eager --blocks 2 --steps 1 \
