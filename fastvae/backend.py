@@ -81,6 +81,10 @@ read_environment()
 def use_backend(name: str) -> Iterator[None]:
     """Run the fastvae ops in this block on backend `name` (auto, triton, native or torch).
 
+    The choice is this thread's. The backward of an op called in the block runs on the same
+    backend wherever it runs; compiled code chooses when it runs, so for it set FASTVAE_BACKEND
+    instead (torch.compile under a differing choice warns).
+
     Example:
         >>> with fastvae.use_backend("torch"):      # the reference, for a block
         ...     loss = fastvae.elbo_loss(logits, x, mu, logvar)
@@ -144,9 +148,10 @@ def available_backends() -> dict[str, str | None]:
     return {name: unavailable_reason(name) for name in BACKENDS}
 
 
-def resolve_backend_name(device: torch.device) -> str:
-    """The backend that runs ops on `device` now; raises if the requested one cannot."""
-    name = requested_backend()
+def resolve_backend_name(device: torch.device, name: str | None = None) -> str:
+    """The backend that runs ops on `device` now (or that `name`, a choice, runs them on); raises
+    if it cannot."""
+    name = requested_backend() if name is None else name
     if name == "auto":
         if device.type == "cuda":
             return "triton"
@@ -157,6 +162,32 @@ def resolve_backend_name(device: torch.device) -> str:
     if reason is not None:
         raise BackendUnavailableError(f"fastvae backend {name!r} cannot run on {device}: {reason}")
     return name
+
+
+_COMPILED_OVERRIDES_WARNED: set[tuple[str, str]] = set()
+
+
+def warn_if_compiled_backward_loses_the_block(op: str, device: torch.device) -> None:
+    """Called as torch.compile records a fastvae op: a compiled graph picks its kernels' backend
+    when it runs, and its backward runs where use_backend() is not seen (on CUDA, autograd's own
+    thread; anywhere, after the block). Warn once when that would be another backend, with the
+    process-wide choice that covers both."""
+    chosen = getattr(_override, "name", None)
+    if chosen is None or _environment_error is not None:
+        return
+    elsewhere = resolve_backend_name(device, _environment_choice)
+    here = resolve_backend_name(device, chosen)
+    if here == elsewhere or (here, elsewhere) in _COMPILED_OVERRIDES_WARNED:
+        return
+    _COMPILED_OVERRIDES_WARNED.add((here, elsewhere))
+    warnings.warn(
+        f"fastvae: torch.compile recorded {op} under use_backend({chosen!r}), but the compiled "
+        f"backward chooses its backend when it runs, where that block is not seen (on CUDA "
+        f"autograd runs it on a thread of its own), and would use {elsewhere!r}. For {here!r} "
+        f"in forward and backward of compiled code, set {ENV_VAR}={here} for the process (then "
+        f"call fastvae.backend.read_environment() if fastvae is already imported).",
+        stacklevel=2,
+    )
 
 
 def _resolve_auto_cpu() -> str:

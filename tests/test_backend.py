@@ -70,6 +70,37 @@ def test_backward_runs_on_the_backend_its_forward_was_asked_for(monkeypatch):
     """use_backend() is thread-local, and autograd runs a CUDA graph's backward on a thread of its
     own: a backward run from a thread with no choice of its own (as there) still uses the
     forward's backend for its kernels."""
+    generator = torch.Generator().manual_seed(7)
+    mu = torch.randn(4, 3, generator=generator, requires_grad=True)
+    logvar = torch.randn(4, 3, generator=generator, requires_grad=True)
+    logits = torch.randn(2, 4, 5, generator=generator, requires_grad=True)
+    x = torch.rand(4, 5, generator=generator)
+    with fastvae.use_backend("torch"):
+        z, kl = fastvae.reparameterize_kl(mu, logvar, samples=2, generator=torch.Generator().manual_seed(1))
+        loss = fastvae.iwae_loss(logits, x, z, mu, logvar) + kl.sum()
+    assert _backward_backends(monkeypatch, loss) == {"torch"}
+    assert mu.grad is not None and torch.isfinite(mu.grad).all()
+
+
+def _compiled_iwae_step():
+    """A compiled forward of the sampler and the bound (custom op nodes, kept by aot_eager), its
+    inputs, and a list that records every backend a kernel lookup resolves."""
+    generator = torch.Generator().manual_seed(7)
+    mu = torch.randn(4, 3, generator=generator, requires_grad=True)
+    logvar = torch.randn(4, 3, generator=generator, requires_grad=True)
+    logits = torch.randn(2, 4, 5, generator=generator, requires_grad=True)
+    x = torch.rand(4, 5, generator=generator)
+
+    def step(mu, logvar, logits, x):
+        z, kl = fastvae.reparameterize_kl(mu, logvar, samples=2)
+        return fastvae.iwae_loss(logits, x, z, mu, logvar) + kl.sum()
+
+    torch._dynamo.reset()
+    return torch.compile(step, backend="aot_eager", fullgraph=True), (mu, logvar, logits, x)
+
+
+def _backward_backends(monkeypatch, loss) -> set[str]:
+    """The backends a backward of `loss` resolves when run from a thread with no choice of its own."""
     import threading
 
     import fastvae.ops.registry as registry
@@ -82,18 +113,35 @@ def test_backward_runs_on_the_backend_its_forward_was_asked_for(monkeypatch):
         return name
 
     monkeypatch.setattr(registry, "resolve_backend_name", recording)
-    generator = torch.Generator().manual_seed(7)
-    mu = torch.randn(4, 3, generator=generator, requires_grad=True)
-    logvar = torch.randn(4, 3, generator=generator, requires_grad=True)
-    logits = torch.randn(2, 4, 5, generator=generator, requires_grad=True)
-    x = torch.rand(4, 5, generator=generator)
-    with fastvae.use_backend("torch"):
-        z, kl = fastvae.reparameterize_kl(mu, logvar, samples=2, generator=torch.Generator().manual_seed(1))
-        loss = fastvae.iwae_loss(logits, x, z, mu, logvar) + kl.sum()
-    resolved.clear()
     ran = threading.Thread(target=loss.backward)
     ran.start()
     ran.join()
     assert resolved, "the backward resolved no kernel: this test no longer sees what it checks"
-    assert set(resolved) == {"torch"}, f"backward kernels ran on {sorted(set(resolved))}, the forward on torch"
-    assert mu.grad is not None and torch.isfinite(mu.grad).all()
+    return set(resolved)
+
+
+def test_compiling_under_use_backend_warns_that_the_compiled_backward_cannot_see_it(monkeypatch):
+    """A compiled graph's backward picks its backend when it runs, where use_backend() may not be
+    seen: recording an op under a choice that differs from the process-wide one says so, and how
+    to fix it; the process-wide choice then holds in a backward on another thread."""
+    import fastvae.backend as backend
+
+    monkeypatch.setattr(backend, "_COMPILED_OVERRIDES_WARNED", set())
+    auto_cpu = resolve_backend_name(torch.device("cpu"), "auto")
+    other = "torch" if auto_cpu != "torch" else "native"
+    if fastvae.available_backends()[other] is not None:
+        pytest.skip(f"needs two CPU backends; {other}: {fastvae.available_backends()[other]}")
+    compiled, inputs = _compiled_iwae_step()
+    with pytest.warns(UserWarning, match=f"FASTVAE_BACKEND={other}"), fastvae.use_backend(other):
+        loss = compiled(*inputs)
+    assert _backward_backends(monkeypatch, loss) == {auto_cpu}  # what the warning said
+
+    monkeypatch.setenv("FASTVAE_BACKEND", other)
+    read_environment()
+    try:
+        compiled, inputs = _compiled_iwae_step()
+        loss = compiled(*inputs)
+        assert _backward_backends(monkeypatch, loss) == {other}
+    finally:
+        monkeypatch.delenv("FASTVAE_BACKEND")
+        read_environment()

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
-from fastvae.backend import requested_backend, use_backend
+from fastvae.backend import requested_backend, use_backend, warn_if_compiled_backward_loses_the_block
 
 
 # --------------------------------------------------------------------------- rows and dtypes
@@ -242,6 +242,9 @@ def define_in_graph_op(
     def lower(default_backend: bool, *args):
         if default_backend and composite_in_compiled_graph(args, work_elements):
             return tuple((composite if lowered is None or transform_active() else lowered)(*args))
+        if not default_backend:
+            device = next(a.device for a in args if isinstance(a, Tensor))
+            warn_if_compiled_backward_loses_the_block(name.removesuffix("_in_graph"), device)
         return tuple(custom_op(*args))
 
     _IN_GRAPH_LIBRARY.impl(name, lower, "CompositeImplicitAutograd")
