@@ -244,3 +244,15 @@ def test_the_gpu_run_measures_every_gpu_target_at_its_sizes():
         cases = [c for c in axes.cases(target.op, spec.axes, cuda, "gpu-run") if c.batch >= target.min_batch]
         assert {c.provider.name for c in cases} == {"eager", "compiled", "fastvae-triton"}, target.op
         assert len({c.batch for c in cases}) >= 2, f"{target.op}: one batch size only"
+
+
+def test_the_gpu_tile_sweep_runs_its_kernel_with_every_tile_it_lists(capsys):
+    """benchmarks/gpu/tile_sweep.py is run by hand on a GPU in a lease's spare minutes: its smoke
+    mode (the interpreter, on the CPU) keeps it working."""
+    from benchmarks.gpu import tile_sweep
+
+    tile_sweep.main(["--smoke"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines if line.strip() and line.split()[0].isdigit()]
+    assert sorted((int(r[0]), int(r[1]), int(r[2])) for r in rows) == sorted(tile_sweep.configurations(True))
+    assert all(float(r[3]) > 0 for r in rows)

@@ -20,7 +20,9 @@
 # ended. A stage at its limit is interrupted (SIGINT), so a benchmark stage still writes what it
 # measured. GPU_RUN_SKIP, a regular expression, skips the stages whose names it matches (e.g.
 # "A/B" when those were measured in an earlier run). The plot is drawn where the results land:
-# `python -m benchmarks.report OUTDIR/ops.json`. Without a CUDA device the same
+# `python -m benchmarks.report OUTDIR/ops.json`. With device time left after the run,
+# `python -m benchmarks.gpu.tile_sweep` times the likelihood kernel with every tile and warp
+# count (42 configurations, each compiled once) for choosing the GPU tiles. Without a CUDA device the same
 # script is a rehearsal: each GPU stage runs at smoke size on the CPU and says so, so the script
 # itself is tested where no GPU is.
 set -uo pipefail
