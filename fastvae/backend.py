@@ -181,11 +181,12 @@ def warn_if_compiled_backward_loses_the_block(op: str, device: torch.device) -> 
         return
     _COMPILED_OVERRIDES_WARNED.add((here, elsewhere))
     warnings.warn(
-        f"fastvae: torch.compile recorded {op} under use_backend({chosen!r}), but the compiled "
-        f"backward chooses its backend when it runs, where that block is not seen (on CUDA "
-        f"autograd runs it on a thread of its own), and would use {elsewhere!r}. For {here!r} "
-        f"in forward and backward of compiled code, set {ENV_VAR}={here} for the process (then "
-        f"call fastvae.backend.read_environment() if fastvae is already imported).",
+        f"fastvae: torch.compile recorded {op} under use_backend({chosen!r}), but a compiled "
+        f"backward chooses its backend when it runs, and there the block may not be seen (after "
+        f"it, or on CUDA, where autograd runs the backward on a thread of its own): it would "
+        f"then use {elsewhere!r}. For {here!r} in forward and backward of compiled code, set "
+        f"{ENV_VAR}={here} for the process (then call fastvae.backend.read_environment() if "
+        f"fastvae is already imported).",
         stacklevel=2,
     )
 
