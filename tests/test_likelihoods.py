@@ -232,3 +232,35 @@ def test_eager_gaussian_elbo_matches_the_traced_one(backend, logvar_shape):
     ):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
         assert_close_to(a, want, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_eager_backward_scales_its_saved_gradient_in_place(backend, likelihood, dtype):
+    """When the upstream gradient is not the loss weight (here any [B, D] one), an eager backward
+    scales the gradient its forward computed in place: in float32 no [B, D] buffer is allocated.
+    Half precision is multiplied in float32 as it is written, with no copy of its own on CUDA;
+    the CPU's TensorIterator makes float32 temporaries for any mixed-dtype multiply, so only
+    its values are checked here (the GPU run measures its memory)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    generator = torch.Generator().manual_seed(11)
+    batch, data = 64, 300
+    out = leaf(torch.randn(batch, data, generator=generator).to(DEVICE, dtype))
+    target = torch.rand(batch, data, generator=generator).to(DEVICE, dtype)
+    upstream = torch.randn(batch, data, generator=generator).to(DEVICE)
+    with fastvae.use_backend(backend):
+        if likelihood == "bernoulli":
+            logp = fastvae.bernoulli_log_likelihood(out, target, reduction="none")
+        else:
+            logp = fastvae.gaussian_log_likelihood(out, target, reduction="none")
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            (grad,) = torch.autograd.grad(logp, out, grad_outputs=upstream)
+    buffer = batch * data * out.element_size()
+    allocated = [(e.name, e.cpu_memory_usage) for e in prof.events() if e.cpu_memory_usage >= buffer]
+    if DEVICE.type == "cpu" and dtype == torch.float32:
+        assert not allocated, f"backward allocated a [B, D] buffer: {allocated}"
+    x, o = target.double(), out.detach().double()
+    dlogp = x - torch.sigmoid(o) if likelihood == "bernoulli" else x - o
+    assert_close_to(grad, upstream.double() * dlogp, "grad")
