@@ -10,8 +10,11 @@ call and in microseconds of host time:
   launch      Triton's own launch of the op's kernel with the same arguments (JITFunction.run:
               binding, specialization, cache lookup, the driver call), on CUDA only
   torch       plain PyTorch's calls for the same work, for scale
-and a cProfile of the forward calls, the functions with the most time of their own. Nothing is
-asserted; the output is for reading.
+and a cProfile of the forward calls, the functions with the most time of their own. On CUDA it
+then times one compiled call both ways a compiled graph can reach the Bernoulli kernel: through
+fastvae's custom op (a call back into Python) and through a `torch.library.triton_op` that
+inductor launches itself, the measurement the choice between them needs (docs/design.md).
+Nothing is asserted; the output is for reading.
 """
 
 from __future__ import annotations
@@ -116,6 +119,48 @@ def with_backward(fn: Callable) -> Callable:
     return step
 
 
+def compiled_custom_op_vs_triton_op(batch: int, data: int, calls: int) -> None:
+    """Host microseconds per call of a compiled sum of the Bernoulli rows' log p, the kernel reached
+    through fastvae's custom op and through a triton_op of the same kernel (CUDA only)."""
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+
+    from fastvae.ops.bernoulli.triton import _bernoulli_fwd_kernel
+    from fastvae.ops.triton_helpers import LAUNCH_OPTIONS, tile
+
+    @triton_op("fastvae_bench::bernoulli_rows", mutates_args=())
+    def bernoulli_rows(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        rows, width = logits.shape
+        logp = torch.empty(rows, device=logits.device, dtype=torch.float32)
+        block_b, block_d = tile(width)
+        wrap_triton(_bernoulli_fwd_kernel)[(triton.cdiv(rows, block_b),)](
+            logits, target, logp, logp, rows, width, rows, width, width, 1.0,
+            ELEMENTWISE=False, COMPUTE_GRAD=False, COMPUTE=tl.float32, BLOCK_B=block_b, BLOCK_D=block_d,
+            num_warps=LAUNCH_OPTIONS["num_warps"],
+        )  # fmt: skip
+        return logp
+
+    device = torch.device("cuda")
+    logits = torch.randn(batch, data, device=device)
+    x = (torch.rand(batch, data, device=device) < 0.5).float()
+    ways = {
+        "custom op": lambda l, t: torch.ops.fastvae.bernoulli_log_likelihood(l, t, False, False, None)[0].sum(),
+        "triton_op": lambda l, t: bernoulli_rows(l, t).sum(),
+    }
+    print(f"\ncompiled (default mode), the Bernoulli rows' sum at {batch} x {data}, host us per call:")
+    results = {}
+    for name, fn in ways.items():
+        try:
+            compiled = torch.compile(fn, fullgraph=True)
+            results[name] = compiled(logits, x)
+            print(f"  {name:<10} {host_us(lambda c=compiled: c(logits, x), calls, device):8.1f}")
+        except Exception as error:  # a diagnostic: report what failed and go on
+            print(f"  {name:<10} failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+    if len(results) == 2:
+        print(f"  same value: {torch.allclose(results['custom op'], results['triton_op'])}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=2000)
@@ -148,6 +193,10 @@ def main(argv: list[str] | None = None) -> None:
     pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(PROFILE_ROWS)
     print(f"\ncProfile of {args.calls // 4} elbo_loss forward + backward calls, by own time:")
     print(out.getvalue())
+    if device.type == "cuda":
+        compiled_custom_op_vs_triton_op(args.batch_size, 784, args.calls)
+    else:
+        print("(compiled custom op against triton_op: CUDA only, inductor cannot compile the interpreter's kernels)")
 
 
 if __name__ == "__main__":
