@@ -98,6 +98,22 @@ def use_backend(name: str) -> Iterator[None]:
         _override.name = previous
 
 
+@contextlib.contextmanager
+def process_backend(name: str) -> Iterator[None]:
+    """In this block the process-wide choice (what FASTVAE_BACKEND sets) is `name`, seen by every
+    thread: autograd's backward threads and compiled code included, which a thread's
+    use_backend() is not (see warn_if_compiled_backward_loses_the_block). For a program that owns
+    its process, as fastvae-train's --backend; a library's caller uses use_backend()."""
+    global _environment_choice, _environment_error
+    _check_name(name)
+    previous = _environment_choice, _environment_error
+    _environment_choice, _environment_error = name, None
+    try:
+        yield
+    finally:
+        _environment_choice, _environment_error = previous
+
+
 def _triton_reason(device: torch.device | None) -> str | None:
     """Why triton cannot run on `device` (None: any device it could), or None if it can."""
     try:

@@ -145,3 +145,25 @@ def test_compiling_under_use_backend_warns_that_the_compiled_backward_cannot_see
     finally:
         monkeypatch.delenv("FASTVAE_BACKEND")
         read_environment()
+
+
+def test_process_backend_is_seen_by_every_thread_and_restored():
+    """fastvae-train's --backend: the process-wide choice for a block, which autograd's and any
+    other thread read (a thread's use_backend() still wins on that thread), then the one before."""
+    import threading
+
+    from fastvae.backend import process_backend
+
+    before = requested_backend()
+    seen: list[str] = []
+    with process_backend("torch"):
+        other = threading.Thread(target=lambda: seen.append(requested_backend()))
+        other.start()
+        other.join()
+        assert requested_backend() == "torch"
+        with fastvae.use_backend("native"):
+            assert requested_backend() == "native"
+    assert seen == ["torch"]
+    assert requested_backend() == before
+    with pytest.raises(ValueError, match="unknown fastvae backend"), process_backend("cuda"):
+        pass

@@ -107,6 +107,16 @@ def test_fp16_autocast_with_a_grad_scaler_trains(tmp_path):
     assert all(value == value for key, value in test.items() if key.startswith("test_") and isinstance(value, float))
 
 
+def test_reduce_overhead_training_runs_on_cuda_graphs(tmp_path):
+    """fastvae-train --compile --compile-mode reduce-overhead: the step replays CUDA graphs (each
+    step begins a new one) and trains to finite test metrics."""
+    from fastvae.train.cli import run_training
+
+    test = run_training(_tiny_run_args(tmp_path, "--compile", "--compile-mode", "reduce-overhead", "--amp"))
+    values = [value for key, value in test.items() if key.startswith("test_") and isinstance(value, float)]
+    assert values and all(value == value and abs(value) != float("inf") for value in values)
+
+
 def test_one_process_nccl_ddp_run(tmp_path):
     """torchrun with one process takes the process group and DDP path, NCCL on the GPU."""
     import json

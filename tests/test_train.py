@@ -221,6 +221,16 @@ def test_fp16_amp_on_cpu(dataset, tmp_path):
     )
 
 
+def test_compile_mode_needs_compile_and_reduce_overhead_a_gpu(dataset, tmp_path):
+    out = tmp_path / "r"
+    expect_exit(tiny_args(dataset, out, "--compile-mode", "reduce-overhead"), "add --compile")
+    expect_exit(
+        tiny_args(dataset, out, "--compile", "--compile-mode", "reduce-overhead", "--device", "cpu"),
+        "--compile-mode reduce-overhead records CUDA graphs, and this run is on cpu",
+    )
+    assert not out.exists()
+
+
 def test_bad_flag_values(dataset, tmp_path):
     expect_exit(tiny_args(dataset, tmp_path / "r", "--epochs", "0"), "--epochs must be >= 1")
     expect_exit(tiny_args(dataset, tmp_path / "r", "--hidden-dims", "a"), "--hidden-dims takes")

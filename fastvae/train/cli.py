@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-import fastvae
+from fastvae.backend import process_backend
 from fastvae.errors import BackendUnavailableError
 from fastvae.train import distributed, plots
 from fastvae.train.checkpoint import LAST, checkpoint_path
@@ -43,8 +43,9 @@ def run_training(argv: list[str] | None = None) -> dict:
         if cfg.compile:
             isolate_inductor_cache()
         dist = distributed.setup(pick_device(cfg.device).type)
-        # auto defers to $FASTVAE_BACKEND; a named backend wins over it.
-        backend = contextlib.nullcontext() if cfg.backend == "auto" else fastvae.use_backend(cfg.backend)
+        # auto defers to $FASTVAE_BACKEND; a named backend wins over it, for every thread (a CUDA
+        # backward runs on autograd's own, and --compile's graphs choose when they run).
+        backend = contextlib.nullcontext() if cfg.backend == "auto" else process_backend(cfg.backend)
         with backend, contextlib.ExitStack() as run_resources:
             run = prepare(cfg, dist, run_resources)
             with TrainProgress(cfg.epochs, dist.is_main) as progress:

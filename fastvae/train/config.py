@@ -28,6 +28,9 @@ DEFAULT_EVAL_BATCH_SIZE = 500
 LIKELIHOODS = {"bernoulli": "bernoulli", "continuous-bernoulli": "continuous_bernoulli", "gaussian": "gaussian"}
 OBJECTIVES = ("elbo", "iwae")
 ESTIMATORS = ("iwae", "dreg")
+# torch.compile's modes for --compile: reduce-overhead records CUDA graphs, which replay a step
+# that is bound by the host issuing its kernels (a small VAE's step on a GPU).
+COMPILE_MODES = ("default", "reduce-overhead")
 DEFAULT_IWAE_SAMPLES = 5
 # Flags that fix parameter shapes: a resumed run may not change them (a Gaussian decoder owns a log-variance).
 MODEL_FIELDS = ("arch", "latent_dim", "hidden_dims", "conv_channels", "likelihood")
@@ -70,6 +73,7 @@ class TrainConfig:
     amp: bool = False
     amp_dtype: str = "bf16"
     compile: bool = False
+    compile_mode: str = "default"
     device: str = "auto"
     backend: str = "auto"
     # outputs and evaluation
@@ -139,6 +143,12 @@ class TrainConfig:
         parse_widths(self.conv_channels, "--conv-channels")
         require_choice("--likelihood", self.likelihood, tuple(LIKELIHOODS))
         require_choice("--objective", self.objective, OBJECTIVES)
+        require_choice("--compile-mode", self.compile_mode, COMPILE_MODES)
+        if self.compile_mode != "default" and not self.compile:
+            raise ValueError(
+                f"--compile-mode {self.compile_mode} says how --compile compiles the step; add "
+                f"--compile, or drop --compile-mode"
+            )
         require_at_least("--samples", self.samples, 1)
         if self.objective == "iwae":
             self._validate_iwae()
@@ -352,6 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"bf16 on CPU or CUDA; fp16 (CUDA only) adds a GradScaler (default: {d.amp_dtype})",
     )
     g.add_argument("--compile", action="store_true", help="torch.compile the training step (default: off)")
+    g.add_argument(
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        default=d.compile_mode,
+        help="with --compile: reduce-overhead records CUDA graphs, for a GPU, where a small model's "
+        f"step is bound by the host (default: {d.compile_mode})",
+    )
     g.add_argument(
         "--device",
         choices=DEVICE_CHOICES,

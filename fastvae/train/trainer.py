@@ -162,6 +162,9 @@ def _autocast(run: Run):
 def train_step(run: Run, x: Tensor) -> Tensor:
     """One optimizer step on x [B, C, H, W]; returns detached stats [2] (sums, no host sync)."""
     weight = torch.tensor(kl_weight_at(run.config, run.state.step), device=run.device)
+    if run.config.compile and run.config.compile_mode == "reduce-overhead":
+        # Each call is a new step: the CUDA graphs may reuse the last step's output memory.
+        torch.compiler.cudagraph_mark_step_begin()
     with _autocast(run):
         loss, stats = run.step_fn(x, weight)
     run.optimizer.zero_grad(set_to_none=True)
@@ -461,6 +464,11 @@ def build_run(cfg: TrainConfig, dist: DistInfo, resources: ExitStack) -> Run:
     amp_dtype = cfg.amp_dtype_for(device)
     if cfg.backend != "auto" and (reason := unavailable_reason(cfg.backend, device)) is not None:
         raise BackendUnavailableError(f"--backend {cfg.backend} cannot run on {device}: {reason}")
+    if cfg.compile_mode == "reduce-overhead" and device.type != "cuda":
+        raise ValueError(
+            f"--compile-mode reduce-overhead records CUDA graphs, and this run is on {device.type}; "
+            f"drop --compile-mode there (or run on a GPU with --device cuda)"
+        )
     data = _load_data(cfg)
     run_dir = open_run_folder(cfg, dist, resources)
     resume_state = _load_resume(cfg, dist, run_dir)
@@ -474,7 +482,8 @@ def build_run(cfg: TrainConfig, dist: DistInfo, resources: ExitStack) -> Run:
         ids = [device.index] if device.type == "cuda" else None
         objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
     # Without guards on fastvae's own code: see fastvae.compiler.
-    step_fn = torch.compile(objective, options=fastvae.compile_options()) if cfg.compile else objective
+    mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+    step_fn = torch.compile(objective, options=fastvae.compile_options(mode)) if cfg.compile else objective
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     cfg.out = str(run_dir)
