@@ -1,6 +1,7 @@
 """fastvae-train: train a VAE on MNIST-style images with the fused ops, then evaluate it in nats.
 
     fastvae-train --compile --amp                       # Fashion-MNIST, MLP VAE, 10 epochs
+    fastvae-train --compile --compile-mode reduce-overhead --amp   # on a GPU: CUDA graphs
     fastvae-train --arch conv --latent-dim 2 --epochs 20
     torchrun --nproc-per-node 2 -m fastvae.train        # DDP (gloo on CPU, NCCL on GPU)
     fastvae-train --resume runs/20260101-120000          # continue a run where it stopped
