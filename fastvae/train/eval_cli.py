@@ -16,8 +16,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-import fastvae
-from fastvae.backend import BACKEND_CHOICES, unavailable_reason
+from fastvae.backend import BACKEND_CHOICES, process_backend, unavailable_reason
 from fastvae.errors import BackendUnavailableError
 from fastvae.train.checkpoint import (
     BEST,
@@ -156,7 +155,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, float]:
     config = TrainConfig.from_dict(state["config"])
     test = _test_split(config, args.data_dir, model.config.image_shape)
     test = prepare_targets(test, config.binarize, "test")
-    backend = contextlib.nullcontext() if args.backend == "auto" else fastvae.use_backend(args.backend)
+    backend = contextlib.nullcontext() if args.backend == "auto" else process_backend(args.backend)
     with backend:
         result = evaluate_test(
             model,
