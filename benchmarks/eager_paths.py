@@ -47,7 +47,7 @@ def _cases(batch: int, device: torch.device) -> dict:
         torch.autograd.backward([z, kl], [upstream, torch.ones_like(kl)])
 
     def likelihood(route):
-        rows, _ = route(logits, target, False, True, -1.0 / batch)
+        rows, _ = route(logits, target, False, True, -batch)
         (-rows.sum() / batch).backward()
 
     return {

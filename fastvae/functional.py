@@ -26,12 +26,12 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
     return False
 
 
-def _reduction_weight(reduction: str, rows: Tensor, elements: int) -> float:
-    """What a reduction weights each row's sum by: 1 for "sum", 1/elements for "mean", 1/B for
-    "batchmean" (1 for an empty batch, whose reductions are 0)."""
+def _reduction_divisor(reduction: str, rows: Tensor, elements: int) -> int:
+    """What a reduction divides the rows' sum by: 1 for "sum", elements for "mean", B for
+    "batchmean" (1 for an empty batch, whose reductions are 0); a SymInt under torch.compile."""
     if reduction == "sum":
-        return 1.0
-    return 1.0 / max(elements if reduction == "mean" else rows.shape[0], 1)
+        return 1
+    return max(elements if reduction == "mean" else rows.shape[0], 1)
 
 
 def _reduce_rows(rows: Tensor, reduction: str, elements: int) -> Tensor:
@@ -147,20 +147,23 @@ def _log_likelihood(
     target: Tensor,
     decoder_logvar: Tensor | None,
     elementwise: bool,
-    weight: float | None,
+    weight_divisor: int | None,
     target_name: str = "target",
     check_target: bool = True,
 ) -> Tensor:
     """log p(target | output) of `likelihood` (fastvae.ops.likelihoods), per element or per datapoint
-    [B] for a loss that adds `weight` * their sum (its kernel writes the gradient so scaled).
+    [B] for a loss that adds their sum / weight_divisor (its kernel writes the gradient so
+    scaled, see fastvae.ops.common.rows_weight).
 
     A target outside [0, 1] of a likelihood from logits is a ValueError naming target_name where
     that can be checked for free (_check_target_range), NaN elsewhere; check_target False leaves
     that check to the caller, which passes it a sum it computes anyway."""
     entry = LIKELIHOODS[likelihood]
     if entry.takes_logvar:
-        return entry.fused(output, target, decoder_logvar, elementwise, _needs_grad(output, decoder_logvar), weight)[0]
-    result = entry.fused(output, target, elementwise, _needs_grad(output), weight)[0]
+        return entry.fused(
+            output, target, decoder_logvar, elementwise, _needs_grad(output, decoder_logvar), weight_divisor
+        )[0]
+    result = entry.fused(output, target, elementwise, _needs_grad(output), weight_divisor)[0]
     if check_target:
         _check_target_range(likelihood, target_name, result, target)
     return result
@@ -183,11 +186,11 @@ def _reduced_log_likelihood(
     target_name: str = "target",
 ) -> Tensor:
     """_log_likelihood per element for "none", else the per-datapoint rows reduced; their kernel is
-    told the reduction's weight, so that backward can hand its gradient over."""
+    told the reduction's divisor, so that backward can hand its gradient over."""
     if reduction == "none":
         return _log_likelihood(likelihood, output, target, decoder_logvar, True, None, target_name)
-    weight = _reduction_weight(reduction, output, output.numel())
-    rows = _log_likelihood(likelihood, output, target, decoder_logvar, False, weight, check_target=False)
+    divisor = _reduction_divisor(reduction, output, output.numel())
+    rows = _log_likelihood(likelihood, output, target, decoder_logvar, False, divisor, check_target=False)
     reduced = _reduce_rows(rows, reduction, output.numel())
     _check_target_range(likelihood, target_name, reduced, target)
     return reduced
@@ -387,7 +390,7 @@ def elbo_loss(
     divisor = 1 if reduction == "sum" else max(logits.shape[0], 1)
     # The likelihood's kernel is told the loss's weight on it, -1/divisor: its saved gradient
     # then is d(loss)/d(logits), and loss.backward() hands it over with no pass over [B, D].
-    logp = _log_likelihood(likelihood, logits, target, decoder_logvar, False, -1.0 / divisor, check_target=False)
+    logp = _log_likelihood(likelihood, logits, target, decoder_logvar, False, -divisor, check_target=False)
     logp_sum = logp.sum()
     _check_target_range(likelihood, "target", logp_sum, target)
     weighted_kl = kl.sum() if isinstance(beta, (int, float)) and beta == 1 else beta * kl.sum()

@@ -69,10 +69,10 @@ def test_opcheck(backend):
         (gaussian_kl_op, (mu, logvar, True, False)),
         (bernoulli_log_likelihood_op, (logits, target, False, True)),
         (bernoulli_log_likelihood_op, (logits, target, True, True)),
-        (continuous_bernoulli_log_likelihood_fused.custom_op, (logits, target, False, True, -0.5)),
+        (continuous_bernoulli_log_likelihood_fused.custom_op, (logits, target, False, True, -2)),
         (continuous_bernoulli_log_likelihood_fused.custom_op, (logits, target, True, True)),
         (gaussian_log_likelihood_fused.custom_op, (logits, target, None, True, True)),
-        (gaussian_log_likelihood_fused.custom_op, (mu, logvar, logvar.detach()[0].requires_grad_(), False, True, 0.3)),
+        (gaussian_log_likelihood_fused.custom_op, (mu, logvar, logvar.detach()[0].requires_grad_(), False, True, 3)),
         (gaussian_log_likelihood_fused.custom_op, (mu, logvar, torch.randn(3, 5, device=DEVICE), True, False)),
         *_iwae_cases(iwae_loss_op),
     ]
@@ -543,3 +543,33 @@ def test_compile_options_are_new_each_call_and_keep_the_mode():
     first, second = fastvae.compile_options(), fastvae.compile_options()
     assert first is not second and first["guard_filter_fn"] is fastvae.skip_fastvae_code_guards
     assert fastvae.compile_options("reduce-overhead")["triton.cudagraphs"] is True
+
+
+@pytest.mark.parametrize("data", [40, 33000], ids=["composite", "custom-op"])
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_a_dynamic_batch_size_compiles_the_loss_once(likelihood, data):
+    """elbo_loss and the likelihoods' reductions tell their kernels the loss's weight as an int
+    divisor, a SymInt in the trace: under dynamic shapes each new batch size reuses the graph
+    (a float weight -1/B was specialized on, and every batch size retraced). Both ways a CPU
+    graph holds the op: its composite (small) and its custom op (large)."""
+    from torch._dynamo.utils import counters
+
+    def loss_of(out, x, mu, logvar):
+        terms = fastvae.elbo_loss(out, x, mu, logvar, likelihood=likelihood)
+        if likelihood == "bernoulli":
+            return terms - fastvae.bernoulli_log_likelihood(out, x, reduction="mean")
+        return terms - fastvae.gaussian_log_likelihood(out, x, reduction="mean")
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(loss_of, backend="aot_eager", dynamic=True, fullgraph=True)
+    generator = torch.Generator().manual_seed(3)
+    for batch in (8, 12, 16):
+        out = torch.randn(batch, data, generator=generator).to(DEVICE).requires_grad_()
+        x = torch.rand(batch, data, generator=generator).to(DEVICE)
+        mu, logvar = (torch.randn(batch, 4, generator=generator).to(DEVICE).requires_grad_() for _ in range(2))
+        loss = compiled(out, x, mu, logvar)
+        loss.backward()
+        expected = loss_of(*(t.detach().requires_grad_() for t in (out, x, mu, logvar)))
+        assert_close_to(loss.detach(), expected.detach(), f"loss at batch {batch}")
+    assert counters["stats"]["unique_graphs"] == 1, f"{counters['stats']['unique_graphs']} graphs for 3 batch sizes"

@@ -435,7 +435,7 @@ def test_a_handed_over_gradient_changed_by_its_receiver_is_not_reused(backend):
 def test_a_weighted_bernoulli_op_is_not_elementwise():
     logits, target = torch.randn(2, 3), torch.rand(2, 3)
     with pytest.raises(ValueError, match="elementwise must be False"):
-        bernoulli_log_likelihood_fused(logits, target, True, False, 0.5)
+        bernoulli_log_likelihood_fused(logits, target, True, False, 2)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -143,6 +143,14 @@ def scale_saved_grad_(saved: Tensor, grad_output: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- the saved gradient
+def rows_weight(weight_divisor: int | None) -> float:
+    """The weight a loss puts on a likelihood op's rows' sum: 1 / weight_divisor, 1 without one.
+    The ops take the divisor (the batch size, the element count, negated for the -ELBO) rather
+    than the weight: an int is a SymInt under torch.compile, where a float computed from a
+    dynamic batch size is specialized on and every batch size would retrace."""
+    return 1.0 if weight_divisor is None else 1.0 / weight_divisor
+
+
 @functools.lru_cache(maxsize=64)  # a loss passes the same weight (-1/B) on every step
 def _in_dtype(value: float, dtype: torch.dtype) -> float:
     """`value` rounded to float32 unless dtype is float64 (the losses' two dtypes), as a Python float."""

@@ -1,13 +1,14 @@
 """The custom op of a likelihood from logits against a target in [0, 1], with its gradient computed
 in the forward pass: what the Bernoulli and the continuous Bernoulli families share.
 
-Such an op takes (logits, target, elementwise, compute_grad, weight) and returns log p
-(logits' shape if elementwise, else per datapoint [B]) and weight * dlogp/dlogits. Computing
+Such an op takes (logits, target, elementwise, compute_grad, weight_divisor) and returns log p
+(logits' shape if elementwise, else per datapoint [B]) and weight * dlogp/dlogits, with
+weight = 1 / weight_divisor (see common.rows_weight). Computing
 the gradient while logits and target are in registers saves the backward pass a second read
 of both: backward is one multiply by the upstream gradient, or nothing.
 
-With a `weight`, the caller's loss term is weight * (sum of the per-row log p) and the kernel
-writes weight * dlogp/dl. elbo_loss calls it so (weight -1/B): when backward then receives
+With a weight, the caller's loss term is weight * (sum of the per-row log p) and the kernel
+writes weight * dlogp/dl. elbo_loss calls it so (divisor -B, weight -1/B): when backward then receives
 the rows' gradient that loss.backward() gives (weight itself, broadcast), the saved gradient
 already is d(loss)/d(logits) and is handed over as is, with no pass over [B, D] left to make
 (see fastvae.ops.common.is_the_weight). dlogp/dtarget = logits for both families (their
@@ -28,6 +29,7 @@ from fastvae.ops.common import (
     loss_dtype,
     no_grad_placeholder,
     rows_shape,
+    rows_weight,
     saved_grad_factor,
     scale_saved_grad,
     scale_saved_grad_,
@@ -49,19 +51,17 @@ def logits_likelihood_op(
     torch ops: the composite (torch.func transforms, double backward) is built from them."""
 
     def forward(
-        logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool, weight: float | None = None
+        logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool, weight_divisor: int | None = None
     ) -> tuple[Tensor, Tensor]:
         """logits, target [B, ...] -> log p (logits' shape if elementwise else [B]), and
-        weight * dlogp/dlogits (weight 1 when None; an empty tensor unless compute_grad)."""
-        if weight is not None and elementwise:
+        dlogp/dlogits / weight_divisor (an empty tensor unless compute_grad)."""
+        if weight_divisor is not None and elementwise:
             raise ValueError(f"{name}: a weight scales the rows' sum, so elementwise must be False")
         if logits.numel() == 0:
             logp = logits.new_zeros(rows_shape(logits, elementwise), dtype=loss_dtype(logits, target))
             return logp, torch.zeros_like(logits) if compute_grad else no_grad_placeholder(logits)
         run = implementation(family, kernel, logits.device)
-        logp, dlogits = run(
-            as_rows(logits), as_rows(target), elementwise, compute_grad, 1.0 if weight is None else weight
-        )
+        logp, dlogits = run(as_rows(logits), as_rows(target), elementwise, compute_grad, rows_weight(weight_divisor))
         logp = view_as_shape(logp, rows_shape(logits, elementwise))
         if not compute_grad:
             return logp, no_grad_placeholder(logits)
@@ -91,34 +91,39 @@ def logits_likelihood_op(
             return grad_l, grad_x, None
 
     def outputs(
-        logp_of: Callable, logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool, weight: float | None
+        logp_of: Callable,
+        logits: Tensor,
+        target: Tensor,
+        elementwise: bool,
+        compute_grad: bool,
+        weight_divisor: int | None,
     ) -> tuple[Tensor, Tensor]:
         compute = loss_dtype(logits, target)
         l, x = logits.to(compute), target.to(compute)
         logp = logp_of(l, x, elementwise)
         if not compute_grad:
             return logp, no_grad_placeholder(logits)
-        return logp, ((1.0 if weight is None else weight) * grad_logits(l, x)).to(logits.dtype)
+        return logp, (rows_weight(weight_divisor) * grad_logits(l, x)).to(logits.dtype)
 
     def composite(
-        logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool, weight: float | None = None
+        logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool, weight_divisor: int | None = None
     ) -> tuple[Tensor, Tensor]:
         """The same outputs from torch ops, differentiable by every autograd mode."""
-        return outputs(log_prob_of, logits, target, elementwise, compute_grad, weight)
+        return outputs(log_prob_of, logits, target, elementwise, compute_grad, weight_divisor)
 
     def lowered(
-        logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool, weight: float | None = None
+        logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool, weight_divisor: int | None = None
     ) -> tuple[Tensor, Tensor]:
         """The composite as a compiled CPU graph gets it: the derivative written out, which an
         autograd.Function can be there (AOTAutograd traces it; dynamo, which could not trace its
         torch.func rules, never sees it) and not in the composite torch.func transforms use."""
-        return outputs(WrittenOutDerivative.apply, logits, target, elementwise, compute_grad, weight)
+        return outputs(WrittenOutDerivative.apply, logits, target, elementwise, compute_grad, weight_divisor)
 
     custom_op = torch.library.custom_op(f"fastvae::{name}", forward, mutates_args=())
 
     @custom_op.register_fake
     def _(
-        logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool, weight: float | None = None
+        logits: Tensor, target: Tensor, elementwise: bool, compute_grad: bool, weight_divisor: int | None = None
     ) -> tuple[Tensor, Tensor]:
         logp = logits.new_empty(rows_shape(logits, elementwise), dtype=loss_dtype(logits, target))
         if not compute_grad:
@@ -128,7 +133,8 @@ def logits_likelihood_op(
     def setup_context(ctx, inputs, output) -> None:
         logits, target, elementwise, compute_grad, *rest = inputs
         ctx.compute_grad, ctx.elementwise = compute_grad, elementwise
-        ctx.weight = rest[0] if rest else None
+        ctx.weight_divisor = rest[0] if rest else None
+        ctx.weight = None if ctx.weight_divisor is None else rows_weight(ctx.weight_divisor)
         ctx.handed_over = False
         # Nothing differentiates through the gradient output: without this, autograd hands
         # backward a zero-filled [B, D] tensor for it on every call.
@@ -159,7 +165,7 @@ def logits_likelihood_op(
             if not ctx.compute_grad or ctx.handed_over:
                 # Called with compute_grad=False, or a second backward (retain_graph) after the
                 # saved gradient was handed over and may have been changed by its receiver.
-                _, dlogits = fused(logits, target, ctx.elementwise, True, ctx.weight)
+                _, dlogits = fused(logits, target, ctx.elementwise, True, ctx.weight_divisor)
             factor = saved_grad_factor(grad_logp, ctx.weight, ctx.handed_over)
             # Ours to give away: as it is when the upstream gradient is the weight, else (eager)
             # scaled in place, with no second [B, D] buffer; its receiver owns it then, and a

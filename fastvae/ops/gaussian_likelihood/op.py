@@ -7,9 +7,9 @@ logvar is None (unit variance), a tensor of the mean's shape (a decoder output),
 shape that broadcasts to it (a learned scalar or per-feature log-variance). The kernels read
 a log-variance shared by all datapoints as one row, never expanded to [B, D]; its per-element
 gradient comes out in float32 (float64 for float64 inputs) and backward sums it to logvar's
-shape. As for the likelihoods from logits (fastvae.ops.logits_likelihood), a `weight` makes the
-saved gradients weight * dlogp, handed over as they are when loss.backward() passes the weight
-itself (elbo_loss's -1/B); both gradients are handed over together.
+shape. As for the likelihoods from logits (fastvae.ops.logits_likelihood), a `weight_divisor`
+makes the saved gradients dlogp / weight_divisor, handed over as they are when loss.backward()
+passes that weight itself (elbo_loss's -1/B); both gradients are handed over together.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from fastvae.ops.common import (
     loss_dtype,
     no_grad_placeholder,
     rows_shape,
+    rows_weight,
     saved_grad_factor,
     scale_saved_grad,
     scale_saved_grad_,
@@ -59,12 +60,13 @@ def _gaussian(
     logvar: Optional[Tensor],
     elementwise: bool,
     compute_grad: bool,
-    weight: Optional[float] = None,
+    weight_divisor: Optional[int] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """mean, target [B, ...], logvar None or broadcasting to them -> log p (mean's shape if
-    elementwise else [B]), weight * dlogp/dmean and weight * dlogp/dlogvar, both mean's shape
-    (weight 1 when None; empty tensors unless compute_grad, and for dlogvar without logvar)."""
-    if weight is not None and elementwise:
+    elementwise else [B]), dlogp/dmean and dlogp/dlogvar / weight_divisor (see
+    common.rows_weight), both mean's shape (empty tensors unless compute_grad, and for dlogvar
+    without logvar)."""
+    if weight_divisor is not None and elementwise:
         raise ValueError("gaussian_log_likelihood: a weight scales the rows' sum, so elementwise must be False")
     compute = loss_dtype(mean, target, logvar)
     if mean.numel() == 0:
@@ -84,7 +86,7 @@ def _gaussian(
         _logvar_rows(logvar, mean, compute),
         elementwise,
         compute_grad,
-        1.0 if weight is None else weight,
+        rows_weight(weight_divisor),
     )
     logp = view_as_shape(logp, rows_shape(mean, elementwise))
     if not compute_grad:
@@ -102,7 +104,7 @@ def gaussian_log_likelihood_composite(
     logvar: Optional[Tensor],
     elementwise: bool,
     compute_grad: bool,
-    weight: Optional[float] = None,
+    weight_divisor: Optional[int] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The same outputs from torch ops, differentiable by every autograd mode."""
     compute = loss_dtype(mean, target, logvar)
@@ -112,7 +114,7 @@ def gaussian_log_likelihood_composite(
     logp = logp if elementwise else logp.reshape(mean.shape[0], -1).sum(dim=1)
     if not compute_grad:
         return logp, no_grad_placeholder(mean), no_grad_placeholder(mean)
-    scale = 1.0 if weight is None else weight
+    scale = rows_weight(weight_divisor)
     dmean, dlogvar = grads(m, x, s)
     dlogvar = (
         no_grad_placeholder(mean) if dlogvar is None else (scale * dlogvar).to(_logvar_grad_dtype(mean, target, logvar))
@@ -130,7 +132,7 @@ def _(
     logvar: Optional[Tensor],
     elementwise: bool,
     compute_grad: bool,
-    weight: Optional[float] = None,
+    weight_divisor: Optional[int] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     logp = mean.new_empty(rows_shape(mean, elementwise), dtype=loss_dtype(mean, target, logvar))
     if not compute_grad:
@@ -146,7 +148,8 @@ def _(
 def _setup(ctx, inputs, output) -> None:
     mean, target, logvar, elementwise, compute_grad, *rest = inputs
     ctx.compute_grad, ctx.elementwise = compute_grad, elementwise
-    ctx.weight = rest[0] if rest else None
+    ctx.weight_divisor = rest[0] if rest else None
+    ctx.weight = None if ctx.weight_divisor is None else rows_weight(ctx.weight_divisor)
     ctx.handed_over = False
     ctx.set_materialize_grads(False)  # no zero-filled [B, D] gradients for the gradient outputs
     ctx.target_dtype = target.dtype
@@ -177,7 +180,9 @@ def _grads(ctx, grad_logp: Tensor | None, _grad_dmean: Tensor | None, _grad_dlog
         if not ctx.compute_grad or ctx.handed_over:
             # Called with compute_grad=False, or a second backward (retain_graph) after the
             # saved gradients were handed over and may have been changed by their receivers.
-            _, dmean, dlogvar = gaussian_log_likelihood_fused(mean, target, logvar, ctx.elementwise, True, ctx.weight)
+            _, dmean, dlogvar = gaussian_log_likelihood_fused(
+                mean, target, logvar, ctx.elementwise, True, ctx.weight_divisor
+            )
         factor = saved_grad_factor(grad_logp, ctx.weight, ctx.handed_over)
         # Ours to give away: as they are when the upstream gradient is the weight, else (eager)
         # scaled in place; a traced backward's saved outputs must stay as they are.
