@@ -178,16 +178,27 @@ def is_the_weight(grad_rows: Tensor, weight: float) -> bool:
     )
 
 
-def saved_grad_factor(grad_rows: Tensor, weight: float | None, handed_over: bool) -> Tensor | None:
-    """What a gradient saved in the forward pass, weight * d(rows)/d(input) (d(rows)/d(input) when
-    weight is None), is multiplied by in backward for the upstream gradient grad_rows: None when
-    grad_rows is the weight itself and the saved gradient can be handed over as it is (once: after
-    that its receiver owns it, see is_the_weight)."""
-    if weight is None:
-        return grad_rows
-    if not handed_over and is_the_weight(grad_rows, weight):
-        return None
-    return grad_rows / weight
+def saved_grad_rescaler(
+    grad_rows: Tensor, weight_divisor: int | None, handed_over: bool, traced: bool
+) -> tuple[Callable[[Tensor], Tensor], bool]:
+    """How backward turns a gradient saved in the forward pass, d(rows)/d(input) / weight_divisor,
+    into the input's gradient for the upstream gradient grad_rows: (rescale, given_away).
+
+    rescale hands the saved gradient over as it is when grad_rows is the weight itself (once:
+    after that its receiver owns it, see is_the_weight); else it multiplies by grad_rows / weight,
+    in place when the saved gradient is backward's own (eager: no second [B, D] buffer), out of
+    place when traced (a saved output must stay as it is). given_away: backward no longer owns
+    the saved gradient, and a second backward must recompute it."""
+    if weight_divisor is None:
+        factor = grad_rows
+    else:
+        weight = rows_weight(weight_divisor)
+        if not handed_over and is_the_weight(grad_rows, weight):
+            return (lambda saved: saved), True
+        factor = grad_rows / weight
+    if traced:
+        return (lambda saved: scale_saved_grad(saved, factor)), False
+    return (lambda saved: scale_saved_grad_(saved, factor)), True
 
 
 # --------------------------------------------------------------------------- how a call is observed

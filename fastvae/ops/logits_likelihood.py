@@ -30,9 +30,8 @@ from fastvae.ops.common import (
     no_grad_placeholder,
     rows_shape,
     rows_weight,
-    saved_grad_factor,
+    saved_grad_rescaler,
     scale_saved_grad,
-    scale_saved_grad_,
     view_as_shape,
 )
 from fastvae.ops.registry import implementation
@@ -134,7 +133,6 @@ def logits_likelihood_op(
         logits, target, elementwise, compute_grad, *rest = inputs
         ctx.compute_grad, ctx.elementwise = compute_grad, elementwise
         ctx.weight_divisor = rest[0] if rest else None
-        ctx.weight = None if ctx.weight_divisor is None else rows_weight(ctx.weight_divisor)
         ctx.handed_over = False
         # Nothing differentiates through the gradient output: without this, autograd hands
         # backward a zero-filled [B, D] tensor for it on every call.
@@ -166,16 +164,11 @@ def logits_likelihood_op(
                 # Called with compute_grad=False, or a second backward (retain_graph) after the
                 # saved gradient was handed over and may have been changed by its receiver.
                 _, dlogits = fused(logits, target, ctx.elementwise, True, ctx.weight_divisor)
-            factor = saved_grad_factor(grad_logp, ctx.weight, ctx.handed_over)
-            # Ours to give away: as it is when the upstream gradient is the weight, else (eager)
-            # scaled in place, with no second [B, D] buffer; its receiver owns it then, and a
-            # second backward recomputes it. A traced backward's saved output stays as it is.
-            if factor is not None and saved:
-                grad_logits_out = scale_saved_grad(dlogits, factor)
-            else:
-                grad_logits_out = dlogits if factor is None else scale_saved_grad_(dlogits, factor)
+            rescale, given_away = saved_grad_rescaler(grad_logp, ctx.weight_divisor, ctx.handed_over, bool(saved))
+            grad_logits_out = rescale(dlogits)
+            if given_away:
                 ctx.handed_over = True
-                ctx.dlogits = None
+                ctx.dlogits = None  # the receiver owns it now
         if ctx.needs_input_grad[1]:
             grad_target = scale_saved_grad(logits, grad_logp).to(ctx.target_dtype)
         return grad_logits_out, grad_target, None, None, None

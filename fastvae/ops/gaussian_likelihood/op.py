@@ -27,9 +27,8 @@ from fastvae.ops.common import (
     no_grad_placeholder,
     rows_shape,
     rows_weight,
-    saved_grad_factor,
+    saved_grad_rescaler,
     scale_saved_grad,
-    scale_saved_grad_,
     view_as_shape,
 )
 from fastvae.ops.gaussian_likelihood.reference import grads, log_prob
@@ -149,7 +148,6 @@ def _setup(ctx, inputs, output) -> None:
     mean, target, logvar, elementwise, compute_grad, *rest = inputs
     ctx.compute_grad, ctx.elementwise = compute_grad, elementwise
     ctx.weight_divisor = rest[0] if rest else None
-    ctx.weight = None if ctx.weight_divisor is None else rows_weight(ctx.weight_divisor)
     ctx.handed_over = False
     ctx.set_materialize_grads(False)  # no zero-filled [B, D] gradients for the gradient outputs
     ctx.target_dtype = target.dtype
@@ -183,18 +181,14 @@ def _grads(ctx, grad_logp: Tensor | None, _grad_dmean: Tensor | None, _grad_dlog
             _, dmean, dlogvar = gaussian_log_likelihood_fused(
                 mean, target, logvar, ctx.elementwise, True, ctx.weight_divisor
             )
-        factor = saved_grad_factor(grad_logp, ctx.weight, ctx.handed_over)
-        # Ours to give away: as they are when the upstream gradient is the weight, else (eager)
-        # scaled in place; a traced backward's saved outputs must stay as they are.
-        ours = factor is None or not saved
-        scale = scale_saved_grad_ if ours else scale_saved_grad
-        if ours:
+        rescale, given_away = saved_grad_rescaler(grad_logp, ctx.weight_divisor, ctx.handed_over, bool(saved))
+        if given_away:
             ctx.handed_over = True
-            ctx.dmean = ctx.dlogvar = None  # given away: the receivers own them now
+            ctx.dmean = ctx.dlogvar = None  # the receivers own them now
         if needs_mean:
-            grad_mean = dmean if factor is None else scale(dmean, factor)
+            grad_mean = rescale(dmean)
         if needs_logvar:
-            per_element = dlogvar if factor is None else scale(dlogvar, factor)
+            per_element = rescale(dlogvar)
             grad_logvar = per_element.sum_to_size(logvar.shape).to(logvar.dtype)
     if needs_target:
         compute = loss_dtype(mean, target, logvar)
