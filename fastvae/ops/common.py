@@ -339,6 +339,8 @@ def _backward_on_the_forwards_backend(setup_context: Callable, backward: Callabl
         setup_context(ctx, inputs, output)
 
     def backward_on_recorded_backend(ctx, *grads):
+        if requested_backend() == ctx.backend:  # the common case: no block to enter on the hot path
+            return backward(ctx, *grads)
         with use_backend(ctx.backend):
             return backward(ctx, *grads)
 
