@@ -28,7 +28,7 @@ import torch
 import fastvae
 from benchmarks.bench_train import make_step
 from benchmarks.harness import pin_cpu_allocator
-from fastvae.ops.bernoulli import op as bernoulli_op
+from fastvae.ops import common
 from fastvae.ops.bernoulli.op import bernoulli_log_likelihood_fused
 from fastvae.ops.gaussian.op import reparameterize_kl_fused
 
@@ -43,7 +43,7 @@ def _cases(batch: int, device: torch.device) -> dict:
     upstream = torch.randn(batch, LATENT, device=device)
 
     def sample(route):
-        z, kl, _ = route(mu, logvar, None, None)
+        z, kl, _ = route(mu, logvar, None, None, None)
         torch.autograd.backward([z, kl], [upstream, torch.ones_like(kl)])
 
     def likelihood(route):
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     run = _handover_case(args.batch, device)
 
     def without_handover():
-        with mock.patch.object(bernoulli_op, "is_the_weight", lambda grad, weight: False):
+        with mock.patch.object(common, "is_the_weight", lambda grad, weight: False):
             run()
 
     fast, slow, ratio = _paired(run, without_handover, args.repeats)

@@ -256,3 +256,13 @@ def test_the_gpu_tile_sweep_runs_its_kernel_with_every_tile_it_lists(capsys):
     rows = [line.split() for line in lines if line.strip() and line.split()[0].isdigit()]
     assert sorted((int(r[0]), int(r[1]), int(r[2])) for r in rows) == sorted(tile_sweep.configurations(True))
     assert all(float(r[3]) > 0 for r in rows)
+
+
+def test_the_eager_paths_benchmark_runs_both_comparisons(capsys):
+    """benchmarks.eager_paths measures the mechanisms design.md keeps by their savings: it must
+    still reach the ops' current signatures and the hand-over it switches off."""
+    from benchmarks import eager_paths
+
+    eager_paths.main(["--batch", "8", "--repeats", "2"])
+    out = capsys.readouterr().out
+    assert out.count("route, ") == 2 and "hand-over, elbo_loss" in out, out
