@@ -74,6 +74,12 @@ def storage_dtype(*tensors: Tensor | None) -> torch.dtype:
     return first
 
 
+def as_dtype(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """t in dtype (None stays None): t itself when it already is. On every call of every kernel,
+    and a no-op `.to()` still costs a dispatch (microseconds) where a dtype compare costs none."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 # (parameter, target) dtypes a likelihood kernel reads, a decoder's output against the data:
 # see likelihood_storage. Listing them keeps the compiled and native variants few.
 LIKELIHOOD_DTYPE_PAIRS = (
@@ -100,7 +106,7 @@ def likelihood_inputs(params: Sequence[Tensor | None], target: Tensor) -> tuple[
     log-variance; None passes through) in their one storage dtype (storage_dtype), the target
     in the dtype likelihood_storage pairs with it. No copy when the dtypes already fit."""
     param_dtype, target_dtype = likelihood_storage(storage_dtype(*params), target.dtype)
-    return [None if p is None else p.to(param_dtype) for p in params], target.to(target_dtype)
+    return [as_dtype(p, param_dtype) for p in params], as_dtype(target, target_dtype)
 
 
 def tile_rows(t: Tensor, rows: int) -> Tensor:

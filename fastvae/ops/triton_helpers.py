@@ -4,6 +4,7 @@ tests/test_triton_compile.py compiles for real GPUs)."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastvae.ops.common import LIKELIHOOD_DTYPE_PAIRS, likelihood_inputs, loss_dtype
+from fastvae.ops.common import LIKELIHOOD_DTYPE_PAIRS, as_dtype, likelihood_inputs, loss_dtype
 
 # Philox4x32-10 constants; the stream is specified in fastvae.ops.noise.
 PHILOX_MUL_A: tl.constexpr = tl.constexpr(0xD2511F53)
@@ -82,13 +83,26 @@ def log1p_small(e):
 
 def compute_dtype(*tensors: torch.Tensor | None):
     """The kernels compute in float32, or float64 when any input is float64."""
-    return tl.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else tl.float32
+    for t in tensors:  # a loop, not any(genexpr): this runs on every launch
+        if t is not None and t.dtype == torch.float64:
+            return tl.float64
+    return tl.float32
 
 
+@functools.cache  # a few widths per model, asked on every launch
 def tile(cols: int) -> tuple[int, int]:
     """(BLOCK_B, BLOCK_N) for rows of `cols` elements, from the menu above."""
     block_n = next((width for width in BLOCK_WIDTHS if cols <= width), BLOCK_WIDTHS[-1])
     return TILE_ELEMENTS // block_n, block_n
+
+
+def launch(kernel, rows: int, *args, **constexprs) -> None:
+    """Start `kernel` over `rows` rows, constexprs["BLOCK_B"] rows per program, with LAUNCH_OPTIONS:
+    how every launcher starts its kernel. On a GPU a small model's step is bound by the host, so
+    this path is written for its cost per call (`python -m benchmarks.triton_launch_cost`): the
+    grid is integer arithmetic (`triton.cdiv` is a constexpr function, microseconds per call)."""
+    block_b = constexprs["BLOCK_B"]
+    kernel[((rows + block_b - 1) // block_b,)](*args, **constexprs, **LAUNCH_OPTIONS)
 
 
 def tiles() -> list[tuple[int, int]]:
@@ -147,7 +161,9 @@ def launch_logits_likelihood(
     logp = torch.empty((B, D) if elementwise else (B,), dtype=loss_dtype(l), device=logits.device)
     dlogits = torch.empty((B, D), dtype=l.dtype, device=logits.device) if compute_grad else None
     block_b, block_d = tile(D)
-    kernel[(triton.cdiv(B, block_b),)](
+    launch(
+        kernel,
+        B,
         l,
         x,
         logp,
@@ -163,9 +179,8 @@ def launch_logits_likelihood(
         COMPUTE=compute_dtype(l),
         BLOCK_B=block_b,
         BLOCK_D=block_d,
-        **LAUNCH_OPTIONS,
     )
-    return logp, None if dlogits is None else dlogits.to(logits.dtype)
+    return logp, as_dtype(dlogits, logits.dtype)
 
 
 def logits_likelihood_specializations(kernel) -> list[Specialization]:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from fastvae.ops import library
-from fastvae.ops.common import loss_dtype, storage_dtype
+from fastvae.ops.common import as_dtype, loss_dtype, storage_dtype
 from fastvae.ops.library import DTYPE_CODES, check_rows, num_threads, pointer, row_stride, seed_value
 
 library.declare("""
@@ -33,11 +33,6 @@ int fastvae_gaussian_kl_forward(
 """)
 
 
-def _as(dtype: torch.dtype, t: Tensor | None) -> Tensor | None:
-    """t in dtype: itself when it already is (a dtype compare costs far less than a no-op .to())."""
-    return t if t is None or t.dtype == dtype else t.to(dtype)
-
-
 def reparameterize_kl_forward(
     mu: Tensor, logvar: Tensor, eps: Tensor | None, seed: Tensor, samples: int = 1
 ) -> tuple[Tensor, Tensor]:
@@ -47,7 +42,7 @@ def reparameterize_kl_forward(
     rows, cols = mu.shape
     eps = None if eps is None else check_rows("eps", eps, torch.Size((samples * rows, cols)))
     dtype = storage_dtype(mu, logvar, eps)
-    m, lv, e = _as(dtype, mu), _as(dtype, logvar), _as(dtype, eps)
+    m, lv, e = as_dtype(mu, dtype), as_dtype(logvar, dtype), as_dtype(eps, dtype)
     z = torch.empty((samples * rows, cols), dtype=dtype)
     kl = torch.empty(rows, dtype=loss_dtype(mu, logvar))
     library.call(
@@ -67,7 +62,7 @@ def reparameterize_kl_forward(
         kl.data_ptr(),
         num_threads(),
     )
-    return _as(mu.dtype, z), kl
+    return as_dtype(z, mu.dtype), kl
 
 
 def reparameterize_kl_backward(
@@ -96,7 +91,7 @@ def reparameterize_kl_backward(
         if grad_kl.dtype != compute or grad_kl.device.type != "cpu":
             grad_kl = grad_kl.to(device="cpu", dtype=compute)
     dtype = storage_dtype(mu, logvar, eps, grad_z)
-    m, lv, e, gz = _as(dtype, mu), _as(dtype, logvar), _as(dtype, eps), _as(dtype, grad_z)
+    m, lv, e, gz = as_dtype(mu, dtype), as_dtype(logvar, dtype), as_dtype(eps, dtype), as_dtype(grad_z, dtype)
     grad_mu = torch.empty((rows, cols), dtype=dtype)
     grad_logvar = torch.empty((rows, cols), dtype=dtype)
     noise_seed = seed_value(seed) if gz is not None and e is None else 0
@@ -121,7 +116,7 @@ def reparameterize_kl_backward(
         grad_logvar.data_ptr(),
         num_threads(),
     )
-    return _as(mu.dtype, grad_mu), _as(logvar.dtype, grad_logvar)
+    return as_dtype(grad_mu, mu.dtype), as_dtype(grad_logvar, logvar.dtype)
 
 
 def gaussian_kl_forward(
@@ -131,7 +126,7 @@ def gaussian_kl_forward(
     mu = check_rows("mu", mu)
     logvar = check_rows("logvar", logvar, mu.shape)
     dtype = storage_dtype(mu, logvar)
-    m, lv = _as(dtype, mu), _as(dtype, logvar)
+    m, lv = as_dtype(mu, dtype), as_dtype(logvar, dtype)
     rows, cols = mu.shape
     kl = torch.empty((rows, cols) if elementwise else (rows,), dtype=loss_dtype(mu, logvar))
     grad_mu = torch.empty((rows, cols), dtype=dtype) if compute_grad else None
@@ -153,4 +148,4 @@ def gaussian_kl_forward(
     )
     if not compute_grad:
         return kl, None, None
-    return kl, _as(mu.dtype, grad_mu), _as(logvar.dtype, grad_logvar)
+    return kl, as_dtype(grad_mu, mu.dtype), as_dtype(grad_logvar, logvar.dtype)

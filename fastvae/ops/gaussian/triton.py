@@ -19,12 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
-from fastvae.ops.common import loss_dtype, storage_dtype
+from fastvae.ops.common import as_dtype, loss_dtype, storage_dtype
 from fastvae.ops.triton_helpers import (
-    LAUNCH_OPTIONS,
     STORAGE_DTYPES,
     Specialization,
     compute_dtype,
+    launch,
     philox_normal,
     tile,
     tiles,
@@ -203,22 +203,20 @@ def _gaussian_kl_fwd_kernel(
         tl.store(kl_ptr + o_b, b_kl_row, mask=m_b)
 
 
-def _grid(rows: int, block_b: int) -> tuple[int]:
-    return (triton.cdiv(rows, block_b),)
-
-
 def reparameterize_kl_forward(
     mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None, seed: torch.Tensor, samples: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """mu, logvar [B, L], eps [K * B, L] -> z [K * B, L] (mu's dtype), kl [B]."""
     B, L = mu.shape
     dtype = storage_dtype(mu, logvar, eps)
-    m, lv, e = (None if t is None else t.to(dtype) for t in (mu, logvar, eps))
+    m, lv, e = as_dtype(mu, dtype), as_dtype(logvar, dtype), as_dtype(eps, dtype)
     z = torch.empty((samples * B, L), dtype=dtype, device=mu.device)
     kl = torch.empty((B,), dtype=loss_dtype(mu, logvar), device=mu.device)
     block_b, block_l = tile(L)
     e_arg = e if e is not None else m
-    _reparameterize_kl_fwd_kernel[_grid(samples * B, block_b)](
+    launch(
+        _reparameterize_kl_fwd_kernel,
+        samples * B,
         m,
         lv,
         e_arg,
@@ -235,9 +233,8 @@ def reparameterize_kl_forward(
         COMPUTE=compute_dtype(m),
         BLOCK_B=block_b,
         BLOCK_L=block_l,
-        **LAUNCH_OPTIONS,
     )
-    return z.to(mu.dtype), kl
+    return as_dtype(z, mu.dtype), kl
 
 
 def reparameterize_kl_backward(
@@ -252,13 +249,15 @@ def reparameterize_kl_backward(
     """grad_z [K * B, L] | None, grad_kl [B] | None -> grad_mu, grad_logvar [B, L] (mu's, logvar's dtype)."""
     B, L = mu.shape
     dtype = storage_dtype(mu, logvar, eps, grad_z)
-    m, lv, e, gz = (None if t is None else t.to(dtype) for t in (mu, logvar, eps, grad_z))
-    gkl = None if grad_kl is None else grad_kl.to(loss_dtype(m))
+    m, lv, e, gz = as_dtype(mu, dtype), as_dtype(logvar, dtype), as_dtype(eps, dtype), as_dtype(grad_z, dtype)
+    gkl = as_dtype(grad_kl, loss_dtype(m))
     grad_mu = torch.empty((B, L), dtype=dtype, device=mu.device)
     grad_logvar = torch.empty((B, L), dtype=dtype, device=mu.device)
     block_b, block_l = tile(L)
     gz_arg, gkl_arg, e_arg = (t if t is not None else m for t in (gz, gkl, e))
-    _reparameterize_kl_bwd_kernel[_grid(B, block_b)](
+    launch(
+        _reparameterize_kl_bwd_kernel,
+        B,
         gz_arg,
         gkl_arg,
         m,
@@ -281,9 +280,8 @@ def reparameterize_kl_backward(
         COMPUTE=compute_dtype(m),
         BLOCK_B=block_b,
         BLOCK_L=block_l,
-        **LAUNCH_OPTIONS,
     )
-    return grad_mu.to(mu.dtype), grad_logvar.to(logvar.dtype)
+    return as_dtype(grad_mu, mu.dtype), as_dtype(grad_logvar, logvar.dtype)
 
 
 def gaussian_kl_forward(
@@ -292,12 +290,14 @@ def gaussian_kl_forward(
     """mu, logvar [B, L] -> kl ([B, L] or [B]), dkl/dmu | None, dkl/dlogvar | None."""
     B, L = mu.shape
     dtype = storage_dtype(mu, logvar)
-    m, lv = mu.to(dtype), logvar.to(dtype)
+    m, lv = as_dtype(mu, dtype), as_dtype(logvar, dtype)
     kl = torch.empty((B, L) if elementwise else (B,), dtype=loss_dtype(m), device=mu.device)
     dmu = torch.empty((B, L), dtype=dtype, device=mu.device) if compute_grad else None
     dlogvar = torch.empty((B, L), dtype=dtype, device=mu.device) if compute_grad else None
     block_b, block_l = tile(L)
-    _gaussian_kl_fwd_kernel[_grid(B, block_b)](
+    launch(
+        _gaussian_kl_fwd_kernel,
+        B,
         m,
         lv,
         kl,
@@ -312,11 +312,10 @@ def gaussian_kl_forward(
         COMPUTE=compute_dtype(m),
         BLOCK_B=block_b,
         BLOCK_L=block_l,
-        **LAUNCH_OPTIONS,
     )
     if not compute_grad:
         return kl, None, None
-    return kl, dmu.to(mu.dtype), dlogvar.to(logvar.dtype)
+    return kl, as_dtype(dmu, mu.dtype), as_dtype(dlogvar, logvar.dtype)
 
 
 def specializations() -> list[Specialization]:

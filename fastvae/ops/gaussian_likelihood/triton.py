@@ -16,9 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fastvae.ops.common import LIKELIHOOD_DTYPE_PAIRS, likelihood_inputs, loss_dtype
+from fastvae.ops.common import LIKELIHOOD_DTYPE_PAIRS, as_dtype, likelihood_inputs, loss_dtype
 from fastvae.ops.gaussian_likelihood.reference import logvar_grad_dtype
-from fastvae.ops.triton_helpers import LAUNCH_OPTIONS, Specialization, compute_dtype, tile, tiles
+from fastvae.ops.triton_helpers import Specialization, compute_dtype, launch, tile, tiles
 
 
 @triton.jit
@@ -103,7 +103,9 @@ def gaussian_likelihood_forward(
         torch.empty((B, D), dtype=logvar_grad_dtype(m, x, s), device=device) if compute_grad and s is not None else None
     )
     block_b, block_d = tile(D)
-    _gaussian_likelihood_fwd_kernel[(triton.cdiv(B, block_b),)](
+    launch(
+        _gaussian_likelihood_fwd_kernel,
+        B,
         m,
         x,
         m if s is None else s,
@@ -124,13 +126,10 @@ def gaussian_likelihood_forward(
         COMPUTE=compute_dtype(m),
         BLOCK_B=block_b,
         BLOCK_D=block_d,
-        **LAUNCH_OPTIONS,
     )
-    if dmean is not None:
-        dmean = dmean.to(mean.dtype)
     if dlogvar is not None:
-        dlogvar = dlogvar.to(logvar_grad_dtype(mean, target, logvar))
-    return logp, dmean, dlogvar
+        dlogvar = as_dtype(dlogvar, logvar_grad_dtype(mean, target, logvar))
+    return logp, as_dtype(dmean, mean.dtype), dlogvar
 
 
 def specializations() -> list[Specialization]:

@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastvae.ops.common import loss_dtype, storage_dtype
-from fastvae.ops.triton_helpers import LAUNCH_OPTIONS, STORAGE_DTYPES, Specialization, compute_dtype, tile, tiles
+from fastvae.ops.common import as_dtype, loss_dtype, storage_dtype
+from fastvae.ops.triton_helpers import STORAGE_DTYPES, Specialization, compute_dtype, launch, tile, tiles
 
 
 @triton.jit
@@ -146,12 +146,8 @@ def _latent(per_sample: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, logvar:
     """z, mu, logvar in their one storage dtype (float64 when the [K, B] tensor is) and that dtype's
     compute dtype."""
     dtype = torch.float64 if per_sample.dtype == torch.float64 else storage_dtype(z, mu, logvar)
-    z, mu, logvar = (t if t.dtype == dtype else t.to(dtype) for t in (z, mu, logvar))
+    z, mu, logvar = as_dtype(z, dtype), as_dtype(mu, dtype), as_dtype(logvar, dtype)
     return z, mu, logvar, loss_dtype(z)
-
-
-def _grid(rows: int, block_b: int) -> tuple[int]:
-    return (triton.cdiv(rows, block_b),)
 
 
 def iwae_forward(
@@ -161,11 +157,13 @@ def iwae_forward(
     weights [K, B], in the compute dtype."""
     samples, rows = logp.shape
     z, mu, logvar, compute = _latent(logp, z, mu, logvar)
-    logp = logp.to(compute).contiguous()
+    logp = as_dtype(logp, compute).contiguous()
     loss = torch.empty(rows, dtype=compute, device=z.device)
     weights = torch.empty((samples, rows), dtype=compute, device=z.device)
     block_b, block_l = tile(mu.shape[1])
-    _iwae_fwd_kernel[_grid(rows, block_b)](
+    launch(
+        _iwae_fwd_kernel,
+        rows,
         logp,
         z,
         mu,
@@ -181,7 +179,6 @@ def iwae_forward(
         COMPUTE=compute_dtype(z),
         BLOCK_B=block_b,
         BLOCK_L=block_l,
-        **LAUNCH_OPTIONS,
     )
     return loss, weights
 
@@ -194,13 +191,15 @@ def iwae_backward(
     samples, rows = weights.shape
     dtypes = (z.dtype, mu.dtype, logvar.dtype)
     z, mu, logvar, compute = _latent(weights, z, mu, logvar)
-    grad_rows = grad_rows.to(compute)
-    weights = weights.to(compute).contiguous()
+    grad_rows = as_dtype(grad_rows, compute)
+    weights = as_dtype(weights, compute).contiguous()
     grad_z = torch.empty((samples * rows, mu.shape[1]), dtype=z.dtype, device=z.device)
     grad_mu = torch.empty(mu.shape, dtype=z.dtype, device=z.device)
     grad_logvar = torch.empty(mu.shape, dtype=z.dtype, device=z.device)
     block_b, block_l = tile(mu.shape[1])
-    _iwae_bwd_kernel[_grid(rows, block_b)](
+    launch(
+        _iwae_bwd_kernel,
+        rows,
         grad_rows,
         weights,
         z,
@@ -220,9 +219,8 @@ def iwae_backward(
         COMPUTE=compute_dtype(z),
         BLOCK_B=block_b,
         BLOCK_L=block_l,
-        **LAUNCH_OPTIONS,
     )
-    return tuple(t.to(dtype) for t, dtype in zip((grad_z, grad_mu, grad_logvar), dtypes))
+    return tuple(as_dtype(t, dtype) for t, dtype in zip((grad_z, grad_mu, grad_logvar), dtypes))
 
 
 def specializations() -> list[Specialization]:
