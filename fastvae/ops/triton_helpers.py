@@ -15,19 +15,13 @@ import triton.language as tl
 
 from fastvae.ops.common import LIKELIHOOD_DTYPE_PAIRS, as_dtype, likelihood_inputs, loss_dtype
 
-# Philox4x32-10 constants; the stream is specified in fastvae.ops.noise.
-PHILOX_MUL_A: tl.constexpr = tl.constexpr(0xD2511F53)
-PHILOX_MUL_B: tl.constexpr = tl.constexpr(0xCD9E8D57)
-PHILOX_KEY_A: tl.constexpr = tl.constexpr(0x9E3779B9)
-PHILOX_KEY_B: tl.constexpr = tl.constexpr(0xBB67AE85)
-
 # A tile holds TILE_ELEMENTS elements, BLOCK_B rows of BLOCK_N columns, with BLOCK_N from
 # this short menu: wide rows loop over N in steps of 1024, narrow rows share a tile so a
 # latent of 32 still fills it. A fixed menu keeps the specializations few enough to
 # compile every one of them for real GPUs in CI (benchmarks/triton_resources.py). With 8
 # warps a thread holds 4 elements of each tensor (16-byte loads in float32): ptxas then
-# fits every kernel, Philox included, in at most about 120 registers on sm_90 with no
-# spills, where 4096-element tiles spilled in half of them.
+# fits every kernel with no spills, at most about 160 registers on sm_90 (about 210 for the
+# float64 samplers), where 4096-element tiles spilled in half of them.
 TILE_ELEMENTS = 1024
 BLOCK_WIDTHS = (64, 1024)
 # How every kernel is launched (and compiled for the resource report). Without maxnreg,
@@ -44,6 +38,12 @@ def philox_normal(seed, index, COMPUTE: tl.constexpr):
     key (seed lo32, seed hi32), through Box-Muller on word pairs (0, 1) and (2, 3): the
     stream of fastvae.ops.noise. Each element computes its group's Philox itself; on a GPU
     that arithmetic hides under the memory traffic."""
+    # Philox4x32-10's constants (fastvae.ops.noise), local: Triton compares each module-level
+    # constant a kernel reads on every launch, microseconds of a launch-bound step's host time.
+    mul_a: tl.constexpr = 0xD2511F53
+    mul_b: tl.constexpr = 0xCD9E8D57
+    key_a: tl.constexpr = 0x9E3779B9
+    key_b: tl.constexpr = 0xBB67AE85
     seed = seed.to(tl.int64)
     group = index >> 2
     which = index & 3
@@ -56,12 +56,12 @@ def philox_normal(seed, index, COMPUTE: tl.constexpr):
     for _ in tl.static_range(10):
         prev_c0 = c0
         prev_c2 = c2
-        c0 = tl.umulhi(PHILOX_MUL_B, prev_c2) ^ c1 ^ k0
-        c2 = tl.umulhi(PHILOX_MUL_A, prev_c0) ^ c3 ^ k1
-        c1 = tl.mul(PHILOX_MUL_B, prev_c2, sanitize_overflow=False)
-        c3 = tl.mul(PHILOX_MUL_A, prev_c0, sanitize_overflow=False)
-        k0 = tl.add(k0, PHILOX_KEY_A, sanitize_overflow=False)
-        k1 = tl.add(k1, PHILOX_KEY_B, sanitize_overflow=False)
+        c0 = tl.umulhi(mul_b, prev_c2) ^ c1 ^ k0
+        c2 = tl.umulhi(mul_a, prev_c0) ^ c3 ^ k1
+        c1 = tl.mul(mul_b, prev_c2, sanitize_overflow=False)
+        c3 = tl.mul(mul_a, prev_c0, sanitize_overflow=False)
+        k0 = tl.add(k0, key_a, sanitize_overflow=False)
+        k1 = tl.add(k1, key_b, sanitize_overflow=False)
     # Normals 0, 1 take words (0, 1); normals 2, 3 take words (2, 3).
     first_pair = which < 2
     radius_word = tl.where(first_pair, c0, c2)
