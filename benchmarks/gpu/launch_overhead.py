@@ -11,9 +11,11 @@ call and in microseconds of host time:
               binding, specialization, cache lookup, the driver call), on CUDA only
   torch       plain PyTorch's calls for the same work, for scale
 and a cProfile of the forward calls, the functions with the most time of their own. On CUDA it
-then times one compiled call both ways a compiled graph can reach the Bernoulli kernel: through
-fastvae's custom op (a call back into Python) and through a `torch.library.triton_op` that
-inductor launches itself, the measurement the choice between them needs (docs/design.md).
+then times one compiled call each way a compiled graph can reach the Bernoulli kernel: through
+fastvae's custom op (a call back into Python), through a `torch.library.triton_op` that
+inductor launches itself, and as the op's composite in torch ops that inductor fuses (as compiled
+CPU graphs get small calls), at a training batch and a large one: the measurement the choice
+between them needs (docs/design.md). A first line says how fast this host runs Python.
 Nothing is asserted; the output is for reading.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import io
 import pstats
 import time
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 import fastvae
 
 PROFILE_ROWS = 25
+LARGE_BATCH = 65536  # where the GPU targets' ops are device-bound, if anywhere
 
 
 def host_us(fn: Callable[[], object], calls: int, device: torch.device) -> float:
@@ -119,13 +123,31 @@ def with_backward(fn: Callable) -> Callable:
     return step
 
 
-def compiled_custom_op_vs_triton_op(batch: int, data: int, calls: int) -> None:
-    """Host microseconds per call of a compiled sum of the Bernoulli rows' log p, the kernel reached
-    through fastvae's custom op and through a triton_op of the same kernel (CUDA only)."""
+def host_speed() -> str:
+    """How fast this host runs Python and torch's dispatch, to compare the host time measured here
+    with another machine's: a bare Python call, and a CPU tensor op (one dispatch, no device)."""
+
+    def nothing() -> None:
+        return None
+
+    small = torch.ones(4)
+    python_ns = host_us(nothing, 200_000, torch.device("cpu")) * 1e3
+    torch_us = host_us(lambda: small.add(small), 20_000, torch.device("cpu"))
+    return f"this host: a Python call {python_ns:.0f} ns, a CPU torch add of 4 elements {torch_us:.2f} us"
+
+
+def compiled_ways(data: int, calls: int, batches: tuple[int, ...], device: torch.device) -> None:
+    """A compiled sum of the Bernoulli rows' log p, three ways a compiled graph can hold the kernel
+    (CUDA only): fastvae's custom op (a call back into Python per op), a `torch.library.triton_op`
+    of the same Triton kernel (inductor launches it itself), and the op's composite in torch ops
+    (inductor fuses it into kernels of its own, as compiled CPU graphs do for small calls). Per
+    call: the host's time to issue it, and the wall time with the device drained after each call,
+    at a training batch and at a large one."""
     import triton
     import triton.language as tl
     from torch.library import triton_op, wrap_triton
 
+    from fastvae.ops.bernoulli.op import bernoulli_log_likelihood_composite
     from fastvae.ops.bernoulli.triton import _bernoulli_fwd_kernel
     from fastvae.ops.triton_helpers import LAUNCH_OPTIONS, tile
 
@@ -141,24 +163,39 @@ def compiled_custom_op_vs_triton_op(batch: int, data: int, calls: int) -> None:
         )  # fmt: skip
         return logp
 
-    device = torch.device("cuda")
-    logits = torch.randn(batch, data, device=device)
-    x = (torch.rand(batch, data, device=device) < 0.5).float()
     ways = {
         "custom op": lambda l, t: torch.ops.fastvae.bernoulli_log_likelihood(l, t, False, False, None)[0].sum(),
         "triton_op": lambda l, t: bernoulli_rows(l, t).sum(),
+        "composite": lambda l, t: bernoulli_log_likelihood_composite(l, t, False, False, None)[0].sum(),
     }
-    print(f"\ncompiled (default mode), the Bernoulli rows' sum at {batch} x {data}, host us per call:")
-    results = {}
-    for name, fn in ways.items():
-        try:
-            compiled = torch.compile(fn, fullgraph=True)
-            results[name] = compiled(logits, x)
-            print(f"  {name:<10} {host_us(lambda c=compiled: c(logits, x), calls, device):8.1f}")
-        except Exception as error:  # a diagnostic: report what failed and go on
-            print(f"  {name:<10} failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
-    if len(results) == 2:
-        print(f"  same value: {torch.allclose(results['custom op'], results['triton_op'])}")
+
+    def drained(fn: Callable[[], object]) -> Callable[[], object]:
+        def call() -> None:
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        return call
+
+    print(f"\ncompiled (default mode), the Bernoulli rows' sum at batch x {data}, us per call:")
+    print(f"  {'way':<10} {'batch':>6} {'host':>8} {'wall':>8}")
+    for batch in batches:
+        logits = torch.randn(batch, data, device=device)
+        x = (torch.rand(batch, data, device=device) < 0.5).float()
+        results = {}
+        for name, fn in ways.items():
+            try:
+                compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+                results[name] = compiled(logits, x)
+                call = functools.partial(compiled, logits, x)
+                issue = host_us(call, calls, device)
+                wall = host_us(drained(call), max(calls // 10, 20), device)
+                print(f"  {name:<10} {batch:6d} {issue:8.1f} {wall:8.1f}")
+            except Exception as error:  # a diagnostic: report what failed and go on
+                print(f"  {name:<10} {batch:6d} failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+        if "custom op" in results:
+            same = {n: torch.allclose(r, results["custom op"], rtol=1e-4) for n, r in results.items()}
+            print(f"  same value as the custom op: {same}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -168,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backend = fastvae.backend.resolve_backend_name(device)
+    print(host_speed())
     print(f"host time per call, microseconds; {device} ({backend} backend), batch {args.batch_size}, 784 x 32")
     print(f"{'op':<26} {'fwd':>8} {'fwd+bwd':>8} {'launch':>8} {'torch fwd':>10} {'torch f+b':>10}")
     for name, (fused, plain) in cases(args.batch_size, 784, 32, device).items():
@@ -194,9 +232,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\ncProfile of {args.calls // 4} elbo_loss forward + backward calls, by own time:")
     print(out.getvalue())
     if device.type == "cuda":
-        compiled_custom_op_vs_triton_op(args.batch_size, 784, args.calls)
+        compiled_ways(784, args.calls, (args.batch_size, LARGE_BATCH), device)
     else:
-        print("(compiled custom op against triton_op: CUDA only, inductor cannot compile the interpreter's kernels)")
+        print("(compiled ways: CUDA only, inductor cannot compile the interpreter's kernels)")
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@
 #   2. build         the native CPU library (cmake); fastvae runs from this checkout (PYTHONPATH)
 #   3. tests         the whole suite on CUDA: CUDA-graph replays, reduce-overhead, fp16 with a
 #                    GradScaler, one-process NCCL DDP, Triton against the reference
-#   4. ops           the GPU benchmark sweep (--gpu-run)                -> OUTDIR/ops.json
-#   5. profile       host time per op call and launch; where a training step's time goes
-#                                                                        -> OUTDIR/profile.txt
+#   4. profile       host time per op call and launch; three ways a compiled graph can hold a
+#                    kernel; where a training step's time goes          -> OUTDIR/profile.txt
+#   5. ops           the GPU benchmark sweep (--gpu-run)                -> OUTDIR/ops.json
 #   6. eval A/B      fastvae-eval's NLL, fused against unfused, K = 1000    -> OUTDIR/eval_ab.jsonl
 #   7. train A/B     eager, compile, compile reduce-overhead; fp32, bf16; batch 128, 1024
 #                                                                        -> OUTDIR/train_ab.jsonl
@@ -94,10 +94,12 @@ if [ "$GPU" = 1 ]; then
   stage "tests (kernels on CUDA)" 110 "$PY" -m pytest -q -p no:cacheprovider -rs $workers $kernel_tests
   stage "tests (the rest)" 75 "$PY" -m pytest -q -p no:cacheprovider $workers --ignore=tests/test_triton_compile.py \
     $(for t in $kernel_tests; do printf -- '--ignore=%s ' "$t"; done)
+  # The profile answers the open design question (how a compiled graph should hold the kernels),
+  # so it runs before the sweep.
+  stage profile 100 bash -c "'$PY' -m benchmarks.gpu.launch_overhead > '$OUT/profile.txt' \
+    && '$PY' -m benchmarks.gpu.profile_step >> '$OUT/profile.txt'"
   stage ops 120 "$PY" -m pytest benchmarks/bench_ops.py --benchmark-only --gpu-run -q -p no:cacheprovider \
     --benchmark-json="$OUT/ops.json"
-  stage profile 75 bash -c "'$PY' -m benchmarks.gpu.launch_overhead > '$OUT/profile.txt' \
-    && '$PY' -m benchmarks.gpu.profile_step >> '$OUT/profile.txt'"
   stage "eval A/B (fused NLL against unfused, K = 1000)" 40 "$PY" -m benchmarks.eval_ab --repeats 5 \
     --json "$OUT/eval_ab.jsonl"
   for batch in 128 1024; do
