@@ -1,6 +1,6 @@
 """Host time of fastvae's Triton launchers on a machine without a GPU (benchmarks/recording_driver.py).
 
-    python -m benchmarks.triton_launch_cost [--calls 3000] [--batch-size 128]
+    python -m benchmarks.triton_launch_cost [--calls 3000] [--batch-size 8]
 
 On a GPU a small VAE's training step is bound by the host: the device finishes each kernel
 before the next is issued (docs/benchmarks.md, "GPU"). This times, in microseconds per call and
@@ -8,9 +8,11 @@ on this machine's CPU, each launcher a training step runs, as it runs on CUDA: f
 Python (dtypes, output allocation, the tile, the grid) and Triton's dispatch beneath it
 (`JITFunction.run`: binding, specialization, cache lookup, launch metadata), with the driver's
 own launch recorded instead of made. The `dispatch` column is Triton's share, timed by calling
-JITFunction.run with the arguments the launcher passed. Outputs are CPU tensors, whose
-allocation costs about what the CUDA caching allocator's does at these sizes. Best of 7
-repeats; nothing is asserted. Run it where TRITON_INTERPRET is unset.
+JITFunction.run with the arguments the launcher passed. The host's work does not depend on the
+batch, but a CPU allocation does: outputs are CPU tensors, and from about 128 KB each one is a
+fresh mapping with page faults (the CUDA caching allocator hands out cached blocks), so the
+default batch keeps them small. Best of 7 repeats; nothing is asserted. Run it where
+TRITON_INTERPRET is unset.
 """
 
 from __future__ import annotations
@@ -82,13 +84,13 @@ def launchers(batch: int, data: int, latent: int) -> dict[str, Callable[[], obje
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=3000)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args(argv)
     import triton
 
     with recording_driver():
         print(f"host us per call, Triton {triton.__version__} dispatch for sm_90 with launches recorded;")
-        print(f"batch {args.batch_size}, 784 x 32, CPU tensors")
+        print(f"batch {args.batch_size} x 784, latent 32, CPU tensors")
         print(f"{'launcher':<28} {'total':>7} {'dispatch':>9} {'fastvae':>8}")
         for name, launch in launchers(args.batch_size, 784, 32).items():
             launch()  # compiles for sm_90 (seconds, once)
