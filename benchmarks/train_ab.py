@@ -2,6 +2,7 @@
 
     python -m benchmarks.train_ab [--blocks 150] [--steps 5] [--compile default|reduce-overhead]
                                   [--batch-size 128] [--no-optimizer] [--device cpu|cuda] [--json OUT]
+                                  [--cuda-composite]
     python -m benchmarks.train_ab --report OUT          # the settings measured into OUT
 
 bench_train.py times each provider in its own pytest case, minutes apart; on a shared machine
@@ -23,8 +24,10 @@ import torch
 
 from benchmarks.bench_train import BATCH_SIZE, COMPILE_MODES, PROVIDERS, make_step
 from benchmarks.harness import isolate_inductor_cache, pin_cpu_allocator
+from fastvae.ops import common
 
 WARMUP_STEPS = 20
+CUDA_COMPOSITE_UNLIMITED = 1 << 62
 
 
 def interleaved_seconds(steps: dict, blocks: int, steps_per_block: int, device: torch.device) -> dict:
@@ -108,8 +111,9 @@ def print_report(path: str) -> None:
     for r in rows:
         # The ATen CPU kernels' instruction set matters only where the step runs on the CPU.
         where = " ".join(filter(None, (r["device"], r.get("cpu_capability") if r["device"] == "cpu" else None)))
+        mode = r["compile"] + (" composite" if r.get("cuda_composite") else "")
         print(
-            f"  batch {r['batch_size']:5d}, {r['compile']:15s}, {'AMP ' if r['amp'] else 'fp32'}: plain "
+            f"  batch {r['batch_size']:5d}, {mode:25s}, {'AMP ' if r['amp'] else 'fp32'}: plain "
             f"{r['plain_ms']:.3f} ms, fastvae {r['fastvae_ms']:.3f} ms; {r['ratio_median']:.3f}x "
             f"(quartiles {r['ratio_q1']:.3f} to {r['ratio_q3']:.3f}), {where}"
         )
@@ -135,6 +139,13 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="time forward and backward only, without the Adam step that dilutes the loss side",
     )
+    parser.add_argument(
+        "--cuda-composite",
+        action="store_true",
+        help="compiled CUDA graphs hold each fastvae op as its composite in torch ops, which inductor "
+        "fuses, instead of the op's node (fastvae.ops.common.COMPILED_CUDA_COMPOSITE_MAX_ELEMENTS, "
+        "unlimited); needs --device cuda and a compile mode",
+    )
     parser.add_argument("--json", default=None, help="append each setting's result as one JSON line to this file")
     args = parser.parse_args(argv)
     if args.report:
@@ -143,6 +154,10 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     if args.compile == "reduce-overhead" and device.type != "cuda":
         parser.error("--compile reduce-overhead captures CUDA graphs: it needs --device cuda")
+    if args.cuda_composite:
+        if device.type != "cuda" or args.compile == "eager":
+            parser.error("--cuda-composite changes what compiled CUDA graphs hold: it needs --device cuda, --compile")
+        common.COMPILED_CUDA_COMPOSITE_MAX_ELEMENTS = CUDA_COMPOSITE_UNLIMITED
     # As in the pytest suite: with glibc's adaptive thresholds the AMP ratio's quartiles
     # spanned 0.80 to 1.23 on a 2-core CPU; fixed, 0.98 to 1.05.
     allocator = pin_cpu_allocator()
@@ -154,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     for amp in (False, True):
         result = measure(args.compile, amp, args.batch_size, args.blocks, args.steps, device, not args.no_optimizer)
+        result["cuda_composite"] = args.cuda_composite
         report_result(f"{'AMP ' if amp else 'fp32'}", result, args.json)
 
 

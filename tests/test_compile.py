@@ -573,3 +573,22 @@ def test_a_dynamic_batch_size_compiles_the_loss_once(likelihood, data):
         expected = loss_of(*(t.detach().requires_grad_() for t in (out, x, mu, logvar)))
         assert_close_to(loss.detach(), expected.detach(), f"loss at batch {batch}")
     assert counters["stats"]["unique_graphs"] == 1, f"{counters['stats']['unique_graphs']} graphs for 3 batch sizes"
+
+
+def test_compiled_cuda_calls_keep_the_node_unless_a_size_limit_is_set(monkeypatch):
+    """The lowering choice by device, on fake CUDA tensors (no GPU needed): CUDA calls stay the custom
+    op's node by default (COMPILED_CUDA_COMPOSITE_MAX_ELEMENTS None), lower at or below a limit when
+    one is set, and the CPU limit never applies to them; mixed devices never lower."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        cuda = torch.empty(4, 3, device="cuda")
+        cpu = torch.empty(4, 3)
+    assert common.COMPILED_CUDA_COMPOSITE_MAX_ELEMENTS is None
+    assert not common.composite_in_compiled_graph((cuda, cuda))
+    assert common.composite_in_compiled_graph((cpu, cpu))  # 12 elements, under the CPU limit
+    monkeypatch.setattr(common, "COMPILED_CUDA_COMPOSITE_MAX_ELEMENTS", 12)
+    assert common.composite_in_compiled_graph((cuda, cuda))
+    assert not common.composite_in_compiled_graph((cuda, cpu))
+    monkeypatch.setattr(common, "COMPILED_CUDA_COMPOSITE_MAX_ELEMENTS", 11)
+    assert not common.composite_in_compiled_graph((cuda, cuda))

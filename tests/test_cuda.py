@@ -77,6 +77,55 @@ def test_compile_reduce_overhead_keeps_cuda_graphs_and_fresh_noise():
     assert not torch.equal(draws[-1], draws[-2]), "replayed CUDA graphs repeated the noise"
 
 
+def _compiled_graph_targets(fn, *args) -> list[str]:
+    """The call targets of the forward graph AOTAutograd hands a compiler for fn(*args)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    torch._dynamo.reset()
+    seen = []
+
+    def forward_compiler(graph, example_inputs):
+        seen.extend(str(node.target) for node in graph.graph.nodes if node.op == "call_function")
+        return graph
+
+    torch.compile(fn, backend=aot_autograd(fw_compiler=forward_compiler), fullgraph=True)(*args)
+    return seen
+
+
+def test_compiled_cuda_graphs_can_hold_the_composite(monkeypatch):
+    """COMPILED_CUDA_COMPOSITE_MAX_ELEMENTS (None, never, by default) lowers a compiled CUDA call to
+    the op's composite, as compiled CPU graphs do for small calls: the graph then holds no fastvae
+    node, inductor compiles the composite for the GPU, and with eager's random numbers
+    (fallback_random) the loss and gradients are eager's. What the prepared run's composite train
+    A/B and launch_overhead.py measure must run correctly first."""
+    from torch._inductor import config as inductor_config
+
+    from fastvae.ops import common
+
+    encoder, decoder = _model()
+    params = list(encoder.parameters()) + list(decoder.parameters())
+    x = (torch.rand(16, 20, device=DEVICE) < 0.5).float()
+
+    def loss_of(x):
+        mu, logvar = encoder(x).chunk(2, dim=1)
+        z, kl = fastvae.reparameterize_kl(mu, logvar)
+        return fastvae.elbo_loss(decoder(z), x, kl=kl) + fastvae.gaussian_kl(mu, logvar)
+
+    assert any("fastvae." in t for t in _compiled_graph_targets(loss_of, x)), "by default the nodes stay"
+    monkeypatch.setattr(common, "COMPILED_CUDA_COMPOSITE_MAX_ELEMENTS", 1 << 30)
+    targets = _compiled_graph_targets(loss_of, x)
+    assert not any("fastvae." in t for t in targets), targets
+    torch._dynamo.reset()
+    with inductor_config.patch(fallback_random=True):
+        results = []
+        for fn in (loss_of, torch.compile(loss_of, fullgraph=True)):
+            torch.manual_seed(11)
+            loss = fn(x)
+            results.append((loss, *torch.autograd.grad(loss, params)))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_triton_on_the_gpu_matches_the_reference(dtype):
     logits = (torch.randn(257, 1100, device=DEVICE) * 3).to(dtype).requires_grad_()

@@ -12,8 +12,8 @@
 #                    kernel; where a training step's time goes          -> OUTDIR/profile.txt
 #   5. ops           the GPU benchmark sweep (--gpu-run)                -> OUTDIR/ops.json
 #   6. eval A/B      fastvae-eval's NLL, fused against unfused, K = 1000    -> OUTDIR/eval_ab.jsonl
-#   7. train A/B     eager, compile, compile reduce-overhead; fp32, bf16; batch 128, 1024
-#                                                                        -> OUTDIR/train_ab.jsonl
+#   7. train A/B     eager, compile, compile reduce-overhead, compile with the ops as composites;
+#                    fp32, bf16; batch 128, 1024                        -> OUTDIR/train_ab.jsonl
 #   8. report        tables and targets                                 -> OUTDIR/report.txt
 #
 # Every stage has a time limit and appends to OUTDIR/run.log; OUTDIR/summary.txt says how each
@@ -107,6 +107,10 @@ if [ "$GPU" = 1 ]; then
       stage "train A/B batch $batch $mode" 60 "$PY" -m benchmarks.train_ab --compile "$mode" \
         --batch-size "$batch" --blocks 20 --steps 5 --json "$OUT/train_ab.jsonl"
     done
+    # The default mode again with each fastvae op as its composite, fused by inductor
+    # (fastvae.ops.common.COMPILED_CUDA_COMPOSITE_MAX_ELEMENTS): the alternative to the node.
+    stage "train A/B batch $batch default composite" 60 "$PY" -m benchmarks.train_ab --compile default \
+      --cuda-composite --batch-size "$batch" --blocks 20 --steps 5 --json "$OUT/train_ab.jsonl"
   done
 else
   stage "tests (CUDA and registry tests only)" 200 "$PY" -m pytest -q -p no:cacheprovider -rs \

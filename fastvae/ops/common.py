@@ -223,6 +223,12 @@ def transform_active() -> bool:
 # (`python -m benchmarks.compiled_cpu_crossover` measures both ways). Read when a graph is
 # traced, not guarded: a change takes effect in graphs traced after it (torch._dynamo.reset()).
 COMPILED_CPU_COMPOSITE_MAX_ELEMENTS = 1 << 18
+# The same choice in a compiled graph on CUDA; None: never, every call stays the custom op's node.
+# On an H200 the default-mode step with the nodes ran at 0.74x to 0.79x of plain PyTorch's, each
+# node a call back into Python and Triton's dispatch; whether the composite does better there (or
+# a triton_op) is what the prepared GPU run's launch_overhead.py and its composite train A/B
+# measure (docs/design.md). Tests and benchmarks set it to try the composite on CUDA.
+COMPILED_CUDA_COMPOSITE_MAX_ELEMENTS: int | None = None
 
 
 def largest_input(*args) -> int:
@@ -236,11 +242,21 @@ def largest_input(*args) -> int:
 
 def composite_in_compiled_graph(args: Sequence, work_elements: Callable[..., int] = largest_input) -> bool:
     """(While a graph is traced, under the default backend.) Whether this call lowers to the op's
-    composite: small CPU calls, work_elements(*args) at most COMPILED_CPU_COMPOSITE_MAX_ELEMENTS."""
+    composite: work_elements(*args) at most COMPILED_CPU_COMPOSITE_MAX_ELEMENTS for CPU tensors,
+    COMPILED_CUDA_COMPOSITE_MAX_ELEMENTS for CUDA tensors (None: never)."""
     tensors = [a for a in args if isinstance(a, Tensor)]
-    if not tensors or any(t.device.type != "cpu" for t in tensors):
+    if not tensors:
         return False
-    return work_elements(*args) <= COMPILED_CPU_COMPOSITE_MAX_ELEMENTS
+    device = tensors[0].device.type
+    if any(t.device.type != device for t in tensors):
+        return False
+    if device == "cpu":
+        limit = COMPILED_CPU_COMPOSITE_MAX_ELEMENTS
+    elif device == "cuda":
+        limit = COMPILED_CUDA_COMPOSITE_MAX_ELEMENTS
+    else:
+        return False
+    return limit is not None and work_elements(*args) <= limit
 
 
 # The in-graph ops (see FusedOp): CompositeImplicitAutograd ops, whose Python body runs only while
