@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 
+from benchmarks.gpu.launch_overhead import captured_launch
 from benchmarks.recording_driver import recording_driver
 
 REPEATS = 7
@@ -39,26 +40,6 @@ def best_us(fn: Callable[[], object], calls: int) -> float:
             fn()
         best = min(best, (time.perf_counter() - start) / calls)
     return best * 1e6
-
-
-def last_dispatch(fn: Callable[[], object]) -> Callable[[], object]:
-    """A call repeating the last JITFunction.run that fn makes, with the same arguments."""
-    from triton.runtime.jit import JITFunction
-
-    seen = []
-    original = JITFunction.run
-
-    def recording(self, *args, **kwargs):
-        seen.append((self, args, kwargs))
-        return original(self, *args, **kwargs)
-
-    JITFunction.run = recording
-    try:
-        fn()
-    finally:
-        JITFunction.run = original
-    kernel, args, kwargs = seen[-1]
-    return lambda: original(kernel, *args, **kwargs)
 
 
 def launchers(batch: int, data: int, latent: int) -> dict[str, Callable[[], object]]:
@@ -95,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, launch in launchers(args.batch_size, 784, 32).items():
             launch()  # compiles for sm_90 (seconds, once)
             total = best_us(launch, args.calls)
-            dispatch = best_us(last_dispatch(launch), args.calls)
+            dispatch = best_us(captured_launch(launch), args.calls)
             print(f"{name:<28} {total:7.1f} {dispatch:9.1f} {total - dispatch:8.1f}")
 
 

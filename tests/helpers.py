@@ -95,3 +95,21 @@ class RecordPointwiseSizes(TorchDispatchMode):
         if torch.Tag.pointwise in func.tags:
             self.sizes.append(out.numel())
         return out
+
+
+def compiled_forward_targets(fn, *args) -> list[str]:
+    """The call targets of the forward graph that a compiler backend receives for fn(*args)
+    (fullgraph): after AOTAutograd, where each in-graph op has become its composite's torch ops
+    or the custom op's node."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    torch._dynamo.reset()
+    seen = []
+
+    def forward_compiler(graph, example_inputs):
+        seen.extend(str(node.target) for node in graph.graph.nodes if node.op == "call_function")
+        return graph
+
+    torch.compile(fn, backend=aot_autograd(fw_compiler=forward_compiler), fullgraph=True)(*args)
+    assert not any("_in_graph" in target for target in seen), f"an in-graph op reached the compiler: {seen}"
+    return seen

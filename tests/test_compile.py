@@ -24,7 +24,7 @@ from fastvae.ops.gaussian_likelihood.op import gaussian_log_likelihood_fused
 from fastvae.ops.iwae.op import iwae_loss_fused, iwae_loss_op
 from fastvae.ops.registry import op_specs
 
-from helpers import BACKENDS, DEVICE, assert_close_to, oracle_noise, oracle_outputs_and_grads
+from helpers import BACKENDS, DEVICE, assert_close_to, compiled_forward_targets, oracle_noise, oracle_outputs_and_grads
 
 
 def _latent(requires_grad=True, dtype=torch.float32, shape=(3, 5)):
@@ -147,24 +147,6 @@ def test_eager_path_matches_the_custom_op_bit_for_bit(backend):
             assert torch.equal(a, b), f"{fused.custom_op._name}: the eager path and the custom op differ"
 
 
-def _traced_targets(fn, *args) -> list[str]:
-    """The call targets of the forward graph that a compiler backend receives for fn(*args)
-    (fullgraph): after AOTAutograd, where each in-graph op has become its composite's torch ops
-    or the custom op's node."""
-    from torch._dynamo.backends.common import aot_autograd
-
-    torch._dynamo.reset()
-    seen = []
-
-    def forward_compiler(graph, example_inputs):
-        seen.extend(str(node.target) for node in graph.graph.nodes if node.op == "call_function")
-        return graph
-
-    torch.compile(fn, backend=aot_autograd(fw_compiler=forward_compiler), fullgraph=True)(*args)
-    assert not any("_in_graph" in target for target in seen), f"an in-graph op reached the compiler: {seen}"
-    return seen
-
-
 @pytest.mark.parametrize(
     "backend, max_elements, custom_op",
     [("auto", None, False), ("auto", 4, True), ("native", None, True), ("torch", None, True)],
@@ -182,7 +164,7 @@ def test_traced_cpu_calls_lower_by_size_and_backend(monkeypatch, backend, max_el
         return fastvae.reparameterize_kl(m, v)
 
     with fastvae.use_backend(backend):
-        targets = _traced_targets(z_and_kl, mu, logvar)
+        targets = compiled_forward_targets(z_and_kl, mu, logvar)
         torch.manual_seed(7)
         eager = z_and_kl(mu, logvar)
         torch._dynamo.reset()
@@ -363,7 +345,7 @@ def test_a_samplers_size_is_the_samples_it_writes(monkeypatch, samples, custom_o
     """reparameterize with K samples writes K times its inputs: that, not mu's size, is its work."""
     monkeypatch.setattr(common, "COMPILED_CPU_COMPOSITE_MAX_ELEMENTS", 20)
     mu, logvar = (torch.randn(3, 5) for _ in range(2))  # 15 elements each
-    targets = _traced_targets(lambda m, v: fastvae.reparameterize(m, v, samples=samples), mu, logvar)
+    targets = compiled_forward_targets(lambda m, v: fastvae.reparameterize(m, v, samples=samples), mu, logvar)
     assert any("fastvae.reparameterize_kl" in t for t in targets) == custom_op, targets
 
 

@@ -10,6 +10,8 @@ import torch
 import fastvae
 from fastvae.ops.gaussian.op import reparameterize_kl_fused
 
+from helpers import compiled_forward_targets
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICE = torch.device("cuda")
 
@@ -77,21 +79,6 @@ def test_compile_reduce_overhead_keeps_cuda_graphs_and_fresh_noise():
     assert not torch.equal(draws[-1], draws[-2]), "replayed CUDA graphs repeated the noise"
 
 
-def _compiled_graph_targets(fn, *args) -> list[str]:
-    """The call targets of the forward graph AOTAutograd hands a compiler for fn(*args)."""
-    from torch._dynamo.backends.common import aot_autograd
-
-    torch._dynamo.reset()
-    seen = []
-
-    def forward_compiler(graph, example_inputs):
-        seen.extend(str(node.target) for node in graph.graph.nodes if node.op == "call_function")
-        return graph
-
-    torch.compile(fn, backend=aot_autograd(fw_compiler=forward_compiler), fullgraph=True)(*args)
-    return seen
-
-
 def test_compiled_cuda_graphs_can_hold_the_composite(monkeypatch):
     """COMPILED_CUDA_COMPOSITE_MAX_ELEMENTS (None, never, by default) lowers a compiled CUDA call to
     the op's composite, as compiled CPU graphs do for small calls: the graph then holds no fastvae
@@ -111,9 +98,9 @@ def test_compiled_cuda_graphs_can_hold_the_composite(monkeypatch):
         z, kl = fastvae.reparameterize_kl(mu, logvar)
         return fastvae.elbo_loss(decoder(z), x, kl=kl) + fastvae.gaussian_kl(mu, logvar)
 
-    assert any("fastvae." in t for t in _compiled_graph_targets(loss_of, x)), "by default the nodes stay"
+    assert any("fastvae." in t for t in compiled_forward_targets(loss_of, x)), "by default the nodes stay"
     monkeypatch.setattr(common, "COMPILED_CUDA_COMPOSITE_MAX_ELEMENTS", 1 << 30)
-    targets = _compiled_graph_targets(loss_of, x)
+    targets = compiled_forward_targets(loss_of, x)
     assert not any("fastvae." in t for t in targets), targets
     torch._dynamo.reset()
     with inductor_config.patch(fallback_random=True):
