@@ -39,9 +39,8 @@ def _reduce_rows(rows: Tensor, reduction: str, elements: int) -> Tensor:
 
     The division's gradient reaches the rows as 1/divisor broadcast, which is what the
     likelihood ops recognise as their weight (fastvae.ops.common.is_the_weight)."""
-    if reduction == "sum":
-        return rows.sum()
-    return rows.sum() / max(elements if reduction == "mean" else rows.shape[0], 1)
+    total = rows.sum()
+    return total if reduction == "sum" else total / _reduction_divisor(reduction, rows, elements)
 
 
 # --------------------------------------------------------------------------- sampling
