@@ -297,3 +297,19 @@ def test_the_triton_launch_cost_benchmark_times_every_launcher():
         "bernoulli forward",
     }, result.stdout
     assert all(total > 0 and dispatch > 0 for total, dispatch, _ in timed.values()), result.stdout
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--cuda-composite", "--device", "cpu", "--compile", "default"], ["--cuda-composite", "--compile", "eager"]],
+    ids=["cpu", "eager"],
+)
+def test_train_ab_refuses_the_cuda_composite_where_it_means_nothing(argv, capsys):
+    """train_ab --cuda-composite changes what compiled CUDA graphs hold (the prepared GPU run's
+    composite A/B): on the CPU or without a compile mode it is refused before anything is
+    measured, naming what it needs."""
+    from benchmarks import train_ab
+
+    with pytest.raises(SystemExit):
+        train_ab.main(argv)
+    assert "--cuda-composite" in capsys.readouterr().err
