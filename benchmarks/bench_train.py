@@ -71,11 +71,10 @@ def make_parts(
         # proves the step compiles without a graph break, in seconds instead of inductor's minute.
         # Both objectives get fastvae-train's options (fastvae.compile_options: no guards on
         # fastvae's own code, which plain's objective does not read).
-        mode = None if compile_mode == "default" else compile_mode
         objective = (
             torch.compile(objective, backend="eager", options=fastvae.compile_options())
             if quick
-            else torch.compile(objective, options=fastvae.compile_options(mode))
+            else torch.compile(objective, options=fastvae.compile_options(compile_mode))
         )
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = (torch.rand(batch_size, *IMAGE_SHAPE, device=device) < 0.5).float()

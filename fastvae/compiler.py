@@ -52,7 +52,8 @@ def skip_fastvae_code_guards(entries: Sequence) -> list[bool]:
 
 
 def compile_options(mode: str | None = None) -> dict:
-    """Options for torch.compile: inductor's for `mode` (None: the default mode) and
+    """Options for torch.compile: inductor's for `mode` (a torch.compile mode name, e.g.
+    "reduce-overhead"; None or "default": the default mode) and
     skip_fastvae_code_guards as the guard filter. torch.compile takes a mode or options, not both,
     and empties the options it is given: this returns a new dict on each call."""
     import torch._inductor

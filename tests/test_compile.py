@@ -525,6 +525,8 @@ def test_compile_options_are_new_each_call_and_keep_the_mode():
     first, second = fastvae.compile_options(), fastvae.compile_options()
     assert first is not second and first["guard_filter_fn"] is fastvae.skip_fastvae_code_guards
     assert fastvae.compile_options("reduce-overhead")["triton.cudagraphs"] is True
+    # fastvae-train passes its --compile-mode as it is: "default" is the default mode's options
+    assert fastvae.compile_options("default") == first
 
 
 @pytest.mark.parametrize("data", [40, 33000], ids=["composite", "custom-op"])

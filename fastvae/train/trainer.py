@@ -482,8 +482,7 @@ def build_run(cfg: TrainConfig, dist: DistInfo, resources: ExitStack) -> Run:
         ids = [device.index] if device.type == "cuda" else None
         objective = nn.parallel.DistributedDataParallel(objective, device_ids=ids)
     # Without guards on fastvae's own code: see fastvae.compiler.
-    mode = None if cfg.compile_mode == "default" else cfg.compile_mode
-    step_fn = torch.compile(objective, options=fastvae.compile_options(mode)) if cfg.compile else objective
+    step_fn = torch.compile(objective, options=fastvae.compile_options(cfg.compile_mode)) if cfg.compile else objective
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     cfg.out = str(run_dir)
