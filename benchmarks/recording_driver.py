@@ -128,7 +128,7 @@ def launched_specializations() -> list[dict]:
     import triton
 
     import fastvae
-    from fastvae import backend
+    from fastvae import backend, validation
     from fastvae.ops.common import LIKELIHOOD_DTYPE_PAIRS
     from fastvae.ops.registry import op_specs
 
@@ -151,6 +151,7 @@ def launched_specializations() -> list[dict]:
         return True  # declined: no compile, no launch
 
     previous_hook, previous_reason = triton.knobs.runtime.jit_cache_hook, backend._triton_reason
+    previous_validation = validation.validate_args_enabled()
     triton.knobs.runtime.jit_cache_hook = record
     backend._triton_reason = lambda device: None  # the triton backend on CPU tensors, interpreter unset
     fastvae.set_validate_args(False)  # the outputs are never written: nothing may read them
@@ -163,7 +164,7 @@ def launched_specializations() -> list[dict]:
     finally:
         triton.knobs.runtime.jit_cache_hook = previous_hook
         backend._triton_reason = previous_reason
-        fastvae.set_validate_args(True)
+        fastvae.set_validate_args(previous_validation)
     return list(requested.values())
 
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import Tensor
@@ -113,3 +118,22 @@ def compiled_forward_targets(fn, *args) -> list[str]:
     torch.compile(fn, backend=aot_autograd(fw_compiler=forward_compiler), fullgraph=True)(*args)
     assert not any("_in_graph" in target for target in seen), f"an in-graph op reached the compiler: {seen}"
     return seen
+
+
+# The recording driver (benchmarks/recording_driver.py) stands in for a GPU where there is none,
+# and refuses where there is one: its tests run only without CUDA.
+without_a_gpu = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="the recording driver stands in for a GPU where there is none"
+)
+
+
+def run_without_interpreter(args: list[str], timeout: int) -> subprocess.CompletedProcess:
+    """`python *args` from the repository root in a process with TRITON_INTERPRET unset (the
+    tests set it; the recording driver needs Triton's compilable kernels), its output captured.
+    Fails the calling test, with the process's stderr, when the process fails."""
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, *args], env=env, cwd=root, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result

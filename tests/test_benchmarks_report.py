@@ -13,6 +13,8 @@ from benchmarks.axes import Case, precisions_for
 from benchmarks.harness import min_bytes
 from fastvae.ops.registry import op_specs
 
+from helpers import run_without_interpreter, without_a_gpu
+
 CPU = torch.device("cpu")
 SPECS = {spec.name: spec for spec in op_specs()}
 ELBO, REPARAMETERIZE_KL = SPECS["elbo_loss"], SPECS["reparameterize_kl"]
@@ -268,27 +270,11 @@ def test_the_eager_paths_benchmark_runs_both_comparisons(capsys):
     assert out.count("route, ") == 2 and "hand-over, elbo_loss" in out, out
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the recording driver stands in for a GPU where there is none")
+@without_a_gpu
 def test_the_triton_launch_cost_benchmark_times_every_launcher():
     """benchmarks.triton_launch_cost (the GPU path's host time, measured without a GPU) runs in a
     process without the interpreter; its smoke run keeps it working."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.triton_launch_cost", "--calls", "20"],
-        env=env,
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_without_interpreter(["-m", "benchmarks.triton_launch_cost", "--calls", "20"], timeout=300)
     rows = [line.split() for line in result.stdout.splitlines() if line.split()[-1:] and line[:1].isalpha()]
     timed = {" ".join(r[:-3]): [float(v) for v in r[-3:]] for r in rows if len(r) > 3 and r[-1][-1].isdigit()}
     assert set(timed) == {

@@ -4,9 +4,10 @@ GPUs (sm_80 and sm_90) without a GPU, and spills no register (benchmarks/triton_
 from __future__ import annotations
 
 import pytest
-import torch
 
 from benchmarks.triton_resources import ARCHS, compile_all, summary
+
+from helpers import run_without_interpreter, without_a_gpu
 
 triton = pytest.importorskip("triton")
 
@@ -57,7 +58,7 @@ def test_float_arguments_are_float64_where_the_launcher_passes_them():
     assert checked, "no kernel takes a float argument: this test no longer checks anything"
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the recording driver stands in for a GPU where there is none")
+@without_a_gpu
 def test_every_specialization_the_launchers_request_is_one_that_is_compiled_here():
     """The lists above are written by hand beside each launcher: here the launchers run (every
     public op, every reduction, every dtype pair, forward and backward) through Triton's real
@@ -65,24 +66,14 @@ def test_every_specialization_the_launchers_request_is_one_that_is_compiled_here
     without the interpreter, and each specialization they request must be on a list, or a GPU
     would compile a kernel that no test compiled."""
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
     from fastvae.ops.registry import FAMILIES
 
-    root = Path(__file__).resolve().parent.parent
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
     script = (
         "import json; from benchmarks.recording_driver import launched_specializations; "
         "print(json.dumps(launched_specializations()))"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_without_interpreter(["-c", script], timeout=600)
     requested = json.loads(result.stdout.strip().splitlines()[-1])
 
     def text(kernel, pointers, constexprs) -> str:
