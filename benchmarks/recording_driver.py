@@ -3,8 +3,9 @@
 With it active, a launcher's `kernel[grid](...)` goes through Triton's real dispatch for NVIDIA
 targets (`JITFunction.run`: argument binding and specialization, the kernel cache, compiling
 for sm_90 with the ptxas in the triton wheel, the launch metadata), and only the last step
-differs: the driver records the launch instead of loading a cubin and starting it. Tensors are
-CPU tensors (Triton reads their data pointers and dtypes, never their data).
+differs: the driver neither loads the cubin nor starts it. Tensors are CPU tensors (Triton
+reads their data pointers and dtypes, never their data). What the module records is which
+specializations the launchers ask for (launched_specializations).
 
 Two uses, both where no GPU is:
   - the host time of fastvae's Triton launchers and of Triton's dispatch beneath them
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
 
@@ -29,33 +29,13 @@ SHARED_MEMORY_BYTES = 232448  # per block on sm_90, what an H100/H200 reports
 MAX_THREADS_PER_BLOCK = 1024
 
 
-@dataclass
-class Launch:
-    """One recorded launch: the kernel's name, grid and the arguments Triton's launcher received."""
-
-    kernel: str
-    grid: tuple[int, int, int]
-    args: tuple
-
-
-@dataclass
 class RecordingDriver:
-    """Triton's driver interface as JITFunction.run and CompiledKernel use it, for one sm_90 device."""
+    """Triton's driver interface as JITFunction.run and CompiledKernel use it, for one sm_90 device
+    that loads nothing and launches nothing."""
 
-    launches: list[Launch] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
+    def __init__(self) -> None:
         self.utils = _Utils()
-        driver = self
-
-        class Launcher:  # what CompiledKernel calls to start a kernel
-            def __init__(self, src, metadata) -> None:
-                self.name = metadata.name
-
-            def __call__(self, grid_x, grid_y, grid_z, stream, function, *args) -> None:
-                driver.launches.append(Launch(self.name, (grid_x, grid_y, grid_z), args))
-
-        self.launcher_cls = Launcher
+        self.launcher_cls = _Launcher
 
     def get_current_device(self) -> int:
         return 0
@@ -85,6 +65,16 @@ class RecordingDriver:
         return ty
 
 
+class _Launcher:
+    """What CompiledKernel calls to start a kernel: here the launch ends, unmade."""
+
+    def __init__(self, src, metadata) -> None:
+        pass
+
+    def __call__(self, grid_x, grid_y, grid_z, stream, function, *args) -> None:
+        return None
+
+
 class _Utils:
     def load_binary(self, name, kernel, shared, device):
         """(module, function, registers, spills, max threads): placeholders, nothing is loaded."""
@@ -96,7 +86,8 @@ class _Utils:
 
 @contextlib.contextmanager
 def recording_driver() -> Iterator[RecordingDriver]:
-    """Make a RecordingDriver Triton's active driver for the block (and the previous one after it)."""
+    """Make a RecordingDriver Triton's active driver for the block (and the previous one after it).
+    Run it in a process of its own: the kernels it compiles stay in their JITFunction's caches."""
     import os
 
     from triton.runtime.driver import driver as active

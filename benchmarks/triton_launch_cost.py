@@ -7,7 +7,7 @@ before the next is issued (docs/benchmarks.md, "GPU"). This times, in microsecon
 on this machine's CPU, each launcher a training step runs, as it runs on CUDA: fastvae's
 Python (dtypes, output allocation, the tile, the grid) and Triton's dispatch beneath it
 (`JITFunction.run`: binding, specialization, cache lookup, launch metadata), with the driver's
-own launch recorded instead of made. The `dispatch` column is Triton's share, timed by calling
+own launch left unmade. The `dispatch` column is Triton's share, timed by calling
 JITFunction.run with the arguments the launcher passed. The host's work does not depend on the
 batch, but a CPU allocation does: outputs are CPU tensors, and from about 128 KB each one is a
 fresh mapping with page faults (the CUDA caching allocator hands out cached blocks), so the
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     import triton
 
     with recording_driver():
-        print(f"host us per call, Triton {triton.__version__} dispatch for sm_90 with launches recorded;")
+        print(f"host us per call, Triton {triton.__version__} dispatch for sm_90, no launch made;")
         print(f"batch {args.batch_size} x 784, latent 32, CPU tensors")
         print(f"{'launcher':<28} {'total':>7} {'dispatch':>9} {'fastvae':>8}")
         for name, launch in launchers(args.batch_size, 784, 32).items():
