@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastvae.backend import BACKENDS as BACKEND_NAMES
 from fastvae.backend import unavailable_reason
+from fastvae.ops import library
 from fastvae.ops.noise import draw_seed, philox_normal
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -119,6 +120,10 @@ def compiled_forward_targets(fn, *args) -> list[str]:
     assert not any("_in_graph" in target for target in seen), f"an in-graph op reached the compiler: {seen}"
     return seen
 
+
+needs_library = pytest.mark.skipif(
+    library.load_error() is not None, reason=f"native library not built: {library.load_error()}"
+)
 
 # The recording driver (benchmarks/recording_driver.py) stands in for a GPU where there is none,
 # and refuses where there is one: its tests run only without CUDA.

@@ -13,7 +13,7 @@ from benchmarks.axes import Case, precisions_for
 from benchmarks.harness import min_bytes
 from fastvae.ops.registry import op_specs
 
-from helpers import run_without_interpreter, without_a_gpu
+from helpers import needs_library, run_without_interpreter, without_a_gpu
 
 CPU = torch.device("cpu")
 SPECS = {spec.name: spec for spec in op_specs()}
@@ -268,6 +268,18 @@ def test_the_eager_paths_benchmark_runs_both_comparisons(capsys):
     eager_paths.main(["--batch", "8", "--repeats", "2"])
     out = capsys.readouterr().out
     assert out.count("route, ") == 2 and "hand-over, elbo_loss" in out, out
+
+
+@needs_library
+def test_the_sampler_in_step_benchmark_times_every_variant(capsys):
+    """benchmarks.sampler_in_step (the eager sampler's in-step anatomy that docs/design.md quotes)
+    reaches the op's Function and the native binding as they are now."""
+    from benchmarks import sampler_in_step
+
+    sampler_in_step.main(["--blocks", "2", "--steps", "1", "--batch", "4", "--warm-repeats", "2"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [r[0] for r in rows] == list(sampler_in_step.VARIANTS)
+    assert all(float(value.removesuffix("us")) > 0 for r in rows for value in r[1:])
 
 
 @without_a_gpu

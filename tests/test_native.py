@@ -29,11 +29,7 @@ from fastvae.ops.iwae import reference as iwae_reference
 from fastvae.ops.iwae.spec import FLOAT32_WEIGHTS_TOLERANCE
 from fastvae.ops.noise import philox_normal, philox_uint32x4
 
-from helpers import assert_close_to
-
-needs_library = pytest.mark.skipif(
-    library.load_error() is not None, reason=f"native library not built: {library.load_error()}"
-)
+from helpers import assert_close_to, needs_library
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 SHAPES = [(3, 7), (41, 401), (1, 64), (6, 513)]
