@@ -10,7 +10,9 @@ costs several times its warm price (docs/design.md, "The eager path"). Each vari
 training step of fastvae-train's model (eager, fp32, CPU, native backend) with its sampler call
 swapped; the call alone is timed in every step, the steps of all variants run interleaved in
 blocks (the order rotating), and the median per variant is printed beside the same call's warm
-time (the call repeated on its own):
+time (the call repeated on its own), and each variant's whole step: its median, and the median
+over block rounds of public's step time over its own (plain's and hollow's steps also differ
+after the call: their loss computes the KL):
 
   plain      mu + exp(0.5 * logvar) * randn_like(mu): the loop a user writes
   public     fastvae.reparameterize_kl(mu, logvar)
@@ -21,17 +23,23 @@ time (the call repeated on its own):
   bare       the floor with the binding inlined: two allocations, the seed's value, one ctypes call
   hollow     the bare Function without the seed and the kernel call: an autograd.Function that
              allocates z and kl and saves its inputs, what any Python route pays
+  c++        the same kernels behind an autograd Function written in C++
+             (benchmarks/cpp_autograd_sampler.cpp, a prototype built here with
+             torch.utils.cpp_extension): no Python between the call and the kernel; left out,
+             saying why, where it cannot be built
 
 A hollow call returns uninitialized tensors, so its step decodes mu instead and takes the KL from
-elbo_loss; only the timed call differs. Nothing is asserted.
+elbo_loss. Nothing is asserted.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 import timeit
+from pathlib import Path
 
 import torch
 
@@ -102,6 +110,24 @@ def _plain(mu, logvar):
     return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu), None
 
 
+@functools.cache
+def cpp_autograd_sampler():
+    """The C++ prototype's module (bind()ed to the loaded native library), built on first use."""
+    from torch.utils import cpp_extension
+
+    module = cpp_extension.load(
+        name="fastvae_bench_cpp_autograd_sampler",
+        sources=[str(Path(__file__).with_name("cpp_autograd_sampler.cpp"))],
+        extra_cflags=["-O2"],
+    )
+    module.bind(str(library.library_path()))
+    return module
+
+
+def _cpp(mu, logvar):
+    return tuple(cpp_autograd_sampler().reparameterize_kl(mu, logvar))
+
+
 # name -> (the sampler call (mu, logvar) -> (z, kl or None), whether its outputs are real)
 VARIANTS = {
     "plain": (_plain, True),
@@ -110,7 +136,17 @@ VARIANTS = {
     "floor": (_Floor.apply, True),
     "bare": (_Bare.apply, True),
     "hollow": (_Hollow.apply, False),
+    "c++": (_cpp, True),
 }
+
+
+def buildable_variants() -> tuple[list[str], str | None]:
+    """The variants this machine can run, and why the C++ prototype is left out (None if it is not)."""
+    try:
+        cpp_autograd_sampler()
+    except Exception as error:  # no compiler, ninja or headers: say so and time the rest
+        return [name for name in VARIANTS if name != "c++"], f"{type(error).__name__}: {error}"
+    return list(VARIANTS), None
 
 
 def make_step(name: str, batch_size: int, seconds: list):
@@ -146,21 +182,33 @@ def warm_seconds(name: str, batch_size: int, repeats: int = 2000) -> float:
     return min(timeit.repeat(lambda: sampler(mu, logvar), number=repeats, repeat=5)) / repeats
 
 
-def measure(batch_size: int, blocks: int, steps_per_block: int, warm_repeats: int = 2000) -> dict:
-    """name -> (median in-step seconds, warm seconds) of every variant's sampler call."""
-    seconds = {name: [] for name in VARIANTS}
-    steps = {name: make_step(name, batch_size, seconds[name]) for name in VARIANTS}
+def measure(names: list[str], batch_size: int, blocks: int, steps_per_block: int, warm_repeats: int = 2000) -> dict:
+    """name -> {"in_step": median seconds of the sampler call in the step, "warm": the call's warm
+    seconds, "step": median seconds per whole step, "step_vs_public": the median over block rounds
+    of public's step seconds / this variant's (above 1: this variant's step is faster)}."""
+    calls = {name: [] for name in names}
+    steps = {name: make_step(name, batch_size, calls[name]) for name in names}
     for name, step in steps.items():
         for _ in range(10):
             step()
-        seconds[name].clear()
-    names = list(VARIANTS)
+        calls[name].clear()
+    block_seconds = {name: [] for name in names}
     for block in range(blocks):
         shift = block % len(names)
         for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
             for _ in range(steps_per_block):
                 steps[name]()
-    return {name: (statistics.median(seconds[name]), warm_seconds(name, batch_size, warm_repeats)) for name in names}
+            block_seconds[name].append((time.perf_counter() - start) / steps_per_block)
+    return {
+        name: {
+            "in_step": statistics.median(calls[name]),
+            "warm": warm_seconds(name, batch_size, warm_repeats),
+            "step": statistics.median(block_seconds[name]),
+            "step_vs_public": statistics.median(p / v for p, v in zip(block_seconds["public"], block_seconds[name])),
+        }
+        for name in names
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -172,16 +220,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if resolve_backend_name(torch.device("cpu")) != "native":
         parser.error("the fused variants call the native library: build it, and leave FASTVAE_BACKEND unset")
+    names, cpp_unavailable = buildable_variants()
     allocator = pin_cpu_allocator()
-    results = measure(args.batch, args.blocks, args.steps, args.warm_repeats)
+    results = measure(names, args.batch, args.blocks, args.steps, args.warm_repeats)
     print(
         f"sampler call inside an eager fp32 training step, batch {args.batch} x 32, cpu "
         f"({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads, {allocator}; "
         f"{args.blocks} blocks of {args.steps} steps"
     )
-    print(f"  {'variant':10s} {'in step':>9s} {'warm':>9s}")
-    for name, (in_step, warm) in results.items():
-        print(f"  {name:10s} {in_step * 1e6:7.0f}us {warm * 1e6:7.1f}us")
+    print(f"  {'variant':10s} {'in step':>9s} {'warm':>9s} {'step':>9s} {'step vs public':>15s}")
+    for name, r in results.items():
+        print(
+            f"  {name:10s} {r['in_step'] * 1e6:7.0f}us {r['warm'] * 1e6:7.1f}us {r['step'] * 1e3:7.2f}ms "
+            f"{r['step_vs_public']:14.3f}x"
+        )
+    if cpp_unavailable:
+        print(f"  c++ left out: the prototype could not be built here ({cpp_unavailable})")
 
 
 if __name__ == "__main__":
