@@ -1,32 +1,28 @@
-"""Where the fused sampler's time goes inside an eager training step: fastvae's route layer by layer
-against plain PyTorch's sampling, each call timed in place.
+"""Where the sampler's time goes inside an eager training step: fastvae's routes against plain
+PyTorch's sampling, each call timed in place, and what each does to the whole step.
 
     python -m benchmarks.sampler_in_step [--blocks 150] [--steps 5] [--batch 128]
 
-On the CPU the eager step is at parity with plain PyTorch (benchmarks.train_ab), and the sampler
-is where fastvae loses time: its kernel is faster than plain PyTorch's ops, its call is not. Inside
-a step every call runs right after matrix products that have swept the caches, so Python there
-costs several times its warm price (docs/design.md, "The eager path"). Each variant below is the
-training step of fastvae-train's model (eager, fp32, CPU, native backend) with its sampler call
+Inside a step every call runs right after matrix products that have swept the caches, so Python
+there costs several times its warm price (docs/design.md, "The eager path"). Each variant below is
+the training step of fastvae-train's model (eager, fp32, CPU, native backend) with its sampler call
 swapped; the call alone is timed in every step, the steps of all variants run interleaved in
-blocks (the order rotating), and the median per variant is printed beside the same call's warm
-time (the call repeated on its own), and each variant's whole step: its median, and the median
-over block rounds of public's step time over its own (plain's and hollow's steps also differ
-after the call: their loss computes the KL):
+blocks (the order rotating), and the median per variant is printed beside the same call's warm time
+(the call repeated on its own), and each variant's whole step: its median, and the median over
+block rounds of the Python route's step time over its own (above 1: faster than the Python route;
+plain's and hollow's steps also differ after the call, their loss computing the KL):
 
   plain      mu + exp(0.5 * logvar) * randn_like(mu): the loop a user writes
-  public     fastvae.reparameterize_kl(mu, logvar)
-  function   the op's autograd.Function (FusedOp's eager route) called directly, below the
-             public function's checks and FusedOp's
-  floor      a minimal autograd.Function with the same native binding: a seed from torch.randint,
-             the binding's call, save for backward
+  public     fastvae.reparameterize_kl(mu, logvar) as shipped: its C++ route
+             (fastvae/ops/gaussian/eager.cpp, autograd in C++) where that is built, which the
+             header says
+  python     the op's Python route, FusedOp's autograd.Function, called directly: what public
+             runs where the C++ route is not built
+  floor      a minimal Python autograd.Function with the same native binding: a seed from
+             torch.randint, the binding's call, save for backward
   bare       the floor with the binding inlined: two allocations, the seed's value, one ctypes call
   hollow     the bare Function without the seed and the kernel call: an autograd.Function that
              allocates z and kl and saves its inputs, what any Python route pays
-  c++        the same kernels behind an autograd Function written in C++
-             (benchmarks/cpp_autograd_sampler.cpp, a prototype built here with
-             torch.utils.cpp_extension): no Python between the call and the kernel; left out,
-             saying why, where it cannot be built
 
 A hollow call returns uninitialized tensors, so its step decodes mu instead and takes the KL from
 elbo_loss. Nothing is asserted.
@@ -35,11 +31,9 @@ elbo_loss. Nothing is asserted.
 from __future__ import annotations
 
 import argparse
-import functools
 import statistics
 import time
 import timeit
-from pathlib import Path
 
 import torch
 
@@ -47,7 +41,7 @@ import fastvae
 from benchmarks.bench_train import IMAGE_SHAPE
 from benchmarks.harness import pin_cpu_allocator
 from fastvae.backend import resolve_backend_name
-from fastvae.ops import library
+from fastvae.ops import eager_extension, library
 from fastvae.ops.gaussian import native
 from fastvae.ops.gaussian.op import reparameterize_kl_fused
 from fastvae.ops.noise import SEED_HIGH
@@ -110,43 +104,15 @@ def _plain(mu, logvar):
     return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu), None
 
 
-@functools.cache
-def cpp_autograd_sampler():
-    """The C++ prototype's module (bind()ed to the loaded native library), built on first use."""
-    from torch.utils import cpp_extension
-
-    module = cpp_extension.load(
-        name="fastvae_bench_cpp_autograd_sampler",
-        sources=[str(Path(__file__).with_name("cpp_autograd_sampler.cpp"))],
-        extra_cflags=["-O2"],
-    )
-    module.bind(str(library.library_path()))
-    return module
-
-
-def _cpp(mu, logvar):
-    return tuple(cpp_autograd_sampler().reparameterize_kl(mu, logvar))
-
-
 # name -> (the sampler call (mu, logvar) -> (z, kl or None), whether its outputs are real)
 VARIANTS = {
     "plain": (_plain, True),
     "public": (fastvae.reparameterize_kl, True),
-    "function": (lambda mu, logvar: reparameterize_kl_fused._function.apply(mu, logvar, None, None, None)[:2], True),
+    "python": (lambda mu, logvar: reparameterize_kl_fused._function.apply(mu, logvar, None, None, None)[:2], True),
     "floor": (_Floor.apply, True),
     "bare": (_Bare.apply, True),
     "hollow": (_Hollow.apply, False),
-    "c++": (_cpp, True),
 }
-
-
-def buildable_variants() -> tuple[list[str], str | None]:
-    """The variants this machine can run, and why the C++ prototype is left out (None if it is not)."""
-    try:
-        cpp_autograd_sampler()
-    except Exception as error:  # no compiler, ninja or headers: say so and time the rest
-        return [name for name in VARIANTS if name != "c++"], f"{type(error).__name__}: {error}"
-    return list(VARIANTS), None
 
 
 def make_step(name: str, batch_size: int, seconds: list):
@@ -184,7 +150,7 @@ def warm_seconds(name: str, batch_size: int, repeats: int = 2000) -> float:
 
 def measure(names: list[str], batch_size: int, blocks: int, steps_per_block: int, warm_repeats: int = 2000) -> dict:
     """name -> {"in_step": median seconds of the sampler call in the step, "warm": the call's warm
-    seconds, "step": median seconds per whole step, "step_vs_public": the median over block rounds
+    seconds, "step": median seconds per whole step, "step_vs_python": the median over block rounds
     of public's step seconds / this variant's (above 1: this variant's step is faster)}."""
     calls = {name: [] for name in names}
     steps = {name: make_step(name, batch_size, calls[name]) for name in names}
@@ -205,7 +171,7 @@ def measure(names: list[str], batch_size: int, blocks: int, steps_per_block: int
             "in_step": statistics.median(calls[name]),
             "warm": warm_seconds(name, batch_size, warm_repeats),
             "step": statistics.median(block_seconds[name]),
-            "step_vs_public": statistics.median(p / v for p, v in zip(block_seconds["public"], block_seconds[name])),
+            "step_vs_python": statistics.median(p / v for p, v in zip(block_seconds["python"], block_seconds[name])),
         }
         for name in names
     }
@@ -220,22 +186,28 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if resolve_backend_name(torch.device("cpu")) != "native":
         parser.error("the fused variants call the native library: build it, and leave FASTVAE_BACKEND unset")
-    names, cpp_unavailable = buildable_variants()
     allocator = pin_cpu_allocator()
-    results = measure(names, args.batch, args.blocks, args.steps, args.warm_repeats)
+    results = measure(list(VARIANTS), args.batch, args.blocks, args.steps, args.warm_repeats)
     print(
         f"sampler call inside an eager fp32 training step, batch {args.batch} x 32, cpu "
         f"({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads, {allocator}; "
-        f"{args.blocks} blocks of {args.steps} steps"
+        f"{args.blocks} blocks of {args.steps} steps; public runs {public_route()}"
     )
-    print(f"  {'variant':10s} {'in step':>9s} {'warm':>9s} {'step':>9s} {'step vs public':>15s}")
+    print(f"  {'variant':10s} {'in step':>9s} {'warm':>9s} {'step':>9s} {'step vs python':>15s}")
     for name, r in results.items():
         print(
             f"  {name:10s} {r['in_step'] * 1e6:7.0f}us {r['warm'] * 1e6:7.1f}us {r['step'] * 1e3:7.2f}ms "
-            f"{r['step_vs_public']:14.3f}x"
+            f"{r['step_vs_python']:14.3f}x"
         )
-    if cpp_unavailable:
-        print(f"  c++ left out: the prototype could not be built here ({cpp_unavailable})")
+
+
+def public_route() -> str:
+    """Which route fastvae.reparameterize_kl takes here: its C++ route, or the Python one and why."""
+    mu, logvar = (torch.randn(2, 3, requires_grad=True) for _ in range(2))
+    if "CppNode" in fastvae.reparameterize_kl(mu, logvar)[0].grad_fn.name():
+        return "the C++ route"
+    why = eager_extension._failure or f"{eager_extension.ENV_SWITCH}=0"
+    return f"the Python route (the C++ route is not built: {why})"
 
 
 if __name__ == "__main__":

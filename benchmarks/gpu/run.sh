@@ -83,6 +83,11 @@ else
 fi
 
 stage build 120 bash -c 'cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null && cmake --build build -j"$(nproc)"'
+# The eager C++ routes are built for this torch on first use; here once, before the tests' workers
+# would each wait for one build (fastvae.ops.eager_extension: without a compiler or ninja it warns
+# and the routes run in Python, which this stage then reports as failed).
+stage "eager C++ routes" 90 "$PY" -c "import sys; from fastvae.ops import eager_extension
+sys.exit(eager_extension.operators() is None)"
 
 if [ "$GPU" = 1 ]; then
   workers=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")

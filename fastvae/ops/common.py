@@ -397,12 +397,16 @@ class FusedOp:
         backward: Callable | None = None,
         work_elements: Callable[..., int] = largest_input,
         lowered: Callable | None = None,
+        eager_route: Callable | None = None,
     ) -> None:
         """work_elements(*args): the size of a call's work, which picks the composite or the node in
         a compiled CPU graph (see composite_in_compiled_graph); the largest input unless the op
         writes more than it reads (a sampler's K samples). lowered: what such a graph gets instead
-        of the composite, the same outputs with a cheaper derivative (see define_in_graph_op)."""
+        of the composite, the same outputs with a cheaper derivative (see define_in_graph_op).
+        eager_route(*args): the op's outputs by a route with its autograd in C++
+        (fastvae.ops.eager_extension) for a plain eager call it takes, None for one it does not."""
         self.custom_op, self.forward, self.composite = custom_op, forward, composite
+        self.eager_route = eager_route
         # A backward op (no backward of its own) runs only inside its forward op's backward, which
         # runs only when that forward stayed a node: it stays a node too, whatever its size.
         self.in_graph = None
@@ -431,6 +435,10 @@ class FusedOp:
 
     def __call__(self, *args):
         if plain_eager_call(args):  # the common case first, decided by one function
+            if self.eager_route is not None:
+                outputs = self.eager_route(*args)
+                if outputs is not None:
+                    return outputs
             if self._function is not None:
                 return self._function.apply(*args)
             if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):

@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fastvae.backend import resolve_backend_name
+from fastvae.ops import eager_extension
 from fastvae.ops.common import (
     FusedOp,
     as_rows,
@@ -36,6 +38,7 @@ from fastvae.ops.common import (
     view_as_shape,
 )
 from fastvae.ops.gaussian.reference import kl_elements
+from fastvae.ops.library import DTYPE_CODES
 from fastvae.ops.noise import draw_seed, philox_normal
 from fastvae.ops.registry import implementation
 
@@ -185,6 +188,46 @@ def _reparameterize_kl_grads(ctx, grad_z: Tensor | None, grad_kl: Tensor | None,
     return grad_mu, grad_logvar, grad_eps, None, None
 
 
+def _reparameterize_kl_in_cpp(
+    mu: Tensor, logvar: Tensor, eps: Optional[Tensor], seed: Optional[Tensor], samples: Optional[int]
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """A plain eager call through fastvae_eager::reparameterize_kl (eager.cpp: the same kernels with
+    autograd in C++) when the native backend runs it and the call is the common form (noise drawn
+    here, mu and logvar of one dtype); None for any other call, which the Python route takes."""
+    if eps is not None or mu.dtype != logvar.dtype or not mu.is_cpu or mu.dtype not in DTYPE_CODES:
+        return None
+    if resolve_backend_name(mu.device) != "native":
+        return None
+    operators = eager_extension.operators()
+    return None if operators is None else operators.reparameterize_kl(mu, logvar, seed, samples)
+
+
+# What eager.cpp's backward calls when a graph is being recorded (create_graph=True): the composite's
+# differentiable backward, so that second derivatives are the composite's, as on the Python route.
+_GRAPH_BACKWARD_LIBRARY = torch.library.Library("fastvae", "FRAGMENT")
+_GRAPH_BACKWARD_LIBRARY.define(
+    "reparameterize_kl_graph_backward(Tensor? grad_z, Tensor? grad_kl, Tensor mu, Tensor logvar, Tensor seed, "
+    "int? samples, bool needs_mu, bool needs_logvar) -> (Tensor, Tensor)"
+)
+
+
+def _graph_backward(grad_z, grad_kl, mu, logvar, seed, samples, needs_mu, needs_logvar):
+    grad_mu, grad_logvar, _, _, _ = composite_vjp(
+        reparameterize_kl_composite,
+        (mu, logvar, None, seed, samples),
+        (grad_z, grad_kl),
+        (needs_mu, needs_logvar, False, False, False),
+    )
+    # The schema returns two tensors; a gradient nobody asked for is zeros, which autograd drops.
+    return (
+        torch.zeros_like(mu) if grad_mu is None else grad_mu,
+        torch.zeros_like(logvar) if grad_logvar is None else grad_logvar,
+    )
+
+
+_GRAPH_BACKWARD_LIBRARY.impl("reparameterize_kl_graph_backward", _graph_backward, "CompositeImplicitAutograd")
+
+
 reparameterize_kl_fused = FusedOp(
     reparameterize_kl_op,
     _reparameterize_kl,
@@ -192,6 +235,7 @@ reparameterize_kl_fused = FusedOp(
     _reparameterize_kl_setup,
     _reparameterize_kl_grads,
     work_elements=lambda mu, logvar, eps, seed, samples: mu.numel() * (samples or 1),
+    eager_route=_reparameterize_kl_in_cpp,
 )
 
 

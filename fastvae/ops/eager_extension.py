@@ -1,0 +1,103 @@
+"""The eager CPU routes written in C++: built against the running torch on first use, or not at all.
+
+A plain eager call of a fused op runs a Python autograd.Function (fastvae.ops.common.FusedOp).
+Inside a training step that Python runs with cold caches, and for the sampler it costs more than
+the kernel: about 200 µs in the step against 60 µs when its autograd is written in C++
+(`python -m benchmarks.sampler_in_step`, docs/design.md "The eager path"). An op family may
+therefore ship `eager.cpp`, operators of the `fastvae_eager` library with a
+torch::autograd::Function each, that compute what its Python route computes.
+
+Unlike the native kernels (a C library with no torch headers, built once by `pip install`), these
+link against libtorch, so they are built for the torch that runs them: with
+torch.utils.cpp_extension, on first use, into ``$FASTVAE_EXTENSION_DIR`` (default
+``~/.cache/fastvae/extensions``), one folder per torch version, reused afterwards. That needs a
+C++ compiler, ninja and torch's headers (which torch's wheels ship). Where the build fails, fastvae
+warns once, saying why and how to fix it, and the ops run through their Python route: the same
+results, more host time per call. ``FASTVAE_EAGER_EXTENSION=0`` builds nothing and uses the
+Python routes without a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from fastvae.ops import library
+
+ENV_SWITCH = "FASTVAE_EAGER_EXTENSION"
+ENV_DIR = "FASTVAE_EXTENSION_DIR"
+# The families whose folder holds an eager.cpp; every one is compiled into one library.
+FAMILIES_WITH_EAGER_ROUTES = ("gaussian",)
+_SOURCE_ROOT = Path(__file__).resolve().parent
+
+
+def sources() -> list[Path]:
+    return [_SOURCE_ROOT / family / "eager.cpp" for family in FAMILIES_WITH_EAGER_ROUTES]
+
+
+def build_directory() -> Path:
+    """Where the library for the running torch is built: one folder per torch version, so that a
+    torch upgrade never loads a library built against another one's ABI."""
+    root = os.environ.get(ENV_DIR) or Path.home() / ".cache" / "fastvae" / "extensions"
+    return Path(root) / f"torch-{re.sub(r'[^0-9A-Za-z.]+', '_', torch.__version__)}"
+
+
+def disabled() -> bool:
+    return os.environ.get(ENV_SWITCH, "1").strip() == "0"
+
+
+# torch.ops.fastvae_eager once built, loaded and bound: a process loads the library once (a second
+# library registering the fastvae_eager operators would abort the process).
+_loaded = None
+# Why the build failed, once it has: warned then, not again in this process.
+_failure: str | None = None
+
+
+def operators():
+    """torch.ops.fastvae_eager, built and bound to the native library; None when switched off or when
+    it cannot be built (warned once, with the reason and the fix)."""
+    global _loaded, _failure
+    if disabled():
+        return None
+    if _loaded is not None or _failure is not None:
+        return _loaded
+    try:
+        from torch.utils import cpp_extension
+
+        folder = build_directory()
+        folder.mkdir(parents=True, exist_ok=True)
+        if not any(folder.glob("fastvae_eager*.so")):
+            print(
+                f"fastvae: building the eager C++ routes for torch {torch.__version__} in {folder} "
+                "(once per torch version, about half a minute)",
+                file=sys.stderr,
+                flush=True,
+            )
+        cpp_extension.load(
+            name="fastvae_eager",
+            sources=[str(path) for path in sources()],
+            extra_cflags=["-O2"],
+            build_directory=str(folder),
+            is_python_module=False,
+            verbose=False,
+        )
+        torch.ops.fastvae_eager.bind(str(library.library_path()))
+    except Exception as error:  # a missing compiler, ninja or header: say which, and go on in Python
+        _failure = f"{type(error).__name__}: {error}"
+        warnings.warn(
+            f"fastvae: the eager C++ routes could not be built ({_failure}); eager CPU calls of the native "
+            f"backend run through Python instead, with the same results and more host time per call (about "
+            f"150 µs per sampler call in a training step). To build them, install a C++ compiler and ninja "
+            f"(`apt-get install g++ ninja-build`, or `pip install ninja`); to build nothing and silence "
+            f"this, set {ENV_SWITCH}=0.",
+            RuntimeWarning,
+            stacklevel=5,  # the public function's caller: operators, the route, FusedOp, the function
+        )
+        return None
+    _loaded = torch.ops.fastvae_eager
+    return _loaded
