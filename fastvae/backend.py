@@ -180,6 +180,15 @@ def resolve_backend_name(device: torch.device, name: str | None = None) -> str:
     return name
 
 
+def cpu_backend_name() -> str:
+    """The backend CPU tensors' ops are asked to run on now: auto's choice for the CPU or the name
+    chosen, not checked (resolve_backend_name raises for one that cannot run). Cheaper than
+    resolve_backend_name for a caller that already knows its tensors are on the CPU: no device
+    object is read."""
+    name = requested_backend()
+    return (_auto_cpu_backend or _resolve_auto_cpu()) if name == "auto" else name
+
+
 _COMPILED_OVERRIDES_WARNED: set[tuple[str, str]] = set()
 
 

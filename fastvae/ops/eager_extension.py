@@ -54,18 +54,20 @@ def disabled() -> bool:
 # torch.ops.fastvae_eager once built, loaded and bound: a process loads the library once (a second
 # library registering the fastvae_eager operators would abort the process).
 _loaded = None
-# Why the build failed, once it has: warned then, not again in this process.
+# Why there is none: the build failed (warned then, not again in this process) or it is switched off.
 _failure: str | None = None
 
 
 def operators():
     """torch.ops.fastvae_eager, built and bound to the native library; None when switched off or when
-    it cannot be built (warned once, with the reason and the fix)."""
+    it cannot be built (warned once, with the reason and the fix). Decided on the first call: the
+    switch is read then, not on every call of an op."""
     global _loaded, _failure
-    if disabled():
-        return None
     if _loaded is not None or _failure is not None:
         return _loaded
+    if disabled():
+        _failure = f"switched off ({ENV_SWITCH}=0)"
+        return None
     try:
         from torch.utils import cpp_extension
 

@@ -23,8 +23,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastvae.backend import resolve_backend_name
-from fastvae.ops import eager_extension
+from fastvae.backend import cpu_backend_name
+from fastvae.ops import eager_extension, library
 from fastvae.ops.common import (
     FusedOp,
     as_rows,
@@ -38,7 +38,6 @@ from fastvae.ops.common import (
     view_as_shape,
 )
 from fastvae.ops.gaussian.reference import kl_elements
-from fastvae.ops.library import DTYPE_CODES
 from fastvae.ops.noise import draw_seed, philox_normal
 from fastvae.ops.registry import implementation
 
@@ -194,12 +193,13 @@ def _reparameterize_kl_in_cpp(
     """A plain eager call through fastvae_eager::reparameterize_kl (eager.cpp: the same kernels with
     autograd in C++) when the native backend runs it and the call is the common form (noise drawn
     here, mu and logvar of one dtype); None for any other call, which the Python route takes."""
-    if eps is not None or mu.dtype != logvar.dtype or not mu.is_cpu or mu.dtype not in DTYPE_CODES:
+    if eps is not None or not mu.is_cpu or mu.dtype != logvar.dtype or mu.dtype not in library.DTYPE_CODES:
         return None
-    if resolve_backend_name(mu.device) != "native":
+    # A native choice that cannot run is left to the Python route, which raises saying why.
+    if cpu_backend_name() != "native" or library.load_error() is not None:
         return None
     operators = eager_extension.operators()
-    return None if operators is None else operators.reparameterize_kl(mu, logvar, seed, samples)
+    return None if operators is None else operators.reparameterize_kl.default(mu, logvar, seed, samples)
 
 
 # What eager.cpp's backward calls when a graph is being recorded (create_graph=True): the composite's
