@@ -94,9 +94,9 @@ def operators():
         warnings.warn(
             f"fastvae: the eager C++ routes could not be built ({_failure}); eager CPU calls of the native "
             f"backend run through Python instead, with the same results and more host time per call (about "
-            f"150 µs per sampler call in a training step). To build them, install a C++ compiler and ninja "
-            f"(`apt-get install g++ ninja-build`, or `pip install ninja`); to build nothing and silence "
-            f"this, set {ENV_SWITCH}=0.",
+            f"75 µs per sampler call in a training step). To build them, install a C++ compiler and ninja "
+            f"(`apt-get install g++ ninja-build`, or `pip install ninja`) and let ${ENV_DIR} (default "
+            f"~/.cache/fastvae/extensions) be writable; to build nothing and silence this, set {ENV_SWITCH}=0.",
             RuntimeWarning,
             stacklevel=5,  # the public function's caller: operators, the route, FusedOp, the function
         )
