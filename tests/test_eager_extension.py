@@ -6,6 +6,7 @@ test_ops.py; second derivatives through the C++ route are checked numerically he
 
 import os
 import re
+import time
 
 import pytest
 import torch
@@ -175,3 +176,28 @@ def test_switched_off_nothing_is_built_and_nothing_warns(monkeypatch, recwarn):
         assert not _is_cpp_route(fastvae.reparameterize_kl(mu, logvar)[0])
     assert eager_extension._loaded is None and "switched off" in eager_extension._failure
     assert not [w for w in recwarn if "eager C++" in str(w.message)]
+
+
+def test_a_lock_left_by_a_killed_build_is_removed_where_torch_would_wait_on_it(monkeypatch, tmp_path):
+    """Before torch 2.14 the builder waits while its lock file exists: one left by a build killed
+    midway would hang every later process. fastvae removes one older than any build, saying so."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "FileBaton", object, raising=False)  # the file-existence lock
+    folder = tmp_path / "build"
+    folder.mkdir()
+    stale, fresh = folder / "lock", tmp_path / "fresh" / "lock"
+    fresh.parent.mkdir()
+    for lock in (stale, fresh):
+        lock.write_text("")
+    old = time.time() - eager_extension.STALE_LOCK_SECONDS - 60
+    os.utime(stale, (old, old))
+    with pytest.warns(RuntimeWarning, match="removed .*lock.* did not finish"):
+        eager_extension.remove_a_stale_lock(folder)
+    assert not stale.exists()
+    eager_extension.remove_a_stale_lock(fresh.parent)  # a build in progress keeps its lock
+    assert fresh.exists()
+    monkeypatch.delattr(cpp_extension, "FileBaton")  # torch's OS lock dies with its holder: left alone
+    os.utime(fresh, (old, old))
+    eager_extension.remove_a_stale_lock(fresh.parent)
+    assert fresh.exists()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -49,6 +50,35 @@ def build_directory() -> Path:
 
 def disabled() -> bool:
     return os.environ.get(ENV_SWITCH, "1").strip() == "0"
+
+
+# Before torch 2.14, torch.utils.cpp_extension marks a build in progress by a lock file's existence
+# (torch.utils.file_baton): a build killed midway leaves the file, and every later load waits on it
+# forever. No build of these routes takes this long, so a lock this old is such a leftover.
+STALE_LOCK_SECONDS = 600
+
+
+def remove_a_stale_lock(folder: Path) -> None:
+    """Remove folder's build lock when torch's builder waits on the file's mere existence and the file
+    is older than STALE_LOCK_SECONDS, saying so. torch 2.14 and later hold an OS lock that dies with
+    its holder instead: nothing is removed there."""
+    from torch.utils import cpp_extension
+
+    if not hasattr(cpp_extension, "FileBaton"):
+        return
+    lock = folder / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        warnings.warn(
+            f"fastvae: removed {lock}, left {age / 60:.0f} minutes ago by a build of the eager C++ routes "
+            "that did not finish; building them again",
+            RuntimeWarning,
+            stacklevel=6,  # the public function's caller, as operators' warning
+        )
+        lock.unlink(missing_ok=True)
 
 
 # torch.ops.fastvae_eager once built, loaded and bound: a process loads the library once (a second
@@ -80,6 +110,7 @@ def operators():
                 file=sys.stderr,
                 flush=True,
             )
+        remove_a_stale_lock(folder)
         cpp_extension.load(
             name="fastvae_eager",
             sources=[str(path) for path in sources()],
