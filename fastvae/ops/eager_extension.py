@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -76,7 +77,7 @@ def remove_a_stale_lock(folder: Path) -> None:
             f"fastvae: removed {lock}, left {age / 60:.0f} minutes ago by a build of the eager C++ routes "
             "that did not finish; building them again",
             RuntimeWarning,
-            stacklevel=6,  # the public function's caller, as operators' warning
+            stacklevel=7,  # the public function's caller, as _decide's warning
         )
         lock.unlink(missing_ok=True)
 
@@ -88,12 +89,22 @@ _loaded = None
 _failure: str | None = None
 
 
+_DECIDING = threading.Lock()  # two threads' first calls must not both build and load
+
+
 def operators():
     """torch.ops.fastvae_eager, built and bound to the native library; None when switched off or when
     it cannot be built (warned once, with the reason and the fix). Decided on the first call: the
     switch is read then, not on every call of an op."""
-    global _loaded, _failure
     if _loaded is not None or _failure is not None:
+        return _loaded
+    with _DECIDING:
+        return _decide()
+
+
+def _decide():
+    global _loaded, _failure
+    if _loaded is not None or _failure is not None:  # another thread decided while this one waited
         return _loaded
     if disabled():
         _failure = f"switched off ({ENV_SWITCH}=0)"
@@ -129,7 +140,7 @@ def operators():
             f"(`apt-get install g++ ninja-build`, or `pip install ninja`) and let ${ENV_DIR} (default "
             f"~/.cache/fastvae/extensions) be writable; to build nothing and silence this, set {ENV_SWITCH}=0.",
             RuntimeWarning,
-            stacklevel=5,  # the public function's caller: operators, the route, FusedOp, the function
+            stacklevel=6,  # the public function's caller: _decide, operators, the route, FusedOp, the function
         )
         return None
     _loaded = torch.ops.fastvae_eager
