@@ -6,6 +6,7 @@ fastvae keeps a mechanism only where it pays (at least 10% of the op's own time,
 training step). Two exist on the eager path (fastvae.ops.common):
 
 - route: a plain eager call runs the op's forward and backward through a torch.autograd.Function
+  (for the sampler on the native backend, its C++ route: benchmarks.sampler_in_step splits the two)
   instead of the registered custom op, which crosses the dispatcher several more times;
 - hand-over: a loss that weights the likelihood rows' sum by w hands the gradient the kernel
   wrote in the forward pass straight to autograd, instead of one more multiply over [B, D].
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         fast, slow, ratio = _paired(function_route, custom_op_route, args.repeats)
         saved = slow - fast
         print(
-            f"  route, {name}: autograd.Function {fast * 1e6:.1f} us, custom op {slow * 1e6:.1f} us per "
+            f"  route, {name}: eager route {fast * 1e6:.1f} us, custom op {slow * 1e6:.1f} us per "
             f"forward + backward; saves {saved * 1e6:.1f} us = {100 * saved / slow:.1f}% of the op, "
             f"{100 * saved / step_seconds:.2f}% of the step (median ratio {1 / ratio:.3f}x)"
         )
