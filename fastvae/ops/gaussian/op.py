@@ -14,6 +14,9 @@ Gradients (grad_z [B, L] or [K, B, L] and grad_kl [B] may both arrive):
 summed over the K samples inside the backward kernel.
 gaussian_kl computes its gradients in the forward pass, while the inputs are in registers;
 its backward is one multiply by the upstream gradient.
+
+Plain eager calls of reparameterize_kl on the native backend take its C++ route (eager.cpp, with
+its autograd in C++; see _reparameterize_kl_in_cpp), which computes what the Python route here does.
 """
 
 from __future__ import annotations
