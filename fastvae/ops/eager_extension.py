@@ -33,13 +33,13 @@ from fastvae.ops import library
 
 ENV_SWITCH = "FASTVAE_EAGER_EXTENSION"
 ENV_DIR = "FASTVAE_EXTENSION_DIR"
-# The families whose folder holds an eager.cpp; every one is compiled into one library.
-FAMILIES_WITH_EAGER_ROUTES = ("gaussian",)
-_SOURCE_ROOT = Path(__file__).resolve().parent
+_OPS_FOLDER = Path(__file__).resolve().parent
 
 
 def sources() -> list[Path]:
-    return [_SOURCE_ROOT / family / "eager.cpp" for family in FAMILIES_WITH_EAGER_ROUTES]
+    """Every family's eager.cpp (fastvae/ops/<family>/eager.cpp), compiled into one library: found
+    in the folders, as CMake finds kernels/*.cpp, so that no list can forget one."""
+    return sorted(_OPS_FOLDER.glob("*/eager.cpp"))
 
 
 def build_directory() -> Path:
