@@ -4,17 +4,21 @@ With it active, a launcher's `kernel[grid](...)` goes through Triton's real disp
 targets (`JITFunction.run`: argument binding and specialization, the kernel cache, compiling
 for sm_90 with the ptxas in the triton wheel, the launch metadata), and only the last step
 differs: the driver neither loads the cubin nor starts it. Tensors are CPU tensors (Triton
-reads their data pointers and dtypes, never their data). What the module records is which
-specializations the launchers ask for (launched_specializations).
+reads their data pointers and dtypes, never their data).
 
-Two uses, both where no GPU is:
+Three uses, all where no GPU is:
   - the host time of fastvae's Triton launchers and of Triton's dispatch beneath them
     (benchmarks/triton_launch_cost.py): on a GPU a small VAE's step is bound by that time;
-  - which specializations the launchers really request (tests/test_triton_compile.py checks
-    that each is one the kernels' `specializations()` list, which CI compiles for real GPUs).
+  - which specializations the launchers really request (launched_specializations;
+    tests/test_triton_compile.py checks that each is on the kernels' `specializations()` lists,
+    which CI compiles for real GPUs);
+  - the kernels exactly as a launch at a model's sizes compiles them (launched_kernels): Triton
+    also specializes on the arguments' values (pointers aligned to 16 bytes and integers
+    divisible by 16 get vectorized loads and stores, integers equal to 1 become constants),
+    which the lists, compiled for any value, do not show.
 
 Needs a process where TRITON_INTERPRET is unset: under the interpreter `triton.jit` makes no
-compilable kernel. The memory stands in for an H100/H200 (sm_90).
+compilable kernel. The device stands in for an H100/H200 (sm_90) or an A100 (sm_80).
 """
 
 from __future__ import annotations
@@ -30,10 +34,11 @@ MAX_THREADS_PER_BLOCK = 1024
 
 
 class RecordingDriver:
-    """Triton's driver interface as JITFunction.run and CompiledKernel use it, for one sm_90 device
-    that loads nothing and launches nothing."""
+    """Triton's driver interface as JITFunction.run and CompiledKernel use it, for one device of
+    compute capability `arch` (sm_90 by default) that loads nothing and launches nothing."""
 
-    def __init__(self) -> None:
+    def __init__(self, arch: int = TARGET_ARCH) -> None:
+        self.arch = arch
         self.utils = _Utils()
         self.launcher_cls = _Launcher
 
@@ -46,10 +51,10 @@ class RecordingDriver:
     def get_current_target(self):
         from triton.backends.compiler import GPUTarget
 
-        return GPUTarget("cuda", TARGET_ARCH, 32)
+        return GPUTarget("cuda", self.arch, 32)
 
     def get_device_capability(self, device: int | None = None) -> tuple[int, int]:
-        return divmod(TARGET_ARCH, 10)
+        return divmod(self.arch, 10)
 
     def get_active_torch_device(self) -> torch.device:
         return torch.device("cpu")
@@ -85,9 +90,10 @@ class _Utils:
 
 
 @contextlib.contextmanager
-def recording_driver() -> Iterator[RecordingDriver]:
-    """Make a RecordingDriver Triton's active driver for the block (and the previous one after it).
-    Run it in a process of its own: the kernels it compiles stay in their JITFunction's caches."""
+def recording_driver(arch: int = TARGET_ARCH) -> Iterator[RecordingDriver]:
+    """Make a RecordingDriver for `arch` Triton's active driver for the block (and the previous one
+    after it). Run it in a process of its own: the kernels it compiles stay in their
+    JITFunction's caches, keyed by device 0 whatever the arch."""
     import os
 
     from triton.runtime.driver import driver as active
@@ -98,7 +104,7 @@ def recording_driver() -> Iterator[RecordingDriver]:
         # Its placeholder handles would stay in the kernels' caches and reach the real GPU.
         raise RuntimeError("the recording driver stands in for a GPU where there is none; this machine has one")
     previous = active._active
-    recorder = RecordingDriver()
+    recorder = RecordingDriver(arch)
     active.set_active(recorder)
     try:
         yield recorder
@@ -107,56 +113,112 @@ def recording_driver() -> Iterator[RecordingDriver]:
 
 
 # Sizes for launched_specializations: each axis small, but the data wider than the narrow tile.
-_SIZES = {"batch": 4, "data": 100, "latent": 3, "samples": 2}
+ODD_SIZES = {"batch": 4, "data": 100, "latent": 3, "samples": 2}
+# A model's sizes for launched_kernels: every size a multiple of 16 (an MLP VAE on 28 x 28 images),
+# so the launches request the vectorized forms a training run compiles.
+MODEL_SIZES = {"batch": 128, "data": 784, "latent": 32, "samples": 16}
 
 
-def launched_specializations() -> list[dict]:
-    """Every kernel specialization fastvae's Triton launchers request when each public op (the
-    registry's specs, every reduction) runs forward and backward with every storage dtype pair
-    (LIKELIHOOD_DTYPE_PAIRS: param, target), on CPU tensors through the recording driver. Nothing
-    is compiled (Triton's jit_cache_hook declines each compile) and no value is read: value checks
-    are off. Each entry: {"kernel", "pointers": {name: type}, "constexprs": {name: repr}}."""
-    import triton
+def launched_specializations(sizes: dict = ODD_SIZES) -> list[dict]:
+    """Every kernel specialization fastvae's Triton launchers request when each public op runs
+    forward and backward (see every_op_through_triton), with Triton's compile declined (its
+    jit_cache_hook) and so nothing compiled. Each entry: {"kernel", "pointers": {name: type},
+    "constexprs": {name: repr}}: the declared constexprs only, not the integers Triton makes
+    constants for their value (1)."""
+    requested: dict[str, dict] = {}
 
+    def record(*, fn, compile, **_) -> bool:
+        signature = compile["signature"]  # parameter name -> type ("*fp32", "i32", "constexpr", ...)
+        pointers = {name: kind for name, kind in signature.items() if kind.startswith("*")}
+        entry = {"kernel": fn.name, "pointers": pointers, "constexprs": _declared_constexprs(fn, compile)}
+        requested[repr(entry)] = entry
+        return True  # declined: no compile, no launch
+
+    with _triton_hook("jit_cache_hook", record):
+        every_op_through_triton(sizes)
+    return list(requested.values())
+
+
+def launched_kernels(sizes: dict = MODEL_SIZES, arch: int = TARGET_ARCH) -> list[dict]:
+    """Every kernel fastvae's Triton launchers start when each public op runs forward and backward
+    at `sizes` (see every_op_through_triton), compiled for `arch` as Triton's dispatch compiles it
+    for those launches: the declared constexprs, and the value specializations (arguments
+    divisible by 16, integers equal to 1). Each entry: {"kernel", "constexprs": {name: repr},
+    "pointers": {name: type}, "divisible": the arguments specialized as divisible by 16,
+    "ones": the integers made the constant 1, "ptx": the PTX}."""
+    compiled: list[dict] = []
+
+    def keep(*, key, fn, compile, **_) -> None:
+        names = list(compile["signature"])
+        attributes = compile["configs"][0]  # (parameter index,) -> [["tt.divisibility", 16]] or []
+        declared = set(fn.jit_function.constexprs)
+        kernel = fn.jit_function.device_caches[compile["device"]][0][key]
+        compiled.append(
+            {
+                "kernel": fn.name,
+                "constexprs": _declared_constexprs(fn, compile),
+                "pointers": {name: kind for name, kind in compile["signature"].items() if kind.startswith("*")},
+                "divisible": sorted(names[path[0]] for path, attribute in attributes.items() if attribute),
+                "ones": sorted(
+                    names[path[0]] for path in compile["constants"] if len(path) == 1 and path[0] not in declared
+                ),
+                "ptx": kernel.asm["ptx"],
+            }
+        )
+
+    with _triton_hook("jit_post_compile_hook", keep):
+        every_op_through_triton(sizes, arch)
+    return compiled
+
+
+def every_op_through_triton(sizes: dict, arch: int = TARGET_ARCH) -> None:
+    """Run each public op (the registry's specs, every reduction) forward and backward with every
+    storage dtype pair (LIKELIHOOD_DTYPE_PAIRS: param, target) at `sizes`, on CPU tensors, through
+    the triton backend and Triton's real dispatch for `arch` under the recording driver. Value
+    checks are off and no output is read: no kernel runs."""
     import fastvae
     from fastvae import backend, validation
     from fastvae.ops.common import LIKELIHOOD_DTYPE_PAIRS
     from fastvae.ops.registry import op_specs
 
-    requested: dict[str, dict] = {}
-
-    def record(*, fn, compile, **_) -> bool:
-        signature = compile["signature"]  # parameter name -> type ("*fp32", "i32", "constexpr", ...)
-        names = list(signature)
-        pointers = {name: kind for name, kind in signature.items() if kind.startswith("*")}
-        # constants: (parameter index,) -> value, for the declared constexprs and for the ints
-        # Triton specializes as constants (a value of 1): only the declared ones name a specialization.
-        declared = set(fn.jit_function.constexprs)
-        constexprs = {
-            names[path[0]]: _constexpr_text(value)
-            for path, value in compile["constants"].items()
-            if len(path) == 1 and path[0] in declared
-        }
-        entry = {"kernel": fn.name, "pointers": pointers, "constexprs": constexprs}
-        requested[repr(entry)] = entry
-        return True  # declined: no compile, no launch
-
-    previous_hook, previous_reason = triton.knobs.runtime.jit_cache_hook, backend._triton_reason
+    previous_reason = backend._triton_reason
     previous_validation = validation.validate_args_enabled()
-    triton.knobs.runtime.jit_cache_hook = record
     backend._triton_reason = lambda device: None  # the triton backend on CPU tensors, interpreter unset
     fastvae.set_validate_args(False)  # the outputs are never written: nothing may read them
     try:
-        with recording_driver(), fastvae.use_backend("triton"):
+        with recording_driver(arch), fastvae.use_backend("triton"):
             for spec in op_specs():
                 for param, target in LIKELIHOOD_DTYPE_PAIRS:
                     for reduction in spec.reductions or (None,):
-                        _run_forward_and_backward(spec, param, target, reduction)
+                        _run_forward_and_backward(spec, sizes, param, target, reduction)
     finally:
-        triton.knobs.runtime.jit_cache_hook = previous_hook
         backend._triton_reason = previous_reason
         fastvae.set_validate_args(previous_validation)
-    return list(requested.values())
+
+
+@contextlib.contextmanager
+def _triton_hook(name: str, hook) -> Iterator[None]:
+    """triton.knobs.runtime.<name> set to `hook` for the block."""
+    import triton
+
+    previous = getattr(triton.knobs.runtime, name)
+    setattr(triton.knobs.runtime, name, hook)
+    try:
+        yield
+    finally:
+        setattr(triton.knobs.runtime, name, previous)
+
+
+def _declared_constexprs(fn, compile: dict) -> dict[str, str]:
+    """The kernel's declared constexprs in a compile request, by name, as text. (Triton's constants
+    also hold the integers it specializes for their value, 1: those name no specialization.)"""
+    names = list(compile["signature"])
+    declared = set(fn.jit_function.constexprs)
+    return {
+        names[path[0]]: _constexpr_text(value)
+        for path, value in compile["constants"].items()
+        if len(path) == 1 and path[0] in declared
+    }
 
 
 def _constexpr_text(value) -> str:
@@ -164,13 +226,15 @@ def _constexpr_text(value) -> str:
     return str(getattr(value, "name", value))
 
 
-def _run_forward_and_backward(spec, param: torch.dtype, target: torch.dtype, reduction: str | None) -> None:
+def _run_forward_and_backward(
+    spec, sizes: dict, param: torch.dtype, target: torch.dtype, reduction: str | None
+) -> None:
     device = torch.device("cpu")
     inputs = [
-        arg.make(_SIZES, param if arg.kind == "param" else target, device).requires_grad_(arg.differentiable)
+        arg.make(sizes, param if arg.kind == "param" else target, device).requires_grad_(arg.differentiable)
         for arg in spec.inputs
     ]
-    kwargs = spec.size_arguments(_SIZES)
+    kwargs = spec.size_arguments(sizes)
     if reduction is not None:
         kwargs["reduction"] = reduction
     outputs = spec.fastvae(*inputs, **kwargs)

@@ -5,8 +5,12 @@
 Each family's triton.py lists the specializations its launchers can request
 (`specializations()`: pointer dtypes, constexpr flags, the tile menu). Triton compiles each
 to PTX and a cubin for the target, and `ptxas -v` (which ships in the triton wheel) reports
-the PTX's registers per thread, its stack frame and its spill stores and loads.
-tests/test_triton_compile.py runs this and fails on a compile error or a spill; the JSON
+the PTX's registers per thread, its stack frame and its spill stores and loads. The lists are
+compiled for any argument values; a launch also specializes on them (16-byte-aligned pointers
+and integers divisible by 16 get vectorized memory accesses, integers equal to 1 become
+constants), so every kernel is also compiled as the launchers start it at a model's sizes
+(benchmarks/recording_driver.py's launched_kernels: batch 128 x 784, latent 32, 16 samples).
+tests/test_triton_compile.py runs both and fails on a compile error or a spill; the JSON
 goes into benchmarks/results/. (A stack frame without spills is float64 math calling
 libdevice functions, not a spill.)
 
@@ -99,20 +103,56 @@ def _ptx_target(ptx: str) -> str:
 
 def compile_all(archs: tuple[int, ...] = ARCHS, workers: int = 2) -> list[dict]:
     """One row per (specialization, arch): registers, stack/shared/local bytes, or the error."""
+    count = len(_specializations()) if os.environ.get("TRITON_INTERPRET") != "1" else _count_in_subprocess()
+    chunks = [list(range(i, count, workers)) for i in range(workers)]
+    return _in_compiling_workers(workers, _compile_chunk, chunks, [archs] * workers)
+
+
+def launched_resources(archs: tuple[int, ...] = ARCHS) -> list[dict]:
+    """One row per kernel the launchers start at a model's sizes (recording_driver.launched_kernels)
+    and arch, compiled as those launches compile it: registers, stack and spill bytes. One worker
+    process per arch."""
+    return _in_compiling_workers(len(archs), _launched_rows, archs)
+
+
+def _in_compiling_workers(workers: int, function, *arguments) -> list[dict]:
+    """The rows of `function` mapped over `arguments` in `workers` spawned processes where Triton
+    compiles real kernels (TRITON_INTERPRET=0, which they inherit), sorted by specialization, arch."""
     previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"  # spawned workers inherit it: real kernels, not the interpreter
+    os.environ["TRITON_INTERPRET"] = "0"
     try:
-        count = len(_specializations()) if previous != "1" else _count_in_subprocess()
-        chunks = [list(range(i, count, workers)) for i in range(workers)]
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            results = pool.map(_compile_chunk, chunks, [archs] * workers)
+            results = pool.map(function, *arguments)
             return sorted((row for rows in results for row in rows), key=lambda r: (r["specialization"], r["arch"]))
     finally:
         if previous is None:
             os.environ.pop("TRITON_INTERPRET", None)
         else:
             os.environ["TRITON_INTERPRET"] = previous
+
+
+def _launched_rows(arch: int) -> list[dict]:
+    """launched_resources for one arch (worker side)."""
+    from benchmarks.recording_driver import MODEL_SIZES, launched_kernels
+
+    sizes = " x ".join(str(MODEL_SIZES[axis]) for axis in ("batch", "data"))
+    rows = []
+    for launch in launched_kernels(MODEL_SIZES, arch):
+        constexprs = " ".join(f"{name}={value}" for name, value in sorted(launch["constexprs"].items()))
+        pointers = " ".join(sorted(set(launch["pointers"].values())))
+        ones = f", equal to 1: {' '.join(launch['ones'])}" if launch["ones"] else ""
+        row = {
+            "kernel": launch["kernel"],
+            "specialization": f"{launch['kernel']} launched at {sizes} ({pointers} {constexprs}{ones})",
+            "arch": f"sm_{arch}",
+            "pointers": sorted(launch["pointers"]),
+            "divisible": launch["divisible"],
+            "ones": launch["ones"],
+        }
+        row.update(ptxas_resources(launch["ptx"], _ptx_target(launch["ptx"])), error=None)
+        rows.append(row)
+    return rows
 
 
 def _count_in_subprocess() -> int:
@@ -150,12 +190,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, default=None, help="write every row to this JSON file")
     args = parser.parse_args(argv)
     rows = compile_all(tuple(args.arch), args.workers)
+    launched = launched_resources(tuple(args.arch))
+    print("every listed specialization, for any argument values:")
     print("\n".join(summary(rows)))
+    print("as launched at a model's sizes (aligned pointers, sizes divisible by 16):")
+    print("\n".join(summary(launched)))
     if args.json:
         import triton
 
-        args.json.write_text(json.dumps({"triton": triton.__version__, "rows": rows}, indent=1) + "\n")
-    if any(r["error"] or r["spill_store_bytes"] or r["spill_load_bytes"] for r in rows):
+        text = json.dumps({"triton": triton.__version__, "rows": rows, "launched": launched}, indent=1)
+        args.json.write_text(text + "\n")
+    if any(r["error"] or r["spill_store_bytes"] or r["spill_load_bytes"] for r in rows + launched):
         raise SystemExit("some specializations failed to compile or spill (see above)")
 
 

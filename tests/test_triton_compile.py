@@ -1,11 +1,12 @@
-"""Every Triton kernel, in every specialization its launcher can request, compiles for real NVIDIA
-GPUs (sm_80 and sm_90) without a GPU, and spills no register (benchmarks/triton_resources.py)."""
+"""Every Triton kernel, in every specialization its launcher can request and as a launch at a model's
+sizes compiles it, compiles for real NVIDIA GPUs (sm_80 and sm_90) without a GPU, and spills no
+register (benchmarks/triton_resources.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from benchmarks.triton_resources import ARCHS, compile_all, summary
+from benchmarks.triton_resources import ARCHS, compile_all, launched_resources, summary
 
 from helpers import run_without_interpreter, without_a_gpu
 
@@ -34,6 +35,33 @@ def test_no_specialization_spills(compiled):
         if not r["error"] and (r["spill_store_bytes"] or r["spill_load_bytes"])
     ]
     assert not spilling, "\n".join(spilling[:10] + summary(compiled))
+
+
+@pytest.fixture(scope="module")
+def launched() -> list[dict]:
+    return launched_resources(ARCHS)
+
+
+@without_a_gpu
+def test_every_kernel_as_launched_at_a_models_sizes_compiles_without_spills(launched):
+    """The lists compile for any argument values. A real launch also specializes on them: with
+    16-byte-aligned pointers and sizes divisible by 16 (a batch of 128 28 x 28 images, 32 latents)
+    Triton compiles vectorized loads and stores, another kernel with other registers, and makes
+    integers equal to 1 constants. Each kernel the launchers start at such sizes, compiled as
+    Triton's own dispatch compiles it for sm_80 and sm_90, must compile and not spill."""
+    from fastvae.ops.registry import FAMILIES
+
+    kernels = {s.kernel.fn.__name__ for f in FAMILIES for s in f.module("triton").specializations()}
+    assert {r["kernel"] for r in launched} == kernels, "some kernel was never launched: the check misses it"
+    assert {r["arch"] for r in launched} == {f"sm_{a}" for a in ARCHS}
+    unaligned = [r["specialization"] for r in launched if not set(r["pointers"]) <= set(r["divisible"])]
+    assert not unaligned, f"launched with pointers not known to be aligned, not the vectorized form: {unaligned[:3]}"
+    spilling = [
+        f"{r['specialization']} {r['arch']}: {r['registers']} registers, {r['spill_store_bytes']} bytes spilled"
+        for r in launched
+        if r["spill_store_bytes"] or r["spill_load_bytes"]
+    ]
+    assert not spilling, "\n".join(spilling[:10] + summary(launched))
 
 
 def test_float_arguments_are_float64_where_the_launcher_passes_them():
