@@ -9,7 +9,8 @@ the PTX's registers per thread, its stack frame and its spill stores and loads. 
 compiled for any argument values; a launch also specializes on them (16-byte-aligned pointers
 and integers divisible by 16 get vectorized memory accesses, integers equal to 1 become
 constants), so every kernel is also compiled as the launchers start it at a model's sizes
-(benchmarks/recording_driver.py's launched_kernels: batch 128 x 784, latent 32, 16 samples).
+(benchmarks/recording_driver.py's launched_kernels: batch 128 x 784, latent 32, 16 samples),
+and the width of each of those kernels' global loads and stores is counted in its PTX.
 tests/test_triton_compile.py runs both and fails on a compile error or a spill; the JSON
 goes into benchmarks/results/. (A stack frame without spills is float64 math calling
 libdevice functions, not a spill.)
@@ -60,6 +61,20 @@ def ptxas_resources(ptx: str, arch: str) -> dict:
         "spill_store_bytes": int(frame.group(2)),
         "spill_load_bytes": int(frame.group(3)),
     }
+
+
+_GLOBAL_ACCESS = re.compile(r"\b(ld|st)\.global(?:\.nc)?(?:\.v(\d))?\.b(\d+)")
+
+
+def global_accesses(ptx: str) -> dict[str, dict[int, int]]:
+    """How wide the kernel's global memory accesses are: {"loads": {bytes: count}, "stores": ...},
+    counted in the PTX (each instruction once; a 16-byte access is a vectorized one)."""
+    out: dict[str, dict[int, int]] = {"loads": {}, "stores": {}}
+    for kind, lanes, bits in _GLOBAL_ACCESS.findall(ptx):
+        width = int(lanes or 1) * int(bits) // 8
+        counts = out["loads" if kind == "ld" else "stores"]
+        counts[width] = counts.get(width, 0) + 1
+    return out
 
 
 def _specializations() -> list:
@@ -146,11 +161,12 @@ def _launched_rows(arch: int) -> list[dict]:
             "kernel": launch["kernel"],
             "specialization": f"{launch['kernel']} launched at {sizes} ({pointers} {constexprs}{ones})",
             "arch": f"sm_{arch}",
-            "pointers": sorted(launch["pointers"]),
+            "pointers": launch["pointers"],
             "divisible": launch["divisible"],
             "ones": launch["ones"],
         }
         row.update(ptxas_resources(launch["ptx"], _ptx_target(launch["ptx"])), error=None)
+        row.update(global_accesses(launch["ptx"]))
         rows.append(row)
     return rows
 

@@ -316,3 +316,18 @@ def test_train_ab_refuses_the_cuda_composite_where_it_means_nothing(argv, capsys
     with pytest.raises(SystemExit):
         train_ab.main(argv)
     assert "--cuda-composite" in capsys.readouterr().err
+
+
+def test_global_accesses_counts_each_width_of_load_and_store():
+    from benchmarks.triton_resources import global_accesses
+
+    ptx = """
+        ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd1];
+        ld.global.v4.b32 {%r5, %r6, %r7, %r8}, [%rd2];
+        ld.global.nc.b64 %rd3, [%rd4];
+        ld.global.v2.b32 {%r9, %r10}, [%rd5];
+        st.global.v2.b64 [%rd6], {%fd1, %fd2};
+        st.global.b32 [%rd7], %r11;
+        ld.shared.v4.b32 {%r12, %r13, %r14, %r15}, [%r16];
+    """
+    assert global_accesses(ptx) == {"loads": {16: 2, 8: 2}, "stores": {16: 1, 4: 1}}

@@ -64,6 +64,19 @@ def test_every_kernel_as_launched_at_a_models_sizes_compiles_without_spills(laun
     assert not spilling, "\n".join(spilling[:10] + summary(launched))
 
 
+@without_a_gpu
+def test_float32_kernels_as_launched_at_a_models_sizes_read_16_bytes_at_a_time(launched):
+    """What the aligned form is for: a kernel whose tensors are all float32 reads its rows with
+    16-byte vector loads (4 elements per thread of a 1024-element tile). An index computation
+    Triton can no longer prove contiguous and aligned falls back to 4-byte loads, a quarter of
+    the width, which only a GPU's bandwidth would show (checked: the Bernoulli kernel's loads
+    with a column index Triton cannot see through compile to 4-byte loads, and this fails)."""
+    float32_only = [r for r in launched if set(r["pointers"].values()) <= {"*fp32", "*i64"}]  # *i64: the seed
+    assert {r["kernel"] for r in float32_only} == {r["kernel"] for r in launched}
+    narrow = [f"{r['specialization']} {r['arch']}: loads {r['loads']}" for r in float32_only if 16 not in r["loads"]]
+    assert not narrow, "\n".join(narrow[:10])
+
+
 def test_float_arguments_are_float64_where_the_launcher_passes_them():
     """A Python float reaches a kernel as float32 unless its parameter says float64: the loss
     weight -1/B would then be rounded, a 1e-8 relative error in float64 gradients on the GPU
