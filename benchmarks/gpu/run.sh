@@ -22,9 +22,10 @@
 # "A/B" when those were measured in an earlier run). The plot is drawn where the results land:
 # `python -m benchmarks.report OUTDIR/ops.json`. With device time left after the run,
 # `python -m benchmarks.gpu.tile_sweep` times the likelihood kernel with every tile and warp
-# count (42 configurations, each compiled once) for choosing the GPU tiles. Without a CUDA device the same
-# script is a rehearsal: each GPU stage runs at smoke size on the CPU and says so, so the script
-# itself is tested where no GPU is.
+# count (42 configurations, each compiled once) for choosing the GPU tiles, and `--dtype bf16`
+# the same for half precision, whose rows today's tiles read 8 bytes per access. Without a CUDA
+# device the same script is a rehearsal: each GPU stage runs at smoke size on the CPU and says so,
+# so the script itself is tested where no GPU is.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu/run.sh OUTDIR}
 mkdir -p "$OUT"
