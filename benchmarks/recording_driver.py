@@ -133,7 +133,7 @@ def launched_specializations(sizes: dict = ODD_SIZES) -> list[dict]:
     def record(*, fn, compile, **_) -> bool:
         signature = compile["signature"]  # parameter name -> type ("*fp32", "i32", "constexpr", ...)
         pointers = {name: kind for name, kind in signature.items() if kind.startswith("*")}
-        entry = {"kernel": fn.name, "pointers": pointers, "constexprs": _declared_constexprs(fn, compile)}
+        entry = {"kernel": fn.name, "pointers": pointers, "constexprs": _constants(fn, compile)[0]}
         requested[repr(entry)] = entry
         return True  # declined: no compile, no launch
 
@@ -154,17 +154,15 @@ def launched_kernels(sizes: dict = MODEL_SIZES, arch: int = TARGET_ARCH) -> list
     def keep(*, key, fn, compile, **_) -> None:
         names = list(compile["signature"])
         attributes = compile["configs"][0]  # (parameter index,) -> [["tt.divisibility", 16]] or []
-        declared = set(fn.jit_function.constexprs)
+        constexprs, ones = _constants(fn, compile)
         kernel = fn.jit_function.device_caches[compile["device"]][0][key]
         compiled.append(
             {
                 "kernel": fn.name,
-                "constexprs": _declared_constexprs(fn, compile),
+                "constexprs": constexprs,
                 "pointers": {name: kind for name, kind in compile["signature"].items() if kind.startswith("*")},
                 "divisible": sorted(names[path[0]] for path, attribute in attributes.items() if attribute),
-                "ones": sorted(
-                    names[path[0]] for path in compile["constants"] if len(path) == 1 and path[0] not in declared
-                ),
+                "ones": ones,
                 "ptx": kernel.asm["ptx"],
             }
         )
@@ -221,16 +219,21 @@ def _triton_hook(name: str, hook) -> Iterator[None]:
         setattr(triton.knobs.runtime, name, previous)
 
 
-def _declared_constexprs(fn, compile: dict) -> dict[str, str]:
-    """The kernel's declared constexprs in a compile request, by name, as text. (Triton's constants
-    also hold the integers it specializes for their value, 1: those name no specialization.)"""
+def _constants(fn, compile: dict) -> tuple[dict[str, str], list[str]]:
+    """A compile request's constants, split: the kernel's declared constexprs by name, as text, and
+    the names of the integers Triton made constants for their value (1), which name no
+    specialization of their own."""
     names = list(compile["signature"])
     declared = set(fn.jit_function.constexprs)
-    return {
-        names[path[0]]: _constexpr_text(value)
-        for path, value in compile["constants"].items()
-        if len(path) == 1 and path[0] in declared
-    }
+    constexprs, ones = {}, []
+    for path, value in compile["constants"].items():
+        if len(path) != 1:
+            continue
+        if path[0] in declared:
+            constexprs[names[path[0]]] = _constexpr_text(value)
+        else:
+            ones.append(names[path[0]])
+    return constexprs, sorted(ones)
 
 
 def _constexpr_text(value) -> str:

@@ -151,7 +151,7 @@ def warm_seconds(name: str, batch_size: int, repeats: int = 2000) -> float:
 def measure(names: list[str], batch_size: int, blocks: int, steps_per_block: int, warm_repeats: int = 2000) -> dict:
     """name -> {"in_step": median seconds of the sampler call in the step, "warm": the call's warm
     seconds, "step": median seconds per whole step, "step_vs_python": the median over block rounds
-    of public's step seconds / this variant's (above 1: this variant's step is faster)}."""
+    of the Python route's step seconds / this variant's (above 1: this variant's step is faster)}."""
     calls = {name: [] for name in names}
     steps = {name: make_step(name, batch_size, calls[name]) for name in names}
     for name, step in steps.items():
